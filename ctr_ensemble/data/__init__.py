@@ -1,0 +1,1 @@
+"""Data: the Criteo layout, the synthetic generator and streaming readers."""

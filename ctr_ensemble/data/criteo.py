@@ -1,0 +1,154 @@
+"""Streaming reader for Criteo-layout TSV (label, I1..I13, C1..C26; no header).
+
+Files of any size are read in chunks with pyarrow's streaming CSV reader. Every
+problem names the file and the 1-based line: a row with the wrong number of
+columns, a label that is not 0/1, a numeric field that is not a number. With
+``skip_bad_rows`` such rows are dropped and counted instead of raising.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from ctr_ensemble.data.schema import CAT_COLS, COLUMNS, LABEL, NUM_COLS
+from ctr_ensemble.errors import CtrError
+
+
+@dataclass
+class RawBatch:
+    """One chunk of raw rows: labels (B,), numerics (B, 13) with NaN = missing, categoricals as strings."""
+
+    label: np.ndarray  # (B,) int64 in {0, 1}
+    num: np.ndarray  # (B, n_num) float64, NaN where missing
+    cat: list[pa.Array]  # n_cat arrays of (B,) strings, "" where missing
+    first_line: int  # 1-based line number of the first row (before any skipped rows)
+
+
+@dataclass
+class ReadStats:
+    rows: int = 0
+    skipped: int = 0
+    skipped_examples: list[str] = field(default_factory=list)
+
+
+class CriteoReader:
+    """Iterate a Criteo-layout TSV file in chunks of about ``block_size`` bytes."""
+
+    def __init__(self, path: str | Path, block_size: int = 8 << 20, skip_bad_rows: bool = False):
+        self.path = Path(path)
+        self.block_size = block_size
+        self.skip_bad_rows = skip_bad_rows
+        self.stats = ReadStats()
+        if not self.path.is_file():
+            raise CtrError(f"{self.path}: data file not found")
+        if self.path.stat().st_size == 0:
+            raise CtrError(f"{self.path}: data file is empty (expected Criteo TSV rows: label, I1..I13, C1..C26)")
+
+    def _bad(self, where: str, what: str) -> None:
+        msg = f"{self.path}:{where}: {what}"
+        if not self.skip_bad_rows:
+            raise CtrError(msg)
+        self.stats.skipped += 1
+        if len(self.stats.skipped_examples) < 5:
+            self.stats.skipped_examples.append(msg)
+
+    def _on_invalid_row(self, row) -> str:
+        line = row.number if row.number is not None else "?"
+        self._bad(
+            f"line {line}",
+            f"expected {row.expected_columns} tab-separated columns (label, I1..I13, C1..C26), got {row.actual_columns}",
+        )
+        return "skip"
+
+    def __iter__(self) -> Iterator[RawBatch]:
+        read_opts = pacsv.ReadOptions(column_names=COLUMNS, block_size=self.block_size, use_threads=False)
+        parse_opts = pacsv.ParseOptions(delimiter="\t", quote_char=False, invalid_row_handler=self._on_invalid_row)
+        # Everything is read as text and converted here, so a bad value can be located by line.
+        conv = pacsv.ConvertOptions(column_types={c: pa.string() for c in COLUMNS}, strings_can_be_null=False)
+        try:
+            reader = pacsv.open_csv(self.path, read_options=read_opts, parse_options=parse_opts, convert_options=conv)
+        except CtrError:
+            raise
+        except (pa.ArrowInvalid, OSError, EOFError, UnicodeDecodeError) as e:
+            raise CtrError(f"{self.path}: cannot read as Criteo TSV: {_first_line(e)}") from e
+        line = 1
+        while True:
+            try:
+                batch = reader.read_next_batch()
+            except StopIteration:
+                break
+            except CtrError:
+                raise
+            except (pa.ArrowInvalid, OSError, EOFError, UnicodeDecodeError) as e:
+                raise CtrError(f"{self.path}: near line {line}: cannot parse: {_first_line(e)}") from e
+            out = self._convert(batch, line)
+            line += batch.num_rows
+            if out is not None:
+                self.stats.rows += len(out.label)
+                yield out
+
+    def _convert(self, batch: pa.RecordBatch, first_line: int) -> RawBatch | None:
+        n = batch.num_rows
+        keep = np.ones(n, dtype=bool)
+        label_txt = batch.column(LABEL)
+        label = np.zeros(n, dtype=np.int64)
+        ok = pc.is_in(label_txt, value_set=pa.array(["0", "1"])).to_numpy(zero_copy_only=False)
+        for i in np.flatnonzero(~ok):
+            self._bad(f"line {first_line + i}", f"label must be 0 or 1, got {label_txt[i].as_py()!r}")
+            keep[i] = False
+        label[ok] = (label_txt.to_numpy(zero_copy_only=False)[ok] == "1").astype(np.int64)
+        num = np.empty((n, len(NUM_COLS)), dtype=np.float64)
+        for j, name in enumerate(NUM_COLS):
+            col = batch.column(name)
+            is_empty = pc.equal(col, "")
+            filled = pc.if_else(is_empty, pa.scalar(None, pa.string()), col)
+            try:
+                num[:, j] = pc.cast(filled, pa.float64()).to_numpy(zero_copy_only=False)
+            except pa.ArrowInvalid:
+                vals = col.to_pylist()
+                for i, v in enumerate(vals):
+                    if v == "":
+                        num[i, j] = np.nan
+                        continue
+                    try:
+                        num[i, j] = float(v)
+                    except ValueError:
+                        self._bad(f"line {first_line + i}, field {name}", f"expected a number or empty, got {v!r}")
+                        keep[i] = False
+                        num[i, j] = np.nan
+        cats = [batch.column(name) for name in CAT_COLS]
+        if not keep.all():
+            mask = pa.array(keep)
+            label, num = label[keep], num[keep]
+            cats = [pc.filter(c, mask) for c in cats]
+            if not keep.any():
+                return None
+        return RawBatch(label=label, num=num, cat=cats, first_line=first_line)
+
+
+def read_all(path: str | Path, skip_bad_rows: bool = False) -> tuple[RawBatch, ReadStats]:
+    """Read a whole (small enough) file into one RawBatch."""
+    reader = CriteoReader(path, skip_bad_rows=skip_bad_rows)
+    batches = list(reader)
+    if not batches:
+        raise CtrError(f"{path}: no valid rows")
+    return (
+        RawBatch(
+            label=np.concatenate([b.label for b in batches]),
+            num=np.concatenate([b.num for b in batches]),
+            cat=[pa.concat_arrays([b.cat[f] for b in batches]) for f in range(len(CAT_COLS))],
+            first_line=1,
+        ),
+        reader.stats,
+    )
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

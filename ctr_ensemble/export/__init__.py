@@ -1,0 +1,1 @@
+"""ONNX export of members and assembly of the Triton model repository."""

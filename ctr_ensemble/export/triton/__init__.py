@@ -1,0 +1,1 @@
+"""Source files that go into a Triton model repository or backend directory (not imported here)."""

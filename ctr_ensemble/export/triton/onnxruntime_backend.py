@@ -1,0 +1,65 @@
+"""A Python-based Triton backend named ``onnxruntime`` that runs ``model.onnx`` with ONNX Runtime.
+
+The ``tritonserver`` binary in the nvidia-pytriton wheel has no native onnxruntime
+backend. Triton falls back to ``<backend-directory>/onnxruntime/model.py`` for a model
+whose config says ``backend: "onnxruntime"``, so the same repository runs unchanged here
+and on the NGC container, whose native backend wins there. Installed by
+``ctr-ensemble serve`` into its backend directory; it is not part of the repository.
+"""
+
+import json
+import os
+
+import numpy as np
+import onnxruntime as ort
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        cfg = json.loads(args["model_config"])
+        self.name = args["model_name"]
+        fname = cfg.get("default_model_filename") or "model.onnx"
+        path = os.path.join(args["model_repository"], args["model_version"], fname)
+        if not os.path.isfile(path):
+            raise pb_utils.TritonModelException(f"model '{self.name}': ONNX file {path} not found")
+        params = {k: v.get("string_value", "") for k, v in cfg.get("parameters", {}).items()}
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = int(params.get("intra_op_thread_count", "0") or 0)
+        opts.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own exception types for bad files
+            raise pb_utils.TritonModelException(f"model '{self.name}': cannot load {path}: {e}")
+        self.inputs = [(i["name"], pb_utils.triton_string_to_numpy(i["data_type"])) for i in cfg["input"]]
+        self.outputs = [o["name"] for o in cfg["output"]]
+        graph_in = {i.name for i in self.session.get_inputs()}
+        graph_out = {o.name for o in self.session.get_outputs()}
+        missing = [n for n, _ in self.inputs if n not in graph_in] + [n for n in self.outputs if n not in graph_out]
+        if missing:
+            raise pb_utils.TritonModelException(
+                f"model '{self.name}': config names {missing} that {path} does not have "
+                f"(graph inputs {sorted(graph_in)}, outputs {sorted(graph_out)})"
+            )
+
+    def execute(self, requests):
+        # The dynamic batcher hands over several requests: run them as one ONNX batch.
+        feeds = {name: [] for name, _ in self.inputs}
+        sizes = []
+        for request in requests:
+            for name, dtype in self.inputs:
+                feeds[name].append(pb_utils.get_input_tensor_by_name(request, name).as_numpy().astype(dtype, copy=False))
+            sizes.append(feeds[self.inputs[0][0]][-1].shape[0])
+        try:
+            merged = {name: np.concatenate(parts) for name, parts in feeds.items()}
+            results = self.session.run(self.outputs, merged)
+        except Exception as e:
+            err = pb_utils.TritonError(f"model '{self.name}': inference failed: {e}")
+            return [pb_utils.InferenceResponse(output_tensors=[], error=err) for _ in requests]
+        responses = []
+        start = 0
+        for n in sizes:
+            tensors = [pb_utils.Tensor(name, np.ascontiguousarray(r[start : start + n])) for name, r in zip(self.outputs, results)]
+            responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
+            start += n
+        return responses

@@ -1,0 +1,1 @@
+"""Shared building blocks: embedding, interaction, head, fusion."""

@@ -1,0 +1,47 @@
+"""The member registry: one explicit entry per architecture."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ctr_ensemble.errors import CtrError
+from ctr_ensemble.features import FeatureSpec
+from ctr_ensemble.models.base import Member, MemberConfig
+from ctr_ensemble.models.dcnv2 import DCNv2, DCNv2Config
+from ctr_ensemble.models.deepfm import DeepFM, DeepFMConfig
+
+
+@dataclass(frozen=True)
+class Entry:
+    config: type[MemberConfig]
+    model: type[Member]
+
+
+REGISTRY: dict[str, Entry] = {
+    "deepfm": Entry(DeepFMConfig, DeepFM),
+    "dcnv2": Entry(DCNv2Config, DCNv2),
+}
+
+
+def entry(arch: str) -> Entry:
+    if arch not in REGISTRY:
+        raise CtrError(f"unknown model {arch!r}; available: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[arch]
+
+
+def make_config(arch: str, overrides: dict | None = None) -> MemberConfig:
+    """Default config of ``arch`` with ``overrides`` applied; unknown keys are an error."""
+    cls = entry(arch).config
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(overrides or {}) - names
+    if unknown:
+        raise CtrError(f"{arch}: unknown config keys {sorted(unknown)}; valid keys: {sorted(names)}")
+    return cls(**(overrides or {}))
+
+
+def build(arch: str, cfg: MemberConfig, spec: FeatureSpec) -> Member:
+    e = entry(arch)
+    if not isinstance(cfg, e.config):
+        raise CtrError(f"{arch}: expected a {e.config.__name__}, got {type(cfg).__name__}")
+    return e.model(cfg, spec)

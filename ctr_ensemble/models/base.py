@@ -1,0 +1,51 @@
+"""The member contract every model follows.
+
+A member maps ``cat_ids`` (B, n_cat) int64 and raw ``num`` (B, n_num) float32 to
+``prob`` (B, 1), the click probability, and ``repr`` (B, H), its final representation
+(what a collaborative-ensemble head consumes). ``forward`` returns exactly what is
+exported to ONNX; the trainer uses ``logits`` for a numerically stable loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ctr_ensemble.features import FeatureSpec
+from ctr_ensemble.layers.embedding import FeatureEmbedding
+
+INPUT_NAMES = ("cat_ids", "num")
+OUTPUT_NAMES = ("prob", "repr")
+
+
+@dataclass
+class MemberConfig:
+    """Fields every member config has."""
+
+    embedding_dim: int = 16
+
+
+class Member(nn.Module):
+    """Base class: subclasses build ``self.embedding`` and implement ``represent`` and ``head``."""
+
+    repr_dim: int
+    head: nn.Module
+
+    @staticmethod
+    def make_embedding(spec: FeatureSpec, dim: int) -> FeatureEmbedding:
+        return FeatureEmbedding(
+            spec.cat_sizes, [f.mean for f in spec.numeric], [f.std for f in spec.numeric], dim
+        )
+
+    def represent(self, cat_ids: torch.Tensor, num: torch.Tensor) -> torch.Tensor:  # (B, H)
+        raise NotImplementedError
+
+    def logits(self, cat_ids: torch.Tensor, num: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.represent(cat_ids, num)
+        return self.head(h), h  # (B, 1), (B, H)
+
+    def forward(self, cat_ids: torch.Tensor, num: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logit, h = self.logits(cat_ids, num)
+        return torch.sigmoid(logit), h

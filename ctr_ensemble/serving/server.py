@@ -1,0 +1,179 @@
+"""Run the real ``tritonserver`` binary from the nvidia-pytriton wheel, without Docker.
+
+A private backend directory is assembled per server: ``python/`` (the wheel's Python
+backend plus the stub built for the running Python) and ``onnxruntime/model.py`` (our
+Python-based ONNX Runtime backend). The server binds to 127.0.0.1 by default, runs with
+``--model-control-mode=none --strict-readiness``, and ``start()`` waits for readiness,
+showing the end of the server log if it never comes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ctr_ensemble.errors import CtrError
+from ctr_ensemble.export.repository import TRITON_SRC
+
+
+def pytriton_root() -> Path:
+    try:
+        import pytriton
+    except ImportError as e:
+        raise CtrError("nvidia-pytriton is not installed; it ships the tritonserver binary (pip install nvidia-pytriton)") from e
+    return Path(pytriton.__file__).parent
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_backend_dir(dest: Path) -> Path:
+    """Backend directory with the Python backend (stub for this Python) and the Python-based onnxruntime backend."""
+    root = pytriton_root() / "tritonserver"
+    py = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / py / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise CtrError(f"nvidia-pytriton has no Python backend stub for Python {py} (looked for {stub})")
+    (dest / "python").mkdir(parents=True, exist_ok=True)
+    for f in ("libtriton_python.so", "triton_python_backend_utils.py"):
+        shutil.copy(root / "backends" / "python" / f, dest / "python" / f)
+    shutil.copy(stub, dest / "python" / "triton_python_backend_stub")
+    (dest / "onnxruntime").mkdir(exist_ok=True)
+    shutil.copy(TRITON_SRC / "onnxruntime_backend.py", dest / "onnxruntime" / "model.py")
+    return dest
+
+
+@dataclass
+class TritonServer:
+    repository: Path
+    host: str = "127.0.0.1"
+    http_port: int = 0  # 0 = pick a free port
+    grpc_port: int = 0
+    metrics_port: int = 0
+    startup_timeout: float = 180.0
+    log_verbose: int = 0
+    extra_args: list[str] = field(default_factory=list)
+    log_path: Path | None = None
+    _proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
+    _workdir: Path | None = field(default=None, init=False, repr=False)
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}/metrics"
+
+    def command(self, backend_dir: Path) -> list[str]:
+        binary = pytriton_root() / "tritonserver" / "bin" / "tritonserver"
+        return [
+            str(binary),
+            f"--model-repository={self.repository}",
+            f"--backend-directory={backend_dir}",
+            "--model-control-mode=none",
+            "--strict-readiness=true",
+            "--exit-on-error=true",
+            f"--http-address={self.host}", f"--http-port={self.http_port}",
+            f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
+            f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
+            "--allow-gpu-metrics=false",
+            "--exit-timeout-secs=30",
+            f"--log-verbose={self.log_verbose}",
+            *self.extra_args,
+        ]
+
+    def start(self) -> TritonServer:
+        self.repository = Path(self.repository).resolve()
+        if not (self.repository / "repository.json").is_file() and not any(self.repository.glob("*/config.pbtxt")):
+            raise CtrError(f"{self.repository}: not a model repository (no */config.pbtxt); run `ctr-ensemble export` first")
+        for attr in ("http_port", "grpc_port", "metrics_port"):
+            if not getattr(self, attr):
+                setattr(self, attr, free_port())
+        self._workdir = Path(tempfile.mkdtemp(prefix="ctr-triton-"))
+        backend_dir = make_backend_dir(self._workdir / "backends")
+        if self.log_path is None:
+            self.log_path = self._workdir / "tritonserver.log"
+        env = dict(os.environ)
+        # The Python backend stub imports packages from the first python on PATH: ours.
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        libs = pytriton_root().parent / "nvidia_pytriton.libs"
+        env["LD_LIBRARY_PATH"] = f"{libs}{os.pathsep}{env.get('LD_LIBRARY_PATH', '')}"
+        log = open(self.log_path, "wb")
+        self._proc = subprocess.Popen(self.command(backend_dir), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                      start_new_session=True)
+        log.close()
+        self._wait_ready()
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        url = f"http://{self.http_url}/v2/health/ready"
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                tail = self.log_tail()
+                self._cleanup()
+                raise CtrError(f"tritonserver exited with code {self._proc.returncode} while starting; log:\n{tail}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                pass
+            time.sleep(0.25)
+        tail = self.log_tail()
+        self.stop()
+        raise CtrError(f"tritonserver not ready after {self.startup_timeout:.0f}s; log:\n{tail}")
+
+    def log_tail(self, lines: int = 40) -> str:
+        if self.log_path is None or not Path(self.log_path).is_file():
+            return "(no log)"
+        return "\n".join(Path(self.log_path).read_text(errors="replace").splitlines()[-lines:])
+
+    def is_running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def stop(self, timeout: float = 40.0) -> int | None:
+        """SIGTERM (in-flight requests finish, new ones are refused), then SIGKILL after ``timeout``."""
+        if self._proc is None:
+            return None
+        if self._proc.poll() is None:
+            try:
+                os.killpg(self._proc.pid, signal.SIGTERM)
+                self._proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self._proc.pid, signal.SIGKILL)
+                self._proc.wait()
+            except ProcessLookupError:
+                pass
+        code = self._proc.returncode
+        self._cleanup()
+        return code
+
+    def _cleanup(self) -> None:
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+
+    def __enter__(self) -> TritonServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,109 @@
+"""Checkpoints: weights + model config + feature spec, so export can rebuild a member alone.
+
+Written atomically (temp file + rename) with a SHA-256 sidecar; loading verifies the
+checksum and the format before any weight is used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ctr_ensemble import models
+from ctr_ensemble.errors import CtrError
+from ctr_ensemble.features import FeatureSpec
+from ctr_ensemble.models.base import Member, MemberConfig
+
+CKPT_FORMAT = "ctr-ensemble/checkpoint"
+CKPT_VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    name: str  # the member's name in an ensemble (unique), e.g. "deepfm"
+    arch: str  # registry key
+    config: MemberConfig
+    spec: FeatureSpec
+    state_dict: dict[str, torch.Tensor]
+    metrics: dict = field(default_factory=dict)
+    source: str | None = None  # the file it was loaded from, if any
+
+    def build(self) -> Member:
+        """The member with these weights, in eval mode."""
+        model = models.build(self.arch, self.config, self.spec)
+        try:
+            model.load_state_dict(self.state_dict)
+        except RuntimeError as e:
+            raise CtrError(f"checkpoint {self.name}: weights do not fit a {self.arch} model: {str(e).splitlines()[0]}") from e
+        return model.eval()
+
+
+def save(ckpt: Checkpoint, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": CKPT_FORMAT,
+        "version": CKPT_VERSION,
+        "name": ckpt.name,
+        "arch": ckpt.arch,
+        "model_config": dataclasses.asdict(ckpt.config),
+        "feature_spec": ckpt.spec.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in ckpt.state_dict.items()},
+        "metrics": ckpt.metrics,
+    }
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    data = buf.getvalue()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    sha_tmp = tmp.with_name(tmp.name + ".sha256")
+    sha_tmp.write_text(hashlib.sha256(data).hexdigest() + "\n")
+    # Sidecar first: a crash between the renames leaves a checksum that fails loudly, never a silent mismatch.
+    sha_tmp.replace(_sha_path(path))
+    tmp.replace(path)
+    return path
+
+
+def _sha_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def load(path: str | Path) -> Checkpoint:
+    path = Path(path)
+    if not path.is_file():
+        raise CtrError(f"{path}: checkpoint not found")
+    data = path.read_bytes()
+    sha = _sha_path(path)
+    if sha.is_file():
+        want = sha.read_text().strip()
+        got = hashlib.sha256(data).hexdigest()
+        if want != got:
+            raise CtrError(f"{path}: checkpoint is corrupt (sha256 {got[:12]}… does not match {sha.name}: {want[:12]}…)")
+    try:
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a damaged zip/pickle
+        raise CtrError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+    if not isinstance(payload, dict) or payload.get("format") != CKPT_FORMAT:
+        raise CtrError(f"{path}: not a ctr-ensemble checkpoint (expected format {CKPT_FORMAT!r})")
+    if payload.get("version") != CKPT_VERSION:
+        raise CtrError(f"{path}: checkpoint version {payload.get('version')} is not supported (expected {CKPT_VERSION})")
+    try:
+        arch = payload["arch"]
+        cfg = models.make_config(arch, payload["model_config"])
+        spec = FeatureSpec.from_dict(payload["feature_spec"], source=f"{path} (feature spec)")
+        return Checkpoint(
+            name=payload["name"], arch=arch, config=cfg, spec=spec,
+            state_dict=payload["state_dict"], metrics=payload.get("metrics", {}),
+            source=str(path.resolve()),
+        )
+    except KeyError as e:
+        raise CtrError(f"{path}: checkpoint lacks {e}") from e
