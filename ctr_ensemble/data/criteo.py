@@ -46,6 +46,8 @@ class CriteoReader:
         self.block_size = block_size
         self.skip_bad_rows = skip_bad_rows
         self.stats = ReadStats()
+        self._pending: CtrError | None = None
+        self._invalid_rows = 0  # rows dropped by the parser, so later line numbers stay right
         if not self.path.is_file():
             raise CtrError(f"{self.path}: data file not found")
         if self.path.stat().st_size == 0:
@@ -60,12 +62,22 @@ class CriteoReader:
             self.stats.skipped_examples.append(msg)
 
     def _on_invalid_row(self, row) -> str:
+        # pyarrow swallows exceptions raised here: remember the first error and raise it after the batch.
         line = row.number if row.number is not None else "?"
-        self._bad(
-            f"line {line}",
-            f"expected {row.expected_columns} tab-separated columns (label, I1..I13, C1..C26), got {row.actual_columns}",
-        )
+        self._invalid_rows += 1
+        try:
+            self._bad(
+                f"line {line}",
+                f"expected {row.expected_columns} tab-separated columns (label, I1..I13, C1..C26), got {row.actual_columns}",
+            )
+        except CtrError as e:
+            self._pending = self._pending or e
         return "skip"
+
+    def _raise_pending(self) -> None:
+        if self._pending is not None:
+            err, self._pending = self._pending, None
+            raise err
 
     def __iter__(self) -> Iterator[RawBatch]:
         read_opts = pacsv.ReadOptions(column_names=COLUMNS, block_size=self.block_size, use_threads=False)
@@ -78,6 +90,7 @@ class CriteoReader:
             raise
         except (pa.ArrowInvalid, OSError, EOFError, UnicodeDecodeError) as e:
             raise CtrError(f"{self.path}: cannot read as Criteo TSV: {_first_line(e)}") from e
+        self._raise_pending()
         line = 1
         while True:
             try:
@@ -88,8 +101,10 @@ class CriteoReader:
                 raise
             except (pa.ArrowInvalid, OSError, EOFError, UnicodeDecodeError) as e:
                 raise CtrError(f"{self.path}: near line {line}: cannot parse: {_first_line(e)}") from e
+            self._raise_pending()
             out = self._convert(batch, line)
-            line += batch.num_rows
+            line += batch.num_rows + self._invalid_rows
+            self._invalid_rows = 0
             if out is not None:
                 self.stats.rows += len(out.label)
                 yield out

@@ -143,3 +143,13 @@ def write_history(history: list[dict], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path.with_suffix(".png"), dpi=110)
     plt.close(fig)
+
+
+def encode_file(path: str | Path, spec: FeatureSpec, skip_bad_rows: bool = False) -> Arrays:
+    """Read and encode a whole Criteo-layout file into memory."""
+    from ctr_ensemble.data.criteo import read_all
+    from ctr_ensemble.features import Encoder
+
+    batch, _ = read_all(path, skip_bad_rows=skip_bad_rows)
+    cat_ids, num = Encoder(spec).encode(batch)
+    return Arrays(cat_ids, num, batch.label.astype(np.float32))

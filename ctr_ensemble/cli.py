@@ -1,0 +1,280 @@
+"""``ctr-ensemble``: every stage of the pipeline as one command (typer)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+import yaml
+
+from ctr_ensemble.errors import CtrError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="From click logs to a served, measured Triton ensemble of CTR models.")
+data_app = typer.Typer(no_args_is_help=True, help="Generate, inspect and encode data.")
+app.add_typer(data_app, name="data")
+
+STATE = {"debug": False}
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+    STATE["debug"] = debug
+
+
+def _split_list(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _parse_sets(sets: list[str]) -> dict:
+    out = {}
+    for s in sets:
+        if "=" not in s:
+            raise CtrError(f"--set expects KEY=VALUE (YAML value), got {s!r}")
+        k, v = s.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Path = typer.Option(Path("artifacts/data/synth"), help="Output folder for train/val/test TSV + p files."),
+    train_rows: int = typer.Option(160_000, help="Rows in the train split."),
+    val_rows: int = typer.Option(20_000, help="Rows in the validation split."),
+    test_rows: int = typer.Option(20_000, help="Rows in the test split."),
+    seed: int = typer.Option(7, help="Seed of the synthetic world and of the rows."),
+) -> None:
+    """Write a synthetic CTR data set in the Criteo TSV layout, with the true p per row."""
+    from ctr_ensemble.data.synth import SynthConfig, generate
+
+    meta = generate(out, SynthConfig(seed=seed, splits={"train": train_rows, "val": val_rows, "test": test_rows}))
+    for split, m in meta["splits"].items():
+        typer.echo(f"{out / m['file']}: {m['rows']} rows, CTR {m['ctr']:.4f}, oracle AUC {m['oracle_auc']:.4f}")
+
+
+@data_app.command("fit")
+def data_fit(
+    train: Path = typer.Option(..., help="Training file (Criteo TSV layout)."),
+    out: Path = typer.Option(Path("artifacts/feature_spec.json"), help="Where to write the feature spec JSON."),
+    min_count: int = typer.Option(2, help="Tokens seen fewer times in train map to the OOV id."),
+    skip_bad_rows: bool = typer.Option(False, help="Skip and count malformed rows instead of stopping."),
+) -> None:
+    """Fit per-field vocabularies and numeric statistics on the train file only."""
+    from ctr_ensemble import features
+
+    spec = features.fit(train, min_count=min_count, skip_bad_rows=skip_bad_rows)
+    spec.save(out)
+    typer.echo(f"{out}: {spec.n_cat} categorical fields (vocab sizes {min(spec.cat_sizes)}..{max(spec.cat_sizes)}), "
+               f"{spec.n_num} numeric, fitted on {spec.fitted_on['rows']} rows ({spec.fitted_on['skipped_rows']} skipped)")
+
+
+@app.command("models")
+def models_cmd(as_json: bool = typer.Option(False, "--json", help="Print the registry as JSON.")) -> None:
+    """List the member registry with each member's default config."""
+    import dataclasses
+
+    from ctr_ensemble import models
+
+    reg = {name: dataclasses.asdict(e.config()) for name, e in models.REGISTRY.items()}
+    if as_json:
+        typer.echo(json.dumps(reg, indent=2))
+    else:
+        for name, cfg in reg.items():
+            typer.echo(f"{name}: {cfg}")
+
+
+@app.command("train")
+def train_cmd(
+    model: str = typer.Option(..., help="Architecture from the registry (see `ctr-ensemble models`)."),
+    train: Path = typer.Option(..., help="Training file (Criteo TSV layout)."),
+    val: Path = typer.Option(..., help="Validation file for early stopping on AUC."),
+    spec: Path = typer.Option(..., help="Feature spec JSON from `ctr-ensemble data fit`."),
+    out: Path = typer.Option(..., help="Checkpoint path to write (.pt)."),
+    name: Optional[str] = typer.Option(None, help="Member name in the ensemble (default: the architecture)."),
+    config: Optional[Path] = typer.Option(None, help="YAML file with model config overrides."),
+    set_: list[str] = typer.Option([], "--set", help="Model config override KEY=VALUE (YAML value); repeatable."),
+    epochs: int = typer.Option(8), batch_size: int = typer.Option(1024), lr: float = typer.Option(1e-3),
+    patience: int = typer.Option(1, help="Epochs without a better val AUC before stopping."),
+    seed: int = typer.Option(42),
+    threads: int = typer.Option(0, help="torch CPU threads (0 = torch default)."),
+    skip_bad_rows: bool = typer.Option(False),
+) -> None:
+    """Train one member independently (BCE + Adam, early stopping on val AUC)."""
+    import torch
+
+    from ctr_ensemble import models
+    from ctr_ensemble.features import FeatureSpec
+    from ctr_ensemble.training import checkpoint
+    from ctr_ensemble.training.trainer import TrainConfig, encode_file, train_member
+
+    if threads:
+        torch.set_num_threads(threads)
+    overrides = {}
+    if config is not None:
+        if not config.is_file():
+            raise CtrError(f"{config}: config file not found")
+        try:
+            overrides = yaml.safe_load(config.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise CtrError(f"{config}: not valid YAML: {str(e).splitlines()[0]}") from e
+        if not isinstance(overrides, dict):
+            raise CtrError(f"{config}: expected a mapping of config keys, got {type(overrides).__name__}")
+    overrides.update(_parse_sets(set_))
+    model_cfg = models.make_config(model, overrides)
+    fs = FeatureSpec.load(spec)
+    tr = encode_file(train, fs, skip_bad_rows)
+    va = encode_file(val, fs, skip_bad_rows)
+    ck = train_member(name or model, model, model_cfg, fs, tr, va,
+                      TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed),
+                      history_csv=out.with_suffix(".history.csv"))
+    checkpoint.save(ck, out)
+    typer.echo(f"{out}: {ck.name} ({model}) best val AUC {ck.metrics['val_auc']:.4f} at epoch {ck.metrics['best_epoch']}")
+
+
+@app.command("export")
+def export_cmd(
+    checkpoint_: list[Path] = typer.Option(..., "--checkpoint", help="Member checkpoint (.pt); repeat for each member."),
+    repository: Path = typer.Option(Path("model_repository"), help="Triton model repository to (re)write atomically."),
+    parity_data: Optional[Path] = typer.Option(None, help="Labelled file whose rows are used for the ONNX parity check."),
+    parity_rows: int = typer.Option(4096, help="Rows of --parity-data to check."),
+    fusion_mode: str = typer.Option("negation_entropy", help="negation_entropy or mean."),
+    tau: float = typer.Option(1.0, help="Temperature of the confidence softmax."),
+    fusion_kind: str = typer.Option("auto", help="Fusion instance kind: auto (GPU if torch sees one), cpu, gpu."),
+    max_batch_size: int = typer.Option(4096), instances: int = typer.Option(1, help="Instances per member."),
+    intra_op_threads: int = typer.Option(1, help="ONNX Runtime threads per member instance."),
+    max_queue_delay_us: int = typer.Option(200, help="Dynamic batching queue delay per member."),
+) -> None:
+    """Export members to ONNX (parity-checked) and write the Triton model repository."""
+    from ctr_ensemble.export.repository import RepoOptions, write_repository
+    from ctr_ensemble.training import checkpoint
+    from ctr_ensemble.training.trainer import encode_file
+
+    cks = [checkpoint.load(p) for p in checkpoint_]
+    rows = None
+    if parity_data is not None:
+        arr = encode_file(parity_data, cks[0].spec)
+        rows = (arr.cat_ids[:parity_rows], arr.num[:parity_rows])
+    opt = RepoOptions(max_batch_size=max_batch_size, instances=instances, intra_op_threads=intra_op_threads,
+                      max_queue_delay_us=max_queue_delay_us, fusion_mode=fusion_mode, tau=tau, fusion_kind=fusion_kind)
+    manifest = write_repository(cks, repository, opt, parity_rows=rows)
+    for n, m in manifest["members"].items():
+        par = m.get("parity")
+        extra = f", ONNX parity max|Δ| {max(par['prob_max_abs_diff'], m['parity_stress']['prob_max_abs_diff']):.2e}" if par else ""
+        typer.echo(f"{repository}/{n}: {m['arch']}{extra}")
+    typer.echo(f"{repository}/ctr_ensemble: fusion {opt.fusion_mode} (tau={opt.tau}) on {manifest['fusion']['kind']}")
+
+
+@app.command("serve")
+def serve_cmd(
+    repository: Path = typer.Option(Path("model_repository"), help="Triton model repository."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (HTTP, gRPC, metrics)."),
+    http_port: int = typer.Option(8000), grpc_port: int = typer.Option(8001), metrics_port: int = typer.Option(8002),
+    startup_timeout: float = typer.Option(180.0, help="Seconds to wait for readiness."),
+    log_verbose: int = typer.Option(0, help="tritonserver --log-verbose level."),
+) -> None:
+    """Run the local tritonserver (from nvidia-pytriton) until Ctrl-C."""
+    from ctr_ensemble.serving.server import TritonServer
+
+    server = TritonServer(repository, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+                          startup_timeout=startup_timeout, log_verbose=log_verbose,
+                          log_path=Path("artifacts/tritonserver.log").resolve())
+    Path("artifacts").mkdir(exist_ok=True)
+    server.start()
+    typer.echo(f"Triton ready: HTTP {server.http_url}, gRPC {server.grpc_url}, metrics {server.metrics_url} "
+               f"(log {server.log_path}); Ctrl-C to stop")
+    stop = {"now": False}
+
+    def _on_signal(*_):
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    import time
+
+    while not stop["now"] and server.is_running():
+        time.sleep(0.5)
+    if not server.is_running():
+        raise CtrError(f"tritonserver exited unexpectedly; log:\n{server.log_tail()}")
+    code = server.stop()
+    typer.echo(f"tritonserver stopped (exit code {code})")
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    data: Path = typer.Option(..., help="Labelled file (Criteo TSV layout) to score."),
+    repository: Path = typer.Option(Path("model_repository"), help="Model repository written by `export`."),
+    backends: str = typer.Option("torch,onnx,triton_http,triton_grpc", help="Comma list of backends."),
+    truth: Optional[Path] = typer.Option(None, help="True click probabilities (.p.npy) for the oracle AUC."),
+    checkpoint_: list[str] = typer.Option([], "--checkpoint", help="NAME=PATH to override a member's checkpoint."),
+    http_url: Optional[str] = typer.Option(None, help="Triton HTTP host:port (default: the started server)."),
+    grpc_url: Optional[str] = typer.Option(None, help="Triton gRPC host:port."),
+    start_server: bool = typer.Option(False, help="Start a local server on free ports for the run."),
+    batch_size: int = typer.Option(1024, help="Rows per Triton request."),
+    out: Optional[Path] = typer.Option(None, help="Write the summary JSON here."),
+    skip_bad_rows: bool = typer.Option(False),
+) -> None:
+    """Score a labelled file through each backend; AUC, logloss, rows/s, max |Δ| vs PyTorch."""
+    from rich.console import Console
+
+    from ctr_ensemble.evaluation.evaluate import EvalTargets, evaluate, render_table
+    from ctr_ensemble.serving.server import TritonServer
+
+    ckpts = dict(_kv(c, "--checkpoint") for c in checkpoint_)
+    server = None
+    try:
+        if start_server:
+            server = TritonServer(repository).start()
+            http_url, grpc_url = http_url or server.http_url, grpc_url or server.grpc_url
+        summary = evaluate(data, repository, _split_list(backends), EvalTargets(http_url, grpc_url, batch_size),
+                           truth=truth, checkpoints=ckpts, skip_bad_rows=skip_bad_rows)
+    finally:
+        if server is not None:
+            server.stop()
+    Console().print(render_table(summary))
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(summary, indent=2))
+        typer.echo(f"wrote {out}")
+
+
+def _kv(s: str, flag: str) -> tuple[str, str]:
+    if "=" not in s:
+        raise CtrError(f"{flag} expects NAME=PATH, got {s!r}")
+    k, v = s.split("=", 1)
+    return k, v
+
+
+@app.command("demo")
+def demo_cmd(
+    members: str = typer.Option("deepfm,dcnv2", help="Comma list of architectures to train and serve."),
+    out: Path = typer.Option(Path("artifacts/demo"), help="Folder for data, checkpoints and summary.json."),
+    repository: Path = typer.Option(Path("model_repository"), help="Where to write the Triton repository."),
+    train_rows: int = typer.Option(160_000), epochs: int = typer.Option(4), seed: int = typer.Option(42),
+) -> None:
+    """The whole pipeline on the embedded synthetic default: data → train → export → serve → evaluate."""
+    from ctr_ensemble.demo import run_demo
+
+    ok = run_demo(_split_list(members), out, repository, train_rows=train_rows, epochs=epochs, seed=seed)
+    if not ok:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    try:
+        app()
+    except CtrError as e:
+        if STATE["debug"]:
+            raise
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Shared tiny, seeded fixtures: a small synthetic data set, two trained members, a repository, a server."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from ctr_ensemble import features, models
+from ctr_ensemble.data.synth import DEFAULT_CARDINALITIES, SynthConfig, generate
+from ctr_ensemble.export.repository import RepoOptions, write_repository
+from ctr_ensemble.training import checkpoint
+from ctr_ensemble.training.trainer import TrainConfig, encode_file, train_member
+
+torch.set_num_threads(2)
+
+# Small vocabularies keep the tiny members fast; the layout is still the full Criteo one.
+TINY_CARDS = tuple(min(c, 300) for c in DEFAULT_CARDINALITIES)
+TINY_MODEL = {"deepfm": {"embedding_dim": 4, "hidden": [16]}, "dcnv2": {"embedding_dim": 4, "hidden": [16], "cross_layers": 2}}
+
+
+def tiny_synth(seed: int = 3, train: int = 6000, val: int = 1500, test: int = 1500) -> SynthConfig:
+    return SynthConfig(seed=seed, cardinalities=TINY_CARDS, splits={"train": train, "val": val, "test": test})
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data")
+    generate(out, tiny_synth())
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_spec(tiny_data) -> features.FeatureSpec:
+    return features.fit(tiny_data / "train.tsv", min_count=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_arrays(tiny_data, tiny_spec):
+    return {s: encode_file(tiny_data / f"{s}.tsv", tiny_spec) for s in ("train", "val", "test")}
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory, tiny_spec, tiny_arrays) -> list[checkpoint.Checkpoint]:
+    out = tmp_path_factory.mktemp("ckpt")
+    cks = []
+    for arch, over in TINY_MODEL.items():
+        ck = train_member(arch, arch, models.make_config(arch, over), tiny_spec, tiny_arrays["train"],
+                          tiny_arrays["val"], TrainConfig(epochs=2, batch_size=256, seed=1))
+        cks.append(checkpoint.load(checkpoint.save(ck, out / f"{arch}.pt")))
+    return cks
+
+
+@pytest.fixture(scope="session")
+def tiny_repo(tmp_path_factory, tiny_checkpoints, tiny_arrays) -> Path:
+    repo = tmp_path_factory.mktemp("repo") / "model_repository"
+    val = tiny_arrays["val"]
+    write_repository(tiny_checkpoints, repo, RepoOptions(max_batch_size=256), parity_rows=(val.cat_ids, val.num))
+    return repo
+
+
+@pytest.fixture(scope="session")
+def server(tiny_repo):
+    from ctr_ensemble.serving.server import TritonServer
+
+    with TritonServer(tiny_repo) as s:
+        yield s
+
+
+def small(cfg: SynthConfig, **kw) -> SynthConfig:
+    return replace(cfg, **kw)

@@ -1,0 +1,137 @@
+"""Integration: the real tritonserver on free ports, spoken to with tritonclient over HTTP and gRPC."""
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as tgrpc
+import tritonclient.http as thttp
+from tritonclient.utils import InferenceServerException
+
+from ctr_ensemble.evaluation.evaluate import EvalTargets, evaluate
+from ctr_ensemble.export import onnx_export
+from ctr_ensemble.layers.fusion import fuse
+from ctr_ensemble.serving.client import TritonScorer
+
+pytestmark = pytest.mark.integration
+PROTOCOLS = ["http", "grpc"]
+MODELS = ["deepfm", "ctr_ensemble"]
+
+
+def _client(server, protocol):
+    return thttp.InferenceServerClient(server.http_url) if protocol == "http" else tgrpc.InferenceServerClient(server.grpc_url)
+
+
+def _infer(server, protocol, model, inputs):
+    """inputs: list of (name, array, triton dtype)."""
+    mod = thttp if protocol == "http" else tgrpc
+    client = _client(server, protocol)
+    reqs = []
+    for name, arr, dtype in inputs:
+        x = mod.InferInput(name, list(arr.shape), dtype)
+        x.set_data_from_numpy(arr)
+        reqs.append(x)
+    try:
+        return client.infer(model, reqs).as_numpy("prob")
+    finally:
+        client.close()
+
+
+def _onnx_probs(repo, model, cat, num):
+    if model == "ctr_ensemble":
+        members = [onnx_export.run_onnx(onnx_export.session(repo / m / "1" / "model.onnx"), cat, num)[0] for m in ("deepfm", "dcnv2")]
+        return fuse(torch.from_numpy(np.stack(members, 1)))[0][:, 0].numpy()
+    return onnx_export.run_onnx(onnx_export.session(repo / model / "1" / "model.onnx"), cat, num)[0]
+
+
+@pytest.fixture(scope="module")
+def rows(tiny_arrays):
+    te = tiny_arrays["test"]
+    return te.cat_ids[:64].copy(), te.num[:64].copy()
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+@pytest.mark.parametrize("model", [*MODELS, "dcnv2"])
+def test_served_predictions_match_onnx_and_reference_fusion(server, tiny_repo, rows, protocol, model):
+    cat, num = rows
+    served = _infer(server, protocol, model, [("cat_ids", cat, "INT64"), ("num", num, "FP32")])[:, 0]
+    np.testing.assert_allclose(served, _onnx_probs(tiny_repo, model, cat, num), atol=1e-5, rtol=0)
+
+
+def _assert_still_serving(server, tiny_repo, rows, protocol, model):
+    cat, num = rows
+    good = _infer(server, protocol, model, [("cat_ids", cat[:4], "INT64"), ("num", num[:4], "FP32")])[:, 0]
+    np.testing.assert_allclose(good, _onnx_probs(tiny_repo, model, cat[:4], num[:4]), atol=1e-5, rtol=0)
+
+
+BAD_CASES = {
+    "wrong_shape": lambda c, n: [("cat_ids", c[:, :-1].copy(), "INT64"), ("num", n, "FP32")],
+    "wrong_dtype": lambda c, n: [("cat_ids", c.astype(np.int32), "INT32"), ("num", n, "FP32")],
+    "wrong_dtype_num": lambda c, n: [("cat_ids", c, "INT64"), ("num", n.astype(np.float64), "FP64")],
+    "missing_input": lambda c, n: [("cat_ids", c, "INT64")],
+    "extra_input": lambda c, n: [("cat_ids", c, "INT64"), ("num", n, "FP32"), ("bogus", n, "FP32")],
+    "batch_over_max": lambda c, n: [("cat_ids", np.repeat(c, 5, 0)[:257], "INT64"), ("num", np.repeat(n, 5, 0)[:257], "FP32")],
+}
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("case", sorted(BAD_CASES))
+def test_bad_requests_get_invalid_argument_and_server_keeps_serving(server, tiny_repo, rows, protocol, model, case):
+    cat, num = rows
+    with pytest.raises(InferenceServerException) as err:
+        _infer(server, protocol, model, BAD_CASES[case](cat, num))
+    status = str(err.value.status())
+    assert status in ("400", "StatusCode.INVALID_ARGUMENT"), (status, err.value.message())
+    assert err.value.message()  # Triton's own explanation, e.g. "unexpected shape for input ..."
+    _assert_still_serving(server, tiny_repo, rows, protocol, model)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+@pytest.mark.parametrize("model", MODELS)
+def test_nan_and_out_of_range_ids_get_correct_answers(server, tiny_repo, tiny_spec, rows, protocol, model):
+    cat, num = rows
+    cat, num = cat.copy(), num.copy()
+    cat[0, :] = -7
+    cat[1, :] = 2**62
+    cat[2, :] = np.asarray(tiny_spec.cat_sizes)
+    num[3, :] = np.nan
+    num[4, :5] = [np.inf, -np.inf, 1e38, -1e38, np.nan]
+    served = _infer(server, protocol, model, [("cat_ids", cat, "INT64"), ("num", num, "FP32")])[:, 0]
+    assert np.isfinite(served).all()
+    np.testing.assert_allclose(served, _onnx_probs(tiny_repo, model, cat, num), atol=1e-5, rtol=0)
+    oov = cat.copy()
+    oov[:3] = 0
+    np.testing.assert_allclose(served[:3], _onnx_probs(tiny_repo, model, oov, num)[:3], atol=1e-6, rtol=0)
+    _assert_still_serving(server, tiny_repo, rows, protocol, model)
+
+
+def test_empty_batch_is_answered_or_rejected_cleanly(server, tiny_repo, rows):
+    cat, num = rows
+    for protocol in PROTOCOLS:
+        try:
+            out = _infer(server, protocol, "ctr_ensemble", [("cat_ids", cat[:0], "INT64"), ("num", num[:0], "FP32")])
+            assert out.shape[0] == 0
+        except InferenceServerException as e:
+            assert str(e.status()) in ("400", "StatusCode.INVALID_ARGUMENT")
+        _assert_still_serving(server, tiny_repo, rows, protocol, "ctr_ensemble")
+
+
+def test_evaluate_all_backends_agree(server, tiny_repo, tiny_data):
+    summary = evaluate(tiny_data / "test.tsv", tiny_repo, ["torch", "onnx", "triton_http", "triton_grpc"],
+                       EvalTargets(server.http_url, server.grpc_url, batch_size=200), truth=tiny_data / "test.p.npy")
+    assert summary["rows"] == 1500 and 0.5 < summary["oracle_auc"] <= 1
+    for rows in [*summary["members"].values(), summary["ensemble"]]:
+        assert set(rows) == {"torch", "onnx", "triton_http", "triton_grpc"}
+        for r in rows.values():
+            assert r["max_abs_diff"] <= 1e-5 and 0.5 < r["auc"] < 1
+    for b in ("triton_http", "triton_grpc"):
+        assert summary["ensemble"][b]["fusion_max_abs_diff"] <= 1e-6
+
+
+def test_scorer_reports_unreachable_server():
+    from ctr_ensemble.errors import CtrError
+    from ctr_ensemble.serving.server import free_port
+
+    scorer = TritonScorer(f"127.0.0.1:{free_port()}", "http", timeout_s=2)
+    with pytest.raises(CtrError, match="not reachable"):
+        scorer.check_ready("ctr_ensemble")
