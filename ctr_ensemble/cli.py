@@ -60,7 +60,7 @@ def data_synth(
 def data_fit(
     train: Path = typer.Option(..., help="Training file (Criteo TSV layout)."),
     out: Path = typer.Option(Path("artifacts/feature_spec.json"), help="Where to write the feature spec JSON."),
-    min_count: int = typer.Option(2, help="Tokens seen fewer times in train map to the OOV id."),
+    min_count: int = typer.Option(10, help="Tokens seen fewer times in train map to the OOV id."),
     skip_bad_rows: bool = typer.Option(False, help="Skip and count malformed rows instead of stopping."),
 ) -> None:
     """Fit per-field vocabularies and numeric statistics on the train file only."""
@@ -97,7 +97,8 @@ def train_cmd(
     name: Optional[str] = typer.Option(None, help="Member name in the ensemble (default: the architecture)."),
     config: Optional[Path] = typer.Option(None, help="YAML file with model config overrides."),
     set_: list[str] = typer.Option([], "--set", help="Model config override KEY=VALUE (YAML value); repeatable."),
-    epochs: int = typer.Option(8), batch_size: int = typer.Option(1024), lr: float = typer.Option(1e-3),
+    epochs: int = typer.Option(8), batch_size: int = typer.Option(512), lr: float = typer.Option(2e-3),
+    weight_decay: float = typer.Option(1e-4, help="L2 penalty through Adam."),
     patience: int = typer.Option(1, help="Epochs without a better val AUC before stopping."),
     seed: int = typer.Option(42),
     threads: int = typer.Option(0, help="torch CPU threads (0 = torch default)."),
@@ -129,7 +130,7 @@ def train_cmd(
     tr = encode_file(train, fs, skip_bad_rows)
     va = encode_file(val, fs, skip_bad_rows)
     ck = train_member(name or model, model, model_cfg, fs, tr, va,
-                      TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed),
+                      TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, patience=patience, seed=seed),
                       history_csv=out.with_suffix(".history.csv"))
     checkpoint.save(ck, out)
     typer.echo(f"{out}: {ck.name} ({model}) best val AUC {ck.metrics['val_auc']:.4f} at epoch {ck.metrics['best_epoch']}")
@@ -253,7 +254,7 @@ def demo_cmd(
     members: str = typer.Option("deepfm,dcnv2", help="Comma list of architectures to train and serve."),
     out: Path = typer.Option(Path("artifacts/demo"), help="Folder for data, checkpoints and summary.json."),
     repository: Path = typer.Option(Path("model_repository"), help="Where to write the Triton repository."),
-    train_rows: int = typer.Option(160_000), epochs: int = typer.Option(4), seed: int = typer.Option(42),
+    train_rows: int = typer.Option(300_000), epochs: int = typer.Option(8), seed: int = typer.Option(42),
 ) -> None:
     """The whole pipeline on the embedded synthetic default: data → train → export → serve → evaluate."""
     from ctr_ensemble.demo import run_demo

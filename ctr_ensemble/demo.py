@@ -46,7 +46,7 @@ def checks(summary: dict) -> list[tuple[str, bool, str]]:
     return out
 
 
-def run_demo(members: list[str], out: Path, repository: Path, train_rows: int = 160_000, epochs: int = 4,
+def run_demo(members: list[str], out: Path, repository: Path, train_rows: int = 300_000, epochs: int = 8,
              seed: int = 42) -> bool:
     console = Console()
     t_start = time.perf_counter()

@@ -52,7 +52,7 @@ class NumericField:
 class FeatureSpec:
     categorical: list[CategoricalField]
     numeric: list[NumericField]
-    min_count: int = 2
+    min_count: int = 10
     fitted_on: dict = field(default_factory=dict)
 
     @property
@@ -113,7 +113,7 @@ class FeatureSpec:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def fit(path: str | Path, min_count: int = 2, skip_bad_rows: bool = False) -> FeatureSpec:
+def fit(path: str | Path, min_count: int = 10, skip_bad_rows: bool = False) -> FeatureSpec:
     """Fit vocabularies and numeric statistics on one (training) file, in one streaming pass."""
     if min_count < 1:
         raise CtrError(f"min_count must be >= 1, got {min_count}")

@@ -34,10 +34,22 @@ def pytriton_root() -> Path:
     return Path(pytriton.__file__).parent
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports: all sockets stay open until every port is picked, so none repeats."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def make_backend_dir(dest: Path) -> Path:
@@ -104,9 +116,12 @@ class TritonServer:
         self.repository = Path(self.repository).resolve()
         if not (self.repository / "repository.json").is_file() and not any(self.repository.glob("*/config.pbtxt")):
             raise CtrError(f"{self.repository}: not a model repository (no */config.pbtxt); run `ctr-ensemble export` first")
-        for attr in ("http_port", "grpc_port", "metrics_port"):
+        attrs = ("http_port", "grpc_port", "metrics_port")
+        taken = {getattr(self, a) for a in attrs if getattr(self, a)}
+        spare = iter(p for p in free_ports(6) if p not in taken)
+        for attr in attrs:
             if not getattr(self, attr):
-                setattr(self, attr, free_port())
+                setattr(self, attr, next(spare))
         self._workdir = Path(tempfile.mkdtemp(prefix="ctr-triton-"))
         backend_dir = make_backend_dir(self._workdir / "backends")
         if self.log_path is None:

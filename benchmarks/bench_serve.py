@@ -1,0 +1,232 @@
+"""What does serving cost? Latency and throughput of the members in-process vs through Triton.
+
+For every batch size (default 1, 64, 1024) this measures, one client, sequential requests
+(concurrency 1), after a short warm-up:
+
+  (a) each member in ONNX Runtime in-process: one request = one ``sess.run`` on
+      ``<repo>/<member>/1/model.onnx`` (CPU provider, same intra-op thread count as the
+      member's Triton config unless ``--ort-threads`` says otherwise);
+  (b) each member through Triton, over gRPC and HTTP;
+  (c) the ensemble ``ctr_ensemble`` through Triton (members -> fusion), over gRPC and HTTP.
+
+Rows are real: the demo's test split, encoded with the repository's own feature spec.
+Per-request latencies are wall-clock on the client (request building, transport,
+scheduling, the Python-backend hop, ONNX Runtime, response decoding); p50/p95/p99 come
+from the raw per-request latencies, rows/s = rows sent / wall time of the measured loop.
+
+The ratio (c)/(a) is the price of serving: the ensemble's p50 over Triton divided by the
+sum of the members' in-process ONNX p50 at the same batch size (the floor: running the
+members back to back with no server and no fusion step). Near 1 means the server adds
+little; far above 1 at batch 1 with the gap closing at 1024 means a fixed per-request
+overhead that batching amortises. The rows/s ratio is the same comparison for throughput
+(in-process rows/s of the members back to back = 1 / sum(1 / rows_per_s_member)).
+
+Writes ``<out>/serve.csv``, ``<out>/serve_ratios.csv`` and ``<out>/serve.md``. Run ``make demo`` first (or pass
+``--repository``); ``--http-url/--grpc-url`` use a running server instead of starting one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from google.protobuf import text_format
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+from tritonclient.grpc import model_config_pb2 as mc
+
+from ctr_ensemble.export import onnx_export
+from ctr_ensemble.export.repository import ENSEMBLE_NAME, read_manifest, repository_spec
+from ctr_ensemble.serving.client import TritonScorer
+from ctr_ensemble.serving.server import TritonServer
+from ctr_ensemble.training.trainer import encode_file
+
+COLUMNS = ["target", "path", "batch", "requests", "rows_per_s", "p50_ms", "p95_ms", "p99_ms"]
+console = Console(width=None if sys.stdout.isatty() else 140)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--repository", type=Path, default=Path("model_repository"))
+    p.add_argument("--data", type=Path, default=Path("artifacts/demo/data/test.tsv"), help="Criteo-layout TSV of rows to send")
+    p.add_argument("--batch-sizes", default="1,64,1024")
+    p.add_argument("--requests", type=int, default=None, help="measured requests per cell (default 200, 50 for batch >= 512)")
+    p.add_argument("--warmup", type=int, default=5, help="unmeasured requests per cell")
+    p.add_argument("--seconds", type=float, default=8.0, help="stop a cell early after this many seconds (at least 10 requests)")
+    p.add_argument("--ort-threads", type=int, default=None, help="in-process intra-op threads (default: the member's Triton config)")
+    p.add_argument("--http-url", help="use a running Triton (host:port) instead of starting one")
+    p.add_argument("--grpc-url", help="use a running Triton (host:port) instead of starting one")
+    p.add_argument("--out", type=Path, default=Path("artifacts/bench"))
+    return p.parse_args()
+
+
+def config_threads(model_dir: Path) -> int:
+    """intra_op_thread_count of a member's config.pbtxt (0 = ONNX Runtime's default)."""
+    cfg = text_format.Parse((model_dir / "config.pbtxt").read_text(), mc.ModelConfig())
+    return int(cfg.parameters["intra_op_thread_count"].string_value or 0) if "intra_op_thread_count" in cfg.parameters else 0
+
+
+def measure(call, cat_ids: np.ndarray, num: np.ndarray, batch: int, n_requests: int, warmup: int, budget_s: float):
+    """Sequential requests of ``batch`` rows (cycling through the data); (requests, rows/s, latencies ms)."""
+    n = len(cat_ids) - batch  # data is tiled so that every slice is full
+
+    def rows(i):
+        s = (i * batch) % max(n, 1)
+        return cat_ids[s : s + batch], num[s : s + batch]
+
+    for i in range(warmup):
+        call(*rows(i))
+    lat = []
+    t_start = time.perf_counter()
+    for i in range(n_requests):
+        c, x = rows(warmup + i)
+        t0 = time.perf_counter()
+        call(c, x)
+        lat.append((time.perf_counter() - t0) * 1e3)
+        if i >= 9 and time.perf_counter() - t_start > budget_s:
+            break
+    wall = time.perf_counter() - t_start
+    return len(lat), batch * len(lat) / wall, np.asarray(lat, dtype=np.float64)
+
+
+def load_rows(args, spec, max_batch: int) -> tuple[np.ndarray, np.ndarray, str]:
+    if args.data.is_file():
+        arr, source = encode_file(args.data, spec), str(args.data)
+        cat_ids, num = arr.cat_ids, arr.num
+    else:  # no demo data: rows from the project's synthetic generator, encoded the same way
+        import tempfile
+
+        from ctr_ensemble.data.synth import SynthConfig, generate
+
+        with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp, open(os.devnull, "w") as devnull:
+            with contextlib.redirect_stderr(devnull):  # the generator's progress bar
+                generate(tmp, SynthConfig(splits={"test": 4096}))
+            arr, source = encode_file(Path(tmp) / "test.tsv", spec), f"synthetic ({args.data} not found)"
+        cat_ids, num = arr.cat_ids, arr.num
+    reps = -(-(len(cat_ids) + max_batch) // len(cat_ids))  # enough rows for any full slice
+    tile = lambda a: np.ascontiguousarray(np.concatenate([a] * reps))
+    return tile(cat_ids.astype(np.int64)), tile(num.astype(np.float32)), f"{source}, {len(cat_ids)} rows"
+
+
+def p50(results, target, path, batch):
+    return next(r for r in results if (r["target"], r["path"], r["batch"]) == (target, path, batch))
+
+
+def main() -> None:
+    args = parse_args()
+    repo = args.repository
+    if not (repo / "repository.json").is_file():
+        sys.exit(f"no model repository at {repo}/ - run `make demo` first (or pass --repository PATH)")
+    members = list(read_manifest(repo)["members"])
+    batches = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    cat_ids, num, data_desc = load_rows(args, repository_spec(repo), max(batches))
+    sessions = {}
+    for m in members:
+        threads = args.ort_threads if args.ort_threads is not None else config_threads(repo / m)
+        sessions[m] = (onnx_export.session(repo / m / "1" / "model.onnx", threads=threads), threads)
+
+    external = bool(args.http_url or args.grpc_url)
+    local = None if external else TritonServer(repo)
+    with local or contextlib.nullcontext() as server:
+        urls = {"http": args.http_url, "grpc": args.grpc_url} if external else {"http": server.http_url, "grpc": server.grpc_url}
+        scorers = {proto: TritonScorer(url, proto) for proto, url in urls.items() if url}
+        for s in scorers.values():
+            for model in [*members, ENSEMBLE_NAME]:
+                s.check_ready(model)
+
+        cells = []  # (target, path, call)
+        for m in members:
+            sess = sessions[m][0]
+            cells.append((m, "onnx_inprocess", lambda c, x, sess=sess: sess.run(["prob"], {"cat_ids": c, "num": x})))
+        for proto, s in scorers.items():
+            for model in [*members, ENSEMBLE_NAME]:
+                cells.append((model, f"triton_{proto}", lambda c, x, s=s, model=model: s.infer(model, c, x)))
+
+        results = []
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task("benchmark", total=len(cells) * len(batches))
+            for batch in batches:
+                n_req = args.requests or (200 if batch < 512 else 50)
+                for target, path, call in cells:
+                    progress.update(task, description=f"{target} {path} batch {batch}")
+                    n, rps, lat = measure(call, cat_ids, num, batch, n_req, args.warmup, args.seconds)
+                    q = np.percentile(lat, [50, 95, 99])
+                    results.append(dict(target=target, path=path, batch=batch, requests=n, rows_per_s=rps,
+                                        p50_ms=q[0], p95_ms=q[1], p99_ms=q[2]))
+                    progress.advance(task)
+        for s in scorers.values():
+            s.close()
+
+    ratios = []  # (c)/(a) per protocol and batch size
+    for batch in batches:
+        inproc = [p50(results, m, "onnx_inprocess", batch) for m in members]
+        floor_p50 = sum(r["p50_ms"] for r in inproc)
+        floor_rps = 1.0 / sum(1.0 / r["rows_per_s"] for r in inproc)
+        for proto in scorers:
+            ens = p50(results, ENSEMBLE_NAME, f"triton_{proto}", batch)
+            ratios.append(dict(protocol=proto, batch=batch, ensemble_p50_ms=ens["p50_ms"], onnx_sum_p50_ms=floor_p50,
+                               p50_ratio=ens["p50_ms"] / floor_p50, ensemble_rows_per_s=ens["rows_per_s"],
+                               onnx_rows_per_s=floor_rps, rows_per_s_ratio=ens["rows_per_s"] / floor_rps))
+    report(args, results, ratios, members, sessions, data_desc, "external server" if external else "local tritonserver (started for this run)")
+
+
+def fmt(col: str, v) -> str:
+    if not isinstance(v, float):
+        return str(v)
+    return f"{v:,.0f}" if col.endswith("rows_per_s") else f"{v:.2f}" if col.endswith("ratio") else f"{v:.3f}"
+
+
+def cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def report(args, results, ratios, members, sessions, data_desc, server_desc) -> None:
+    machine = (f"{cpu_name()} ({platform.machine()}), {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+               f"onnxruntime {ort.__version__}, {platform.system()} {platform.release()}")
+    threads = ", ".join(f"{m}={t or 'default'}" for m, (_, t) in sessions.items())
+    notes = [f"machine: {machine}", f"data: {data_desc}", f"server: {server_desc}",
+             f"in-process ONNX Runtime intra-op threads: {threads}",
+             "one client, sequential requests (concurrency 1); latencies in ms measured on the client"]
+    ratio_cols = list(ratios[0]) if ratios else []
+    tables = [("Serving latency and throughput", COLUMNS, results),
+              ("Serving cost: ctr_ensemble over Triton (c) vs sum of members in-process ONNX (a)", ratio_cols, ratios)]
+
+    for line in notes:
+        console.print(f"[dim]{line}[/dim]")
+    for title, cols, rows in tables:
+        t = Table(title=title)
+        for c in cols:
+            t.add_column(c, justify="left" if c in ("target", "path", "protocol") else "right")
+        for r in rows:
+            t.add_row(*(fmt(c, r[c]) for c in cols))
+        console.print(t)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, cols, rows in (("serve.csv", COLUMNS, results), ("serve_ratios.csv", ratio_cols, ratios)):
+        with open(args.out / name, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=cols)
+            w.writeheader()
+            w.writerows({c: (round(r[c], 4) if isinstance(r[c], float) else r[c]) for c in cols} for r in rows)
+    md = ["# Serving benchmark", "", *[f"- {line}" for line in notes], ""]
+    for title, cols, rows in tables:
+        md += [f"## {title}", "", "| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+        md += ["| " + " | ".join(fmt(c, r[c]) for c in cols) + " |" for r in rows] + [""]
+    (args.out / "serve.md").write_text("\n".join(md))
+    console.print(f"wrote {args.out / 'serve.csv'}, {args.out / 'serve_ratios.csv'} and {args.out / 'serve.md'}")
+
+
+if __name__ == "__main__":
+    main()
