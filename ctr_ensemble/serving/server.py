@@ -10,6 +10,7 @@ showing the end of the server log if it never comes.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -157,10 +158,15 @@ class TritonServer:
         self.stop()
         raise CtrError(f"tritonserver not ready after {self.startup_timeout:.0f}s; log:\n{tail}")
 
-    def log_tail(self, lines: int = 40) -> str:
+    def log_tail(self, lines: int = 15) -> str:
+        """Error lines of the server log (which model failed and why) plus its last lines."""
         if self.log_path is None or not Path(self.log_path).is_file():
             return "(no log)"
-        return "\n".join(Path(self.log_path).read_text(errors="replace").splitlines()[-lines:])
+        text = Path(self.log_path).read_text(errors="replace").splitlines()
+        # Triton's error lines start with E<date>; the model table marks failed models UNAVAILABLE.
+        errors = [l for l in text if re.match(r"E\d{4} ", l) or "UNAVAILABLE" in l]
+        tail = [l for l in text[-lines:] if l not in errors]
+        return "\n".join(errors[:20] + (["..."] if tail else []) + tail)
 
     def is_running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None

@@ -1,0 +1,71 @@
+"""Integration: server start/stop, fusion parameters taken from config.pbtxt, failures that name the model."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from ctr_ensemble.errors import CtrError
+from ctr_ensemble.export import onnx_export
+from ctr_ensemble.export.repository import RepoOptions, write_repository
+from ctr_ensemble.layers.fusion import fuse
+from ctr_ensemble.serving.client import TritonScorer
+from ctr_ensemble.serving.server import TritonServer, free_ports
+
+pytestmark = pytest.mark.integration
+
+
+def _reference(repo, names, cat, num, mode, tau):
+    probs = [onnx_export.run_onnx(onnx_export.session(repo / n / "1" / "model.onnx"), cat, num)[0] for n in names]
+    return fuse(torch.from_numpy(np.stack(probs, 1)), mode, tau)
+
+
+@pytest.mark.parametrize("mode,tau", [("mean", 1.0), ("negation_entropy", 0.05)])
+def test_fusion_parameters_come_from_the_config(tmp_path, tiny_checkpoints, tiny_arrays, mode, tau):
+    repo = tmp_path / "repo"
+    write_repository(tiny_checkpoints, repo, RepoOptions(fusion_mode=mode, tau=tau, fusion_kind="cpu"))
+    te = tiny_arrays["test"]
+    cat, num = te.cat_ids[:300], te.num[:300]
+    server = TritonServer(repo).start()
+    try:
+        for protocol, url in (("http", server.http_url), ("grpc", server.grpc_url)):
+            out = TritonScorer(url, protocol).infer("ctr_ensemble", cat, num, outputs=("prob", "weights"))
+            fused, w = _reference(repo, ["deepfm", "dcnv2"], cat, num, mode, tau)
+            np.testing.assert_allclose(out["prob"], fused.numpy(), atol=1e-6, rtol=0)
+            np.testing.assert_allclose(out["weights"], w.numpy(), atol=1e-6, rtol=0)
+    finally:
+        assert server.stop() == 0  # SIGTERM → clean exit
+    assert not server.is_running()
+
+
+def test_a_broken_model_fails_start_with_the_model_named(tmp_path, tiny_repo):
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repo, repo)
+    (repo / "dcnv2" / "1" / "model.onnx").write_bytes(b"this is not an onnx file")
+    with pytest.raises(CtrError) as err:
+        TritonServer(repo, startup_timeout=120).start()
+    msg = str(err.value)
+    assert "dcnv2" in msg and "tritonserver" in msg
+
+
+def test_start_refuses_a_folder_that_is_not_a_repository(tmp_path):
+    with pytest.raises(CtrError, match="not a model repository"):
+        TritonServer(tmp_path).start()
+
+
+def test_free_ports_are_distinct():
+    ports = free_ports(20)
+    assert len(set(ports)) == 20
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (fusion on KIND_GPU)")
+def test_fusion_on_gpu_matches_reference(tmp_path, tiny_checkpoints, tiny_arrays):
+    repo = tmp_path / "repo"
+    write_repository(tiny_checkpoints, repo, RepoOptions(fusion_kind="gpu"))
+    assert "KIND_GPU" in (repo / "fusion" / "config.pbtxt").read_text()
+    te = tiny_arrays["test"]
+    with TritonServer(repo) as server:
+        out = TritonScorer(server.http_url, "http").infer("ctr_ensemble", te.cat_ids[:500], te.num[:500])
+    fused, _ = _reference(repo, ["deepfm", "dcnv2"], te.cat_ids[:500], te.num[:500], "negation_entropy", 1.0)
+    np.testing.assert_allclose(out["prob"], fused.numpy(), atol=1e-5, rtol=0)
