@@ -169,6 +169,40 @@ def export_cmd(
     typer.echo(f"{repository}/ctr_ensemble: fusion {opt.fusion_mode} (tau={opt.tau}) on {manifest['fusion']['kind']}")
 
 
+@app.command("check-export")
+def check_export_cmd(
+    model: Optional[str] = typer.Option(None, help="Architecture: build from its default config, train a few steps on generated data."),
+    checkpoint_: Optional[Path] = typer.Option(None, "--checkpoint", help="Check your own checkpoint instead of --model."),
+    data: Optional[Path] = typer.Option(None, help="Rows to compare on (Criteo TSV layout); default: generated."),
+    set_: list[str] = typer.Option([], "--set", help="Config override KEY=VALUE for --model; repeatable."),
+    rows: int = typer.Option(4096, help="Rows to compare (each also as an OOV/NaN copy)."),
+    steps: int = typer.Option(30, help="Training steps before export (with --model)."),
+    seed: int = typer.Option(0),
+    as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
+) -> None:
+    """Export a member to ONNX and compare ONNX Runtime with PyTorch; exit 1 if max |Δ| > 1e-5."""
+    from ctr_ensemble.export import check
+
+    if (model is None) == (checkpoint_ is None):
+        raise CtrError("give exactly one of --model NAME or --checkpoint PATH")
+    if model is not None:
+        from ctr_ensemble import models
+
+        models.entry(model)
+    res = check.run(model, checkpoint_, data, _parse_sets(set_), rows=rows, steps=steps, seed=seed)
+    if as_json:
+        typer.echo(json.dumps(res, indent=2))
+    else:
+        for part in ("real", "oov_nan", "batch_1"):
+            r = res[part]
+            typer.echo(f"{res['model']} {part:8s} rows={r['rows']:5d}  prob max|Δ|={r['prob_max_abs_diff']:.3e}  "
+                       f"repr max|Δ|={r['repr_max_abs_diff']:.3e}")
+        verdict = "PASS" if res["passed"] else "FAIL"
+        typer.echo(f"{verdict}: max abs diff {res['max_abs_diff']:.3e} (tolerance {res['tolerance']:g})")
+    if not res["passed"]:
+        raise typer.Exit(1)
+
+
 @app.command("serve")
 def serve_cmd(
     repository: Path = typer.Option(Path("model_repository"), help="Triton model repository."),

@@ -68,10 +68,10 @@ def parity(model: Member, sess: ort.InferenceSession, cat_ids: np.ndarray, num: 
     }
 
 
-def stress_rows(cat_ids: np.ndarray, num: np.ndarray, cat_sizes: list[int], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def stress_rows(cat_ids: np.ndarray, num: np.ndarray, cat_sizes: list[int], seed: int = 0, max_rows: int = 512) -> tuple[np.ndarray, np.ndarray]:
     """Copies of real rows with out-of-vocabulary ids (negative, = size, huge) and NaN/±Inf numerics."""
     rng = np.random.default_rng(seed)
-    n = min(len(cat_ids), 512)
+    n = min(len(cat_ids), max_rows)
     c = cat_ids[:n].copy()
     x = num[:n].copy()
     sizes = np.asarray(cat_sizes)

@@ -40,6 +40,7 @@ class TrainConfig:
     patience: int = 1  # epochs without a better validation AUC before stopping
     seed: int = 42
     eval_batch_size: int = 16384
+    max_steps: int = 0  # stop after this many optimiser steps (0 = no limit); for smoke checks
 
 
 @torch.no_grad()
@@ -73,6 +74,7 @@ def train_member(
     y_t = torch.from_numpy(train.label.astype(np.float32))
     best_auc, best_state, best_epoch, bad_epochs = -1.0, None, 0, 0
     history = []
+    steps = 0
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         t0 = time.perf_counter()
@@ -89,6 +91,9 @@ def train_member(
             total += loss.item() * len(idx)
             seen += len(idx)
             bar.set_postfix(loss=f"{total / seen:.4f}")
+            steps += 1
+            if cfg.max_steps and steps >= cfg.max_steps:
+                break
         p_val = predict(model, val.cat_ids, val.num, cfg.eval_batch_size)
         val_auc = metrics.auc(val.label, p_val) or 0.0
         row = {
@@ -101,7 +106,7 @@ def train_member(
         history.append(row)
         tqdm.write(f"{name} epoch {epoch}: train_logloss={row['train_logloss']:.4f} val_auc={val_auc:.4f} "
                    f"val_logloss={row['val_logloss']:.4f} ({row['seconds']:.1f}s)")
-        if val_auc > best_auc:
+        if val_auc > best_auc or best_state is None:
             best_auc, best_epoch, bad_epochs = val_auc, epoch, 0
             best_state = copy.deepcopy(model.state_dict())
         else:
@@ -109,6 +114,8 @@ def train_member(
             if bad_epochs > cfg.patience:
                 tqdm.write(f"{name}: early stop, best val_auc={best_auc:.4f} at epoch {best_epoch}")
                 break
+        if cfg.max_steps and steps >= cfg.max_steps:
+            break
     if history_csv is not None:
         write_history(history, history_csv, name)
     return Checkpoint(
