@@ -62,11 +62,12 @@ def data_fit(
     out: Path = typer.Option(Path("artifacts/feature_spec.json"), help="Where to write the feature spec JSON."),
     min_count: int = typer.Option(10, help="Tokens seen fewer times in train map to the OOV id."),
     skip_bad_rows: bool = typer.Option(False, help="Skip and count malformed rows instead of stopping."),
+    fmt: str = typer.Option("auto", "--format", help="Data format: auto, criteo, avazu, libsvm, parquet."),
 ) -> None:
     """Fit per-field vocabularies and numeric statistics on the train file only."""
     from ctr_ensemble import features
 
-    spec = features.fit(train, min_count=min_count, skip_bad_rows=skip_bad_rows)
+    spec = features.fit(train, min_count=min_count, skip_bad_rows=skip_bad_rows, fmt=fmt)
     spec.save(out)
     typer.echo(f"{out}: {spec.n_cat} categorical fields (vocab sizes {min(spec.cat_sizes)}..{max(spec.cat_sizes)}), "
                f"{spec.n_num} numeric, fitted on {spec.fitted_on['rows']} rows ({spec.fitted_on['skipped_rows']} skipped)")
@@ -103,6 +104,7 @@ def train_cmd(
     seed: int = typer.Option(42),
     threads: int = typer.Option(0, help="torch CPU threads (0 = torch default)."),
     skip_bad_rows: bool = typer.Option(False),
+    fmt: str = typer.Option("auto", "--format", help="Data format: auto, criteo, avazu, libsvm, parquet."),
 ) -> None:
     """Train one member independently (BCE + Adam, early stopping on val AUC)."""
     import torch
@@ -127,8 +129,8 @@ def train_cmd(
     overrides.update(_parse_sets(set_))
     model_cfg = models.make_config(model, overrides)
     fs = FeatureSpec.load(spec)
-    tr = encode_file(train, fs, skip_bad_rows)
-    va = encode_file(val, fs, skip_bad_rows)
+    tr = encode_file(train, fs, skip_bad_rows, fmt)
+    va = encode_file(val, fs, skip_bad_rows, fmt)
     ck = train_member(name or model, model, model_cfg, fs, tr, va,
                       TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, patience=patience, seed=seed),
                       history_csv=out.with_suffix(".history.csv"))
@@ -148,6 +150,7 @@ def export_cmd(
     max_batch_size: int = typer.Option(4096), instances: int = typer.Option(1, help="Instances per member."),
     intra_op_threads: int = typer.Option(1, help="ONNX Runtime threads per member instance."),
     max_queue_delay_us: int = typer.Option(200, help="Dynamic batching queue delay per member."),
+    fmt: str = typer.Option("auto", "--format", help="Data format: auto, criteo, avazu, libsvm, parquet."),
 ) -> None:
     """Export members to ONNX (parity-checked) and write the Triton model repository."""
     from ctr_ensemble.export.repository import RepoOptions, write_repository
@@ -157,7 +160,7 @@ def export_cmd(
     cks = [checkpoint.load(p) for p in checkpoint_]
     rows = None
     if parity_data is not None:
-        arr = encode_file(parity_data, cks[0].spec)
+        arr = encode_file(parity_data, cks[0].spec, fmt=fmt)
         rows = (arr.cat_ids[:parity_rows], arr.num[:parity_rows])
     opt = RepoOptions(max_batch_size=max_batch_size, instances=instances, intra_op_threads=intra_op_threads,
                       max_queue_delay_us=max_queue_delay_us, fusion_mode=fusion_mode, tau=tau, fusion_kind=fusion_kind)
@@ -251,6 +254,7 @@ def evaluate_cmd(
     batch_size: int = typer.Option(1024, help="Rows per Triton request."),
     out: Optional[Path] = typer.Option(None, help="Write the summary JSON here."),
     skip_bad_rows: bool = typer.Option(False),
+    fmt: str = typer.Option("auto", "--format", help="Data format: auto, criteo, avazu, libsvm, parquet."),
 ) -> None:
     """Score a labelled file through each backend; AUC, logloss, rows/s, max |Δ| vs PyTorch."""
     from rich.console import Console
@@ -265,7 +269,7 @@ def evaluate_cmd(
             server = TritonServer(repository).start()
             http_url, grpc_url = http_url or server.http_url, grpc_url or server.grpc_url
         summary = evaluate(data, repository, _split_list(backends), EvalTargets(http_url, grpc_url, batch_size),
-                           truth=truth, checkpoints=ckpts, skip_bad_rows=skip_bad_rows)
+                           truth=truth, checkpoints=ckpts, skip_bad_rows=skip_bad_rows, fmt=fmt)
     finally:
         if server is not None:
             server.stop()

@@ -22,8 +22,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
-from ctr_ensemble.data.criteo import CriteoReader, RawBatch
-from ctr_ensemble.data.schema import CAT_COLS, NUM_COLS
+from ctr_ensemble.data.criteo import RawBatch
+from ctr_ensemble.data.readers import open_reader
 from ctr_ensemble.errors import CtrError
 
 SPEC_FORMAT = "ctr-ensemble/feature-spec"
@@ -113,15 +113,18 @@ class FeatureSpec:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def fit(path: str | Path, min_count: int = 10, skip_bad_rows: bool = False) -> FeatureSpec:
+def fit(path: str | Path, min_count: int = 10, skip_bad_rows: bool = False, fmt: str = "auto") -> FeatureSpec:
     """Fit vocabularies and numeric statistics on one (training) file, in one streaming pass."""
     if min_count < 1:
         raise CtrError(f"min_count must be >= 1, got {min_count}")
-    reader = CriteoReader(path, skip_bad_rows=skip_bad_rows)
-    counts = [Counter() for _ in CAT_COLS]
-    s1 = np.zeros(len(NUM_COLS))
-    s2 = np.zeros(len(NUM_COLS))
-    cnt = np.zeros(len(NUM_COLS))
+    reader = open_reader(path, fmt, skip_bad_rows=skip_bad_rows)
+    cat_names, num_names = list(reader.cat_names), list(reader.num_names)
+    if not cat_names:
+        raise CtrError(f"{path}: no categorical fields; every member needs at least one")
+    counts = [Counter() for _ in cat_names]
+    s1 = np.zeros(len(num_names))
+    s2 = np.zeros(len(num_names))
+    cnt = np.zeros(len(num_names))
     for batch in tqdm(reader, desc=f"fit vocab {Path(path).name}", unit="chunk"):
         for f, col in enumerate(batch.cat):
             vc = pc.value_counts(col)
@@ -134,12 +137,12 @@ def fit(path: str | Path, min_count: int = 10, skip_bad_rows: bool = False) -> F
     if reader.stats.rows == 0:
         raise CtrError(f"{path}: no valid rows to fit the feature encoding on")
     cats = []
-    for name, c in zip(CAT_COLS, counts):
+    for name, c in zip(cat_names, counts):
         # Sort by count desc, then token, so the vocabulary is deterministic.
         kept = sorted((t for t, k in c.items() if k >= min_count), key=lambda t: (-c[t], t))
         cats.append(CategoricalField(name=name, vocab=kept))
     nums = []
-    for j, name in enumerate(NUM_COLS):
+    for j, name in enumerate(num_names):
         m = s1[j] / cnt[j] if cnt[j] else 0.0
         var = s2[j] / cnt[j] - m * m if cnt[j] else 1.0
         nums.append(NumericField(name=name, mean=float(m), std=float(max(np.sqrt(max(var, 0.0)), 1e-6))))
@@ -147,7 +150,8 @@ def fit(path: str | Path, min_count: int = 10, skip_bad_rows: bool = False) -> F
         categorical=cats,
         numeric=nums,
         min_count=min_count,
-        fitted_on={"file": str(path), "rows": reader.stats.rows, "skipped_rows": reader.stats.skipped},
+        fitted_on={"file": str(path), "format": reader.format, "rows": reader.stats.rows,
+                   "skipped_rows": reader.stats.skipped, "ignored_sequence": reader.seq_name},
     )
 
 
@@ -161,6 +165,14 @@ class Encoder:
     def __init__(self, spec: FeatureSpec):
         self.spec = spec
         self._vocab = [pa.array(f.vocab, type=pa.string()) for f in spec.categorical]
+
+    def check_fields(self, reader, source: str) -> None:
+        """The file's fields must be the spec's, in the same order."""
+        got = (list(reader.cat_names), list(reader.num_names))
+        want = ([f.name for f in self.spec.categorical], [f.name for f in self.spec.numeric])
+        if got != want:
+            raise CtrError(f"{source}: fields do not match the feature spec: file has categorical {got[0]} and "
+                           f"numeric {got[1]}, the spec expects categorical {want[0]} and numeric {want[1]}")
 
     def encode(self, batch: RawBatch) -> tuple[np.ndarray, np.ndarray]:
         if len(batch.cat) != self.spec.n_cat or batch.num.shape[1] != self.spec.n_num:

@@ -23,12 +23,13 @@ from ctr_ensemble.errors import CtrError
 
 @dataclass
 class RawBatch:
-    """One chunk of raw rows: labels (B,), numerics (B, 13) with NaN = missing, categoricals as strings."""
+    """One chunk of raw rows, whatever the format: labels, numerics (NaN = missing), categoricals as strings."""
 
     label: np.ndarray  # (B,) int64 in {0, 1}
-    num: np.ndarray  # (B, n_num) float64, NaN where missing
+    num: np.ndarray  # (B, n_num) float64, NaN where missing; n_num may be 0
     cat: list[pa.Array]  # n_cat arrays of (B,) strings, "" where missing
-    first_line: int  # 1-based line number of the first row (before any skipped rows)
+    first_line: int  # 1-based line (or row) number of the first row in its file
+    seq: pa.Array | None = None  # (B,) list<string>: the behaviour sequence, oldest first; None if the data has none
 
 
 @dataclass
@@ -40,6 +41,12 @@ class ReadStats:
 
 class CriteoReader:
     """Iterate a Criteo-layout TSV file in chunks of about ``block_size`` bytes."""
+
+    format = "criteo"
+    label_name = LABEL
+    num_names = NUM_COLS
+    cat_names = CAT_COLS
+    seq_name = None
 
     def __init__(self, path: str | Path, block_size: int = 8 << 20, skip_bad_rows: bool = False):
         self.path = Path(path)
@@ -146,23 +153,6 @@ class CriteoReader:
             if not keep.any():
                 return None
         return RawBatch(label=label, num=num, cat=cats, first_line=first_line)
-
-
-def read_all(path: str | Path, skip_bad_rows: bool = False) -> tuple[RawBatch, ReadStats]:
-    """Read a whole (small enough) file into one RawBatch."""
-    reader = CriteoReader(path, skip_bad_rows=skip_bad_rows)
-    batches = list(reader)
-    if not batches:
-        raise CtrError(f"{path}: no valid rows")
-    return (
-        RawBatch(
-            label=np.concatenate([b.label for b in batches]),
-            num=np.concatenate([b.num for b in batches]),
-            cat=[pa.concat_arrays([b.cat[f] for b in batches]) for f in range(len(CAT_COLS))],
-            first_line=1,
-        ),
-        reader.stats,
-    )
 
 
 def _first_line(e: Exception) -> str:

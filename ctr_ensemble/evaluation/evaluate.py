@@ -15,15 +15,13 @@ import numpy as np
 import torch
 
 from ctr_ensemble import metrics
-from ctr_ensemble.data.criteo import read_all
 from ctr_ensemble.errors import CtrError
 from ctr_ensemble.export import onnx_export
 from ctr_ensemble.export.repository import ENSEMBLE_NAME, read_manifest, repository_spec
-from ctr_ensemble.features import Encoder
 from ctr_ensemble.layers.fusion import fuse
 from ctr_ensemble.serving.client import TritonScorer
 from ctr_ensemble.training import checkpoint
-from ctr_ensemble.training.trainer import predict
+from ctr_ensemble.training.trainer import encode_file, predict
 
 BACKENDS = ("torch", "onnx", "triton_http", "triton_grpc")
 
@@ -63,6 +61,7 @@ def evaluate(
     truth: str | Path | None = None,
     checkpoints: dict[str, str] | None = None,
     skip_bad_rows: bool = False,
+    fmt: str = "auto",
 ) -> dict:
     """Return the summary dict (see module doc); ``oracle_auc`` when the true p is given."""
     unknown = set(backends) - set(BACKENDS)
@@ -73,10 +72,9 @@ def evaluate(
     names = list(manifest["members"])
     mode, tau = manifest["fusion"]["mode"], float(manifest["fusion"]["tau"])
     spec = repository_spec(repository)
-    batch, stats = read_all(data, skip_bad_rows=skip_bad_rows)
-    cat_ids, num = Encoder(spec).encode(batch)
-    y = batch.label
-    summary: dict = {"data": str(data), "rows": int(len(y)), "skipped_rows": stats.skipped, "oracle_auc": None,
+    arr = encode_file(data, spec, skip_bad_rows, fmt)
+    cat_ids, num, y = arr.cat_ids, arr.num, arr.label.astype(np.int64)
+    summary: dict = {"data": str(data), "rows": int(len(y)), "skipped_rows": arr.skipped, "oracle_auc": None,
                      "fusion": {"mode": mode, "tau": tau}, "members": {n: {} for n in names}, "ensemble": {}}
     if truth is not None:
         p_true = np.load(truth)

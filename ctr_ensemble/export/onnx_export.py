@@ -11,25 +11,41 @@ import onnxruntime as ort
 import torch
 
 from ctr_ensemble.errors import CtrError
-from ctr_ensemble.models.base import INPUT_NAMES, OUTPUT_NAMES, Member
+from torch import nn
+
+from ctr_ensemble.models.base import OUTPUT_NAMES, Member, input_names
 
 OPSET = 17
 PARITY_TOL = 1e-5
 
 
+class _WithoutNumeric(nn.Module):
+    """Exports a member of a data set without numeric fields with ``cat_ids`` as its only input."""
+
+    def __init__(self, member: Member):
+        super().__init__()
+        self.member = member
+
+    def forward(self, cat_ids: torch.Tensor):
+        return self.member(cat_ids, cat_ids[:, :0].to(torch.float32))  # num: (B, 0)
+
+
 def export_member(model: Member, n_cat: int, n_num: int, path: str | Path) -> Path:
-    """Write ``model`` to ``path``: inputs cat_ids INT64 [B, n_cat], num FP32 [B, n_num];
-    outputs prob FP32 [B, 1], repr FP32 [B, H]. Raises CtrError if onnx.checker fails."""
+    """Write ``model`` to ``path``: inputs cat_ids INT64 [B, n_cat], num FP32 [B, n_num] (absent when
+    n_num = 0); outputs prob FP32 [B, 1], repr FP32 [B, H]. Raises CtrError if onnx.checker fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
-    example = (torch.zeros(2, n_cat, dtype=torch.int64), torch.zeros(2, n_num, dtype=torch.float32))
-    axes = {name: {0: "batch"} for name in (*INPUT_NAMES, *OUTPUT_NAMES)}
+    names = input_names(n_num)
+    example = (torch.zeros(2, n_cat, dtype=torch.int64), torch.zeros(2, n_num, dtype=torch.float32))[: len(names)]
+    if n_num == 0:
+        model = _WithoutNumeric(model).eval()
+    axes = {name: {0: "batch"} for name in (*names, *OUTPUT_NAMES)}
     with warnings.catch_warnings():
         # The TorchScript-based exporter is deprecated but exact for these graphs and needs no onnxscript.
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model, example, str(path), dynamo=False, input_names=list(INPUT_NAMES),
+            model, example, str(path), dynamo=False, input_names=list(names),
             output_names=list(OUTPUT_NAMES), dynamic_axes=axes, opset_version=OPSET,
         )
     try:
@@ -49,8 +65,12 @@ def session(path: str | Path, threads: int = 0) -> ort.InferenceSession:
 def run_onnx(sess: ort.InferenceSession, cat_ids: np.ndarray, num: np.ndarray, batch_size: int = 16384) -> tuple[np.ndarray, np.ndarray]:
     """(prob (N,), repr (N, H)) from an ONNX Runtime session, in batches."""
     probs, reps = [], []
+    with_num = any(i.name == "num" for i in sess.get_inputs())
     for s in range(0, len(cat_ids), batch_size):
-        p, h = sess.run(list(OUTPUT_NAMES), {"cat_ids": cat_ids[s : s + batch_size], "num": num[s : s + batch_size]})
+        feed = {"cat_ids": cat_ids[s : s + batch_size]}
+        if with_num:
+            feed["num"] = num[s : s + batch_size]
+        p, h = sess.run(list(OUTPUT_NAMES), feed)
         probs.append(p[:, 0])
         reps.append(h)
     return np.concatenate(probs), np.concatenate(reps)

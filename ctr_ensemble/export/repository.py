@@ -34,7 +34,7 @@ from ctr_ensemble.errors import CtrError
 from ctr_ensemble.export import onnx_export
 from ctr_ensemble.features import FeatureSpec
 from ctr_ensemble.layers import fusion as fusion_math
-from ctr_ensemble.models.base import INPUT_NAMES
+from ctr_ensemble.models.base import input_names
 from ctr_ensemble.training.checkpoint import Checkpoint
 
 ENSEMBLE_NAME = "ctr_ensemble"
@@ -67,13 +67,18 @@ def _write_config(cfg: mc.ModelConfig, model_dir: Path) -> None:
     (model_dir / "config.pbtxt").write_text(text_format.MessageToString(cfg))
 
 
+def _inputs(n_cat: int, n_num: int) -> list:
+    dims = {"cat_ids": (mc.TYPE_INT64, [n_cat]), "num": (mc.TYPE_FP32, [n_num])}
+    return [mc.ModelInput(**_io(n, *dims[n])) for n in input_names(n_num)]
+
+
 def member_config(name: str, n_cat: int, n_num: int, repr_dim: int, opt: RepoOptions) -> mc.ModelConfig:
     cfg = mc.ModelConfig(
         name=name,
         backend="onnxruntime",
         max_batch_size=opt.max_batch_size,
         default_model_filename="model.onnx",
-        input=[mc.ModelInput(**_io("cat_ids", mc.TYPE_INT64, [n_cat])), mc.ModelInput(**_io("num", mc.TYPE_FP32, [n_num]))],
+        input=_inputs(n_cat, n_num),
         output=[mc.ModelOutput(**_io("prob", mc.TYPE_FP32, [1])), mc.ModelOutput(**_io("repr", mc.TYPE_FP32, [repr_dim]))],
         instance_group=[mc.ModelInstanceGroup(count=opt.instances, kind=mc.ModelInstanceGroup.KIND_CPU)],
         dynamic_batching=mc.ModelDynamicBatching(max_queue_delay_microseconds=opt.max_queue_delay_us),
@@ -105,7 +110,7 @@ def ensemble_config(members: list[str], n_cat: int, n_num: int, opt: RepoOptions
     steps = [
         mc.ModelEnsembling.Step(
             model_name=m, model_version=-1,
-            input_map={k: k for k in INPUT_NAMES}, output_map={"prob": f"{m}_prob"},
+            input_map={k: k for k in input_names(n_num)}, output_map={"prob": f"{m}_prob"},
         )
         for m in members
     ]
@@ -118,7 +123,7 @@ def ensemble_config(members: list[str], n_cat: int, n_num: int, opt: RepoOptions
         name=ENSEMBLE_NAME,
         platform="ensemble",
         max_batch_size=opt.max_batch_size,
-        input=[mc.ModelInput(**_io("cat_ids", mc.TYPE_INT64, [n_cat])), mc.ModelInput(**_io("num", mc.TYPE_FP32, [n_num]))],
+        input=_inputs(n_cat, n_num),
         output=[mc.ModelOutput(**_io("prob", mc.TYPE_FP32, [1])), mc.ModelOutput(**_io("weights", mc.TYPE_FP32, [len(members)]))],
         ensemble_scheduling=mc.ModelEnsembling(step=steps),
     )

@@ -20,6 +20,12 @@ INPUT_NAMES = ("cat_ids", "num")
 OUTPUT_NAMES = ("prob", "repr")
 
 
+def input_names(n_num: int) -> tuple[str, ...]:
+    """Inputs of an exported member: ``num`` is left out when the data has no numeric field
+    (Avazu, libSVM), because Triton forbids a zero-sized dimension in a model config."""
+    return INPUT_NAMES if n_num > 0 else INPUT_NAMES[:1]
+
+
 @dataclass
 class MemberConfig:
     """Fields every member config has."""

@@ -54,14 +54,17 @@ class TritonScorer:
         mod = self._mod
         a = mod.InferInput("cat_ids", list(cat_ids.shape), "INT64")
         a.set_data_from_numpy(np.ascontiguousarray(cat_ids, dtype=np.int64))
-        b = mod.InferInput("num", list(num.shape), "FP32")
-        b.set_data_from_numpy(np.ascontiguousarray(num, dtype=np.float32))
+        inputs = [a]
+        if num.shape[1] > 0:  # data without numeric fields: the models have no `num` input
+            b = mod.InferInput("num", list(num.shape), "FP32")
+            b.set_data_from_numpy(np.ascontiguousarray(num, dtype=np.float32))
+            inputs.append(b)
         outs = [mod.InferRequestedOutput(o) for o in outputs]
         t0 = time.perf_counter()
         if self.protocol == "grpc":
-            r = self.client.infer(model, [a, b], outputs=outs, client_timeout=self.timeout_s)
+            r = self.client.infer(model, inputs, outputs=outs, client_timeout=self.timeout_s)
         else:
-            r = self.client.infer(model, [a, b], outputs=outs)
+            r = self.client.infer(model, inputs, outputs=outs)
         self.latencies_ms.append((time.perf_counter() - t0) * 1e3)
         return {o: r.as_numpy(o) for o in outputs}
 

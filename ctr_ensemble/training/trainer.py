@@ -14,6 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ctr_ensemble import metrics, models
+from ctr_ensemble.errors import CtrError
 from ctr_ensemble.features import FeatureSpec
 from ctr_ensemble.models.base import Member, MemberConfig
 from ctr_ensemble.training.checkpoint import Checkpoint
@@ -26,6 +27,7 @@ class Arrays:
     cat_ids: np.ndarray
     num: np.ndarray
     label: np.ndarray
+    skipped: int = 0  # malformed rows skipped while reading (skip_bad_rows)
 
     def __len__(self) -> int:
         return len(self.label)
@@ -152,11 +154,16 @@ def write_history(history: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def encode_file(path: str | Path, spec: FeatureSpec, skip_bad_rows: bool = False) -> Arrays:
-    """Read and encode a whole Criteo-layout file into memory."""
-    from ctr_ensemble.data.criteo import read_all
+def encode_file(path: str | Path, spec: FeatureSpec, skip_bad_rows: bool = False, fmt: str = "auto") -> Arrays:
+    """Read and encode a whole file (any supported format) into memory."""
+    from ctr_ensemble.data.readers import open_reader
     from ctr_ensemble.features import Encoder
 
-    batch, _ = read_all(path, skip_bad_rows=skip_bad_rows)
-    cat_ids, num = Encoder(spec).encode(batch)
-    return Arrays(cat_ids, num, batch.label.astype(np.float32))
+    reader = open_reader(path, fmt, skip_bad_rows)
+    enc = Encoder(spec)
+    enc.check_fields(reader, str(path))
+    parts = [enc.encode(b) + (b.label,) for b in reader]
+    if not parts:
+        raise CtrError(f"{path}: no valid rows")
+    return Arrays(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+                  np.concatenate([p[2] for p in parts]).astype(np.float32), skipped=reader.stats.skipped)

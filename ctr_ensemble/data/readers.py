@@ -1,0 +1,71 @@
+"""One entry point for every supported input format.
+
+Each reader streams a file in chunks and yields ``RawBatch``es; it names its fields
+(``label_name``, ``num_names``, ``cat_names``, ``seq_name``) so the feature spec can be
+fitted on them and later files checked against them. Bad rows raise ``CtrError`` naming
+file and line, or are skipped and counted (``stats``) with ``skip_bad_rows``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from ctr_ensemble.data.criteo import CriteoReader, RawBatch, ReadStats
+from ctr_ensemble.errors import CtrError
+
+READERS: dict[str, type] = {
+    "criteo": CriteoReader,
+}
+FORMATS = tuple(READERS)
+
+
+def detect_format(path: str | Path) -> str:
+    """Guess the format from the file name and first line; Criteo TSV is the default."""
+    path = Path(path)
+    name = path.name.lower()
+    if name.endswith(".parquet") or path.is_dir():
+        return "parquet"
+    if name.endswith((".svm", ".libsvm", ".libfm", ".ffm")):
+        return "libsvm"
+    if path.is_file() and not name.endswith(".gz"):
+        with open(path, "rb") as f:
+            head = f.readline(4096)
+        if head.startswith(b"id,click,") or head.count(b",") == 23:
+            return "avazu"
+    return "criteo"
+
+
+def open_reader(path: str | Path, fmt: str = "auto", skip_bad_rows: bool = False):
+    fmt = detect_format(path) if fmt == "auto" else fmt
+    if fmt not in READERS:
+        raise CtrError(f"unknown data format {fmt!r}; supported: auto, {', '.join(READERS)}")
+    return READERS[fmt](path, skip_bad_rows=skip_bad_rows)
+
+
+def field_names(reader) -> dict:
+    return {"label": reader.label_name, "numeric": list(reader.num_names), "categorical": list(reader.cat_names),
+            "sequence": reader.seq_name}
+
+
+def read_all(path: str | Path, fmt: str = "auto", skip_bad_rows: bool = False) -> tuple[RawBatch, ReadStats]:
+    """Read a whole (small enough) file into one RawBatch."""
+    reader = open_reader(path, fmt, skip_bad_rows)
+    batches = list(reader)
+    if not batches:
+        raise CtrError(f"{path}: no valid rows")
+    seq = None
+    if batches[0].seq is not None:
+        seq = pa.concat_arrays([b.seq for b in batches])
+    return (
+        RawBatch(
+            label=np.concatenate([b.label for b in batches]),
+            num=np.concatenate([b.num for b in batches]),
+            cat=[pa.concat_arrays([b.cat[f] for b in batches]) for f in range(len(batches[0].cat))],
+            first_line=1,
+            seq=seq,
+        ),
+        reader.stats,
+    )
