@@ -56,6 +56,21 @@ def data_synth(
         typer.echo(f"{out / m['file']}: {m['rows']} rows, CTR {m['ctr']:.4f}, oracle AUC {m['oracle_auc']:.4f}")
 
 
+@data_app.command("movielens")
+def data_movielens(
+    ratings: Path = typer.Option(..., help="MovieLens ratings.csv (userId,movieId,rating,timestamp)."),
+    movies: Path = typer.Option(..., help="MovieLens movies.csv (movieId,title,genres)."),
+    out: Path = typer.Option(Path("artifacts/data/movielens"), help="Output folder for train/val/test Parquet."),
+    max_history: int = typer.Option(50, help="Keep the user's most recent N earlier movies as the history."),
+    val_frac: float = typer.Option(0.1), test_frac: float = typer.Option(0.1),
+) -> None:
+    """Build a sequential CTR task from MovieLens: click = rating >= 4, history = earlier movies, split by time."""
+    from ctr_ensemble.data.movielens import build_movielens
+
+    meta = build_movielens(ratings, movies, out, max_history=max_history, val_frac=val_frac, test_frac=test_frac)
+    typer.echo(json.dumps(meta, indent=2, default=str)[:2000])
+
+
 @data_app.command("fit")
 def data_fit(
     train: Path = typer.Option(..., help="Training file (Criteo TSV layout)."),

@@ -8,33 +8,58 @@ file and line, or are skipped and counted (``stats``) with ``skip_bad_rows``.
 
 from __future__ import annotations
 
+import re
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
+from ctr_ensemble.data.avazu import AvazuReader, has_avazu_header, read_head
 from ctr_ensemble.data.criteo import CriteoReader, RawBatch, ReadStats
+from ctr_ensemble.data.libsvm import LibSVMReader
+from ctr_ensemble.data.parquet import ParquetReader
 from ctr_ensemble.errors import CtrError
 
 READERS: dict[str, type] = {
     "criteo": CriteoReader,
+    "avazu": AvazuReader,
+    "libsvm": LibSVMReader,
+    "parquet": ParquetReader,
 }
 FORMATS = tuple(READERS)
+_LIBSVM_TOKEN = re.compile(rb"^[^:\s]+(:[^:\s]+){1,2}$")
 
 
 def detect_format(path: str | Path) -> str:
-    """Guess the format from the file name and first line; Criteo TSV is the default."""
+    """Guess the format from the file name and first line; Criteo TSV is the default.
+
+    ``.parquet`` or a folder → parquet; ``.svm/.libsvm/.libfm/.ffm`` (optionally ``.gz``) → libsvm;
+    otherwise the first line (read through gzip for ``.gz``) decides: Parquet magic → parquet,
+    an Avazu header or 23 commas → avazu, ``label idx:val ...`` → libsvm, else criteo.
+    """
     path = Path(path)
     name = path.name.lower()
-    if name.endswith(".parquet") or path.is_dir():
+    base = name[:-3] if name.endswith(".gz") else name
+    if base.endswith(".parquet") or path.is_dir():
         return "parquet"
-    if name.endswith((".svm", ".libsvm", ".libfm", ".ffm")):
+    if base.endswith((".svm", ".libsvm", ".libfm", ".ffm")):
         return "libsvm"
-    if path.is_file() and not name.endswith(".gz"):
-        with open(path, "rb") as f:
-            head = f.readline(4096)
-        if head.startswith(b"id,click,") or head.count(b",") == 23:
-            return "avazu"
+    if not path.is_file():
+        return "criteo"
+    with open(path, "rb") as f:
+        if f.read(4) == b"PAR1":
+            return "parquet"
+    try:
+        head = read_head(path)
+    except (OSError, EOFError, zlib.error):
+        return "criteo"  # the reader reports the unreadable file
+    if has_avazu_header(head) or (head.count(b",") == 23 and b"\t" not in head):
+        return "avazu"
+    toks = head.split()
+    if (len(toks) >= 2 and b"\t" not in head.strip() and re.match(rb"^[+-]?[01](\.0*)?$", toks[0])
+            and all(_LIBSVM_TOKEN.match(t) for t in toks[1:])):
+        return "libsvm"
     return "criteo"
 
 

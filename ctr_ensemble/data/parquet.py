@@ -1,0 +1,221 @@
+"""Streaming reader for Parquet files (one file, or a folder of ``*.parquet`` files).
+
+Field roles come from the Arrow schema:
+
+* the label: the column named by ``label=`` (default ``label``, else ``click``); integer,
+  float or bool values in {0, 1} (or strings "0"/"1");
+* string / large_string / dictionary columns → categorical (null → "");
+  ``categorical=[...]`` forces named integer (or other) columns to categorical, cast to string;
+* integer / float / bool columns → numeric (null → NaN);
+* one ``list<string>`` or ``list<int>`` column → the behaviour sequence, items cast to strings
+  (null list → empty); with several, choose with ``sequence=``;
+* columns of other types (timestamps, dates, binary, structs, ...) and those named in
+  ``exclude=`` are ignored and listed in ``reader.ignored``.
+
+Batches come from ``pyarrow.parquet.ParquetFile(...).iter_batches``. Problems name the file
+and the 1-based row within it ("row N"); with ``skip_bad_rows`` bad rows are dropped and counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ctr_ensemble.data.criteo import RawBatch, ReadStats
+from ctr_ensemble.errors import CtrError
+
+_READ_ERRORS = (pa.ArrowException, OSError, EOFError)
+
+
+def _is_list(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t)
+
+
+def _is_string(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _is_numeric(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
+
+
+class ParquetReader:
+    """Iterate a Parquet file or folder of Parquet files in batches of ``batch_size`` rows."""
+
+    format = "parquet"
+
+    def __init__(self, path: str | Path, skip_bad_rows: bool = False, label: str | None = None,
+                 categorical: Sequence[str] = (), sequence: str | None = None, exclude: Sequence[str] = (),
+                 batch_size: int = 65536):
+        self.path = Path(path)
+        self.skip_bad_rows = skip_bad_rows
+        self.batch_size = batch_size
+        self.stats = ReadStats()
+        if self.path.is_dir():
+            self.files = sorted(p for p in self.path.rglob("*.parquet") if p.is_file())
+            if not self.files:
+                raise CtrError(f"{self.path}: folder has no *.parquet files")
+        elif self.path.is_file():
+            self.files = [self.path]
+        else:
+            raise CtrError(f"{self.path}: data file not found")
+        for f in self.files:
+            if f.stat().st_size == 0:
+                raise CtrError(f"{f}: data file is empty (expected a Parquet file)")
+        schema = self._schema(self.files[0])
+        for f in self.files[1:]:
+            other = self._schema(f)
+            if not other.remove_metadata().equals(schema.remove_metadata()):
+                raise CtrError(f"{f}: schema differs from {self.files[0].name} in the same folder: "
+                               f"{_schema_str(other)} vs {_schema_str(schema)}")
+        self.schema = schema
+        self._roles(schema, label, list(categorical), sequence, list(exclude))
+
+    def _schema(self, f: Path) -> pa.Schema:
+        try:
+            return pq.read_schema(f)
+        except _READ_ERRORS as e:
+            raise CtrError(f"{f}: cannot read as Parquet: {_first_line(e)}") from e
+
+    def _roles(self, schema: pa.Schema, label: str | None, categorical: list[str], sequence: str | None,
+               exclude: list[str]) -> None:
+        names = schema.names
+        if len(set(names)) != len(names):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            raise CtrError(f"{self.files[0]}: duplicate column names {dup}")
+        for what, given in (("categorical", categorical), ("exclude", exclude),
+                            ("sequence", [sequence] if sequence else [])):
+            missing = [c for c in given if c not in names]
+            if missing:
+                raise CtrError(f"{self.files[0]}: {what} column(s) {missing} not in the file; columns: {names}")
+        if label is None:
+            label = next((c for c in ("label", "click") if c in names), None)
+            if label is None:
+                raise CtrError(f"{self.files[0]}: no label column (looked for 'label', then 'click'; "
+                               f"pass label=...); columns: {names}")
+        elif label not in names:
+            raise CtrError(f"{self.files[0]}: label column {label!r} not in the file; columns: {names}")
+        lt = schema.field(label).type
+        if not (_is_numeric(lt) or _is_string(lt)):
+            raise CtrError(f"{self.files[0]}: label column {label!r} has type {lt}; expected integer, float, bool "
+                           f"or string 0/1")
+        self.label_name = label
+        num, cat, seqs, ignored = [], [], [], []
+        for fld in schema:
+            name, t = fld.name, fld.type
+            if name == label or name in exclude:
+                continue
+            if name in categorical:
+                if _is_list(t) or pa.types.is_struct(t) or pa.types.is_map(t):
+                    raise CtrError(f"{self.files[0]}: column {name!r} of type {t} cannot be categorical")
+                cat.append(name)
+            elif _is_string(t) or pa.types.is_dictionary(t):
+                cat.append(name)
+            elif _is_numeric(t):
+                num.append(name)
+            elif _is_list(t) and (_is_string(t.value_type) or pa.types.is_integer(t.value_type)):
+                seqs.append(name)
+            else:
+                ignored.append((name, str(t)))
+        if sequence is not None:
+            if sequence not in seqs:
+                raise CtrError(f"{self.files[0]}: sequence column {sequence!r} must be list<string> or list<int>, "
+                               f"got {schema.field(sequence).type}")
+            ignored += [(s, str(schema.field(s).type)) for s in seqs if s != sequence]
+        elif len(seqs) > 1:
+            raise CtrError(f"{self.files[0]}: several list columns {seqs} could be the behaviour sequence; "
+                           f"choose one with sequence=...")
+        else:
+            sequence = seqs[0] if seqs else None
+        self.num_names, self.cat_names, self.seq_name, self.ignored = num, cat, sequence, ignored
+        self._columns = [label, *num, *cat, *([sequence] if sequence else [])]
+
+    def _bad(self, f: Path, where: str, what: str) -> None:
+        msg = f"{f}:{where}: {what}"
+        if not self.skip_bad_rows:
+            raise CtrError(msg)
+        self.stats.skipped += 1
+        if len(self.stats.skipped_examples) < 5:
+            self.stats.skipped_examples.append(msg)
+
+    def __iter__(self) -> Iterator[RawBatch]:
+        for f in self.files:
+            try:
+                pf = pq.ParquetFile(f)
+            except _READ_ERRORS as e:
+                raise CtrError(f"{f}: cannot read as Parquet: {_first_line(e)}") from e
+            row = 1
+            it = pf.iter_batches(batch_size=self.batch_size, columns=self._columns, use_threads=False)
+            while True:
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    break
+                except _READ_ERRORS as e:
+                    raise CtrError(f"{f}: near row {row}: cannot read: {_first_line(e)}") from e
+                out = self._convert(f, batch, row)
+                row += batch.num_rows
+                if out is not None:
+                    self.stats.rows += len(out.label)
+                    yield out
+
+    def _convert(self, f: Path, batch: pa.RecordBatch, first_row: int) -> RawBatch | None:
+        n = batch.num_rows
+        if n == 0:
+            return None
+        keep = np.ones(n, dtype=bool)
+        col = batch.column(self.label_name)
+        if _is_string(col.type):
+            ok = pc.fill_null(pc.is_in(col, value_set=pa.array(["0", "1"])), False).to_numpy(zero_copy_only=False)
+            label = pc.fill_null(pc.equal(col, "1"), False).to_numpy(zero_copy_only=False).astype(np.int64)
+        else:
+            v = pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)  # nulls → NaN
+            ok = (v == 0) | (v == 1)
+            label = np.where(ok, v, 0).astype(np.int64)
+        for i in np.flatnonzero(~ok):
+            self._bad(f, f"row {first_row + i}", f"label {self.label_name!r} must be 0 or 1, got {col[i].as_py()!r}")
+            keep[i] = False
+        num = np.empty((n, len(self.num_names)), dtype=np.float64)
+        for j, name in enumerate(self.num_names):
+            num[:, j] = pc.cast(batch.column(name), pa.float64()).to_numpy(zero_copy_only=False)
+        cats = [_to_string(batch.column(name)) for name in self.cat_names]
+        seq = _to_string_lists(batch.column(self.seq_name)) if self.seq_name else None
+        if not keep.all():
+            if not keep.any():
+                return None
+            mask = pa.array(keep)
+            label, num = label[keep], num[keep]
+            cats = [pc.filter(c, mask) for c in cats]
+            seq = pc.filter(seq, mask) if seq is not None else None
+        return RawBatch(label=label, num=num, cat=cats, first_line=first_row, seq=seq)
+
+
+def _to_string(col: pa.Array) -> pa.Array:
+    if pa.types.is_dictionary(col.type):
+        col = col.dictionary_decode()
+    if not pa.types.is_string(col.type):
+        col = pc.cast(col, pa.string())
+    return pc.fill_null(col, "") if col.null_count else col
+
+
+def _to_string_lists(col: pa.Array) -> pa.Array:
+    """list<string|int> → list<string>; null lists become empty, null items ""."""
+    if col.null_count:
+        col = pa.array([v if v is not None else [] for v in col.to_pylist()], col.type)
+    values = _to_string(col.flatten())
+    off = col.offsets.to_numpy(zero_copy_only=False).astype(np.int64)
+    off = (off - off[0]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(off, pa.int32()), values)
+
+
+def _schema_str(s: pa.Schema) -> str:
+    return ", ".join(f"{f.name}: {f.type}" for f in s)
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
