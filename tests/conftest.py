@@ -22,6 +22,12 @@ TINY_CARDS = tuple(min(c, 300) for c in DEFAULT_CARDINALITIES)
 TINY_MODEL = {
     "deepfm": {"embedding_dim": 4, "hidden": [16]},
     "dcnv2": {"embedding_dim": 4, "hidden": [16], "cross_layers": 2},
+    "dcn": {"embedding_dim": 4, "hidden": [16], "cross_layers": 2},
+    "pnn": {"embedding_dim": 4, "hidden": [16]},
+    "fibinet": {"embedding_dim": 4, "hidden": [16]},
+    "dhen": {"embedding_dim": 4, "hidden": [16], "n_layers": 2, "mlp_hidden": 16},
+    "emofm": {"embedding_dim": 4, "hidden": [16], "field_hidden": [4]},
+    "interformer": {"embedding_dim": 4, "hidden": [16], "n_layers": 1},
 }
 SPINE_MEMBERS = ("deepfm", "dcnv2")  # the two members of the shared tiny repository
 

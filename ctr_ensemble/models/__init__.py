@@ -8,8 +8,14 @@ from dataclasses import dataclass
 from ctr_ensemble.errors import CtrError
 from ctr_ensemble.features import FeatureSpec
 from ctr_ensemble.models.base import Member, MemberConfig
+from ctr_ensemble.models.dcn import DCN, DCNConfig
 from ctr_ensemble.models.dcnv2 import DCNv2, DCNv2Config
 from ctr_ensemble.models.deepfm import DeepFM, DeepFMConfig
+from ctr_ensemble.models.dhen import DHEN, DHENConfig
+from ctr_ensemble.models.emofm import EMOFM, EMOFMConfig
+from ctr_ensemble.models.fibinet import FiBiNET, FiBiNETConfig
+from ctr_ensemble.models.interformer import InterFormer, InterFormerConfig
+from ctr_ensemble.models.pnn import PNN, PNNConfig
 
 
 @dataclass(frozen=True)
@@ -21,6 +27,12 @@ class Entry:
 REGISTRY: dict[str, Entry] = {
     "deepfm": Entry(DeepFMConfig, DeepFM),
     "dcnv2": Entry(DCNv2Config, DCNv2),
+    "dcn": Entry(DCNConfig, DCN),
+    "pnn": Entry(PNNConfig, PNN),
+    "fibinet": Entry(FiBiNETConfig, FiBiNET),
+    "dhen": Entry(DHENConfig, DHEN),
+    "emofm": Entry(EMOFMConfig, EMOFM),
+    "interformer": Entry(InterFormerConfig, InterFormer),
 }
 
 

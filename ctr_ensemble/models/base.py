@@ -15,6 +15,7 @@ from torch import nn
 
 from ctr_ensemble.features import FeatureSpec
 from ctr_ensemble.layers.embedding import FeatureEmbedding
+from ctr_ensemble.layers.head import MLP
 
 INPUT_NAMES = ("cat_ids", "num")
 OUTPUT_NAMES = ("prob", "repr")
@@ -55,3 +56,21 @@ class Member(nn.Module):
     def forward(self, cat_ids: torch.Tensor, num: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logit, h = self.logits(cat_ids, num)
         return torch.sigmoid(logit), h
+
+
+class CrossDeepMember(Member):
+    """The DCN family's skeleton: repr = [cross(x0) (B, F·D) ‖ deep(x0) (B, hidden[-1])], x0 the flattened
+    field embeddings; head = Linear(H, 1). Subclasses pass the cross network to use."""
+
+    def __init__(self, spec: FeatureSpec, embedding_dim: int, hidden: list[int], dropout: float, make_cross):
+        super().__init__()
+        self.embedding = self.make_embedding(spec, embedding_dim)
+        d = self.embedding.n_fields * embedding_dim
+        self.cross = make_cross(d)
+        self.deep = MLP(d, hidden, dropout)
+        self.repr_dim = d + self.deep.d_out
+        self.head = nn.Linear(self.repr_dim, 1)
+
+    def represent(self, cat_ids: torch.Tensor, num: torch.Tensor) -> torch.Tensor:
+        x0 = self.embedding(cat_ids, num).flatten(1)  # (B, F·D)
+        return torch.cat([self.cross(x0), self.deep(x0)], dim=1)  # (B, H)
