@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from ctr_ensemble.data.criteo import RawBatch, ReadStats
+from ctr_ensemble.data.criteo import RawBatch, ReadStats, check_data_file
 from ctr_ensemble.errors import CtrError
 
 AVAZU_COLUMNS = [
@@ -63,10 +63,7 @@ class AvazuReader:
         self.stats = ReadStats()
         self._pending: CtrError | None = None
         self._invalid_lines: list[int] = []  # lines dropped by the parser in the current chunk
-        if not self.path.is_file():
-            raise CtrError(f"{self.path}: data file not found")
-        if self.path.stat().st_size == 0:
-            raise CtrError(f"{self.path}: data file is empty (expected Avazu CSV rows: id, click, hour, C1, ..., C21)")
+        check_data_file(self.path, "Avazu CSV rows: id, click, hour, C1, ..., C21")
         try:
             head = read_head(self.path)
         except _READ_ERRORS as e:
@@ -80,14 +77,11 @@ class AvazuReader:
                                f"{','.join(cols[:6])}{',...' if len(cols) > 6 else ''}")
 
     def _bad(self, where: str, what: str, line: int | None = None) -> None:
-        msg = f"{self.path}:{where}: {what}"
-        if not self.skip_bad_rows:
-            err = CtrError(msg)
+        try:
+            self.stats.bad_row(f"{self.path}:{where}: {what}", self.skip_bad_rows)
+        except CtrError as err:
             err.line = line  # so the earliest of a chunk's errors can be raised first
-            raise err
-        self.stats.skipped += 1
-        if len(self.stats.skipped_examples) < 5:
-            self.stats.skipped_examples.append(msg)
+            raise
 
     def _on_invalid_row(self, row) -> str:
         # pyarrow swallows exceptions raised here: remember the first error and raise it after the batch.

@@ -38,6 +38,22 @@ class ReadStats:
     skipped: int = 0
     skipped_examples: list[str] = field(default_factory=list)
 
+    def bad_row(self, msg: str, skip: bool) -> None:
+        """Raise ``msg`` as a CtrError, or with ``skip`` (--skip-bad-rows) count it, keeping a few examples."""
+        if not skip:
+            raise CtrError(msg)
+        self.skipped += 1
+        if len(self.skipped_examples) < 5:
+            self.skipped_examples.append(msg)
+
+
+def check_data_file(path: Path, expected: str) -> None:
+    """A missing or empty input is named with what was expected in it."""
+    if not path.is_file():
+        raise CtrError(f"{path}: data file not found")
+    if path.stat().st_size == 0:
+        raise CtrError(f"{path}: data file is empty (expected {expected})")
+
 
 class CriteoReader:
     """Iterate a Criteo-layout TSV file in chunks of about ``block_size`` bytes."""
@@ -55,18 +71,10 @@ class CriteoReader:
         self.stats = ReadStats()
         self._pending: CtrError | None = None
         self._invalid_rows = 0  # rows dropped by the parser, so later line numbers stay right
-        if not self.path.is_file():
-            raise CtrError(f"{self.path}: data file not found")
-        if self.path.stat().st_size == 0:
-            raise CtrError(f"{self.path}: data file is empty (expected Criteo TSV rows: label, I1..I13, C1..C26)")
+        check_data_file(self.path, "Criteo TSV rows: label, I1..I13, C1..C26")
 
     def _bad(self, where: str, what: str) -> None:
-        msg = f"{self.path}:{where}: {what}"
-        if not self.skip_bad_rows:
-            raise CtrError(msg)
-        self.stats.skipped += 1
-        if len(self.stats.skipped_examples) < 5:
-            self.stats.skipped_examples.append(msg)
+        self.stats.bad_row(f"{self.path}:{where}: {what}", self.skip_bad_rows)
 
     def _on_invalid_row(self, row) -> str:
         # pyarrow swallows exceptions raised here: remember the first error and raise it after the batch.

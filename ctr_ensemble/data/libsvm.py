@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ctr_ensemble.data.criteo import RawBatch, ReadStats
+from ctr_ensemble.data.criteo import RawBatch, ReadStats, check_data_file
 from ctr_ensemble.errors import CtrError
 
 _NUM = r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
@@ -47,10 +47,7 @@ class LibSVMReader:
         self.block_size = block_size
         self.skip_bad_rows = skip_bad_rows
         self.stats = ReadStats()
-        if not self.path.is_file():
-            raise CtrError(f"{self.path}: data file not found")
-        if self.path.stat().st_size == 0:
-            raise CtrError(f"{self.path}: data file is empty (expected libSVM lines: label idx:val idx:val ...)")
+        check_data_file(self.path, "libSVM lines: label idx:val idx:val ...")
         self.n_fields, self.parts = self._peek()
         self.cat_names = [f"f{k}" for k in range(1, self.n_fields + 1)]
 
@@ -87,12 +84,7 @@ class LibSVMReader:
         raise CtrError(f"no valid line among the first {_PEEK_LINES} lines; first problem: {first_err}")
 
     def _bad(self, where: str, what: str) -> None:
-        msg = f"{self.path}:{where}: {what}"
-        if not self.skip_bad_rows:
-            raise CtrError(msg)
-        self.stats.skipped += 1
-        if len(self.stats.skipped_examples) < 5:
-            self.stats.skipped_examples.append(msg)
+        self.stats.bad_row(f"{self.path}:{where}: {what}", self.skip_bad_rows)
 
     def __iter__(self) -> Iterator[RawBatch]:
         line = 1

@@ -136,12 +136,7 @@ class ParquetReader:
         self._columns = [label, *num, *cat, *([sequence] if sequence else [])]
 
     def _bad(self, f: Path, where: str, what: str) -> None:
-        msg = f"{f}:{where}: {what}"
-        if not self.skip_bad_rows:
-            raise CtrError(msg)
-        self.stats.skipped += 1
-        if len(self.stats.skipped_examples) < 5:
-            self.stats.skipped_examples.append(msg)
+        self.stats.bad_row(f"{f}:{where}: {what}", self.skip_bad_rows)
 
     def __iter__(self) -> Iterator[RawBatch]:
         for f in self.files:
