@@ -52,6 +52,11 @@ def test_interformer_runs_without_a_sequence_feature_on_learned_empty_tokens(tin
     assert model.empty_tokens.grad is not None and model.empty_tokens.grad.abs().sum() > 0
     with pytest.raises(CtrError, match="divisible by n_heads"):
         _build("interformer", tiny_spec, n_heads=3)
+    with pytest.raises(CtrError, match="interaction_modules"):
+        _build("interformer", tiny_spec, interaction_modules=["attention"])
+    # The interaction arch is a DHEN layer over the field tokens plus the sequence summary tokens.
+    both = _build("interformer", tiny_spec, interaction_modules=["dot", "cross"])
+    assert [type(m).__name__ for m in both.layers[0].interaction.branches] == ["DotInteraction", "CrossInteraction"]
 
 
 @pytest.mark.parametrize("arch", ["dhen", "interformer"])
