@@ -176,7 +176,7 @@ def export_cmd(
     rows = None
     if parity_data is not None:
         arr = encode_file(parity_data, cks[0].spec, fmt=fmt)
-        rows = (arr.cat_ids[:parity_rows], arr.num[:parity_rows])
+        rows = arr.feeds(slice(0, parity_rows))
     opt = RepoOptions(max_batch_size=max_batch_size, instances=instances, intra_op_threads=intra_op_threads,
                       max_queue_delay_us=max_queue_delay_us, fusion_mode=fusion_mode, tau=tau, fusion_kind=fusion_kind)
     manifest = write_repository(cks, repository, opt, parity_rows=rows)

@@ -79,7 +79,7 @@ def run_demo(members: list[str], out: Path, repository: Path, train_rows: int = 
         console.print(f"{name}: best val AUC {ck.metrics['val_auc']:.4f} (epoch {ck.metrics['best_epoch']}) → {path}")
 
     console.rule("4/6 ONNX export + Triton model repository")
-    manifest = write_repository(cks, repository, RepoOptions(), parity_rows=(val.cat_ids[:4096], val.num[:4096]))
+    manifest = write_repository(cks, repository, RepoOptions(), parity_rows=val.feeds(slice(0, 4096)))
     for n, m in manifest["members"].items():
         console.print(f"{repository}/{n}: ONNX parity max|Δ| {m['parity']['prob_max_abs_diff']:.2e} "
                       f"(OOV/NaN stress rows {m['parity_stress']['prob_max_abs_diff']:.2e})")

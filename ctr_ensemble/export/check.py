@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ctr_ensemble import features, models
+from ctr_ensemble.features import feed_rows, slice_feeds
 from ctr_ensemble.data.synth import DEFAULT_CARDINALITIES, SynthConfig, generate
 from ctr_ensemble.export import onnx_export
 from ctr_ensemble.training.checkpoint import Checkpoint
@@ -36,19 +37,36 @@ def smoke_checkpoint(arch: str, overrides: dict | None, workdir: Path, rows: int
     return ck, workdir / "test.tsv"
 
 
+def sequence_cases(feeds: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    """The real rows with their histories cut to length 0, 1 and the maximum (the full padded
+    width), and trimmed to a shorter padded width: ONNX must follow PyTorch at every length."""
+    ids, length = feeds["seq_ids"], feeds["seq_len"]
+    width = ids.shape[1]
+    cases = {}
+    for name, n in (("seq_len_0", 0), ("seq_len_1", 1), ("seq_len_max", width)):
+        f = dict(feeds)
+        f["seq_len"] = np.full_like(length, n)
+        cases[name] = f
+    short = max(1, width // 2)
+    cases[f"seq_width_{short}"] = {**feeds, "seq_ids": np.ascontiguousarray(ids[:, -short:]),
+                                   "seq_len": np.minimum(length, short)}
+    return cases
+
+
 def check_export(ck: Checkpoint, data: Path, rows: int = 4096, workdir: Path | None = None) -> dict:
     """Export ``ck`` and compare ONNX Runtime with PyTorch; returns the parity figures."""
-    arr = encode_file(data, ck.spec)
-    cat, num = arr.cat_ids[:rows], arr.num[:rows]
+    feeds = slice_feeds(encode_file(data, ck.spec).feeds(), 0, rows)
     model = ck.build()
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        path = onnx_export.export_member(model, ck.spec.n_cat, ck.spec.n_num, Path(tmp) / "model.onnx")
+        path = onnx_export.export_member(model, ck.spec, Path(tmp) / "model.onnx")
         sess = onnx_export.session(path)
-        real = onnx_export.parity(model, sess, cat, num)
-        stress = onnx_export.parity(model, sess, *onnx_export.stress_rows(cat, num, ck.spec.cat_sizes, max_rows=rows))
-        single = onnx_export.parity(model, sess, cat[:1], num[:1])  # batch of one: the dynamic axis at its edge
-    worst = max(r[k] for r in (real, stress, single) for k in ("prob_max_abs_diff", "repr_max_abs_diff"))
-    return {"model": ck.name, "arch": ck.arch, "rows": real["rows"], "real": real, "oov_nan": stress, "batch_1": single,
+        cases = {"real": feeds, "oov_nan": onnx_export.stress_rows(feeds, ck.spec, max_rows=rows),
+                 "batch_1": slice_feeds(feeds, 0, 1)}  # batch of one: the dynamic axis at its edge
+        if ck.spec.sequence is not None:
+            cases.update(sequence_cases(feeds))
+        results = {name: onnx_export.parity(model, sess, f) for name, f in cases.items()}
+    worst = max(r[k] for r in results.values() for k in ("prob_max_abs_diff", "repr_max_abs_diff"))
+    return {"model": ck.name, "arch": ck.arch, "rows": feed_rows(feeds), **results, "cases": list(results),
             "max_abs_diff": worst, "tolerance": onnx_export.PARITY_TOL, "passed": bool(worst <= onnx_export.PARITY_TOL)}
 
 
