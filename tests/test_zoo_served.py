@@ -20,6 +20,7 @@ def test_check_export_passes_for_every_member(arch):
     res = check.run(arch, None, None, TINY_MODEL[arch], rows=1000, steps=5)
     assert res["passed"], res
     assert res["oov_nan"]["rows"] == 1000 and res["batch_1"]["rows"] == 1
+    assert {"seq_len_0", "seq_len_1", "seq_len_max"} <= set(res["cases"])  # every member takes a history
 
 
 def test_check_export_on_a_user_checkpoint(tiny_checkpoints):

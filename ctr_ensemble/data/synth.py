@@ -77,9 +77,10 @@ class SynthConfig:
         default_factory=lambda: {"train": 160_000, "val": 20_000, "test": 20_000}
     )
     seq_max_len: int = 0  # > 0: emit a behaviour sequence (Parquet output); items beyond it have no effect
+    seq_name: str = "history"
     seq_items: int = 2000
     seq_clusters: int = 16
-    seq_mean_len: float = 12.0  # Poisson mean of the history length (some rows exceed seq_max_len)
+    seq_mean_len: float = 12.0  # mean history length (exponential-Poisson mix: many short, some beyond seq_max_len)
     seq_scale: float = 1.2
     seq_decay: float = 0.85
 
@@ -150,7 +151,7 @@ class SynthWorld:
         """Histories for ``len(cats)`` rows (offsets (n+1,), items); adds their effect to ``logit`` in place."""
         cfg = self.cfg
         n = len(cats)
-        lengths = rng.poisson(cfg.seq_mean_len, n)
+        lengths = rng.poisson(rng.exponential(cfg.seq_mean_len, n))  # heavy-tailed; ~1/(1+mean) empty
         offsets = np.concatenate([[0], np.cumsum(lengths)])
         row = np.repeat(np.arange(n), lengths)
         taste = rng.integers(cfg.seq_clusters, size=n)[row]
@@ -237,7 +238,7 @@ class SynthWorld:
         if seq is not None:
             offsets, items = seq
             tokens = pa.array(np.char.mod("m%05d", items).astype(object), type=pa.string())
-            cols["history"] = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), tokens)
+            cols[self.cfg.seq_name] = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), tokens)
         return pa.table(cols)
 
 
