@@ -97,6 +97,36 @@ def data_fit(
                f"({spec.fitted_on['skipped_rows']} skipped)")
 
 
+@data_app.command("prepare")
+def data_prepare(
+    input_: list[Path] = typer.Option(..., "--input", help="Raw input file (or Parquet folder); repeat for several files of one format."),
+    out: Path = typer.Option(..., help="Output folder: shards/, manifest.json, feature_spec.json."),
+    spec: Optional[Path] = typer.Option(None, help="Encode with this feature spec (val/test with the train spec) instead of fitting one."),
+    min_count: int = typer.Option(10, help="Tokens seen fewer times map to the OOV id (when fitting)."),
+    max_distinct: int = typer.Option(0, help="Cap on distinct tokens counted per field (0 = exact); bounds the counting memory."),
+    seq_max_len: int = typer.Option(50, help="Most recent items of the behaviour sequence kept per row (when fitting)."),
+    sequence: bool = typer.Option(True, help="Use the input's behaviour-sequence column if it has one (when fitting)."),
+    chunk_mb: float = typer.Option(64, help="Raw megabytes per chunk (= per shard); a worker holds about 6x this."),
+    workers: int = typer.Option(2, help="Processes for the per-chunk work (1 = in this process)."),
+    skip_bad_rows: bool = typer.Option(False, help="Skip and count malformed rows instead of stopping."),
+    fmt: str = typer.Option("auto", "--format", help="Data format: auto, criteo, avazu, libsvm, parquet."),
+) -> None:
+    """Encode raw data into shards for training, in bounded memory; resumable (run the same command again)."""
+    from ctr_ensemble.data.prepare import PrepareOptions, prepare
+
+    opts = PrepareOptions(fmt=fmt, skip_bad_rows=skip_bad_rows, chunk_mb=chunk_mb, workers=workers, min_count=min_count,
+                          seq_max_len=seq_max_len, use_sequence=sequence, max_distinct=max_distinct)
+    r = prepare(input_, out, opts, spec=spec)
+    if r.checked:
+        typer.echo(f"{out}: already prepared ({r.rows:,} rows, {r.shards} shards); every shard file checked (size, "
+                   f"CRC-32){f', {r.chunks_run} damaged shard(s) re-encoded' if r.chunks_run else ', all intact'}")
+        return
+    what = "fitted its feature spec" if r.spec_fitted else "encoded with the given spec"
+    resumed = f", {r.chunks_resumed} chunk(s) done by an earlier run" if r.chunks_resumed else ""
+    typer.echo(f"{out}: {r.rows:,} rows in {r.shards} shard(s) ({r.skipped} skipped), {what}; "
+               f"{r.chunks_run} chunk(s) read in {r.seconds:.1f}s{resumed}")
+
+
 @app.command("models")
 def models_cmd(as_json: bool = typer.Option(False, "--json", help="Print the registry as JSON.")) -> None:
     """List the member registry with each member's default config."""
@@ -115,28 +145,37 @@ def models_cmd(as_json: bool = typer.Option(False, "--json", help="Print the reg
 @app.command("train")
 def train_cmd(
     model: str = typer.Option(..., help="Architecture from the registry (see `ctr-ensemble models`)."),
-    train: Path = typer.Option(..., help="Training file (Criteo TSV layout)."),
-    val: Path = typer.Option(..., help="Validation file for early stopping on AUC."),
-    spec: Path = typer.Option(..., help="Feature spec JSON from `ctr-ensemble data fit`."),
+    train: Path = typer.Option(..., help="Training data: a raw file, or a folder from `data prepare`."),
+    val: Path = typer.Option(..., help="Validation data for early stopping on AUC (raw file or prepared folder)."),
     out: Path = typer.Option(..., help="Checkpoint path to write (.pt)."),
+    spec: Optional[Path] = typer.Option(None, help="Feature spec JSON (`data fit`); prepared data brings its own."),
     name: Optional[str] = typer.Option(None, help="Member name in the ensemble (default: the architecture)."),
     config: Optional[Path] = typer.Option(None, help="YAML file with model config overrides."),
     set_: list[str] = typer.Option([], "--set", help="Model config override KEY=VALUE (YAML value); repeatable."),
-    epochs: int = typer.Option(8), batch_size: int = typer.Option(512), lr: float = typer.Option(2e-3),
+    epochs: int = typer.Option(8), batch_size: int = typer.Option(512, help="Global batch size (split over torchrun processes)."),
+    lr: float = typer.Option(2e-3),
     weight_decay: float = typer.Option(1e-4, help="L2 penalty through Adam."),
     patience: int = typer.Option(1, help="Epochs without a better val AUC before stopping."),
     seed: int = typer.Option(42),
     threads: int = typer.Option(0, help="torch CPU threads (0 = torch default)."),
+    optimizer: str = typer.Option("adam", help="adam (dense) | sparse_adam | sparse_adagrad (sparse embedding updates)."),
+    emb_lr: float = typer.Option(0.0, help="Learning rate of the embedding tables with a sparse optimizer (0 = --lr)."),
+    amp: str = typer.Option("none", help="none | bf16 autocast."),
+    compile_: bool = typer.Option(False, "--compile", help="torch.compile the training forward."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    streams: int = typer.Option(0, help="Row streams (0 = one per process); --streams N on one process reproduces an N-process run's batches."),
+    prefetch: int = typer.Option(0, help="Batches built ahead by a thread (>= 1 on CUDA)."),
+    dist_timeout: float = typer.Option(300.0, help="Seconds a torchrun worker waits for the others before stopping with an error."),
+    verify_shards: str = typer.Option("size", help="Prepared data check at start: size (sizes + headers) | full (+ CRC-32 of every byte)."),
     skip_bad_rows: bool = typer.Option(False),
-    fmt: str = typer.Option("auto", "--format", help="Data format: auto, criteo, avazu, libsvm, parquet."),
+    fmt: str = typer.Option("auto", "--format", help="Data format of raw files: auto, criteo, avazu, libsvm, parquet."),
 ) -> None:
-    """Train one member independently (BCE + Adam, early stopping on val AUC)."""
+    """Train one member (BCE + Adam, early stopping on val AUC); under torchrun, data-parallel over processes."""
     import torch
 
     from ctr_ensemble import models
-    from ctr_ensemble.features import FeatureSpec
-    from ctr_ensemble.training import checkpoint
-    from ctr_ensemble.training.trainer import TrainConfig, encode_file, train_member
+    from ctr_ensemble.training import checkpoint, distributed
+    from ctr_ensemble.training.trainer import TrainConfig, train_member
 
     if threads:
         torch.set_num_threads(threads)
@@ -152,14 +191,48 @@ def train_cmd(
             raise CtrError(f"{config}: expected a mapping of config keys, got {type(overrides).__name__}")
     overrides.update(_parse_sets(set_))
     model_cfg = models.make_config(model, overrides)
-    fs = FeatureSpec.load(spec)
-    tr = encode_file(train, fs, skip_bad_rows, fmt)
-    va = encode_file(val, fs, skip_bad_rows, fmt)
-    ck = train_member(name or model, model, model_cfg, fs, tr, va,
-                      TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, patience=patience, seed=seed),
-                      history_csv=out.with_suffix(".history.csv"))
-    checkpoint.save(ck, out)
-    typer.echo(f"{out}: {ck.name} ({model}) best val AUC {ck.metrics['val_auc']:.4f} at epoch {ck.metrics['best_epoch']}")
+    dist = distributed.setup(device, timeout_s=dist_timeout)
+    STATE["dist"] = dist
+    try:
+        fs, tr, va = _training_data(train, val, spec, skip_bad_rows, fmt, verify_shards)
+        cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, patience=patience,
+                          seed=seed, optimizer=optimizer, emb_lr=emb_lr, amp=amp, compile=compile_, device=device,
+                          streams=streams, prefetch=prefetch)
+        ck = train_member(name or model, model, model_cfg, fs, tr, va, cfg, history_csv=out.with_suffix(".history.csv"),
+                          dist=dist)
+        if dist.is_main:  # one checkpoint, written once
+            checkpoint.save(ck, out)
+        distributed.barrier(dist, "waiting for rank 0 to write the checkpoint")
+    finally:
+        distributed.teardown(dist)
+    if dist.is_main:
+        procs = f" on {dist.world} processes" if dist.world > 1 else ""
+        typer.echo(f"{out}: {ck.name} ({model}) best val AUC {ck.metrics['val_auc']:.4f} at epoch {ck.metrics['best_epoch']}{procs}")
+
+
+def _training_data(train: Path, val: Path, spec: Optional[Path], skip_bad_rows: bool, fmt: str, verify: str):
+    """(spec, train, val): prepared folders are opened (memmaps), raw files encoded into memory."""
+    from ctr_ensemble.data.shards import Prepared, is_prepared
+    from ctr_ensemble.features import FeatureSpec
+    from ctr_ensemble.training.trainer import encode_file
+
+    tr = Prepared(train, verify=verify) if is_prepared(train) else None
+    va = Prepared(val, verify=verify) if is_prepared(val) else None
+    if spec is not None:
+        fs = FeatureSpec.load(spec)
+    elif tr is not None:
+        fs = tr.spec
+    elif va is not None:
+        fs = va.spec
+    else:
+        raise CtrError("--spec is required when --train is a raw file (fit one with `ctr-ensemble data fit`)")
+    for p, d in ((train, tr), (val, va)):
+        if d is not None and d.spec.fingerprint() != fs.fingerprint():
+            raise CtrError(f"{p}: prepared with another feature spec than {spec or train} "
+                           f"(fingerprint {d.spec.fingerprint()} vs {fs.fingerprint()}); prepare it with --spec")
+    tr = tr if tr is not None else encode_file(train, fs, skip_bad_rows, fmt)
+    va = va if va is not None else encode_file(val, fs, skip_bad_rows, fmt)
+    return fs, tr, va
 
 
 @app.command("export")
@@ -336,7 +409,9 @@ def main() -> None:
     except CtrError as e:
         if STATE["debug"]:
             raise
-        typer.echo(f"error: {e}", err=True)
+        dist = STATE.get("dist")
+        where = f"[{dist.tag()}] " if dist is not None and dist.active else ""
+        typer.echo(f"error: {where}{e}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)

@@ -18,7 +18,6 @@ The spec is saved as versioned JSON beside every model (``feature_spec.json``).
 from __future__ import annotations
 
 import json
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -112,7 +111,13 @@ class FeatureSpec:
         return len(self.numeric)
 
     def to_dict(self) -> dict:
-        return {"format": SPEC_FORMAT, "version": SPEC_VERSION, **asdict(self)}
+        # Built by hand: dataclasses.asdict deep-copies every vocabulary token (seconds for 10^6 tokens).
+        return {"format": SPEC_FORMAT, "version": SPEC_VERSION,
+                "categorical": [{"name": f.name, "vocab": list(f.vocab)} for f in self.categorical],
+                "numeric": [asdict(n) for n in self.numeric], "min_count": self.min_count,
+                "fitted_on": json.loads(json.dumps(self.fitted_on)),
+                "sequence": None if self.sequence is None else
+                {"name": self.sequence.name, "vocab": list(self.sequence.vocab), "max_len": self.sequence.max_len}}
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "feature spec") -> FeatureSpec:
@@ -160,71 +165,235 @@ class FeatureSpec:
 
 
 def fit(path: str | Path, min_count: int = 10, skip_bad_rows: bool = False, fmt: str = "auto",
-        seq_max_len: int = DEFAULT_SEQ_MAX_LEN, use_sequence: bool = True) -> FeatureSpec:
+        seq_max_len: int = DEFAULT_SEQ_MAX_LEN, use_sequence: bool = True, max_distinct: int = 0) -> FeatureSpec:
     """Fit vocabularies and numeric statistics on one (training) file, in one streaming pass.
 
     A behaviour-sequence column, when the file has one, becomes the spec's ``sequence`` field
-    (``seq_max_len`` most recent items) unless ``use_sequence`` is False."""
+    (``seq_max_len`` most recent items) unless ``use_sequence`` is False. ``max_distinct`` caps the
+    distinct tokens counted per field (see ``CountMerger``); 0 counts every token exactly."""
+    check_fit_options(min_count, seq_max_len)
+    reader = open_reader(path, fmt, skip_bad_rows=skip_bad_rows)
+    seq_name = reader.seq_name if use_sequence else None
+    acc = FitAccumulator(list(reader.cat_names), list(reader.num_names), seq_name, max_distinct)
+    for batch in tqdm(reader, desc=f"fit vocab {Path(path).name}", unit="chunk"):
+        acc.add(ChunkCounts.of(batch, seq_name is not None))
+    fitted_on = {"file": str(path), "format": reader.format, "rows": reader.stats.rows,
+                 "skipped_rows": reader.stats.skipped}
+    return acc.spec(min_count, seq_max_len, fitted_on, ignored_sequence=reader.seq_name if seq_name is None else None,
+                    source=str(path))
+
+
+def check_fit_options(min_count: int, seq_max_len: int) -> None:
     if min_count < 1:
         raise CtrError(f"min_count must be >= 1, got {min_count}")
     if seq_max_len < 1:
         raise CtrError(f"seq_max_len must be >= 1, got {seq_max_len}")
-    reader = open_reader(path, fmt, skip_bad_rows=skip_bad_rows)
-    cat_names, num_names = list(reader.cat_names), list(reader.num_names)
-    if not cat_names:
-        raise CtrError(f"{path}: no categorical fields; every member needs at least one")
-    counts = [Counter() for _ in cat_names]
-    s1 = np.zeros(len(num_names))
-    s2 = np.zeros(len(num_names))
-    cnt = np.zeros(len(num_names))
-    seq_name = reader.seq_name if use_sequence else None
-    seq_counts: Counter = Counter()
-    seq_lengths: list[np.ndarray] = []
-    for batch in tqdm(reader, desc=f"fit vocab {Path(path).name}", unit="chunk"):
-        if seq_name is not None:
-            vc = pc.value_counts(batch.seq.flatten())
-            seq_counts.update(dict(zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist())))
-            seq_lengths.append(pc.list_value_length(batch.seq).to_numpy(zero_copy_only=False))
-        for f, col in enumerate(batch.cat):
-            vc = pc.value_counts(col)
-            counts[f].update(dict(zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist())))
+
+
+def count_tokens(col: pa.Array) -> tuple[np.ndarray, pa.Table]:
+    """One chunk's tokens → (local ids (B,) int32, counts): ``counts`` is a (value, count) table of the
+    chunk's distinct tokens, and local id i is row i of it (dictionary encoding)."""
+    d = pc.dictionary_encode(col)
+    idx = d.indices.to_numpy(zero_copy_only=False)
+    counts = np.bincount(idx, minlength=len(d.dictionary)).astype(np.int64)
+    values = d.dictionary if pa.types.is_string(d.dictionary.type) else d.dictionary.cast(pa.string())
+    return idx.astype(np.int32, copy=False), pa.table({"value": values, "count": pa.array(counts)})
+
+
+class CountMerger:
+    """Token counts of one field summed over chunks, held as an Arrow (value, count) table.
+
+    Memory: about ``len(token) + 12`` bytes per distinct token (string data, offset, int64 count), plus
+    the chunk tables not merged yet (at most as many rows as the merged table: merges happen when the
+    pending rows reach it, so every count is re-merged O(log chunks) times) and a merge's hash-table
+    scratch. With ``max_distinct`` > 0 a merge keeps only the ``max_distinct`` most frequent tokens:
+    memory is then bounded whatever the data, and a kept token's count is low by at most the largest
+    count dropped (``max_dropped``), which is 0 whenever no field exceeded the cap.
+    """
+
+    MIN_MERGE_ROWS = 1 << 20
+
+    def __init__(self, max_distinct: int = 0):
+        self.max_distinct = max_distinct
+        self.merged: pa.Table | None = None
+        self.pending: list[pa.Table] = []
+        self.pending_rows = 0
+        self.max_dropped = 0
+        self.dropped = 0  # distinct tokens dropped by the cap (a token may be counted again after a drop)
+
+    def add(self, counts: pa.Table) -> None:
+        self.pending.append(counts)
+        self.pending_rows += counts.num_rows
+        merged_rows = self.merged.num_rows if self.merged is not None else 0
+        if self.pending_rows >= max(merged_rows, self.MIN_MERGE_ROWS):
+            self._merge()
+
+    def _merge(self) -> None:
+        parts = ([self.merged] if self.merged is not None else []) + self.pending
+        self.pending, self.pending_rows = [], 0
+        if not parts:
+            return
+        t = pa.concat_tables(parts).group_by("value", use_threads=False).aggregate([("count", "sum")])
+        t = t.select(["value", "count_sum"]).rename_columns(["value", "count"])
+        if self.max_distinct and t.num_rows > self.max_distinct:
+            t = t.sort_by([("count", "descending"), ("value", "ascending")])
+            self.max_dropped = max(self.max_dropped, int(t["count"][self.max_distinct].as_py()))
+            self.dropped += t.num_rows - self.max_distinct
+            t = t.slice(0, self.max_distinct)
+        self.merged = t
+
+    def result(self) -> pa.Table:
+        self._merge()
+        if self.merged is None:
+            return pa.table({"value": pa.array([], pa.string()), "count": pa.array([], pa.int64())})
+        return self.merged
+
+    def nbytes(self) -> int:
+        return (self.merged.nbytes if self.merged is not None else 0) + sum(t.nbytes for t in self.pending)
+
+
+def vocab_from_counts(counts: pa.Table, min_count: int) -> list[str]:
+    """Tokens seen at least ``min_count`` times, by count desc then token (byte order = code-point
+    order for UTF-8), so the vocabulary is deterministic."""
+    keep = counts.filter(pc.greater_equal(counts["count"], min_count))
+    return keep.sort_by([("count", "descending"), ("value", "ascending")])["value"].to_pylist()
+
+
+@dataclass
+class ChunkCounts:
+    """What fitting reads from a chunk of rows: per-field token counts (and each row's local id into
+    them, which ``data prepare`` keeps), numeric sums, the sequence's item counts and length histogram."""
+
+    rows: int
+    cat_ids: list[np.ndarray]  # per field: (B,) int32 local ids into cat_counts[f]
+    cat_counts: list[pa.Table]
+    num_sums: np.ndarray  # (3, n_num): sum of t, sum of t², count of non-missing t = sign(x)·log1p(|x|)
+    seq_items: np.ndarray | None = None  # (total items,) int32 local ids into seq_counts, rows' items in order
+    seq_counts: pa.Table | None = None
+    seq_lengths: np.ndarray | None = None  # (B,) int64
+
+    @classmethod
+    def of(cls, batch: RawBatch, with_sequence: bool) -> ChunkCounts:
+        ids, counts = zip(*(count_tokens(col) for col in batch.cat)) if batch.cat else ((), ())
         t = signed_log1p(batch.num)
         ok = ~np.isnan(t)
-        s1 += np.where(ok, t, 0).sum(0)
-        s2 += np.where(ok, t * t, 0).sum(0)
-        cnt += ok.sum(0)
-    if reader.stats.rows == 0:
-        raise CtrError(f"{path}: no valid rows to fit the feature encoding on")
-    cats = [CategoricalField(name=name, vocab=_vocab(c, min_count)) for name, c in zip(cat_names, counts)]
-    sequence, seq_info = None, None
-    if seq_name is not None:
-        sequence = SequenceField(name=seq_name, vocab=_vocab(seq_counts, min_count), max_len=seq_max_len)
-        lengths = np.concatenate(seq_lengths)
-        seq_info = {"name": seq_name, "mean_len": float(lengths.mean()), "p95_len": float(np.percentile(lengths, 95)),
-                    "max_len_seen": int(lengths.max()), "rows_truncated": int((lengths > seq_max_len).sum())}
-    nums = []
-    for j, name in enumerate(num_names):
-        m = s1[j] / cnt[j] if cnt[j] else 0.0
-        var = s2[j] / cnt[j] - m * m if cnt[j] else 1.0
-        nums.append(NumericField(name=name, mean=float(m), std=float(max(np.sqrt(max(var, 0.0)), 1e-6))))
-    return FeatureSpec(
-        categorical=cats,
-        numeric=nums,
-        min_count=min_count,
-        fitted_on={"file": str(path), "format": reader.format, "rows": reader.stats.rows,
-                   "skipped_rows": reader.stats.skipped, "sequence": seq_info,
-                   "ignored_sequence": reader.seq_name if seq_name is None else None},
-        sequence=sequence,
-    )
+        sums = np.stack([np.where(ok, t, 0).sum(0), np.where(ok, t * t, 0).sum(0), ok.sum(0)])
+        out = cls(rows=len(batch.label), cat_ids=list(ids), cat_counts=list(counts), num_sums=sums)
+        if with_sequence:
+            out.seq_items, out.seq_counts = count_tokens(batch.seq.flatten())
+            out.seq_lengths = list_lengths(batch.seq)
+        return out
 
 
-def _vocab(counts: Counter, min_count: int) -> list[str]:
-    """Tokens seen at least ``min_count`` times, by count desc then token, so the vocabulary is deterministic."""
-    return sorted((t for t, k in counts.items() if k >= min_count), key=lambda t: (-counts[t], t))
+class FitAccumulator:
+    """Chunk statistics merged into a feature spec; memory grows with distinct tokens only (``CountMerger``)."""
+
+    def __init__(self, cat_names: list[str], num_names: list[str], seq_name: str | None, max_distinct: int = 0):
+        if not cat_names:
+            raise CtrError("no categorical fields; every member needs at least one")
+        self.cat_names, self.num_names, self.seq_name = cat_names, num_names, seq_name
+        self.counts = [CountMerger(max_distinct) for _ in cat_names]
+        self.seq_counts = CountMerger(max_distinct) if seq_name else None
+        self.num_sums = np.zeros((3, len(num_names)))
+        self.seq_hist = np.zeros(1, np.int64)  # rows per history length
+        self.rows = 0
+        self._vocab: dict[int, list[str]] = {}  # fields already finished
+
+    def add(self, c: ChunkCounts) -> None:
+        for merger, counts in zip(self.counts, c.cat_counts):
+            merger.add(counts)
+        self.add_sums(c.rows, c.num_sums, np.bincount(c.seq_lengths) if c.seq_lengths is not None else None)
+        if self.seq_counts is not None:
+            self.seq_counts.add(c.seq_counts)
+
+    def merger(self, f: int) -> CountMerger:
+        """Field ``f``'s counts; f = n_cat is the sequence's items."""
+        return self.counts[f] if f < len(self.counts) else self.seq_counts
+
+    def finish_field(self, f: int, min_count: int) -> None:
+        """Fix field ``f``'s vocabulary now and free its counts (fitting one field at a time bounds memory
+        by the largest field's distinct tokens instead of all fields')."""
+        m = self.merger(f)
+        self._vocab[f] = vocab_from_counts(m.result(), min_count)
+        m.merged, m.pending = None, []
+
+    def _field_vocab(self, f: int, min_count: int) -> list[str]:
+        if f not in self._vocab:
+            self._vocab[f] = vocab_from_counts(self.merger(f).result(), min_count)
+        return self._vocab[f]
+
+    def add_sums(self, rows: int, num_sums: np.ndarray, seq_hist: np.ndarray | None) -> None:
+        self.rows += rows
+        self.num_sums += num_sums
+        if seq_hist is not None:
+            n = max(len(seq_hist), len(self.seq_hist))
+            self.seq_hist = np.pad(self.seq_hist, (0, n - len(self.seq_hist))) + np.pad(seq_hist, (0, n - len(seq_hist)))
+
+    def spec(self, min_count: int, seq_max_len: int, fitted_on: dict, ignored_sequence: str | None = None,
+             source: str = "data") -> FeatureSpec:
+        if self.rows == 0:
+            raise CtrError(f"{source}: no valid rows to fit the feature encoding on")
+        cats = [CategoricalField(name=n, vocab=self._field_vocab(f, min_count)) for f, n in enumerate(self.cat_names)]
+        sequence, seq_info = None, None
+        if self.seq_name is not None:
+            sequence = SequenceField(name=self.seq_name, vocab=self._field_vocab(len(self.cat_names), min_count),
+                                     max_len=seq_max_len)
+            seq_info = sequence_info(self.seq_name, self.seq_hist, seq_max_len)
+        s1, s2, cnt = self.num_sums
+        nums = []
+        for j, name in enumerate(self.num_names):
+            m = s1[j] / cnt[j] if cnt[j] else 0.0
+            var = s2[j] / cnt[j] - m * m if cnt[j] else 1.0
+            nums.append(NumericField(name=name, mean=float(m), std=float(max(np.sqrt(max(var, 0.0)), 1e-6))))
+        capped = {n: {"distinct_dropped": m.dropped, "max_count_dropped": m.max_dropped}
+                  for n, m in zip(self.cat_names + ([self.seq_name] if self.seq_name else []),
+                                  self.counts + ([self.seq_counts] if self.seq_counts else [])) if m.dropped}
+        fitted_on = {**fitted_on, "sequence": seq_info, "ignored_sequence": ignored_sequence}
+        if capped:
+            fitted_on["max_distinct_capped"] = capped
+        return FeatureSpec(categorical=cats, numeric=nums, min_count=min_count, fitted_on=fitted_on, sequence=sequence)
+
+
+def sequence_info(name: str, hist: np.ndarray, max_len: int) -> dict:
+    """History-length summary from a histogram (rows per length): mean, 95th percentile (linear
+    interpolation, as ``np.percentile``), longest, rows longer than ``max_len``."""
+    n = int(hist.sum())
+    lengths = np.arange(len(hist))
+    cum = np.cumsum(hist)
+
+    def at(rank: int) -> int:  # the rank-th smallest length (0-based)
+        return int(np.searchsorted(cum, rank, side="right"))
+
+    pos = 0.95 * (n - 1)
+    lo, hi = int(np.floor(pos)), int(np.ceil(pos))
+    p95 = at(lo) + (at(hi) - at(lo)) * (pos - lo)
+    return {"name": name, "mean_len": float((lengths * hist).sum() / max(n, 1)), "p95_len": float(p95),
+            "max_len_seen": int(lengths[hist > 0].max()) if n else 0,
+            "rows_truncated": int(hist[max_len + 1:].sum())}
 
 
 def signed_log1p(x: np.ndarray) -> np.ndarray:
     return np.sign(x) * np.log1p(np.abs(x))
+
+
+def list_lengths(seq: pa.Array) -> np.ndarray:
+    """Items per row (B,) int64 of a list array; a null list has none."""
+    return pc.fill_null(pc.list_value_length(seq), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def window_sequence(flat: np.ndarray, lengths: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows' items laid end to end (``flat``, rows in order, each oldest first) with their ``lengths`` (B,) →
+    (B, max_len) of the ``max_len`` most recent items of each row, left-aligned and zero-padded (dtype of
+    ``flat``), and the kept lengths (B, 1) int64."""
+    lengths = lengths.astype(np.int64)
+    off = np.concatenate([[0], np.cumsum(lengths)])
+    keep = np.minimum(lengths, max_len)
+    start = off[:-1] + lengths - keep  # drop the oldest items beyond max_len
+    pos = np.arange(max_len)
+    valid = pos[None, :] < keep[:, None]
+    src = np.where(valid, start[:, None] + pos[None, :], 0)
+    ids = np.where(valid, flat[src] if len(flat) else 0, 0).astype(flat.dtype)
+    return ids, keep[:, None]
 
 
 class Encoder:
@@ -250,20 +419,10 @@ class Encoder:
     def encode_sequence(self, seq: pa.Array) -> tuple[np.ndarray, np.ndarray]:
         """list<string> (B,) → seq_ids (B, max_len) int64 (most recent ``max_len`` items, oldest first,
         zero-padded on the right), seq_len (B, 1) int64."""
-        max_len = self.spec.sequence.max_len
-        off = seq.offsets.to_numpy(zero_copy_only=False).astype(np.int64)
         values = seq.flatten()  # honours a sliced array's offset
-        off = off - off[0]
-        lengths = np.diff(off)
         idx = pc.index_in(values, value_set=self._seq_vocab)
         flat = pc.fill_null(pc.add(idx, 1), OOV_ID).to_numpy(zero_copy_only=False).astype(np.int64)
-        keep = np.minimum(lengths, max_len)
-        start = off[:-1] + lengths - keep  # drop the oldest items beyond max_len
-        pos = np.arange(max_len)
-        valid = pos[None, :] < keep[:, None]
-        src = np.where(valid, start[:, None] + pos[None, :], 0)
-        ids = np.where(valid, flat[src] if len(flat) else 0, 0).astype(np.int64)
-        return ids, keep.astype(np.int64)[:, None]
+        return window_sequence(flat, list_lengths(seq), self.spec.sequence.max_len)
 
     def encode(self, batch: RawBatch) -> tuple[np.ndarray, np.ndarray]:
         if len(batch.cat) != self.spec.n_cat or batch.num.shape[1] != self.spec.n_num:

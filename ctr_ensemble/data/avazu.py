@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from ctr_ensemble.data.criteo import RawBatch, ReadStats, check_data_file
+from ctr_ensemble.data.criteo import RawBatch, ReadStats, TextParts, check_data_file
 from ctr_ensemble.errors import CtrError
 
 AVAZU_COLUMNS = [
@@ -47,7 +47,7 @@ def has_avazu_header(first_line: bytes) -> bool:
     return first_line.lstrip(b"\xef\xbb\xbf").startswith(b"id,click,")
 
 
-class AvazuReader:
+class AvazuReader(TextParts):
     """Iterate an Avazu CSV file (plain or .gz) in chunks of about ``block_size`` bytes."""
 
     format = "avazu"
@@ -85,12 +85,13 @@ class AvazuReader:
 
     def _on_invalid_row(self, row) -> str:
         # pyarrow swallows exceptions raised here: remember the first error and raise it after the batch.
-        line = row.number if row.number is not None else "?"
-        self._invalid_lines.append(row.number if row.number is not None else -1)
+        number = row.number + self._line_offset if row.number is not None else None
+        line = number if number is not None else "?"
+        self._invalid_lines.append(number if number is not None else -1)
         try:
             self._bad(f"line {line}", f"expected {row.expected_columns} comma-separated columns "
                                       f"(id, click, hour, C1, ..., C21), got {row.actual_columns}",
-                      row.number)
+                      number)
         except CtrError as e:
             self._pending = self._pending or e
         return "skip"
@@ -101,20 +102,21 @@ class AvazuReader:
             raise err
 
     def __iter__(self) -> Iterator[RawBatch]:
-        skip = 1 if self.has_header else 0
+        skip = 1 if self.has_header and (self._span is None or self._span.start == 0) else 0
         read_opts = pacsv.ReadOptions(column_names=AVAZU_COLUMNS, skip_rows=skip, block_size=self.block_size,
                                       use_threads=False)
         parse_opts = pacsv.ParseOptions(delimiter=",", quote_char=False, invalid_row_handler=self._on_invalid_row)
         conv = pacsv.ConvertOptions(column_types={c: pa.string() for c in AVAZU_COLUMNS}, strings_can_be_null=False,
                                     include_columns=AVAZU_COLUMNS[1:])
         try:
-            reader = pacsv.open_csv(self.path, read_options=read_opts, parse_options=parse_opts, convert_options=conv)
+            source = self.path if self._span is None else pa.BufferReader(self._read_span())
+            reader = pacsv.open_csv(source, read_options=read_opts, parse_options=parse_opts, convert_options=conv)
         except CtrError:
             raise
         except _READ_ERRORS as e:
             raise CtrError(f"{self.path}: cannot read as Avazu CSV: {_first_line(e)}") from e
         # open_csv already parsed the first chunk: its dropped rows (and errors) belong to the first batch.
-        line = 1 + skip
+        line = 1 + skip + self._line_offset
         while True:
             try:
                 batch = reader.read_next_batch()

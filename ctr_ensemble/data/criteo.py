@@ -8,6 +8,7 @@ columns, a label that is not 0/1, a numeric field that is not a number. With
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,49 @@ class ReadStats:
             self.skipped_examples.append(msg)
 
 
+@dataclass(frozen=True)
+class Span:
+    """A piece of one input file that a reader can read on its own (``data prepare`` works in such pieces).
+
+    Text formats: bytes ``[start, stop)`` (``stop`` -1 = to the end) beginning at a line start, whose first
+    line is line ``first_line`` of the file. Parquet: ``row_groups`` of ``file``, whose first row is row
+    ``first_line`` of the file.
+    """
+
+    file: str
+    start: int = 0
+    stop: int = -1
+    first_line: int = 1
+    row_groups: tuple[int, ...] = ()
+
+
+class TextParts:
+    """Reading one byte range of a plain text file with the file-level facts (header, field count) of the
+    whole-file reader. A reader over a part reads only those bytes and numbers lines from ``first_line``."""
+
+    path: Path
+    stats: ReadStats
+    _span: Span | None = None
+
+    def part(self, span: Span):
+        if Path(span.file) != self.path:
+            raise ValueError(f"span of {span.file} given to the reader of {self.path}")
+        other = copy.copy(self)
+        other.stats = ReadStats()
+        other._span = span
+        return other
+
+    @property
+    def _line_offset(self) -> int:
+        """Added to a line number counted from the start of what is read."""
+        return self._span.first_line - 1 if self._span is not None else 0
+
+    def _read_span(self) -> bytes:
+        with open(self.path, "rb") as f:
+            f.seek(self._span.start)
+            return f.read() if self._span.stop < 0 else f.read(self._span.stop - self._span.start)
+
+
 def check_data_file(path: Path, expected: str) -> None:
     """A missing or empty input is named with what was expected in it."""
     if not path.is_file():
@@ -55,7 +99,7 @@ def check_data_file(path: Path, expected: str) -> None:
         raise CtrError(f"{path}: data file is empty (expected {expected})")
 
 
-class CriteoReader:
+class CriteoReader(TextParts):
     """Iterate a Criteo-layout TSV file in chunks of about ``block_size`` bytes."""
 
     format = "criteo"
@@ -78,7 +122,7 @@ class CriteoReader:
 
     def _on_invalid_row(self, row) -> str:
         # pyarrow swallows exceptions raised here: remember the first error and raise it after the batch.
-        line = row.number if row.number is not None else "?"
+        line = row.number + self._line_offset if row.number is not None else "?"
         self._invalid_rows += 1
         try:
             self._bad(
@@ -100,13 +144,14 @@ class CriteoReader:
         # Everything is read as text and converted here, so a bad value can be located by line.
         conv = pacsv.ConvertOptions(column_types={c: pa.string() for c in COLUMNS}, strings_can_be_null=False)
         try:
-            reader = pacsv.open_csv(self.path, read_options=read_opts, parse_options=parse_opts, convert_options=conv)
+            source = self.path if self._span is None else pa.BufferReader(self._read_span())
+            reader = pacsv.open_csv(source, read_options=read_opts, parse_options=parse_opts, convert_options=conv)
         except CtrError:
             raise
         except (pa.ArrowInvalid, OSError, EOFError, UnicodeDecodeError) as e:
             raise CtrError(f"{self.path}: cannot read as Criteo TSV: {_first_line(e)}") from e
         self._raise_pending()
-        line = 1
+        line = 1 + self._line_offset
         while True:
             try:
                 batch = reader.read_next_batch()

@@ -14,6 +14,7 @@ such lines are dropped and counted instead.
 from __future__ import annotations
 
 import gzip
+import io
 import re
 import zlib
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ctr_ensemble.data.criteo import RawBatch, ReadStats, check_data_file
+from ctr_ensemble.data.criteo import RawBatch, ReadStats, TextParts, check_data_file
 from ctr_ensemble.errors import CtrError
 
 _NUM = r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
@@ -34,7 +35,7 @@ _PEEK_LINES = 1000  # lines scanned at open for the first valid one
 _READ_ERRORS = (OSError, EOFError, UnicodeDecodeError, zlib.error)
 
 
-class LibSVMReader:
+class LibSVMReader(TextParts):
     """Iterate a libSVM/libFM/FFM file (plain or .gz) in chunks of about ``block_size`` bytes."""
 
     format = "libsvm"
@@ -52,6 +53,8 @@ class LibSVMReader:
         self.cat_names = [f"f{k}" for k in range(1, self.n_fields + 1)]
 
     def _open(self):
+        if self._span is not None:
+            return io.BytesIO(self._read_span())
         if self.path.name.lower().endswith(".gz"):
             return gzip.open(self.path, "rb")
         return open(self.path, "rb")
@@ -87,7 +90,7 @@ class LibSVMReader:
         self.stats.bad_row(f"{self.path}:{where}: {what}", self.skip_bad_rows)
 
     def __iter__(self) -> Iterator[RawBatch]:
-        line = 1
+        line = 1 + self._line_offset
         with self._open() as f:
             while True:
                 try:

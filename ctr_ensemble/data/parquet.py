@@ -18,6 +18,7 @@ and the 1-based row within it ("row N"); with ``skip_bad_rows`` bad rows are dro
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -26,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ctr_ensemble.data.criteo import RawBatch, ReadStats
+from ctr_ensemble.data.criteo import RawBatch, ReadStats, Span
 from ctr_ensemble.errors import CtrError
 
 _READ_ERRORS = (pa.ArrowException, OSError, EOFError)
@@ -138,14 +139,36 @@ class ParquetReader:
     def _bad(self, f: Path, where: str, what: str) -> None:
         self.stats.bad_row(f"{f}:{where}: {what}", self.skip_bad_rows)
 
+    def part(self, span: Span) -> "ParquetReader":
+        """A reader over some row groups of one of this reader's files (same roles)."""
+        if Path(span.file) not in self.files:
+            raise ValueError(f"span of {span.file} given to the reader of {self.path}")
+        other = copy.copy(self)
+        other.stats = ReadStats()
+        other.files = [Path(span.file)]
+        other._span = span
+        return other
+
+    _span: Span | None = None
+
+    def row_groups(self, f: Path) -> list[int]:
+        """Rows per row group of file ``f``."""
+        try:
+            md = pq.ParquetFile(f).metadata
+        except _READ_ERRORS as e:
+            raise CtrError(f"{f}: cannot read as Parquet: {_first_line(e)}") from e
+        return [md.row_group(i).num_rows for i in range(md.num_row_groups)]
+
     def __iter__(self) -> Iterator[RawBatch]:
         for f in self.files:
             try:
                 pf = pq.ParquetFile(f)
             except _READ_ERRORS as e:
                 raise CtrError(f"{f}: cannot read as Parquet: {_first_line(e)}") from e
-            row = 1
-            it = pf.iter_batches(batch_size=self.batch_size, columns=self._columns, use_threads=False)
+            row = 1 if self._span is None else self._span.first_line
+            groups = list(self._span.row_groups) if self._span is not None else None
+            it = pf.iter_batches(batch_size=self.batch_size, columns=self._columns, use_threads=False,
+                                 row_groups=groups)
             while True:
                 try:
                     batch = next(it)

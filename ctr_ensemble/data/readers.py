@@ -78,19 +78,25 @@ def field_names(reader) -> dict:
 def read_all(path: str | Path, fmt: str = "auto", skip_bad_rows: bool = False) -> tuple[RawBatch, ReadStats]:
     """Read a whole (small enough) file into one RawBatch."""
     reader = open_reader(path, fmt, skip_bad_rows)
-    batches = list(reader)
-    if not batches:
+    batch = concat_batches(list(reader))
+    if batch is None:
         raise CtrError(f"{path}: no valid rows")
+    return batch, reader.stats
+
+
+def concat_batches(batches: list[RawBatch]) -> RawBatch | None:
+    """One RawBatch from several of the same reader (None for none)."""
+    if not batches:
+        return None
+    if len(batches) == 1:
+        return batches[0]
     seq = None
     if batches[0].seq is not None:
         seq = pa.concat_arrays([b.seq for b in batches])
-    return (
-        RawBatch(
-            label=np.concatenate([b.label for b in batches]),
-            num=np.concatenate([b.num for b in batches]),
-            cat=[pa.concat_arrays([b.cat[f] for b in batches]) for f in range(len(batches[0].cat))],
-            first_line=1,
-            seq=seq,
-        ),
-        reader.stats,
+    return RawBatch(
+        label=np.concatenate([b.label for b in batches]),
+        num=np.concatenate([b.num for b in batches]),
+        cat=[pa.concat_arrays([b.cat[f] for b in batches]) for f in range(len(batches[0].cat))],
+        first_line=batches[0].first_line,
+        seq=seq,
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import csv
 import time
 from dataclasses import asdict, dataclass
@@ -17,7 +16,9 @@ from ctr_ensemble import metrics, models
 from ctr_ensemble.errors import CtrError
 from ctr_ensemble.features import FeatureSpec, feed_rows
 from ctr_ensemble.models.base import Member, MemberConfig
+from ctr_ensemble.training import distributed, loader
 from ctr_ensemble.training.checkpoint import Checkpoint
+from ctr_ensemble.training.distributed import Dist
 
 
 @dataclass
@@ -54,13 +55,61 @@ class Arrays:
 @dataclass
 class TrainConfig:
     epochs: int = 8
-    batch_size: int = 512
+    batch_size: int = 512  # global batch (split over DDP processes)
     lr: float = 2e-3
     weight_decay: float = 1e-4  # L2 through Adam; curbs memorisation of rare ids
     patience: int = 1  # epochs without a better validation AUC before stopping
     seed: int = 42
     eval_batch_size: int = 16384
     max_steps: int = 0  # stop after this many optimiser steps (0 = no limit); for smoke checks
+    optimizer: str = "adam"  # adam (dense, every row each step) | sparse_adam | sparse_adagrad (see OPTIMIZERS)
+    emb_lr: float = 0.0  # learning rate of the embedding tables with a sparse optimizer (0 = lr)
+    amp: str = "none"  # none | bf16 (autocast of the forward pass)
+    compile: bool = False  # torch.compile the training step's forward
+    device: str = "auto"  # auto (CUDA if torch sees it) | cpu | cuda
+    shuffle: str = "auto"  # auto: full permutation for in-memory rows, block shuffle for prepared shards
+    block_rows: int = 8192  # block shuffle: rows read contiguously
+    buffer_rows: int = 262144  # block shuffle: rows shuffled together
+    streams: int = 0  # row streams (0 = one per DDP process); equal streams give equal global batches
+    prefetch: int = 0  # batches built ahead by a thread (always >= 1 on CUDA)
+
+
+# Embedding tables (nn.Embedding) get sparse gradients with the sparse optimizers: a step touches only
+# the rows in the batch instead of the whole table; everything else keeps Adam (+ weight decay).
+OPTIMIZERS = ("adam", "sparse_adam", "sparse_adagrad")
+AMP = ("none", "bf16")
+
+
+class Logits(nn.Module):
+    """The training step's forward, feeds by name → logits (B, 1): what DDP and torch.compile wrap."""
+
+    def __init__(self, member: Member):
+        super().__init__()
+        self.member = member
+
+    def forward(self, cat_ids: torch.Tensor, num: torch.Tensor | None = None, seq_ids: torch.Tensor | None = None,
+                seq_len: torch.Tensor | None = None) -> torch.Tensor:
+        if num is None:  # data without numeric fields
+            num = cat_ids[:, :0].to(torch.float32)
+        return self.member.logits(cat_ids, num, seq_ids, seq_len)[0]
+
+
+def make_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
+    """Adam over everything (``adam``), or a sparse optimizer over the embedding tables (switched to sparse
+    gradients here) plus Adam over the dense parameters."""
+    if cfg.optimizer not in OPTIMIZERS:
+        raise CtrError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.optimizer!r}")
+    if cfg.optimizer == "adam":
+        return [torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)]
+    tables = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    for m in tables:
+        m.sparse = True
+    sparse_ids = {id(m.weight) for m in tables}
+    dense = [p for p in model.parameters() if id(p) not in sparse_ids]
+    emb = [m.weight for m in tables]
+    lr = cfg.emb_lr or cfg.lr
+    opt = torch.optim.SparseAdam(emb, lr=lr) if cfg.optimizer == "sparse_adam" else torch.optim.Adagrad(emb, lr=lr)
+    return [opt, torch.optim.Adam(dense, lr=cfg.lr, weight_decay=cfg.weight_decay)]
 
 
 @torch.no_grad()
@@ -74,75 +123,113 @@ def predict(model: Member, feeds: dict[str, np.ndarray], batch_size: int = 16384
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
+def _labels(data) -> np.ndarray:
+    return data.labels() if hasattr(data, "labels") else data.label
+
+
+def evaluate_rows(model: Member, data, spec: FeatureSpec, batch_size: int, dist: Dist) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, probabilities) of every row of ``data``: each rank scores its share, all ranks get all."""
+    n = len(data)
+    lo, hi = distributed.split_range(n, dist)
+    p = loader.predict_source(model, data, spec.input_names, lo, hi, batch_size, dist.device)
+    p = distributed.gather_rows(p, dist).numpy()
+    return _labels(data)[:n], p
+
+
 def train_member(
     name: str,
     arch: str,
     model_cfg: MemberConfig,
     spec: FeatureSpec,
-    train: Arrays,
-    val: Arrays,
+    train,
+    val,
     cfg: TrainConfig,
     history_csv: Path | None = None,
+    dist: Dist | None = None,
 ) -> Checkpoint:
-    """Train a member from scratch and return the checkpoint of its best validation epoch."""
+    """Train a member from scratch and return the checkpoint of its best validation epoch.
+
+    ``train``/``val`` are in-memory ``Arrays`` or ``shards.Prepared`` folders. Under torchrun pass
+    ``dist = distributed.setup()``: each process trains on its own rows, gradients are averaged (DDP),
+    every process gets the same validation AUC, and the caller saves the checkpoint on rank 0 only."""
+    dist = dist or Dist(device=distributed.resolve_device(cfg.device))
+    if cfg.amp not in AMP:
+        raise CtrError(f"amp must be one of {', '.join(AMP)}, got {cfg.amp!r}")
     torch.manual_seed(cfg.seed)
-    model = models.build(arch, model_cfg, spec)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model = models.build(arch, model_cfg, spec).to(dist.device)
+    opts = make_optimizers(model, cfg)
+    step = distributed.wrap(Logits(model), dist)
+    if cfg.compile:
+        step = torch.compile(step)
     loss_fn = nn.BCEWithLogitsLoss()
-    gen = torch.Generator().manual_seed(cfg.seed)
-    inputs = [torch.from_numpy(train.cat_ids), torch.from_numpy(train.num)]
-    if train.seq_ids is not None:
-        inputs += [torch.from_numpy(train.seq_ids), torch.from_numpy(train.seq_len)]
-    y_t = torch.from_numpy(train.label.astype(np.float32))
+    shuffle = cfg.shuffle if cfg.shuffle != "auto" else ("block" if hasattr(train, "read") else "full")
+    batches = loader.Batches(train, spec.input_names, loader.LoaderConfig(
+        batch_size=cfg.batch_size, seed=cfg.seed, shuffle=shuffle, block_rows=cfg.block_rows,
+        buffer_rows=cfg.buffer_rows, streams=cfg.streams, prefetch=cfg.prefetch), dist.rank, dist.world, dist.device)
+    amp = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16")
     best_auc, best_state, best_epoch, bad_epochs = -1.0, None, 0, 0
     history = []
     steps = 0
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         t0 = time.perf_counter()
-        order = torch.randperm(len(train), generator=gen)
-        total, seen = 0.0, 0
-        bar = tqdm(range(0, len(train), cfg.batch_size), desc=f"{name} epoch {epoch}/{cfg.epochs}", unit="batch", leave=False)
-        for s in bar:
-            idx = order[s : s + cfg.batch_size]
-            logit, _ = model.logits(*(t[idx] for t in inputs))
-            loss = loss_fn(logit[:, 0], y_t[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
-            seen += len(idx)
-            bar.set_postfix(loss=f"{total / seen:.4f}")
+        total = torch.zeros((), dtype=torch.float64, device=dist.device)
+        seen = 0
+        bar = tqdm(batches.epoch(epoch), total=len(batches), desc=f"{name} epoch {epoch}/{cfg.epochs}", unit="batch",
+                   leave=False, disable=not dist.is_main)
+        for feeds, y in bar:
+            feeds, y = {k: v.to(dist.device) for k, v in feeds.items()}, y.to(dist.device)
+            with amp:
+                logit = step(**feeds)
+            loss = loss_fn(logit[:, 0].float(), y)
+            for o in opts:
+                o.zero_grad(set_to_none=True)
+            with distributed.collective(dist, f"training step {steps + 1} (gradient all-reduce)"):
+                loss.backward()
+            for o in opts:
+                o.step()
+            total += loss.detach() * len(y)
+            seen += len(y)
             steps += 1
+            if steps % 20 == 0:
+                bar.set_postfix(loss=f"{total.item() / seen:.4f}")
             if cfg.max_steps and steps >= cfg.max_steps:
                 break
-        p_val = predict(model, val.feeds(), cfg.eval_batch_size)
-        val_auc = metrics.auc(val.label, p_val) or 0.0
+        bar.close()
+        total_all, seen_all = distributed.all_sum([total.item(), float(seen)], dist)
+        seconds = time.perf_counter() - t0
+        y_val, p_val = evaluate_rows(model, val, spec, cfg.eval_batch_size, dist)
+        val_auc = metrics.auc(y_val, p_val) or 0.0
         row = {
             "epoch": epoch,
-            "train_logloss": total / max(seen, 1),
+            "train_logloss": total_all / max(seen_all, 1),
             "val_auc": val_auc,
-            "val_logloss": metrics.logloss(val.label, p_val),
+            "val_logloss": metrics.logloss(y_val, p_val),
             "seconds": time.perf_counter() - t0,
+            "train_samples_per_s": seen_all / seconds,
         }
         history.append(row)
-        tqdm.write(f"{name} epoch {epoch}: train_logloss={row['train_logloss']:.4f} val_auc={val_auc:.4f} "
-                   f"val_logloss={row['val_logloss']:.4f} ({row['seconds']:.1f}s)")
+        if dist.is_main:
+            tqdm.write(f"{name} epoch {epoch}: train_logloss={row['train_logloss']:.4f} val_auc={val_auc:.4f} "
+                       f"val_logloss={row['val_logloss']:.4f} ({row['seconds']:.1f}s, "
+                       f"{row['train_samples_per_s']:,.0f} samples/s)")
         if val_auc > best_auc or best_state is None:
             best_auc, best_epoch, bad_epochs = val_auc, epoch, 0
-            best_state = copy.deepcopy(model.state_dict())
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         else:
             bad_epochs += 1
             if bad_epochs > cfg.patience:
-                tqdm.write(f"{name}: early stop, best val_auc={best_auc:.4f} at epoch {best_epoch}")
+                if dist.is_main:
+                    tqdm.write(f"{name}: early stop, best val_auc={best_auc:.4f} at epoch {best_epoch}")
                 break
         if cfg.max_steps and steps >= cfg.max_steps:
             break
-    if history_csv is not None:
+    if history_csv is not None and dist.is_main:
         write_history(history, history_csv, name)
     return Checkpoint(
         name=name, arch=arch, config=model_cfg, spec=spec, state_dict=best_state,
-        metrics={"best_epoch": best_epoch, "val_auc": best_auc, "history": history, "train_config": asdict(cfg)},
+        metrics={"best_epoch": best_epoch, "val_auc": best_auc, "history": history, "train_config": asdict(cfg),
+                 "processes": dist.world},
     )
 
 
