@@ -410,7 +410,7 @@ def main() -> None:
         if STATE["debug"]:
             raise
         dist = STATE.get("dist")
-        where = f"[{dist.tag()}] " if dist is not None and dist.active else ""
+        where = f"{dist.tag()}: " if dist is not None and dist.active and not str(e).startswith(dist.tag()) else ""
         typer.echo(f"error: {where}{e}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:

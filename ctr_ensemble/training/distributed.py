@@ -108,8 +108,9 @@ def wrap(module: nn.Module, d: Dist) -> nn.Module:
         return module
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    # Buffers (field offsets, numeric statistics) are built identically on every rank: no per-step broadcast.
     with collective(d, "wrapping the model in DDP (broadcast of rank 0's weights)"):
-        return DDP(module, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+        return DDP(module, device_ids=[d.device.index] if d.device.type == "cuda" else None, broadcast_buffers=False)
 
 
 def gather_rows(t: torch.Tensor, d: Dist) -> torch.Tensor:

@@ -179,12 +179,12 @@ def train_member(
                    leave=False, disable=not dist.is_main)
         for feeds, y in bar:
             feeds, y = {k: v.to(dist.device) for k, v in feeds.items()}, y.to(dist.device)
-            with amp:
-                logit = step(**feeds)
-            loss = loss_fn(logit[:, 0].float(), y)
-            for o in opts:
-                o.zero_grad(set_to_none=True)
-            with distributed.collective(dist, f"training step {steps + 1} (gradient all-reduce)"):
+            with distributed.collective(dist, f"training step {steps + 1} (DDP forward/backward)"):
+                with amp:
+                    logit = step(**feeds)
+                loss = loss_fn(logit[:, 0].float(), y)
+                for o in opts:
+                    o.zero_grad(set_to_none=True)
                 loss.backward()
             for o in opts:
                 o.step()
