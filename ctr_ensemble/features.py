@@ -298,6 +298,7 @@ class FitAccumulator:
         self.seq_hist = np.zeros(1, np.int64)  # rows per history length
         self.rows = 0
         self._vocab: dict[int, list[str]] = {}  # fields already finished
+        self._distinct: dict[int, int] = {}  # distinct tokens counted per field (before min_count)
 
     def add(self, c: ChunkCounts) -> None:
         for merger, counts in zip(self.counts, c.cat_counts):
@@ -314,12 +315,16 @@ class FitAccumulator:
         """Fix field ``f``'s vocabulary now and free its counts (fitting one field at a time bounds memory
         by the largest field's distinct tokens instead of all fields')."""
         m = self.merger(f)
-        self._vocab[f] = vocab_from_counts(m.result(), min_count)
+        counts = m.result()
+        self._vocab[f] = vocab_from_counts(counts, min_count)
+        self._distinct[f] = counts.num_rows
         m.merged, m.pending = None, []
 
     def _field_vocab(self, f: int, min_count: int) -> list[str]:
         if f not in self._vocab:
-            self._vocab[f] = vocab_from_counts(self.merger(f).result(), min_count)
+            counts = self.merger(f).result()
+            self._vocab[f] = vocab_from_counts(counts, min_count)
+            self._distinct[f] = counts.num_rows
         return self._vocab[f]
 
     def add_sums(self, rows: int, num_sums: np.ndarray, seq_hist: np.ndarray | None) -> None:
@@ -348,7 +353,9 @@ class FitAccumulator:
         capped = {n: {"distinct_dropped": m.dropped, "max_count_dropped": m.max_dropped}
                   for n, m in zip(self.cat_names + ([self.seq_name] if self.seq_name else []),
                                   self.counts + ([self.seq_counts] if self.seq_counts else [])) if m.dropped}
-        fitted_on = {**fitted_on, "sequence": seq_info, "ignored_sequence": ignored_sequence}
+        names = self.cat_names + ([self.seq_name] if self.seq_name else [])
+        fitted_on = {**fitted_on, "sequence": seq_info, "ignored_sequence": ignored_sequence,
+                     "distinct_tokens": {n: self._distinct[f] for f, n in enumerate(names)}}
         if capped:
             fitted_on["max_distinct_capped"] = capped
         return FeatureSpec(categorical=cats, numeric=nums, min_count=min_count, fitted_on=fitted_on, sequence=sequence)

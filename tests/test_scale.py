@@ -20,7 +20,7 @@ from ctr_ensemble.data.shards import Prepared
 from ctr_ensemble.data.synth import SynthConfig, generate
 from ctr_ensemble.errors import CtrError
 from ctr_ensemble.training import loader
-from ctr_ensemble.training.trainer import Arrays, TrainConfig, encode_file, make_optimizers, train_member
+from ctr_ensemble.training.trainer import Arrays, Optimizers, TrainConfig, encode_file, train_member
 from ctr_ensemble.serving.server import free_port
 from tests.conftest import TINY_CARDS, TINY_MODEL
 
@@ -215,15 +215,21 @@ def test_sparse_optimizer_touches_only_batch_rows_and_learns(opt, prepared):
     cfg = TrainConfig(epochs=3, batch_size=256, optimizer=opt, emb_lr=0.05 if opt == "sparse_adagrad" else 0.0,
                       patience=5)
     model = models.build("deepfm", models.make_config("deepfm", TINY_MODEL["deepfm"]), tr.spec)
-    opts = make_optimizers(model, cfg)
-    assert [type(o).__name__ for o in opts] == [{"sparse_adam": "SparseAdam", "sparse_adagrad": "Adagrad"}[opt], "Adam"]
+    opts = Optimizers(model, cfg)
+    assert [type(o).__name__ for o in opts.opts] == [{"sparse_adam": "SparseAdam", "sparse_adagrad": "Adagrad"}[opt], "Adam"]
     x, y = next(iter(loader.Batches(tr, tr.spec.input_names, loader.LoaderConfig(batch_size=64)).epoch(1)))
     before = model.embedding.table.weight.detach().clone()
     loss = torch.nn.functional.binary_cross_entropy_with_logits(model.logits(x["cat_ids"], x["num"])[0][:, 0], y)
     loss.backward()
-    assert model.embedding.table.weight.grad.is_sparse
-    for o in opts:
-        o.step()
+    grad = model.embedding.table.weight.grad
+    assert grad.is_sparse
+    data_grad = grad.coalesce().to_dense()
+    opts.step()
+    # The coupled L2 (weight_decay · w) reached the batch's rows only, like dense Adam's weight_decay would.
+    g = model.embedding.table.weight.grad.to_dense()
+    rows = data_grad.abs().sum(1) > 0
+    torch.testing.assert_close(g[rows], data_grad[rows] + cfg.weight_decay * before[rows])
+    assert not g[~rows].any()
     touched = torch.zeros(len(before), dtype=torch.bool)
     touched[(x["cat_ids"] + model.embedding.offsets).flatten()] = True
     changed = (model.embedding.table.weight.detach() != before).any(1)

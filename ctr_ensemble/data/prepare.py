@@ -40,7 +40,7 @@ import zlib
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -347,19 +347,33 @@ def run_remap(task: RemapTask) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- driver
-def _run_all(fn: Callable, tasks: list, workers: int, on_done: Callable[[dict], None]) -> None:
-    """Run ``fn`` over ``tasks`` in this process (workers <= 1) or a spawn pool, at most 2×workers in flight;
-    ``on_done`` sees each result in the parent as it arrives."""
-    if workers <= 1 or len(tasks) <= 1:
-        for t in tasks:
-            on_done(fn(t))
-        return
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:  # fork + pyarrow threads is unsafe
+class _Runner:
+    """Runs chunk jobs in this process (workers <= 1) or in one spawn pool kept for every pass, at most
+    2×workers in flight; ``on_done`` sees each result in the parent as it arrives."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self.pool: ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> _Runner:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def run(self, fn: Callable, tasks: list, on_done: Callable[[dict], None]) -> None:
+        if self.workers <= 1 or len(tasks) <= 1:
+            for t in tasks:
+                on_done(fn(t))
+            return
+        if self.pool is None:  # fork + pyarrow's threads is unsafe: spawn
+            self.pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=get_context("spawn"))
         pending, todo = set(), list(tasks)
         try:
             while todo or pending:
-                while todo and len(pending) < 2 * workers:
-                    pending.add(pool.submit(fn, todo.pop(0)))
+                while todo and len(pending) < 2 * self.workers:
+                    pending.add(self.pool.submit(fn, todo.pop(0)))
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in done:
                     on_done(fut.result())
@@ -383,6 +397,7 @@ class PrepareResult:
     seconds: float
     spec_fitted: bool
     checked: bool = False  # a finished folder: every shard file's size and CRC-32 checked (damaged ones re-encoded)
+    phases: dict = field(default_factory=dict)  # seconds per phase of this run: read, fit, remap, finish
 
     @property
     def rows_per_s(self) -> float:
@@ -463,6 +478,23 @@ def prepare(inputs: list[str | Path], out: str | Path, opts: PrepareOptions, spe
     tasks = [ChunkTask(i, _span(c), c["input"], str(out), state["format"], opts.skip_bad_rows, with_seq,
                        state["seq_max_len"], spec_path if given is not None else None)
              for i, c in enumerate(state["chunks"]) if i not in done]
+    phases = {"plan": time.perf_counter() - t_start}
+    with _Runner(opts.workers) as runner:
+        _passes(out, state, opts, inputs, given, tasks, done, runner, save_state, progress, phases)
+    t0 = time.perf_counter()
+    manifest = _write_manifest(out, state)
+    shutil.rmtree(out / WORK, ignore_errors=True)
+    phases["finish"] = time.perf_counter() - t0
+    return PrepareResult(out=out, rows=manifest["rows"], skipped=manifest["skipped"], shards=len(manifest["shards"]),
+                         chunks_run=len(tasks), chunks_resumed=len(done), seconds=time.perf_counter() - t_start,
+                         spec_fitted=given is None, phases=phases)
+
+
+def _passes(out: Path, state: dict, opts: PrepareOptions, inputs: list[Path], given: FeatureSpec | None,
+            tasks: list[ChunkTask], done: set[int], runner: _Runner, save_state: Callable[[], None], progress: bool,
+            phases: dict) -> None:
+    """Pass 1 (read every unfinished chunk), then when fitting: the vocabularies and pass 2 (ids)."""
+    n_chunks = len(state["chunks"])
     rows_run, t_run = 0, time.perf_counter()
     with tqdm(total=sum(c["bytes"] for c in state["chunks"]), initial=sum(state["chunks"][k]["bytes"] for k in done),
               unit="B", unit_scale=True, disable=not progress, smoothing=0.1,
@@ -476,13 +508,17 @@ def prepare(inputs: list[str | Path], out: str | Path, opts: PrepareOptions, spe
             bar.update(state["chunks"][info["index"]]["bytes"])
             bar.set_postfix_str(f"{rows_run:,} rows, {rows_run / max(time.perf_counter() - t_run, 1e-9):,.0f} rows/s")
 
-        _run_all(run_chunk, tasks, opts.workers, done_chunk)
+        runner.run(run_chunk, tasks, done_chunk)
+    phases["read"] = time.perf_counter() - t_run
     if given is None:
+        t0 = time.perf_counter()
         if not state["spec_fitted"] or not (out / SPEC_FILE).is_file():
             _fit_from_chunks(out, state, opts, inputs).save(out / SPEC_FILE)
             state["spec_fitted"] = True
             save_state()
-        todo = [RemapTask(i, str(out), spec_path, with_seq) for i in range(n_chunks)
+        phases["fit"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        todo = [RemapTask(i, str(out), str(out / SPEC_FILE), state["sequence"] is not None) for i in range(n_chunks)
                 if state["pass1"][str(i)]["rows"] and not _chunk_done(out, state["pass2"].get(str(i)))]
         with tqdm(total=n_chunks, initial=n_chunks - len(todo), unit="chunk", disable=not progress,
                   desc=f"prepare {out.name}: vocabulary ids") as bar:
@@ -492,12 +528,8 @@ def prepare(inputs: list[str | Path], out: str | Path, opts: PrepareOptions, spe
                 save_state()
                 bar.update(1)
 
-            _run_all(run_remap, todo, opts.workers, done_remap)
-    manifest = _write_manifest(out, state)
-    shutil.rmtree(out / WORK, ignore_errors=True)
-    return PrepareResult(out=out, rows=manifest["rows"], skipped=manifest["skipped"], shards=len(manifest["shards"]),
-                         chunks_run=len(tasks), chunks_resumed=len(done), seconds=time.perf_counter() - t_start,
-                         spec_fitted=given is None)
+            runner.run(run_remap, todo, done_remap)
+        phases["remap"] = time.perf_counter() - t0
 
 
 def _diff(a: dict, b: dict) -> str:

@@ -1,0 +1,305 @@
+"""Training throughput and quality at scale: `make bench-train`.
+
+A. Every registry member (default config) trained from the prepared shards of `make bench-data`
+   (5 M synthetic Criteo-layout rows: 26 categorical + 13 numeric fields) through the real loader
+   (block shuffle from memmaps), the real optimiser set-up and step: dense Adam vs sparse Adam, batch 4096. samples/s (wall), samples per CPU-second, peak RSS of the process.
+B. DCNv2 at the issue's reference shape (26 fields × 100 k ids × emb 16, cross ×3 + MLP 400³) at batch
+   4096 and 16384: the plain-PyTorch baseline (``baseline_dcnv2.py``: dense Adam, random data in memory),
+   this package's DCNv2 on the same shape and in-memory data (dense Adam, sparse Adam), and the same
+   model config end to end from the prepared shards.
+C. Quality: DeepFM val AUC after training on a smaller synthetic set (prepared shards) with dense Adam,
+   sparse Adam and sparse Adagrad (both with the lazy coupled L2 of ``trainer.Optimizers``), same batch
+   size and epochs, several seeds.
+
+Each measurement runs in its own process (peak memory per configuration). GPU rows are measured only
+when torch sees a GPU; FuxiCTR only when its venv (``.venv-fuxictr``) exists. Writes
+``<out>/train.csv``, ``train_quality.csv``, ``train.md`` and ``train.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import load_average, machine, md_table  # noqa: E402
+
+MEMBERS = ("deepfm", "dcnv2", "dcn", "pnn", "fibinet", "dhen", "emofm", "interformer")
+REF = {"cross_layers": 3, "hidden": [400, 400, 400], "embedding_dim": 16}  # the issue's DCNv2 shape
+SPARSE = {"optimizer": "sparse_adam"}  # emb lr 5 × lr, lazy coupled L2 (trainer.Optimizers)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, default=Path("artifacts/bench/data"))
+    p.add_argument("--out", type=Path, default=Path("artifacts/bench"))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seconds", type=float, default=20.0, help="timed training per configuration")
+    p.add_argument("--members", default=",".join(MEMBERS))
+    p.add_argument("--quality-rows", type=int, default=250_000)
+    p.add_argument("--quality-epochs", type=int, default=2)
+    p.add_argument("--quality-batch", type=int, default=2048)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--skip", default="", help="comma list of sections to skip: members, reference, quality")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    return p.parse_args()
+
+
+# ---------------------------------------------------------------------------------------------- child side
+def _time_steps(step, batch: int, seconds: float, max_steps: int = 60, sync=lambda: None) -> dict:
+    for _ in range(3):
+        step()
+    sync()
+    t0, c0, n = time.perf_counter(), time.process_time(), 0
+    while n < max_steps and time.perf_counter() - t0 < seconds:
+        step()
+        n += 1
+    sync()
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"steps": n, "samples_per_s": n * batch / wall, "samples_per_cpu_s": n * batch / cpu}
+
+
+def child(job: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(job["threads"])
+    if job["kind"] == "baseline":
+        from baseline_dcnv2 import run
+
+        out = run(job["batch"], job["seconds"], device=job.get("device", "cpu"))
+    elif job["kind"] == "quality":
+        out = quality_run(job)
+    else:
+        out = member_run(job, torch)
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def _reference_spec():
+    from ctr_ensemble.features import CategoricalField, FeatureSpec
+
+    return FeatureSpec(categorical=[CategoricalField(f"C{i + 1}", [str(k) for k in range(99_999)]) for i in range(26)],
+                       numeric=[])
+
+
+def member_run(job: dict, torch) -> dict:
+    import numpy as np
+
+    from ctr_ensemble import models
+    from ctr_ensemble.data.shards import Prepared
+    from ctr_ensemble.training import loader
+    from ctr_ensemble.training.trainer import Arrays, Logits, Optimizers, TrainConfig
+
+    if job["data"] == "memory":  # the reference shape, random rows already in memory
+        spec = _reference_spec()
+        rng = np.random.default_rng(0)
+        n = job["batch"] * 8
+        data = Arrays(rng.integers(1, 100_000, (n, 26)), np.zeros((n, 0), np.float32),
+                      rng.integers(0, 2, n).astype(np.float32))
+        shuffle = "full"
+    else:
+        data = Prepared(job["data"])
+        spec = data.spec
+        shuffle = "block"
+    model = models.build(job["arch"], models.make_config(job["arch"], job.get("config")), spec)
+    cfg = TrainConfig(batch_size=job["batch"], **job["train"])
+    opts = Optimizers(model, cfg)
+    step_module = Logits(model)
+    batches = loader.Batches(data, spec.input_names, loader.LoaderConfig(batch_size=job["batch"], shuffle=shuffle))
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    state = {"it": batches.epoch(1), "epoch": 1}
+
+    def step() -> None:
+        try:
+            x, y = next(state["it"])
+        except StopIteration:
+            state["epoch"] += 1
+            state["it"] = batches.epoch(state["epoch"])
+            x, y = next(state["it"])
+        loss = loss_fn(step_module(**x)[:, 0], y)
+        opts.zero_grad()
+        loss.backward()
+        opts.step()
+
+    out = _time_steps(step, job["batch"], job["seconds"])
+    out["params"] = sum(p.numel() for p in model.parameters())
+    return out
+
+
+def quality_run(job: dict) -> dict:
+    from ctr_ensemble import models
+    from ctr_ensemble.data.shards import Prepared
+    from ctr_ensemble.training.trainer import TrainConfig, train_member
+
+    tr, va = Prepared(job["train_dir"]), Prepared(job["val_dir"])
+    cfg = TrainConfig(epochs=job["epochs"], batch_size=job["batch"], seed=job["seed"], patience=job["epochs"],
+                      **job["train"])
+    ck = train_member(job["arch"], job["arch"], models.make_config(job["arch"]), tr.spec, tr, va, cfg)
+    h = ck.metrics["history"]
+    return {"val_auc": ck.metrics["val_auc"], "best_epoch": ck.metrics["best_epoch"],
+            "val_auc_per_epoch": [r["val_auc"] for r in h],
+            "samples_per_s": statistics.mean(r["train_samples_per_s"] for r in h)}
+
+
+# ---------------------------------------------------------------------------------------------- parent side
+def run_child(job: dict) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:200]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def ensure_bench_data(args) -> tuple[Path, Path]:
+    d = args.data / "prepared"
+    if not (d / "train" / "manifest.json").is_file():
+        sys.exit(f"{d}/train: no prepared data; run `make bench-data` first")
+    return d / "train", d / "val"
+
+
+def ensure_quality_data(args) -> tuple[Path, Path]:
+    from ctr_ensemble.data.prepare import PrepareOptions, prepare
+    from ctr_ensemble.data.synth import SynthConfig, generate
+
+    d = args.data / f"quality_{args.quality_rows}"
+    if not (d / "prepared" / "val" / "manifest.json").is_file():
+        generate(d / "raw", SynthConfig(seed=11, splits={"train": args.quality_rows, "val": 50_000}))
+        opts = PrepareOptions(min_count=2, workers=1)
+        prepare([d / "raw" / "train.tsv"], d / "prepared" / "train", opts)
+        prepare([d / "raw" / "val.tsv"], d / "prepared" / "val", opts, spec=d / "prepared" / "train" / "feature_spec.json")
+    return d / "prepared" / "train", d / "prepared" / "val"
+
+
+def main() -> None:
+    args = parse_args()
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return
+    import torch
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    skip = set(filter(None, args.skip.split(",")))
+    load0 = load_average()
+    rows: list[dict] = []
+    common = {"threads": args.threads, "seconds": args.seconds}
+    if "members" not in skip:
+        train_dir, _ = ensure_bench_data(args)
+        for arch in args.members.split(","):
+            for label, train in (("dense Adam", {"optimizer": "adam"}), ("sparse Adam", SPARSE)):
+                r = run_child({**common, "kind": "member", "arch": arch, "data": str(train_dir), "batch": 4096,
+                               "train": train})
+                rows.append({"section": "A: members from prepared shards", "model": arch, "optimizer": label,
+                             "batch": 4096, **r})
+                print(rows[-1])
+    if "reference" not in skip:
+        train_dir, _ = ensure_bench_data(args)
+        for batch in (4096, 16384):
+            r = run_child({**common, "kind": "baseline", "batch": batch})
+            rows.append({"section": "B: DCNv2 reference shape", "model": "plain PyTorch DCNv2 (baseline)",
+                         "optimizer": "dense Adam", "batch": batch, "data": "random, in memory", **r})
+            print(rows[-1])
+            for label, train in (("dense Adam", {"optimizer": "adam"}), ("sparse Adam", SPARSE)):
+                r = run_child({**common, "kind": "member", "arch": "dcnv2", "config": REF, "data": "memory",
+                               "batch": batch, "train": train})
+                rows.append({"section": "B: DCNv2 reference shape", "model": "ctr-ensemble dcnv2", "optimizer": label,
+                             "batch": batch, "data": "random, in memory", **r})
+                print(rows[-1])
+            r = run_child({**common, "kind": "member", "arch": "dcnv2", "config": REF, "data": str(train_dir),
+                           "batch": batch, "train": SPARSE})
+            rows.append({"section": "B: DCNv2 reference shape", "model": "ctr-ensemble dcnv2",
+                         "optimizer": "sparse Adam", "batch": batch, "data": "prepared shards (5 M rows)", **r})
+            print(rows[-1])
+    quality: list[dict] = []
+    if "quality" not in skip:
+        qtr, qva = ensure_quality_data(args)
+        variants = (("dense Adam (weight decay 1e-4)", {"optimizer": "adam"}),
+                    ("sparse Adam (emb lr 5x, lazy L2 1e-4)", SPARSE),
+                    ("sparse Adagrad (emb lr 0.05, lazy L2 1e-4)", {"optimizer": "sparse_adagrad", "emb_lr": 0.05}))
+        for label, train in variants:
+            for seed in range(args.seeds):
+                r = run_child({"kind": "quality", "threads": args.threads, "arch": "deepfm", "train_dir": str(qtr),
+                               "val_dir": str(qva), "epochs": args.quality_epochs, "batch": args.quality_batch,
+                               "seed": seed, "train": train})
+                quality.append({"optimizer": label, "seed": seed, **r})
+                print(quality[-1])
+    report(args, rows, quality, machine(), load0, load_average(), torch.cuda.is_available())
+
+
+def _fuxictr_note() -> str:
+    venv = Path(".venv-fuxictr")
+    if venv.is_dir():
+        return f"FuxiCTR: {venv} exists but this benchmark does not drive it yet; not measured."
+    return ("FuxiCTR: not measured. Its venv (`.venv-fuxictr`, built by `make bench-quality` on the `bench` branch) "
+            "has not landed on `main`, so there is no pinned FuxiCTR install to run on the same shards.")
+
+
+def report(args, rows, quality, mach, load0, load1, cuda: bool) -> None:
+    cols = ["section", "model", "optimizer", "batch", "data", "samples_per_s", "samples_per_cpu_s", "peak_rss_mb",
+            "params", "steps", "error"]
+    with open(args.out / "train.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    qcols = ["optimizer", "seed", "val_auc", "best_epoch", "val_auc_per_epoch", "samples_per_s", "error"]
+    with open(args.out / "train_quality.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=qcols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(quality)
+    summary = []
+    for label in dict.fromkeys(q["optimizer"] for q in quality):
+        aucs = [q["val_auc"] for q in quality if q["optimizer"] == label and "val_auc" in q]
+        if aucs:
+            summary.append({"optimizer": label, "seeds": len(aucs), "mean val AUC": statistics.mean(aucs),
+                            "std": statistics.stdev(aucs) if len(aucs) > 1 else 0.0,
+                            "min": min(aucs), "max": max(aucs)})
+    gpu = ("GPU rows: not measured. No GPU was lent to this task (torch.cuda.is_available() is False here); "
+           "the CUDA path (pinned memory, prefetch thread, non_blocking copies) is exercised only by a test that "
+           "skips without CUDA." if not cuda else "GPU present: see rows with device cuda.")
+    md = ["# bench-train", "", f"- machine: {mach}", f"- torch threads: {args.threads}; load average "
+          f"{load0} at start, {load1} at the end (the 2 cores are shared with other jobs: samples per CPU-second "
+          "is the steadier figure)", f"- timed window: {args.seconds:g}s per row after 3 warm-up steps; each row in "
+          "its own process (peak RSS = that process, memmapped shard pages included)", f"- {gpu}",
+          f"- {_fuxictr_note()}", "", "## Throughput", "",
+          md_table([{k: r.get(k, "") for k in cols} for r in rows], cols[:-2] + ["error"]), ""]
+    if summary:
+        md += ["## Quality: DeepFM val AUC by optimiser (same data, batch, epochs; best epoch)", "",
+               f"{args.quality_rows:,} train / 50,000 val synthetic rows (prepared shards), batch "
+               f"{args.quality_batch}, {args.quality_epochs} epochs, seeds 0..{args.seeds - 1}.", "",
+               md_table(summary, ["optimizer", "seeds", "mean val AUC", "std", "min", "max"]), ""]
+    (args.out / "train.md").write_text("\n".join(md))
+    plot(args, rows)
+    print("\n".join(md))
+
+
+def plot(args, rows) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if "samples_per_s" in r]
+    if not ok:
+        return
+    labels = [f"{r['model']} | {r['optimizer']} | b{r['batch']}" for r in ok]
+    fig, ax = plt.subplots(figsize=(8, 0.28 * len(ok) + 1.2))
+    y = range(len(ok))
+    ax.barh([i + 0.2 for i in y], [r["samples_per_cpu_s"] for r in ok], height=0.4, label="samples per CPU-second")
+    ax.barh([i - 0.2 for i in y], [r["samples_per_s"] for r in ok], height=0.4, label="samples/s (wall)")
+    ax.set_yticks(list(y), labels, fontsize=6)
+    ax.invert_yaxis()
+    ax.set_xlabel("samples")
+    ax.legend(fontsize=7)
+    ax.set_title("training throughput (CPU)")
+    fig.tight_layout()
+    fig.savefig(args.out / "train.png", dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
