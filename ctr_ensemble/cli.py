@@ -196,6 +196,18 @@ def export_cmd(
     typer.echo(f"{repository}/ctr_ensemble: fusion {opt.fusion_mode} (tau={opt.tau}) on {manifest['fusion']['kind']}")
 
 
+@app.command("check-repo")
+def check_repo_cmd(
+    repository: Path = typer.Option(Path("model_repository"), help="Triton model repository to validate."),
+) -> None:
+    """Validate a model repository without starting Triton: configs, ONNX files (checksum, checker,
+    inputs/outputs vs config), Python models, ensemble wiring, feature specs. Exit 2 on any problem."""
+    from ctr_ensemble.export import validate
+
+    validate.check(repository)
+    typer.echo(f"{repository}: OK ({len(list(Path(repository).glob('*/config.pbtxt')))} models)")
+
+
 @app.command("check-export")
 def check_export_cmd(
     model: Optional[str] = typer.Option(None, help="Architecture: build from its default config, train a few steps on generated data."),

@@ -31,7 +31,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from ctr_ensemble.errors import CtrError
-from ctr_ensemble.export import onnx_export
+from ctr_ensemble.export import onnx_export, validate
 from ctr_ensemble.features import INPUT_DTYPES, FeatureSpec
 from ctr_ensemble.layers import fusion as fusion_math
 from ctr_ensemble.training.checkpoint import Checkpoint
@@ -175,7 +175,8 @@ def write_repository(
             model = ck.build()
             mdir = staging / ck.name
             onnx_path = onnx_export.export_member(model, ck.spec, mdir / "1" / "model.onnx")
-            entry = {"arch": ck.arch, "checkpoint": ck.source, "repr_dim": model.repr_dim, "val_auc": ck.metrics.get("val_auc")}
+            entry = {"arch": ck.arch, "checkpoint": ck.source, "repr_dim": model.repr_dim, "val_auc": ck.metrics.get("val_auc"),
+                     "onnx_sha256": validate.file_sha256(onnx_path)}
             if parity_rows is not None:
                 sess = onnx_export.session(onnx_path)
                 entry["parity"] = onnx_export.parity(model, sess, parity_rows)
@@ -196,6 +197,7 @@ def write_repository(
         (edir / "1").mkdir(parents=True)
         spec0.save(edir / "feature_spec.json")
         (staging / "repository.json").write_text(json.dumps(manifest, indent=2))
+        validate.check(staging)  # what Triton would refuse never replaces a working repository
         swap_in(staging, repo)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
