@@ -7,6 +7,7 @@ FX_VENV := .venv-fuxictr
 FX_STAMP := $(FX_VENV)/.installed
 BENCH_QUALITY_ARGS ?=
 MEMBERS ?= deepfm,dcnv2
+SEQ_MAX_LEN ?= 0
 PYTEST_ARGS ?=
 
 .PHONY: venv demo test bench-serve bench-quality clean
@@ -21,7 +22,7 @@ $(STAMP): requirements.txt pyproject.toml
 venv: $(STAMP)
 
 demo: venv
-	$(BIN)/ctr-ensemble demo --members $(MEMBERS)
+	$(BIN)/ctr-ensemble demo --members $(MEMBERS) --seq-max-len $(SEQ_MAX_LEN)
 
 test: venv
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -76,7 +76,7 @@ class DHENLayer(nn.Module):
         super().__init__()
         self.branches = nn.ModuleList(make_module(m, n_tokens, dim, low_rank, mlp_hidden) for m in modules)
         self.combine = nn.Linear(len(modules) * dim, dim)  # concat of k module outputs → layer width
-        self.norm = nn.LayerNorm([n_tokens, dim])
+        self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ens = torch.cat([m(x) for m in self.branches], dim=-1)  # (B, T, k·D)
