@@ -206,7 +206,7 @@ def run_ours(prep: Prepared, spec: features.FeatureSpec, arrays: dict, member: s
         model = models.build(member, model_cfg, spec)
         model.load_state_dict(ck.state_dict)
         test = arrays["test"]
-        p = predict(model, test.cat_ids, test.num)
+        p = predict(model, test.feeds())
         epochs = len(ck.metrics["history"])
         rows = len(arrays["train"])
         if cfg.max_steps:
@@ -223,13 +223,15 @@ def fuxictr_numeric(dataset: str, cfg: BenchConfig) -> str:
     return AUTO_NUMERIC.get(dataset, "scaled") if cfg.fuxictr_numeric == "auto" else cfg.fuxictr_numeric
 
 
-def fuxictr_job(prep: Prepared, members: list[str], cfg: BenchConfig, use_sequence: bool) -> dict:
+def fuxictr_job(prep: Prepared, members: list[str], cfg: BenchConfig, seq_max_len: int) -> dict:
+    """The runner's job; ``seq_max_len`` 0 = leave the sequence column out (as our spec does then)."""
     return {
         "dataset": prep.name,
         "data_dir": str(prep.dir.resolve()),
         "work_dir": str((cfg.out / "quality" / "fuxictr" / prep.name).resolve()),
         "fields": prep.fields,
-        "use_sequence": use_sequence,
+        "use_sequence": seq_max_len > 0,
+        "seq_max_len": seq_max_len,
         "numeric": fuxictr_numeric(prep.name, cfg),
         "min_count": cfg.min_count.get(prep.name, 2),
         "threads": cfg.threads,
@@ -240,13 +242,13 @@ def fuxictr_job(prep: Prepared, members: list[str], cfg: BenchConfig, use_sequen
     }
 
 
-def run_fuxictr(prep: Prepared, members: list[str], cfg: BenchConfig, use_sequence: bool, bar) -> list[dict]:
+def run_fuxictr(prep: Prepared, members: list[str], cfg: BenchConfig, seq_max_len: int, bar) -> list[dict]:
     """Run the FuxiCTR runner for one dataset; one result per (member, seed), failures included with a reason."""
     base = {"dataset": prep.name, "framework": "fuxictr"}
     wanted = [(m, s) for m in members for s in cfg.seeds]
     if not wanted:
         return []
-    job = fuxictr_job(prep, members, cfg, use_sequence)
+    job = fuxictr_job(prep, members, cfg, seq_max_len)
     work = Path(job["work_dir"])
     if work.exists():  # FuxiCTR skips rebuilding when feature_map.json exists: start clean for these files
         import shutil
@@ -268,6 +270,8 @@ def run_fuxictr(prep: Prepared, members: list[str], cfg: BenchConfig, use_sequen
             for line in proc.stdout:
                 if line.startswith("RESULT "):
                     r = json.loads(line[len("RESULT "):])
+                    if r.get("error"):
+                        r["error"] = one_line(r["error"])
                     got[(r["member"], r["seed"])] = {**base, **r}
                     bar.update(1)
                     _note(bar, got[(r["member"], r["seed"])])
@@ -282,6 +286,12 @@ def run_fuxictr(prep: Prepared, members: list[str], cfg: BenchConfig, use_sequen
             out.append({**base, "member": m, "seed": s, "error": failure or "no result from the runner"})
             bar.update(1)
     return out
+
+
+def one_line(msg: str, limit: int = 240) -> str:
+    """An error message fit for a table cell: one line, at most ``limit`` characters."""
+    msg = " ".join(msg.split()).replace("|", "/")
+    return msg if len(msg) <= limit else msg[: limit - 1] + "…"
 
 
 def _last_line(path: Path) -> str:
@@ -503,10 +513,11 @@ def run(cfg: BenchConfig) -> list[dict]:
         preps[ds] = prep
         spec = features.fit(prep.dir / "train.parquet", min_count=cfg.min_count.get(ds, 2))
         arrays = {s: encode_file(prep.dir / f"{s}.parquet", spec) for s in ("train", "val", "test")}
-        ignored = spec.fitted_on.get("ignored_sequence")
-        use_seq = bool(prep.fields.get("sequence")) and not ignored
+        use_seq = spec.sequence is not None
         if prep.fields.get("sequence"):
-            env["sequence_use"][ds] = ("used by sequence-aware members; FuxiCTR: mean-pooled field" if use_seq else
+            env["sequence_use"][ds] = (f"last {spec.sequence.max_len} items: our classic members add a mean-pooled "
+                                       f"history token, InterFormer runs its sequence arch; FuxiCTR: a mean-pooled "
+                                       f"sequence field (MaskedAveragePooling)" if use_seq else
                                        "ignored by our members (spec: ignored_sequence) and by FuxiCTR")
         console.print(f"{prep.note}; rows {prep.rows}; {len(spec.categorical)} categorical / {len(spec.numeric)} "
                       f"numeric fields; min_count {spec.min_count}")
@@ -518,7 +529,7 @@ def run(cfg: BenchConfig) -> list[dict]:
                 _note(bar, r)
         if fx_members:
             console.rule(f"{ds}: FuxiCTR ({', '.join(FUXICTR_MEMBERS[m] for m in fx_members)})")
-            runs += run_fuxictr(prep, fx_members, cfg, use_seq, bar)
+            runs += run_fuxictr(prep, fx_members, cfg, spec.sequence.max_len if use_seq else 0, bar)
     bar.close()
     seconds = time.perf_counter() - t_start
     rows = aggregate(runs, cfg.fuxictr)

@@ -199,7 +199,9 @@ def feature_cols(fields: dict, numeric: str, use_sequence: bool, seq_max_len: in
             raise ValueError(f"numeric recipe must be bucket or scaled, got {numeric!r}")
     if use_sequence and fields.get("sequence"):
         # FuxiCTR's default sequence encoder: mean of the item embeddings (MaskedAveragePooling), one more field.
-        cols.append({"name": fields["sequence"], "active": True, "dtype": "str", "type": "sequence",
+        # dtype "list", not "str": FuxiCTR 2.3.10 fills nulls of a "str" column with "" before it joins a Parquet
+        # list column into "a^b^c", and polars refuses to cast a list to a string there.
+        cols.append({"name": fields["sequence"], "active": True, "dtype": "list", "type": "sequence",
                      "splitter": "^", "max_len": seq_max_len, "padding": "pre"})
     return cols
 
