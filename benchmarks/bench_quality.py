@@ -193,6 +193,14 @@ def train_config(cfg: BenchConfig, seed: int) -> TrainConfig:
                        patience=cfg.patience, seed=seed, max_steps=cfg.max_steps)
 
 
+def warm_up(spec: features.FeatureSpec, arrays: dict, cfg: BenchConfig) -> None:
+    """Two untimed steps of every member first: the first training in a process pays seconds of one-time setup."""
+    small = arrays["val"].take(slice(0, 256))
+    for m in cfg.members:
+        train_member(f"warm-up {m}", m, models.make_config(m), spec, arrays["train"], small,
+                     dataclasses.replace(train_config(cfg, 0), epochs=1, max_steps=2))
+
+
 def run_ours(prep: Prepared, spec: features.FeatureSpec, arrays: dict, member: str, seed: int,
              cfg: BenchConfig) -> dict:
     """Train one member with one seed through the project's API; score the test split."""
@@ -223,7 +231,7 @@ def fuxictr_numeric(dataset: str, cfg: BenchConfig) -> str:
     return AUTO_NUMERIC.get(dataset, "scaled") if cfg.fuxictr_numeric == "auto" else cfg.fuxictr_numeric
 
 
-def fuxictr_job(prep: Prepared, members: list[str], cfg: BenchConfig, seq_max_len: int) -> dict:
+def fuxictr_job(prep: Prepared, cfg: BenchConfig, seq_max_len: int) -> dict:
     """The runner's job; ``seq_max_len`` 0 = leave the sequence column out (as our spec does then)."""
     return {
         "dataset": prep.name,
@@ -237,55 +245,87 @@ def fuxictr_job(prep: Prepared, members: list[str], cfg: BenchConfig, seq_max_le
         "threads": cfg.threads,
         "train": {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
                   "weight_decay": cfg.weight_decay, "patience": cfg.patience},
-        "runs": [{"member": m, "seed": s, "config": dataclasses.asdict(models.make_config(m))}
-                 for m in members for s in cfg.seeds],
     }
 
 
-def run_fuxictr(prep: Prepared, members: list[str], cfg: BenchConfig, seq_max_len: int, bar) -> list[dict]:
-    """Run the FuxiCTR runner for one dataset; one result per (member, seed), failures included with a reason."""
-    base = {"dataset": prep.name, "framework": "fuxictr"}
-    wanted = [(m, s) for m in members for s in cfg.seeds]
-    if not wanted:
-        return []
-    job = fuxictr_job(prep, members, cfg, seq_max_len)
-    work = Path(job["work_dir"])
-    if work.exists():  # FuxiCTR skips rebuilding when feature_map.json exists: start clean for these files
-        import shutil
+class FuxiCTRWorker:
+    """The FuxiCTR runner for one dataset, kept running so that its runs can alternate with ours.
 
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
-    job_path = work / "job.json"
-    job_path.write_text(json.dumps(job, indent=2))
-    log_path = work / "runner.log"
-    got: dict[tuple[str, int], dict] = {}
-    failure = None
-    if not cfg.fuxictr_python.exists():
-        failure = f"{cfg.fuxictr_python} not found (make bench-quality creates .venv-fuxictr)"
-    else:
-        env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads), RAY_DEDUP_LOGS="0", PYTHONUNBUFFERED="1")
-        with open(log_path, "w") as log:
-            proc = subprocess.Popen([str(cfg.fuxictr_python), str(Path(__file__).with_name("fuxictr_runner.py")),
-                                     str(job_path)], stdout=subprocess.PIPE, stderr=log, text=True, env=env)
-            for line in proc.stdout:
-                if line.startswith("RESULT "):
-                    r = json.loads(line[len("RESULT "):])
-                    if r.get("error"):
-                        r["error"] = one_line(r["error"])
-                    got[(r["member"], r["seed"])] = {**base, **r}
-                    bar.update(1)
-                    _note(bar, got[(r["member"], r["seed"])])
-            rc = proc.wait()
-        if rc != 0:
-            failure = f"runner exited {rc} (see {log_path}: {_last_line(log_path)})"
-    out = []
-    for m, s in wanted:
-        if (m, s) in got:
-            out.append(got[(m, s)])
-        else:
-            out.append({**base, "member": m, "seed": s, "error": failure or "no result from the runner"})
-            bar.update(1)
-    return out
+    ``start`` builds the dataset in the runner (FuxiCTR's preprocessing); ``run`` trains one (member, seed).
+    Every failure becomes a result with ``error`` saying why (missing venv, dataset build, a run, a crash),
+    so the table names it instead of dropping the column.
+    """
+
+    def __init__(self, prep: Prepared, cfg: BenchConfig, seq_max_len: int):
+        self.prep, self.cfg, self.seq_max_len = prep, cfg, seq_max_len
+        self.proc: subprocess.Popen | None = None
+        self.failure: str | None = None
+        self.work = cfg.out / "quality" / "fuxictr" / prep.name
+        self.log_path = self.work / "runner.log"
+
+    def start(self) -> None:
+        if not self.cfg.fuxictr_python.exists():
+            self.failure = f"{self.cfg.fuxictr_python} not found (make bench-quality creates .venv-fuxictr)"
+            return
+        if self.work.exists():  # FuxiCTR skips rebuilding when feature_map.json exists: start clean
+            import shutil
+
+            shutil.rmtree(self.work)
+        self.work.mkdir(parents=True)
+        job_path = self.work / "job.json"
+        job_path.write_text(json.dumps(fuxictr_job(self.prep, self.cfg, self.seq_max_len), indent=2))
+        env = dict(os.environ, OMP_NUM_THREADS=str(self.cfg.threads), PYTHONUNBUFFERED="1")
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen([str(self.cfg.fuxictr_python), str(Path(__file__).with_name("fuxictr_runner.py")),
+                                      str(job_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
+                                     text=True, env=env)
+        line = self._read_tagged()
+        if line is None:
+            self._crashed()
+        elif line[0] == "FAILED":
+            self.failure = one_line(json.loads(line[1])["error"])
+            self.close()
+
+    def _read_tagged(self) -> tuple[str, str] | None:
+        """The next READY/FAILED/RESULT line of the runner (other output is ignored); None at EOF."""
+        for line in self.proc.stdout:
+            tag, _, rest = line.rstrip("\n").partition(" ")
+            if tag in ("READY", "FAILED", "RESULT"):
+                return tag, rest
+        return None
+
+    def _crashed(self) -> None:
+        rc = self.proc.wait()
+        self.failure = one_line(f"runner exited {rc} (see {self.log_path}: {_last_line(self.log_path)})")
+        self.proc = None
+
+    def run(self, member: str, seed: int) -> dict:
+        rec = {"dataset": self.prep.name, "member": member, "framework": "fuxictr", "seed": seed}
+        if self.proc is None:
+            return {**rec, "error": self.failure or "runner not started"}
+        req = {"member": member, "seed": seed, "config": dataclasses.asdict(models.make_config(member))}
+        try:
+            self.proc.stdin.write(json.dumps(req) + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            self._crashed()
+            return {**rec, "error": self.failure}
+        line = self._read_tagged()
+        if line is None:
+            self._crashed()
+            return {**rec, "error": self.failure}
+        r = json.loads(line[1])
+        if r.get("error"):
+            r["error"] = one_line(r["error"])
+        return {**rec, **r}
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.proc.stdin.close()
+            self.proc.wait()
+            self.proc = None
+        if getattr(self, "_log", None):
+            self._log.close()
 
 
 def one_line(msg: str, limit: int = 240) -> str:
@@ -521,15 +561,26 @@ def run(cfg: BenchConfig) -> list[dict]:
                                        "ignored by our members (spec: ignored_sequence) and by FuxiCTR")
         console.print(f"{prep.note}; rows {prep.rows}; {len(spec.categorical)} categorical / {len(spec.numeric)} "
                       f"numeric fields; min_count {spec.min_count}")
-        for m in cfg.members:
-            for s in cfg.seeds:
-                r = run_ours(prep, spec, arrays, m, s, cfg)
-                runs.append(r)
-                bar.update(1)
-                _note(bar, r)
+        worker = None
         if fx_members:
-            console.rule(f"{ds}: FuxiCTR ({', '.join(FUXICTR_MEMBERS[m] for m in fx_members)})")
-            runs += run_fuxictr(prep, fx_members, cfg, spec.sequence.max_len if use_seq else 0, bar)
+            worker = FuxiCTRWorker(prep, cfg, spec.sequence.max_len if use_seq else 0)
+            console.print(f"FuxiCTR: building {ds} with its own preprocessing ({worker.log_path})")
+            worker.start()
+            if worker.failure:
+                console.print(f"[red]FuxiCTR unavailable for {ds}:[/] {worker.failure}")
+        warm_up(spec, arrays, cfg)
+        try:
+            # Ours and FuxiCTR alternate run by run, so drifting load on a shared machine hits both alike.
+            for m in cfg.members:
+                for s in cfg.seeds:
+                    for r in ([run_ours(prep, spec, arrays, m, s, cfg)]
+                              + ([worker.run(m, s)] if worker and m in fx_members else [])):
+                        runs.append(r)
+                        bar.update(1)
+                        _note(bar, r)
+        finally:
+            if worker:
+                worker.close()
     bar.close()
     seconds = time.perf_counter() - t_start
     rows = aggregate(runs, cfg.fuxictr)

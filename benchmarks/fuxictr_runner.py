@@ -1,20 +1,21 @@
 """FuxiCTR reference runs for ``make bench-quality`` (runs inside ``.venv-fuxictr``, never imported by the project).
 
-Usage: ``.venv-fuxictr/bin/python benchmarks/fuxictr_runner.py JOB.json``
+Usage: ``.venv-fuxictr/bin/python benchmarks/fuxictr_runner.py JOB.json`` (started by ``benchmarks/bench_quality.py``).
 
-The job (written by ``benchmarks/bench_quality.py``) names one prepared dataset (``train/val/test.parquet``,
-the very files our members train on), its fields, the training settings and the list of
-(member, seed) runs. For each run this script trains FuxiCTR's model of that member with
-FuxiCTR's own pipeline (``FeatureProcessor`` + ``build_dataset`` → parquet, ``RankDataLoader``,
-``BaseModel.fit``) and prints one JSON line per finished run on stdout, prefixed by ``RESULT ``:
+The job names one prepared dataset (``train/val/test.parquet``, the very files our members train
+on), its fields and the training settings. The runner builds the dataset with FuxiCTR's own
+pipeline (``FeatureProcessor`` + ``build_dataset``), prints ``READY {...}`` (or ``FAILED {"error": ...}``),
+then reads one JSON request per stdin line, ``{"member": "deepfm", "seed": 1, "config": {...}}``
+(``config`` = that member's default config in our registry, for the sizes), trains FuxiCTR's model
+of that member (``RankDataLoader``, ``BaseModel.fit``) and prints one line per request:
 
-    {"member": "deepfm", "seed": 1, "test_auc": ..., "test_logloss": ..., "val_auc": ...,
-     "epochs": 3, "train_rows": ..., "fit_seconds": ..., "samples_per_s": ..., "error": null}
+    RESULT {"member": "deepfm", "seed": 1, "test_auc": ..., "test_logloss": ..., "val_auc": ...,
+            "epochs": 3, "train_rows": ..., "fit_seconds": ..., "samples_per_s": ..., "error": null}
 
-A run that fails prints the same line with ``error`` set (the other runs go on); a dataset that
-cannot be built prints one error line per run. Test AUC/logloss come from ``ctr_ensemble.metrics``
-(scikit-learn, probabilities clipped to [1e-7, 1 - 1e-7]) on (label, prediction) pairs taken
-batch by batch, so both frameworks are scored by the same code.
+with ``error`` set when that run failed. Requests one at a time let the caller interleave our runs
+and FuxiCTR's, so a machine whose load drifts slows both alike. Test AUC/logloss come from
+``ctr_ensemble.metrics`` (scikit-learn, probabilities clipped to [1e-7, 1 - 1e-7]) on
+(label, prediction) pairs taken batch by batch, so both frameworks are scored by the same code.
 
 FuxiCTR 2.3.x ships the library (layers, ``BaseModel``, data pipeline) on PyPI but not its
 ``model_zoo``; the five models below are composed from the library's own layers the way the
@@ -222,10 +223,6 @@ def to_npz(parquet: str, feature_map_json: Path) -> str:
     return out
 
 
-def emit(record: dict) -> None:
-    print("RESULT " + json.dumps(record), flush=True)
-
-
 def score(model: BaseModel, gen) -> tuple[float | None, float]:
     """AUC and logloss over (label, prediction) pairs collected batch by batch (order-safe with Ray)."""
     model.eval()
@@ -238,79 +235,91 @@ def score(model: BaseModel, gen) -> tuple[float | None, float]:
     return metrics.auc(y, p), metrics.logloss(y, p)
 
 
-def run(job: dict) -> None:
+def build(job: dict) -> tuple[str, str, str]:
+    """FuxiCTR's own preprocessing of the split files → encoded .npz paths (train, valid, test)."""
+    work, data = Path(job["work_dir"]), Path(job["data_dir"])
+    cols = feature_cols(job["fields"], job["numeric"], bool(job.get("use_sequence")), job.get("seq_max_len", 50))
+    fp = BenchFeatureProcessor(feature_cols=cols, label_col={"name": "label", "dtype": "float"},
+                               dataset_id=job["dataset"], data_root=str(work))
+    paths = build_dataset(fp, train_data=str(data / "train.parquet"), valid_data=str(data / "val.parquet"),
+                          test_data=str(data / "test.parquet"), data_format="parquet",
+                          min_categr_count=job["min_count"])
+    fm_json = work / job["dataset"] / "feature_map.json"
+    return tuple(to_npz(p, fm_json) for p in paths)
+
+
+def train_one(job: dict, paths: tuple[str, str, str], member: str, seed: int, cfg: dict) -> dict:
+    """Train and score one FuxiCTR model; the timed fit follows a 2-step warm-up of a throwaway copy."""
+    work, tr = Path(job["work_dir"]), job["train"]
+    feature_map = FeatureMap(job["dataset"], str(work / job["dataset"]))
+    feature_map.load(str(work / job["dataset"] / "feature_map.json"), {"embedding_dim": cfg["embedding_dim"]})
+    common = dict(learning_rate=tr["lr"], gpu=-1, optimizer="adam", loss="binary_crossentropy",
+                  metrics=["AUC", "logloss"], monitor="AUC", monitor_mode="max",
+                  # Adam + an explicit λ/2·||w||² penalty has the gradient of our Adam(weight_decay=λ).
+                  embedding_regularizer=float(tr["weight_decay"]), net_regularizer=float(tr["weight_decay"]),
+                  # ours stops after patience+1 epochs without a better val AUC and has no LR decay
+                  early_stop_patience=tr["patience"] + 1, reduce_lr_on_plateau=False,
+                  model_root=str(work / "checkpoints" / f"{member}_{seed}"), verbose=0)
+    # FuxiCTR's in-memory NpzDataLoader (a torch DataLoader, shuffled by the seeded torch RNG), in this
+    # process like ours; its 2.3 default, the Ray parquet loader, starts a Ray Data job per pass (~5 s here).
+    loader_args = dict(train_data=paths[0], valid_data=paths[1], test_data=paths[2], batch_size=tr["batch_size"],
+                       data_format="npz", shuffle=True, num_workers=0)
+    train_gen, valid_gen = RankDataLoader(feature_map, stage="train", **loader_args)
+    warm = build_model(member, cfg, feature_map, common)
+    batch = next(iter(train_gen))
+    warm._max_gradient_norm = 10.0  # set by fit(); train_step reads it
+    for _ in range(2):
+        warm.train_step(batch)
+    seed_everything(seed)
+    model = build_model(member, cfg, feature_map, common)
+    os.makedirs(model.model_dir, exist_ok=True)
+    t0 = time.perf_counter()
+    model.fit(train_gen, validation_data=valid_gen, epochs=tr["epochs"])
+    fit_seconds = time.perf_counter() - t0
+    epochs = model._epoch_index + 1
+    val_auc, _ = score(model, valid_gen)
+    test_gen = RankDataLoader(feature_map, stage="test", **loader_args)
+    test_auc, test_logloss = score(model, test_gen)
+    rows = train_gen.num_samples
+    rec = dict(test_auc=test_auc, test_logloss=test_logloss, val_auc=val_auc, epochs=epochs, train_rows=rows,
+               fit_seconds=fit_seconds, samples_per_s=rows * epochs / fit_seconds, test_rows=test_gen.num_samples,
+               n_fields=feature_map.num_fields, error=None)
+    if test_auc is None or not math.isfinite(test_logloss):
+        rec["error"] = "non-finite test metrics"
+    return rec
+
+
+def serve(job: dict) -> None:
+    """Build the dataset, say READY (or FAILED and why), then answer one JSON run request per stdin line."""
     torch.set_num_threads(job["threads"])
-    work = Path(job["work_dir"])
-    data = Path(job["data_dir"])
-    tr = job["train"]
-    runs = job["runs"]
-    use_sequence = bool(job.get("use_sequence"))
     try:
-        cols = feature_cols(job["fields"], job["numeric"], use_sequence, job.get("seq_max_len", 50))
-        fp = BenchFeatureProcessor(feature_cols=cols,
-                                   label_col={"name": "label", "dtype": "float"},
-                                   dataset_id=job["dataset"], data_root=str(work))
         t0 = time.perf_counter()
-        train_p, valid_p, test_p = build_dataset(
-            fp, train_data=str(data / "train.parquet"), valid_data=str(data / "val.parquet"),
-            test_data=str(data / "test.parquet"), data_format="parquet", min_categr_count=job["min_count"])
-        fm_json = work / job["dataset"] / "feature_map.json"
-        train_p, valid_p, test_p = (to_npz(p, fm_json) for p in (train_p, valid_p, test_p))
-        prep_seconds = time.perf_counter() - t0
-    except Exception as e:  # the whole dataset is unusable: say why for every run
-        msg = f"dataset build failed: {type(e).__name__}: {e}"
+        paths = build(job)
+        print("READY " + json.dumps({"prep_seconds": time.perf_counter() - t0}), flush=True)
+    except Exception as e:  # the whole dataset is unusable: say why once, the parent records it per run
         traceback.print_exc(file=sys.stderr)
-        for r in runs:
-            emit({"member": r["member"], "seed": r["seed"], "error": msg})
+        print("FAILED " + json.dumps({"error": f"dataset build failed: {type(e).__name__}: {e}"}), flush=True)
         return
-    for r in runs:
-        rec = {"member": r["member"], "seed": r["seed"], "error": None, "prep_seconds": prep_seconds}
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        req = json.loads(line)
+        rec = {"member": req["member"], "seed": req["seed"]}
         try:
-            cfg = r["config"]
-            params = {"embedding_dim": cfg["embedding_dim"]}
-            feature_map = FeatureMap(job["dataset"], str(work / job["dataset"]))
-            feature_map.load(str(work / job["dataset"] / "feature_map.json"), params)
-            seed_everything(r["seed"])
-            common = dict(learning_rate=tr["lr"], gpu=-1, optimizer="adam", loss="binary_crossentropy",
-                          metrics=["AUC", "logloss"], monitor="AUC", monitor_mode="max",
-                          # Adam + an explicit λ/2·||w||² penalty has the gradient of our Adam(weight_decay=λ).
-                          embedding_regularizer=float(tr["weight_decay"]), net_regularizer=float(tr["weight_decay"]),
-                          # ours stops after patience+1 epochs without a better val AUC and has no LR decay
-                          early_stop_patience=tr["patience"] + 1, reduce_lr_on_plateau=False,
-                          model_root=str(work / "checkpoints" / f"{r['member']}_{r['seed']}"), verbose=0)
-            model = build_model(r["member"], cfg, feature_map, common)
-            os.makedirs(model.model_dir, exist_ok=True)
-            # FuxiCTR's in-memory NpzDataLoader (a torch DataLoader, shuffled by the seeded torch RNG), in this
-            # process like ours; its 2.3 default, the Ray parquet loader, starts a Ray Data job per pass (~5 s here).
-            loader_args = dict(train_data=train_p, valid_data=valid_p, test_data=test_p, batch_size=tr["batch_size"],
-                               data_format="npz", shuffle=True, num_workers=0)
-            train_gen, valid_gen = RankDataLoader(feature_map, stage="train", **loader_args)
-            t0 = time.perf_counter()
-            model.fit(train_gen, validation_data=valid_gen, epochs=tr["epochs"])
-            fit_seconds = time.perf_counter() - t0
-            epochs = model._epoch_index + 1
-            val_auc, _ = score(model, valid_gen)
-            test_gen = RankDataLoader(feature_map, stage="test", **loader_args)
-            test_auc, test_logloss = score(model, test_gen)
-            rows = train_gen.num_samples
-            rec.update(test_auc=test_auc, test_logloss=test_logloss, val_auc=val_auc, epochs=epochs, train_rows=rows,
-                       fit_seconds=fit_seconds, samples_per_s=rows * epochs / fit_seconds,
-                       test_rows=test_gen.num_samples, n_fields=feature_map.num_fields)
-            if test_auc is None or not math.isfinite(test_logloss):
-                rec["error"] = "non-finite test metrics"
+            rec.update(train_one(job, paths, req["member"], req["seed"], req["config"]))
         except Exception as e:
             traceback.print_exc(file=sys.stderr)
             rec["error"] = f"{type(e).__name__}: {e}"
-        emit(rec)
+        print("RESULT " + json.dumps(rec), flush=True)
 
 
 def main() -> None:
     if len(sys.argv) != 2:
-        sys.exit("usage: fuxictr_runner.py JOB.json")
+        sys.exit("usage: fuxictr_runner.py JOB.json  (then one JSON run request per stdin line)")
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     job = json.loads(Path(sys.argv[1]).read_text())
     try:
-        run(job)
+        serve(job)
     finally:
         import ray
 
