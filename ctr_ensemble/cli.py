@@ -250,6 +250,9 @@ def serve_cmd(
     http_port: int = typer.Option(8000), grpc_port: int = typer.Option(8001), metrics_port: int = typer.Option(8002),
     startup_timeout: float = typer.Option(180.0, help="Seconds to wait for readiness."),
     log_verbose: int = typer.Option(0, help="tritonserver --log-verbose level."),
+    supervise: bool = typer.Option(True, help="Restart the server when it dies or a backend stub dies "
+                                              "(Triton does not recover a killed stub by itself)."),
+    max_restarts: int = typer.Option(5, help="Give up after this many restarts."),
 ) -> None:
     """Run the local tritonserver (from nvidia-pytriton) until Ctrl-C."""
     from ctr_ensemble.serving.server import TritonServer
@@ -258,9 +261,12 @@ def serve_cmd(
                           startup_timeout=startup_timeout, log_verbose=log_verbose,
                           log_path=Path("artifacts/tritonserver.log").resolve())
     Path("artifacts").mkdir(exist_ok=True)
-    server.start()
+    from ctr_ensemble.serving.supervisor import Supervisor
+
+    sup = Supervisor(server, max_restarts=max_restarts) if supervise else None
+    sup.start() if sup else server.start()
     typer.echo(f"Triton ready: HTTP {server.http_url}, gRPC {server.grpc_url}, metrics {server.metrics_url} "
-               f"(log {server.log_path}); Ctrl-C to stop")
+               f"(log {server.log_path}); {'supervised, ' if sup else ''}Ctrl-C to stop")
     stop = {"now": False}
 
     def _on_signal(*_):
@@ -270,11 +276,19 @@ def serve_cmd(
     signal.signal(signal.SIGINT, _on_signal)
     import time
 
-    while not stop["now"] and server.is_running():
+    seen = 0
+    while not stop["now"] and (server.is_running() if sup is None else sup.error is None):
         time.sleep(0.5)
-    if not server.is_running():
+        if sup is not None and len(sup.restarts) > seen:
+            for r in sup.restarts[seen:]:
+                typer.echo(f"restarted tritonserver after: {r['reason']} ({r['seconds']:.1f}s)", err=True)
+            seen = len(sup.restarts)
+    if sup is not None and sup.error is not None:
+        sup.stop()
+        raise CtrError(f"tritonserver supervision stopped: {sup.error}; log:\n{server.log_tail()}")
+    if sup is None and not server.is_running():
         raise CtrError(f"tritonserver exited unexpectedly; log:\n{server.log_tail()}")
-    code = server.stop()
+    code = sup.stop() if sup else server.stop()
     typer.echo(f"tritonserver stopped (exit code {code})")
 
 
