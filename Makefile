@@ -45,9 +45,9 @@ loadtest: venv perf-venv
 	test -f $(LT_REPO)/repository.json -a -f $(LT_DATA) || $(MAKE) loadtest-demo
 	$(BIN)/ctr-ensemble loadtest --sweep --repository $(LT_REPO) --data $(LT_DATA) --out artifacts/loadtest
 
-# A small demo (the demo pipeline's steps at 60k training rows, 2 epochs) when `make demo` has not run.
+# A small demo (the demo pipeline's steps at 30k training rows, 2 epochs) when `make demo` has not run.
 loadtest-demo: venv
-	$(BIN)/ctr-ensemble data synth --out $(LT_SMALL)/data --train-rows 60000 --val-rows 8000 --test-rows 8000
+	$(BIN)/ctr-ensemble data synth --out $(LT_SMALL)/data --train-rows 30000 --val-rows 6000 --test-rows 6000
 	$(BIN)/ctr-ensemble data fit --train $(LT_SMALL)/data/train.tsv --out $(LT_SMALL)/feature_spec.json
 	for m in deepfm dcnv2; do $(BIN)/ctr-ensemble train --model $$m --train $(LT_SMALL)/data/train.tsv \
 	  --val $(LT_SMALL)/data/val.tsv --spec $(LT_SMALL)/feature_spec.json --out $(LT_SMALL)/members/$$m.pt \
