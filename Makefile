@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MEMBERS ?= deepfm,dcnv2
+SEQ_MAX_LEN ?= 0
 PYTEST_ARGS ?=
 
 PERF_VENV := .venv-perf
@@ -33,7 +34,7 @@ $(PERF_STAMP): requirements-perf.txt
 perf-venv: $(PERF_STAMP)
 
 demo: venv
-	$(BIN)/ctr-ensemble demo --members $(MEMBERS)
+	$(BIN)/ctr-ensemble demo --members $(MEMBERS) --seq-max-len $(SEQ_MAX_LEN)
 
 test: venv perf-venv
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

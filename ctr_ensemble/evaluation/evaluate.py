@@ -73,7 +73,7 @@ def evaluate(
     mode, tau = manifest["fusion"]["mode"], float(manifest["fusion"]["tau"])
     spec = repository_spec(repository)
     arr = encode_file(data, spec, skip_bad_rows, fmt)
-    cat_ids, num, y = arr.cat_ids, arr.num, arr.label.astype(np.int64)
+    feeds, y = arr.feeds(), arr.label.astype(np.int64)
     summary: dict = {"data": str(data), "rows": int(len(y)), "skipped_rows": arr.skipped, "oracle_auc": None,
                      "fusion": {"mode": mode, "tau": tau}, "members": {n: {} for n in names}, "ensemble": {}}
     if truth is not None:
@@ -91,7 +91,7 @@ def evaluate(
         if not ckpt_paths.get(n):
             raise CtrError(f"member {n}: no checkpoint known; pass --checkpoint {n}=PATH")
         model = checkpoint.load(ckpt_paths[n]).build()
-        ref[n], sec = _timed(lambda: predict(model, cat_ids, num))
+        ref[n], sec = _timed(lambda: predict(model, feeds))
         ref[n] = ref[n].astype(np.float64)
         if "torch" in backends:
             summary["members"][n]["torch"] = _row(y, ref[n], ref[n], sec)
@@ -103,7 +103,7 @@ def evaluate(
         probs = {}
         for n in names:
             sess = onnx_export.session(repository / n / "1" / "model.onnx")
-            (probs[n], _), sec = _timed(lambda: onnx_export.run_onnx(sess, cat_ids, num))
+            (probs[n], _), sec = _timed(lambda: onnx_export.run_onnx(sess, feeds))
             summary["members"][n]["onnx"] = _row(y, probs[n], ref[n], sec)
         summary["ensemble"]["onnx"] = _row(y, _fuse_np(probs, names, mode, tau), ref_fused, None)
 
@@ -116,9 +116,9 @@ def evaluate(
         scorer.check_ready(ENSEMBLE_NAME)
         probs = {}
         for n in names:
-            probs[n], sec = _timed(lambda: scorer.score(n, cat_ids, num, targets.batch_size))
+            probs[n], sec = _timed(lambda: scorer.score(n, feeds, targets.batch_size))
             summary["members"][n][backend] = _row(y, probs[n], ref[n], sec)
-        served, sec = _timed(lambda: scorer.score(ENSEMBLE_NAME, cat_ids, num, targets.batch_size))
+        served, sec = _timed(lambda: scorer.score(ENSEMBLE_NAME, feeds, targets.batch_size))
         row = _row(y, served, ref_fused, sec)
         # The server's fusion against the reference fusion of what the same server's members returned.
         row["fusion_max_abs_diff"] = float(np.max(np.abs(served - _fuse_np(probs, names, mode, tau))))

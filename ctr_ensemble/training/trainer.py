@@ -15,22 +15,40 @@ from tqdm.auto import tqdm
 
 from ctr_ensemble import metrics, models
 from ctr_ensemble.errors import CtrError
-from ctr_ensemble.features import FeatureSpec
+from ctr_ensemble.features import FeatureSpec, feed_rows
 from ctr_ensemble.models.base import Member, MemberConfig
 from ctr_ensemble.training.checkpoint import Checkpoint
 
 
 @dataclass
 class Arrays:
-    """Encoded rows held in memory: cat_ids (N, n_cat) int64, num (N, n_num) float32, label (N,) float32."""
+    """Encoded rows held in memory: cat_ids (N, n_cat) int64, num (N, n_num) float32, label (N,) float32,
+    and with a sequence field seq_ids (N, L) int64 + seq_len (N, 1) int64."""
 
     cat_ids: np.ndarray
     num: np.ndarray
     label: np.ndarray
     skipped: int = 0  # malformed rows skipped while reading (skip_bad_rows)
+    seq_ids: np.ndarray | None = None
+    seq_len: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.label)
+
+    def feeds(self, rows: slice | np.ndarray = slice(None)) -> dict[str, np.ndarray]:
+        """Model inputs by name for ``rows`` (what ONNX Runtime, Triton and ``predict`` take): ``num`` is
+        left out without numeric fields, ``seq_ids``/``seq_len`` without a sequence field."""
+        out = {"cat_ids": self.cat_ids[rows]}
+        if self.num.shape[1]:
+            out["num"] = self.num[rows]
+        if self.seq_ids is not None:
+            out["seq_ids"], out["seq_len"] = self.seq_ids[rows], self.seq_len[rows]
+        return out
+
+    def take(self, rows: slice | np.ndarray) -> "Arrays":
+        """A subset of the rows (a view for a slice)."""
+        seq = (None, None) if self.seq_ids is None else (self.seq_ids[rows], self.seq_len[rows])
+        return Arrays(self.cat_ids[rows], self.num[rows], self.label[rows], self.skipped, *seq)
 
 
 @dataclass
@@ -46,12 +64,12 @@ class TrainConfig:
 
 
 @torch.no_grad()
-def predict(model: Member, cat_ids: np.ndarray, num: np.ndarray, batch_size: int = 16384) -> np.ndarray:
-    """Click probabilities (N,) in float32 from a member in eval mode."""
+def predict(model: Member, feeds: dict[str, np.ndarray], batch_size: int = 16384) -> np.ndarray:
+    """Click probabilities (N,) in float32 from a member in eval mode; ``feeds`` as ``Arrays.feeds()``."""
     model.eval()
     out = []
-    for s in range(0, len(cat_ids), batch_size):
-        p, _ = model(torch.from_numpy(cat_ids[s : s + batch_size]), torch.from_numpy(num[s : s + batch_size]))
+    for s in range(0, feed_rows(feeds), batch_size):
+        p, _ = model(**{k: torch.from_numpy(v[s : s + batch_size]) for k, v in feeds.items()})
         out.append(p[:, 0].numpy())
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
@@ -72,7 +90,9 @@ def train_member(
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     loss_fn = nn.BCEWithLogitsLoss()
     gen = torch.Generator().manual_seed(cfg.seed)
-    cat_t, num_t = torch.from_numpy(train.cat_ids), torch.from_numpy(train.num)
+    inputs = [torch.from_numpy(train.cat_ids), torch.from_numpy(train.num)]
+    if train.seq_ids is not None:
+        inputs += [torch.from_numpy(train.seq_ids), torch.from_numpy(train.seq_len)]
     y_t = torch.from_numpy(train.label.astype(np.float32))
     best_auc, best_state, best_epoch, bad_epochs = -1.0, None, 0, 0
     history = []
@@ -85,7 +105,7 @@ def train_member(
         bar = tqdm(range(0, len(train), cfg.batch_size), desc=f"{name} epoch {epoch}/{cfg.epochs}", unit="batch", leave=False)
         for s in bar:
             idx = order[s : s + cfg.batch_size]
-            logit, _ = model.logits(cat_t[idx], num_t[idx])
+            logit, _ = model.logits(*(t[idx] for t in inputs))
             loss = loss_fn(logit[:, 0], y_t[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -96,7 +116,7 @@ def train_member(
             steps += 1
             if cfg.max_steps and steps >= cfg.max_steps:
                 break
-        p_val = predict(model, val.cat_ids, val.num, cfg.eval_batch_size)
+        p_val = predict(model, val.feeds(), cfg.eval_batch_size)
         val_auc = metrics.auc(val.label, p_val) or 0.0
         row = {
             "epoch": epoch,
@@ -162,8 +182,12 @@ def encode_file(path: str | Path, spec: FeatureSpec, skip_bad_rows: bool = False
     reader = open_reader(path, fmt, skip_bad_rows)
     enc = Encoder(spec)
     enc.check_fields(reader, str(path))
-    parts = [enc.encode(b) + (b.label,) for b in reader]
+    parts = []
+    for b in reader:
+        seq = enc.encode_sequence(b.seq) if spec.sequence is not None else ()
+        parts.append((*enc.encode(b), b.label, *seq))
     if not parts:
         raise CtrError(f"{path}: no valid rows")
-    return Arrays(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
-                  np.concatenate([p[2] for p in parts]).astype(np.float32), skipped=reader.stats.skipped)
+    cols = [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
+    cols[2] = cols[2].astype(np.float32)
+    return Arrays(*cols[:3], reader.stats.skipped, *cols[3:])
