@@ -3,6 +3,7 @@ tiny repository; served predictions checked against the offline reference; fault
 
 import csv
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -12,6 +13,7 @@ from typer.testing import CliRunner
 from ctr_ensemble.cli import app
 from ctr_ensemble.loadtest import perf, report
 from ctr_ensemble.loadtest.sweep import SweepConfig, Target, Variant, run_sweep
+from ctr_ensemble.serving import metrics
 from ctr_ensemble.serving.server import ADMIN_HEADER, TritonServer
 
 pytestmark = pytest.mark.integration
@@ -76,8 +78,18 @@ def test_server_dying_mid_run_keeps_partial_results_and_fails(tmp_path, tiny_rep
 
         tgt = Target("127.0.0.1", server.http_port, server.grpc_port, server.metrics_port, tiny_repo, "k-test", server)
         cfg = SweepConfig(variants=[Variant("ens", "ctr_ensemble"), Variant("deepfm", "deepfm")], protocols=["grpc"], users=[2],
-                          duration_s=6, warmup_s=0.5, max_rows=1500, perf_analyzer=False)
-        killer = threading.Timer(2.5, server.stop)
+                          duration_s=10, warmup_s=0.5, max_rows=1500, perf_analyzer=False)
+
+        def stop_after_some_answers():  # not a fixed delay: Locust starts slowly on a loaded machine
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                served = metrics.scrape(server.metrics_url).get("ctr_ensemble", {}).get("success", 0)
+                if served >= 20:
+                    break
+                time.sleep(0.1)
+            server.stop()
+
+        killer = threading.Thread(target=stop_after_some_answers)
         killer.start()
         res = run_sweep(cfg, tiny_repo, tiny_data / "test.tsv", tmp_path / "out", target=tgt)
         killer.join()
