@@ -3,6 +3,9 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+FX_VENV := .venv-fuxictr
+FX_STAMP := $(FX_VENV)/.installed
+BENCH_QUALITY_ARGS ?=
 MEMBERS ?= deepfm,dcnv2
 SEQ_MAX_LEN ?= 0
 PYTEST_ARGS ?=
@@ -15,7 +18,7 @@ LT_REPO := $(if $(LT_DEMO),model_repository,artifacts/loadtest/demo/model_reposi
 LT_DATA := $(if $(LT_DEMO),artifacts/demo/data/test.tsv,artifacts/loadtest/demo/data/test.tsv)
 LT_SMALL := artifacts/loadtest/demo
 
-.PHONY: venv perf-venv demo test bench-serve loadtest loadtest-demo clean
+.PHONY: venv perf-venv demo test bench-serve bench-quality loadtest loadtest-demo clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -55,6 +58,17 @@ loadtest-demo: venv
 	  --epochs 2 --threads 2 || exit 1; done
 	$(BIN)/ctr-ensemble export --checkpoint $(LT_SMALL)/members/deepfm.pt --checkpoint $(LT_SMALL)/members/dcnv2.pt \
 	  --repository $(LT_SMALL)/model_repository --parity-data $(LT_SMALL)/data/val.tsv --fusion-kind cpu
+
+# FuxiCTR (the reference column of bench-quality) lives in its own venv: it needs numpy>=2.
+$(FX_STAMP): benchmarks/requirements-fuxictr.txt
+	test -x $(FX_VENV)/bin/python || $(PYTHON) -m venv $(FX_VENV)
+	$(FX_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(FX_VENV)/bin/python -m pip install --quiet -r benchmarks/requirements-fuxictr.txt
+	touch $(FX_STAMP)
+
+# Quick default (< 30 min on 2 cores); the full setting: make bench-quality BENCH_QUALITY_ARGS=--full
+bench-quality: venv $(FX_STAMP)
+	$(BIN)/python benchmarks/bench_quality.py --fuxictr-python $(FX_VENV)/bin/python $(BENCH_QUALITY_ARGS)
 
 clean:
 	rm -rf artifacts model_repository

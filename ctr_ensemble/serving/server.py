@@ -226,6 +226,10 @@ class TritonServer(Endpoints):
                 self._proc.wait()
             except ProcessLookupError:
                 pass
+        try:  # stubs outlive a crashed server (SIGSEGV, abort): take the whole process group down
+            os.killpg(self._proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
         code = self._proc.returncode
         self._cleanup()
         return code
