@@ -263,16 +263,21 @@ def serve_cmd(
     http_port: int = typer.Option(8000), grpc_port: int = typer.Option(8001), metrics_port: int = typer.Option(8002),
     startup_timeout: float = typer.Option(180.0, help="Seconds to wait for readiness."),
     log_verbose: int = typer.Option(0, help="tritonserver --log-verbose level."),
+    admin_key: Optional[str] = typer.Option(None, envvar="TRITON_ADMIN_KEY", show_default=False,
+                                            help="Key for the admin APIs (header admin-key); default: a random "
+                                                 "key nobody knows, i.e. admin APIs closed."),
+    open_admin: bool = typer.Option(False, help="Leave the admin APIs unrestricted (not recommended)."),
     supervise: bool = typer.Option(True, help="Restart the server when it dies or a backend stub dies "
                                               "(Triton does not recover a killed stub by itself)."),
     max_restarts: int = typer.Option(5, help="Give up after this many restarts."),
 ) -> None:
     """Run the local tritonserver (from nvidia-pytriton) until Ctrl-C."""
-    from ctr_ensemble.serving.server import TritonServer
+    from ctr_ensemble.serving.server import TritonServer, default_admin_key
 
     server = TritonServer(repository, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
                           startup_timeout=startup_timeout, log_verbose=log_verbose,
-                          log_path=Path("artifacts/tritonserver.log").resolve())
+                          log_path=Path("artifacts/tritonserver.log").resolve(),
+                          admin_key=None if open_admin else (admin_key or default_admin_key()))
     Path("artifacts").mkdir(exist_ok=True)
     from ctr_ensemble.serving.supervisor import Supervisor
 

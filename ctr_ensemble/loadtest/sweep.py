@@ -36,7 +36,7 @@ from ctr_ensemble.export.repository import ENSEMBLE_NAME, RepoOptions, reconfigu
 from ctr_ensemble.loadtest import perf, stats
 from ctr_ensemble.loadtest.rows import InputSpec, NoReference, OfflineReference, inputs_from_config, inputs_from_metadata, load_rows
 from ctr_ensemble.serving import metrics
-from ctr_ensemble.serving.server import ADMIN_HEADER, Endpoints, TritonServer
+from ctr_ensemble.serving.server import Endpoints, TritonServer, admin_headers
 
 PROTOCOLS = ("grpc", "http")
 USER_CLASS = {"grpc": "TritonGrpcUser", "http": "TritonHttpUser"}
@@ -151,10 +151,7 @@ class Target(Endpoints):
         return self.server is None or self.server.is_running()
 
     def perf_headers(self, protocol: str) -> dict[str, str]:
-        if not self.admin_key:
-            return {}
-        # Triton checks restricted gRPC protocols under this prefixed metadata key.
-        return {ADMIN_HEADER if protocol == "http" else f"triton-grpc-protocol-{ADMIN_HEADER}": self.admin_key}
+        return admin_headers(self.admin_key, protocol) if self.admin_key else {}
 
 
 def started(repo: Path, log_path: Path | None = None) -> Target:

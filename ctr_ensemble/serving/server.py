@@ -77,6 +77,18 @@ def restriction_flags(key: str, check: bool = True) -> list[str]:
     return [f"--http-restricted-api={apis}:{ADMIN_HEADER}={key}", f"--grpc-restricted-protocol={apis}:{ADMIN_HEADER}={key}"]
 
 
+def default_admin_key() -> str:
+    """``$TRITON_ADMIN_KEY``, else a random key for this server: the admin APIs are never open by default."""
+    import secrets
+
+    return os.environ.get(ADMIN_KEY_ENV) or secrets.token_urlsafe(24)
+
+
+def admin_headers(key: str, protocol: str) -> dict[str, str]:
+    """The header that unlocks the restricted APIs (gRPC metadata keys get Triton's protocol prefix)."""
+    return {ADMIN_HEADER if protocol == "http" else f"triton-grpc-protocol-{ADMIN_HEADER}": key}
+
+
 def production_command() -> list[str]:
     """The container's command line (docker-compose.yml): the NGC image's backends, all ports on
     0.0.0.0 (defaults 8000/8001/8002), the key taken from the environment by compose."""
@@ -132,7 +144,9 @@ class TritonServer(Endpoints):
     log_verbose: int = 0
     extra_args: list[str] = field(default_factory=list)
     log_path: Path | None = None
-    admin_key: str | None = None  # restrict the admin APIs as in production (see restriction_flags)
+    # Admin APIs (model repository/config, shared memory, statistics, trace, logging) need this key in the
+    # ``admin-key`` header (see restriction_flags); default $TRITON_ADMIN_KEY or a random key; None opens them.
+    admin_key: str | None = field(default_factory=default_admin_key)
     validate_repository: bool = True  # run export.validate first: a broken repository fails in ~1 s, not minutes
     _proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
     _workdir: Path | None = field(default=None, init=False, repr=False)
