@@ -70,15 +70,22 @@ class TritonScorer:
 
     def score(self, model: str, cat_ids: np.ndarray, num: np.ndarray, batch_size: int = 1024) -> np.ndarray:
         """Click probabilities (N,) for all rows, ``batch_size`` rows per request."""
-        parts = []
+        return self.score_outputs(model, cat_ids, num, batch_size)["prob"][:, 0]
+
+    def score_outputs(self, model: str, cat_ids: np.ndarray, num: np.ndarray, batch_size: int = 1024,
+                      outputs: tuple[str, ...] = ("prob",)) -> dict[str, np.ndarray]:
+        """The requested outputs for all rows (each (N, …)), ``batch_size`` rows per request."""
+        parts: dict[str, list[np.ndarray]] = {o: [] for o in outputs}
         for s in range(0, len(cat_ids), batch_size):
             try:
-                parts.append(self.infer(model, cat_ids[s : s + batch_size], num[s : s + batch_size])["prob"][:, 0])
+                out = self.infer(model, cat_ids[s : s + batch_size], num[s : s + batch_size], outputs)
             except CtrError:
                 raise
             except Exception as e:  # tritonclient raises InferenceServerException and transport errors
                 raise CtrError(f"Triton {self.protocol} request for {model!r} (rows {s}..{s + batch_size - 1}) failed: {e}") from e
-        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+            for o in outputs:
+                parts[o].append(out[o])
+        return {o: np.concatenate(v) if v else np.zeros((0, 1), np.float32) for o, v in parts.items()}
 
     def close(self) -> None:
         self.client.close()
