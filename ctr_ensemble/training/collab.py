@@ -194,7 +194,7 @@ def train_collab(
         for k, name in enumerate(names):
             out.update(val_metrics(val.label, member_p[:, k], f"_{name}"))
         if cfg.head.learn_tau:
-            out["tau"] = float(head.tau())
+            out["tau"] = float(head.tau().detach())
         out["mean_max_weight"] = float(w.max(1).mean()) if len(w) else 0.0
         return out["val_auc"], out
 
