@@ -5,8 +5,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MEMBERS ?= deepfm,dcnv2
 PYTEST_ARGS ?=
+EXPERIMENTS_ARGS ?=
 
-.PHONY: venv demo test bench-serve clean
+.PHONY: venv demo test bench-serve experiments clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +26,10 @@ test: venv
 
 bench-serve: venv
 	$(BIN)/python benchmarks/bench_serve.py
+
+# Independent vs mutual vs collaborative training (quick default; EXPERIMENTS_ARGS="--full" or "--dataset criteo").
+experiments: venv
+	$(BIN)/python benchmarks/experiments.py $(EXPERIMENTS_ARGS)
 
 clean:
 	rm -rf artifacts model_repository
