@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MEMBERS ?= deepfm,dcnv2
+SEQ_MAX_LEN ?= 0
 PYTEST_ARGS ?=
 EXPERIMENTS_ARGS ?=
 
@@ -19,7 +20,7 @@ $(STAMP): requirements.txt pyproject.toml
 venv: $(STAMP)
 
 demo: venv
-	$(BIN)/ctr-ensemble demo --members $(MEMBERS)
+	$(BIN)/ctr-ensemble demo --members $(MEMBERS) --seq-max-len $(SEQ_MAX_LEN)
 
 test: venv
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

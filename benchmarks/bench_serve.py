@@ -45,6 +45,7 @@ from rich.table import Table
 from tritonclient.grpc import model_config_pb2 as mc
 
 from ctr_ensemble.export import onnx_export
+from ctr_ensemble.features import feed_rows, slice_feeds
 from ctr_ensemble.export.repository import ENSEMBLE_NAME, read_manifest, repository_spec
 from ctr_ensemble.serving.client import TritonScorer
 from ctr_ensemble.serving.server import TritonServer
@@ -75,22 +76,22 @@ def config_threads(model_dir: Path) -> int:
     return int(cfg.parameters["intra_op_thread_count"].string_value or 0) if "intra_op_thread_count" in cfg.parameters else 0
 
 
-def measure(call, cat_ids: np.ndarray, num: np.ndarray, batch: int, n_requests: int, warmup: int, budget_s: float):
+def measure(call, feeds: dict[str, np.ndarray], batch: int, n_requests: int, warmup: int, budget_s: float):
     """Sequential requests of ``batch`` rows (cycling through the data); (requests, rows/s, latencies ms)."""
-    n = len(cat_ids) - batch  # data is tiled so that every slice is full
+    n = feed_rows(feeds) - batch  # data is tiled so that every slice is full
 
     def rows(i):
         s = (i * batch) % max(n, 1)
-        return cat_ids[s : s + batch], num[s : s + batch]
+        return slice_feeds(feeds, s, s + batch)
 
     for i in range(warmup):
-        call(*rows(i))
+        call(rows(i))
     lat = []
     t_start = time.perf_counter()
     for i in range(n_requests):
-        c, x = rows(warmup + i)
+        x = rows(warmup + i)
         t0 = time.perf_counter()
-        call(c, x)
+        call(x)
         lat.append((time.perf_counter() - t0) * 1e3)
         if i >= 9 and time.perf_counter() - t_start > budget_s:
             break
@@ -98,10 +99,9 @@ def measure(call, cat_ids: np.ndarray, num: np.ndarray, batch: int, n_requests: 
     return len(lat), batch * len(lat) / wall, np.asarray(lat, dtype=np.float64)
 
 
-def load_rows(args, spec, max_batch: int) -> tuple[np.ndarray, np.ndarray, str]:
+def load_rows(args, spec, max_batch: int) -> tuple[dict[str, np.ndarray], str]:
     if args.data.is_file():
         arr, source = encode_file(args.data, spec), str(args.data)
-        cat_ids, num = arr.cat_ids, arr.num
     else:  # no demo data: rows from the project's synthetic generator, encoded the same way
         import tempfile
 
@@ -111,10 +111,9 @@ def load_rows(args, spec, max_batch: int) -> tuple[np.ndarray, np.ndarray, str]:
             with contextlib.redirect_stderr(devnull):  # the generator's progress bar
                 generate(tmp, SynthConfig(splits={"test": 4096}))
             arr, source = encode_file(Path(tmp) / "test.tsv", spec), f"synthetic ({args.data} not found)"
-        cat_ids, num = arr.cat_ids, arr.num
-    reps = -(-(len(cat_ids) + max_batch) // len(cat_ids))  # enough rows for any full slice
-    tile = lambda a: np.ascontiguousarray(np.concatenate([a] * reps))
-    return tile(cat_ids.astype(np.int64)), tile(num.astype(np.float32)), f"{source}, {len(cat_ids)} rows"
+    reps = -(-(len(arr) + max_batch) // len(arr))  # enough rows for any full slice
+    feeds = {k: np.ascontiguousarray(np.concatenate([v] * reps)) for k, v in arr.feeds().items()}
+    return feeds, f"{source}, {len(arr)} rows"
 
 
 def p50(results, target, path, batch):
@@ -128,7 +127,7 @@ def main() -> None:
         sys.exit(f"no model repository at {repo}/ - run `make demo` first (or pass --repository PATH)")
     members = list(read_manifest(repo)["members"])
     batches = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
-    cat_ids, num, data_desc = load_rows(args, repository_spec(repo), max(batches))
+    feeds, data_desc = load_rows(args, repository_spec(repo), max(batches))
     sessions = {}
     for m in members:
         threads = args.ort_threads if args.ort_threads is not None else config_threads(repo / m)
@@ -146,10 +145,10 @@ def main() -> None:
         cells = []  # (target, path, call)
         for m in members:
             sess = sessions[m][0]
-            cells.append((m, "onnx_inprocess", lambda c, x, sess=sess: sess.run(["prob"], {"cat_ids": c, "num": x})))
+            cells.append((m, "onnx_inprocess", lambda x, sess=sess: sess.run(["prob"], x)))
         for proto, s in scorers.items():
             for model in [*members, ENSEMBLE_NAME]:
-                cells.append((model, f"triton_{proto}", lambda c, x, s=s, model=model: s.infer(model, c, x)))
+                cells.append((model, f"triton_{proto}", lambda x, s=s, model=model: s.infer(model, x)))
 
         results = []
         with Progress(console=console, transient=True) as progress:
@@ -158,7 +157,7 @@ def main() -> None:
                 n_req = args.requests or (200 if batch < 512 else 50)
                 for target, path, call in cells:
                     progress.update(task, description=f"{target} {path} batch {batch}")
-                    n, rps, lat = measure(call, cat_ids, num, batch, n_req, args.warmup, args.seconds)
+                    n, rps, lat = measure(call, feeds, batch, n_req, args.warmup, args.seconds)
                     q = np.percentile(lat, [50, 95, 99])
                     results.append(dict(target=target, path=path, batch=batch, requests=n, rows_per_s=rps,
                                         p50_ms=q[0], p95_ms=q[1], p99_ms=q[2]))

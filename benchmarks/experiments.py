@@ -178,13 +178,13 @@ class Experiment:
         cfg = TrainConfig(epochs=self.s.epochs, batch_size=self.s.batch_size, lr=self.s.lr, patience=self.s.patience,
                           seed=1000 * seed + 37 * k + 1)
         ck = train_member(f"{arch}_{k + 1}", arch, self.cfg(arch), self.spec, self.train, self.val, cfg)
-        return ck, self.score(predict(ck.build(), self.test.cat_ids, self.test.num))[0]
+        return ck, self.score(predict(ck.build(), self.test.feeds()))[0]
 
     def cotrain(self, seed, regime, inits: list[mutual.MemberInit], cfg: mutual.MutualConfig, bases: list[float]):
         cks = mutual.train_mutual(inits, self.spec, self.train, self.val, replace(cfg, seed=1000 * seed + 7))
         archs = [m.arch for m in inits]
         for ck, base in zip(cks, bases):
-            self.record(seed, regime, archs, ck.arch, predict(ck.build(), self.test.cat_ids, self.test.num), base)
+            self.record(seed, regime, archs, ck.arch, predict(ck.build(), self.test.feeds()), base)
 
     def run_seed(self, seed: int, bar) -> None:
         s = self.s
@@ -202,7 +202,7 @@ class Experiment:
         for arch in need:
             for ck, auc in pre[arch][: s.copies if arch in s.archs else 1]:
                 self.records.append({"seed": seed, "regime": "independent", "members": [arch], "model": arch, "auc": auc,
-                                     "logloss": self.score(predict(ck.build(), self.test.cat_ids, self.test.num))[1],
+                                     "logloss": self.score(predict(ck.build(), self.test.feeds()))[1],
                                      "base_auc": auc})
 
         def inits(cks):
@@ -253,8 +253,8 @@ class Experiment:
         if self.serve:
             member_p, ne1, collab_p, collab_members, parity = self.served(seed, cks, cc)
         else:
-            member_p = {c.name: predict(c.build(), te.cat_ids, te.num) for c in cks}
-            fused, _, mp = collab.predict_collab(cc.build(), te.cat_ids, te.num)
+            member_p = {c.name: predict(c.build(), te.feeds()) for c in cks}
+            fused, _, mp = collab.predict_collab(cc.build(), te.feeds())
             collab_p, collab_members, ne1, parity = fused, {n: mp[:, i] for i, n in enumerate(names)}, None, None
         aucs = {n: self.score(p)[0] for n, p in member_p.items()}
         best = max(aucs, key=aucs.get)
@@ -279,7 +279,7 @@ class Experiment:
         from ctr_ensemble.serving.server import TritonServer
 
         te, va = self.test, self.val
-        rows = (va.cat_ids[:2048], va.num[:2048])
+        rows = va.feeds(slice(0, 2048))
         out = {}
         for kind in ("independent", "collaborative"):
             repo = self.workdir / f"repo_{kind}"
@@ -290,12 +290,12 @@ class Experiment:
             with TritonServer(repo) as server:
                 scorer = TritonScorer(server.http_url, "http")
                 scorer.check_ready(ENSEMBLE_NAME)
-                out[kind] = {n: scorer.score(n, te.cat_ids, te.num) for n in [c.name for c in cks] + [ENSEMBLE_NAME]}
+                out[kind] = {n: scorer.score(n, te.feeds()) for n in [c.name for c in cks] + [ENSEMBLE_NAME]}
                 scorer.close()
-        ref, _, ref_members = collab.predict_collab(cc.build(), te.cat_ids, te.num)
+        ref, _, ref_members = collab.predict_collab(cc.build(), te.feeds())
         names = [c.name for c in cks]
         parity = {
-            "members_served_vs_torch": max(float(np.max(np.abs(out["independent"][c.name] - predict(c.build(), te.cat_ids, te.num))))
+            "members_served_vs_torch": max(float(np.max(np.abs(out["independent"][c.name] - predict(c.build(), te.feeds()))))
                                            for c in cks),
             "collaborative_served_vs_torch": float(np.max(np.abs(out["collaborative"][ENSEMBLE_NAME] - ref))),
             "collaborative_members_served_vs_torch": float(np.max(np.abs(

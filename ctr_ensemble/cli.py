@@ -74,11 +74,14 @@ def data_synth(
     val_rows: int = typer.Option(20_000, help="Rows in the validation split."),
     test_rows: int = typer.Option(20_000, help="Rows in the test split."),
     seed: int = typer.Option(7, help="Seed of the synthetic world and of the rows."),
+    seq_max_len: int = typer.Option(0, help="> 0: add a behaviour sequence `history` whose most recent N items "
+                                             "influence p, and write Parquet instead of TSV."),
 ) -> None:
-    """Write a synthetic CTR data set in the Criteo TSV layout, with the true p per row."""
+    """Write a synthetic CTR data set in the Criteo TSV layout (Parquet with a sequence), with the true p per row."""
     from ctr_ensemble.data.synth import SynthConfig, generate
 
-    meta = generate(out, SynthConfig(seed=seed, splits={"train": train_rows, "val": val_rows, "test": test_rows}))
+    meta = generate(out, SynthConfig(seed=seed, splits={"train": train_rows, "val": val_rows, "test": test_rows},
+                                     seq_max_len=seq_max_len))
     for split, m in meta["splits"].items():
         typer.echo(f"{out / m['file']}: {m['rows']} rows, CTR {m['ctr']:.4f}, oracle AUC {m['oracle_auc']:.4f}")
 
@@ -105,14 +108,20 @@ def data_fit(
     min_count: int = typer.Option(10, help="Tokens seen fewer times in train map to the OOV id."),
     skip_bad_rows: bool = typer.Option(False, help="Skip and count malformed rows instead of stopping."),
     fmt: str = typer.Option("auto", "--format", help="Data format: auto, criteo, avazu, libsvm, parquet."),
+    seq_max_len: int = typer.Option(50, help="Most recent items of the behaviour sequence kept per row."),
+    sequence: bool = typer.Option(True, help="Use the file's behaviour-sequence column (Parquet list column) if it has one."),
 ) -> None:
     """Fit per-field vocabularies and numeric statistics on the train file only."""
     from ctr_ensemble import features
 
-    spec = features.fit(train, min_count=min_count, skip_bad_rows=skip_bad_rows, fmt=fmt)
+    spec = features.fit(train, min_count=min_count, skip_bad_rows=skip_bad_rows, fmt=fmt, seq_max_len=seq_max_len,
+                        use_sequence=sequence)
     spec.save(out)
+    seq = spec.sequence
+    seq_desc = f", sequence {seq.name!r} ({seq.size} ids, max_len {seq.max_len})" if seq else ""
     typer.echo(f"{out}: {spec.n_cat} categorical fields (vocab sizes {min(spec.cat_sizes)}..{max(spec.cat_sizes)}), "
-               f"{spec.n_num} numeric, fitted on {spec.fitted_on['rows']} rows ({spec.fitted_on['skipped_rows']} skipped)")
+               f"{spec.n_num} numeric{seq_desc}, fitted on {spec.fitted_on['rows']} rows "
+               f"({spec.fitted_on['skipped_rows']} skipped)")
 
 
 @app.command("models")
@@ -335,7 +344,7 @@ def export_cmd(
     rows = None
     if parity_data is not None:
         arr = encode_file(parity_data, cks[0].spec, fmt=fmt)
-        rows = (arr.cat_ids[:parity_rows], arr.num[:parity_rows])
+        rows = arr.feeds(slice(0, parity_rows))
     opt = RepoOptions(max_batch_size=max_batch_size, instances=instances, intra_op_threads=intra_op_threads,
                       max_queue_delay_us=max_queue_delay_us, fusion_mode=fusion_mode, tau=tau, fusion_kind=fusion_kind)
     manifest = write_repository(cks, repository, opt, parity_rows=rows, collab=cc)
@@ -348,6 +357,18 @@ def export_cmd(
     typer.echo(f"{repository}/ctr_ensemble: fusion {f['mode']} (tau={f['tau']}) on {f['kind']}{extra}")
 
 
+@app.command("check-repo")
+def check_repo_cmd(
+    repository: Path = typer.Option(Path("model_repository"), help="Triton model repository to validate."),
+) -> None:
+    """Validate a model repository without starting Triton: configs, ONNX files (checksum, checker,
+    inputs/outputs vs config), Python models, ensemble wiring, feature specs. Exit 2 on any problem."""
+    from ctr_ensemble.export import validate
+
+    validate.check(repository)
+    typer.echo(f"{repository}: OK ({len(list(Path(repository).glob('*/config.pbtxt')))} models)")
+
+
 @app.command("check-export")
 def check_export_cmd(
     model: Optional[str] = typer.Option(None, help="Architecture: build from its default config, train a few steps on generated data."),
@@ -357,6 +378,7 @@ def check_export_cmd(
     rows: int = typer.Option(4096, help="Rows to compare (each also as an OOV/NaN copy)."),
     steps: int = typer.Option(30, help="Training steps before export (with --model)."),
     seed: int = typer.Option(0),
+    sequence: bool = typer.Option(True, help="With --model: generated data has a behaviour sequence (checks lengths 0, 1, max)."),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
 ) -> None:
     """Export a member to ONNX and compare ONNX Runtime with PyTorch; exit 1 if max |Δ| > 1e-5."""
@@ -368,13 +390,13 @@ def check_export_cmd(
         from ctr_ensemble import models
 
         models.entry(model)
-    res = check.run(model, checkpoint_, data, _parse_sets(set_), rows=rows, steps=steps, seed=seed)
+    res = check.run(model, checkpoint_, data, _parse_sets(set_), rows=rows, steps=steps, seed=seed, sequence=sequence)
     if as_json:
         typer.echo(json.dumps(res, indent=2))
     else:
-        for part in ("real", "oov_nan", "batch_1"):
+        for part in res["cases"]:
             r = res[part]
-            typer.echo(f"{res['model']} {part:8s} rows={r['rows']:5d}  prob max|Δ|={r['prob_max_abs_diff']:.3e}  "
+            typer.echo(f"{res['model']} {part:12s} rows={r['rows']:5d}  prob max|Δ|={r['prob_max_abs_diff']:.3e}  "
                        f"repr max|Δ|={r['repr_max_abs_diff']:.3e}")
         verdict = "PASS" if res["passed"] else "FAIL"
         typer.echo(f"{verdict}: max abs diff {res['max_abs_diff']:.3e} (tolerance {res['tolerance']:g})")
@@ -389,6 +411,9 @@ def serve_cmd(
     http_port: int = typer.Option(8000), grpc_port: int = typer.Option(8001), metrics_port: int = typer.Option(8002),
     startup_timeout: float = typer.Option(180.0, help="Seconds to wait for readiness."),
     log_verbose: int = typer.Option(0, help="tritonserver --log-verbose level."),
+    supervise: bool = typer.Option(True, help="Restart the server when it dies or a backend stub dies "
+                                              "(Triton does not recover a killed stub by itself)."),
+    max_restarts: int = typer.Option(5, help="Give up after this many restarts."),
 ) -> None:
     """Run the local tritonserver (from nvidia-pytriton) until Ctrl-C."""
     from ctr_ensemble.serving.server import TritonServer
@@ -397,9 +422,12 @@ def serve_cmd(
                           startup_timeout=startup_timeout, log_verbose=log_verbose,
                           log_path=Path("artifacts/tritonserver.log").resolve())
     Path("artifacts").mkdir(exist_ok=True)
-    server.start()
+    from ctr_ensemble.serving.supervisor import Supervisor
+
+    sup = Supervisor(server, max_restarts=max_restarts) if supervise else None
+    sup.start() if sup else server.start()
     typer.echo(f"Triton ready: HTTP {server.http_url}, gRPC {server.grpc_url}, metrics {server.metrics_url} "
-               f"(log {server.log_path}); Ctrl-C to stop")
+               f"(log {server.log_path}); {'supervised, ' if sup else ''}Ctrl-C to stop")
     stop = {"now": False}
 
     def _on_signal(*_):
@@ -409,11 +437,19 @@ def serve_cmd(
     signal.signal(signal.SIGINT, _on_signal)
     import time
 
-    while not stop["now"] and server.is_running():
+    seen = 0
+    while not stop["now"] and (server.is_running() if sup is None else sup.error is None):
         time.sleep(0.5)
-    if not server.is_running():
+        if sup is not None and len(sup.restarts) > seen:
+            for r in sup.restarts[seen:]:
+                typer.echo(f"restarted tritonserver after: {r['reason']} ({r['seconds']:.1f}s)", err=True)
+            seen = len(sup.restarts)
+    if sup is not None and sup.error is not None:
+        sup.stop()
+        raise CtrError(f"tritonserver supervision stopped: {sup.error}; log:\n{server.log_tail()}")
+    if sup is None and not server.is_running():
         raise CtrError(f"tritonserver exited unexpectedly; log:\n{server.log_tail()}")
-    code = server.stop()
+    code = sup.stop() if sup else server.stop()
     typer.echo(f"tritonserver stopped (exit code {code})")
 
 
@@ -469,11 +505,14 @@ def demo_cmd(
     out: Path = typer.Option(Path("artifacts/demo"), help="Folder for data, checkpoints and summary.json."),
     repository: Path = typer.Option(Path("model_repository"), help="Where to write the Triton repository."),
     train_rows: int = typer.Option(300_000), epochs: int = typer.Option(8), seed: int = typer.Option(42),
+    seq_max_len: int = typer.Option(0, help="> 0: the synthetic data carries a behaviour sequence of this many "
+                                             "recent items (Parquet), fed to every member."),
 ) -> None:
     """The whole pipeline on the embedded synthetic default: data → train → export → serve → evaluate."""
     from ctr_ensemble.demo import run_demo
 
-    ok = run_demo(_split_list(members), out, repository, train_rows=train_rows, epochs=epochs, seed=seed)
+    ok = run_demo(_split_list(members), out, repository, train_rows=train_rows, epochs=epochs, seed=seed,
+                  seq_max_len=seq_max_len)
     if not ok:
         raise typer.Exit(1)
 

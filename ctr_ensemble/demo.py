@@ -47,7 +47,7 @@ def checks(summary: dict) -> list[tuple[str, bool, str]]:
 
 
 def run_demo(members: list[str], out: Path, repository: Path, train_rows: int = 300_000, epochs: int = 8,
-             seed: int = 42) -> bool:
+             seed: int = 42, seq_max_len: int = 0) -> bool:
     console = Console()
     t_start = time.perf_counter()
     for arch in members:
@@ -55,15 +55,18 @@ def run_demo(members: list[str], out: Path, repository: Path, train_rows: int = 
     torch.manual_seed(seed)
     out = Path(out)
     data_dir = out / "data"
-    console.rule("1/6 synthetic data (Criteo TSV layout, true p known)")
-    meta = generate(data_dir, SynthConfig(splits={"train": train_rows, "val": train_rows // 8, "test": train_rows // 8}))
+    layout = "Parquet with a behaviour sequence" if seq_max_len else "Criteo TSV layout"
+    console.rule(f"1/6 synthetic data ({layout}, true p known)")
+    meta = generate(data_dir, SynthConfig(splits={"train": train_rows, "val": train_rows // 8, "test": train_rows // 8},
+                                          seq_max_len=seq_max_len))
     console.print(f"oracle AUC on test: {meta['splits']['test']['oracle_auc']:.4f}")
+    files = {split: data_dir / m["file"] for split, m in meta["splits"].items()}
 
     console.rule("2/6 feature encoding (fitted on train only)")
-    spec = features.fit(data_dir / "train.tsv")
+    spec = features.fit(files["train"], seq_max_len=max(seq_max_len, 1))
     spec.save(out / "feature_spec.json")
-    train = encode_file(data_dir / "train.tsv", spec)
-    val = encode_file(data_dir / "val.tsv", spec)
+    train = encode_file(files["train"], spec)
+    val = encode_file(files["val"], spec)
 
     console.rule(f"3/6 training {', '.join(members)}")
     cks = []
@@ -76,7 +79,7 @@ def run_demo(members: list[str], out: Path, repository: Path, train_rows: int = 
         console.print(f"{name}: best val AUC {ck.metrics['val_auc']:.4f} (epoch {ck.metrics['best_epoch']}) → {path}")
 
     console.rule("4/6 ONNX export + Triton model repository")
-    manifest = write_repository(cks, repository, RepoOptions(), parity_rows=(val.cat_ids[:4096], val.num[:4096]))
+    manifest = write_repository(cks, repository, RepoOptions(), parity_rows=val.feeds(slice(0, 4096)))
     for n, m in manifest["members"].items():
         console.print(f"{repository}/{n}: ONNX parity max|Δ| {m['parity']['prob_max_abs_diff']:.2e} "
                       f"(OOV/NaN stress rows {m['parity_stress']['prob_max_abs_diff']:.2e})")
@@ -85,7 +88,7 @@ def run_demo(members: list[str], out: Path, repository: Path, train_rows: int = 
     with TritonServer(repository) as server:
         console.print(f"ready: HTTP {server.http_url}, gRPC {server.grpc_url}")
         console.rule("6/6 scoring the test split: torch, onnx, triton_http, triton_grpc")
-        summary = evaluate(data_dir / "test.tsv", repository, ["torch", "onnx", "triton_http", "triton_grpc"],
+        summary = evaluate(files["test"], repository, ["torch", "onnx", "triton_http", "triton_grpc"],
                            EvalTargets(server.http_url, server.grpc_url), truth=data_dir / "test.p.npy")
     summary["checks"] = [{"name": n, "passed": ok, "detail": d} for n, ok, d in checks(summary)]
     summary["seconds"] = time.perf_counter() - t_start

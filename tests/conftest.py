@@ -69,7 +69,7 @@ def tiny_checkpoints(tmp_path_factory, tiny_spec, tiny_arrays) -> list[checkpoin
 def tiny_repo(tmp_path_factory, tiny_checkpoints, tiny_arrays) -> Path:
     repo = tmp_path_factory.mktemp("repo") / "model_repository"
     val = tiny_arrays["val"]
-    write_repository(tiny_checkpoints, repo, RepoOptions(max_batch_size=256), parity_rows=(val.cat_ids, val.num))
+    write_repository(tiny_checkpoints, repo, RepoOptions(max_batch_size=256), parity_rows=val.feeds())
     return repo
 
 

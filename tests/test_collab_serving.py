@@ -38,7 +38,7 @@ def _repo(tmp_path_factory, ck, arrays, kind="cpu"):
     repo = tmp_path_factory.mktemp("collab_repo") / "model_repository"
     va = arrays["val"]
     write_repository([], repo, RepoOptions(max_batch_size=256, fusion_mode=COLLABORATIVE, fusion_kind=kind),
-                     parity_rows=(va.cat_ids[:256], va.num[:256]), collab=ck)
+                     parity_rows=va.feeds(slice(0, 256)), collab=ck)
     return repo
 
 
@@ -50,10 +50,9 @@ def collab_server(tmp_path_factory, collab_ck, tiny_arrays):
 
 
 def _rows(arrays, spec):
-    te = arrays["test"]
-    cat, num = te.cat_ids[:64], te.num[:64]
-    s_cat, s_num = onnx_export.stress_rows(cat, num, spec.cat_sizes, max_rows=64)  # OOV ids, NaN/±Inf numerics
-    return np.concatenate([cat, s_cat]), np.concatenate([num, s_num])
+    feeds = arrays["test"].feeds(slice(0, 64))
+    stress = onnx_export.stress_rows(feeds, spec, max_rows=64)  # OOV ids, NaN/±Inf numerics
+    return {k: np.concatenate([feeds[k], stress[k]]) for k in feeds}
 
 
 def _infer(url, protocol, feeds):
@@ -77,11 +76,12 @@ def _infer(url, protocol, feeds):
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_served_collaborative_ensemble_equals_pytorch(collab_server, collab_ck, tiny_arrays, tiny_spec, protocol):
     server, repo = collab_server
-    cat, num = _rows(tiny_arrays, tiny_spec)
+    feeds = _rows(tiny_arrays, tiny_spec)
     url = server.http_url if protocol == "http" else server.grpc_url
-    prob, weights = _infer(url, protocol, {"cat_ids": cat, "num": num})
-    fused, w, _ = collab.predict_collab(collab_ck.build(), cat, num)
-    assert prob.shape == (len(cat), 1) and weights.shape == (len(cat), 3)
+    prob, weights = _infer(url, protocol, feeds)
+    fused, w, _ = collab.predict_collab(collab_ck.build(), feeds)
+    n = len(feeds["cat_ids"])
+    assert prob.shape == (n, 1) and weights.shape == (n, 3)
     np.testing.assert_allclose(prob[:, 0], fused, atol=1e-5, rtol=0)
     np.testing.assert_allclose(weights, w, atol=1e-5, rtol=0)
     assert np.isfinite(prob).all()
@@ -103,10 +103,10 @@ def test_evaluate_collaborative_repository_all_backends_agree(collab_server, tin
 def test_collaborative_fusion_on_gpu_equals_pytorch(tmp_path_factory, collab_ck, tiny_arrays, tiny_spec):
     repo = _repo(tmp_path_factory, collab_ck, tiny_arrays, kind="gpu")
     assert "KIND_GPU" in (repo / "fusion" / "config.pbtxt").read_text()
-    cat, num = _rows(tiny_arrays, tiny_spec)
-    fused, w, _ = collab.predict_collab(collab_ck.build(), cat, num)
+    feeds = _rows(tiny_arrays, tiny_spec)
+    fused, w, _ = collab.predict_collab(collab_ck.build(), feeds)
     with TritonServer(repo) as server:
         for protocol, url in (("http", server.http_url), ("grpc", server.grpc_url)):
-            prob, weights = _infer(url, protocol, {"cat_ids": cat, "num": num})
+            prob, weights = _infer(url, protocol, feeds)
             np.testing.assert_allclose(prob[:, 0], fused, atol=1e-5, rtol=0)
             np.testing.assert_allclose(weights, w, atol=1e-5, rtol=0)

@@ -40,7 +40,7 @@ def test_synth_world_has_zipf_frequencies_and_target_ctr():
     world = SynthWorld(tiny_synth())
     freq = np.sort(world.freq[2])[::-1]
     assert freq[0] > 10 * freq[len(freq) // 2]  # heavy head
-    _, _, p, y = world.sample(np.random.default_rng(0), 20000)
+    _, _, p, y, _ = world.sample(np.random.default_rng(0), 20000)
     assert abs(p.mean() - world.cfg.target_ctr) < 0.03
 
 

@@ -36,7 +36,7 @@ def test_onnx_contract_dynamic_batch_and_checker(tiny_repo, tiny_checkpoints, ti
     model = tiny_checkpoints[0].build()
     te = tiny_arrays["test"]
     for b in (1, 7, 1000):
-        par = onnx_export.parity(model, sess, te.cat_ids[:b], te.num[:b])
+        par = onnx_export.parity(model, sess, te.feeds(slice(0, b)))
         assert par["prob_max_abs_diff"] <= 1e-5 and par["repr_max_abs_diff"] <= 1e-5
 
 
@@ -44,11 +44,12 @@ def test_onnx_maps_out_of_range_ids_to_oov_and_handles_nan(tiny_repo, tiny_check
     te = tiny_arrays["test"]
     for ck in tiny_checkpoints:
         sess = onnx_export.session(tiny_repo / ck.name / "1" / "model.onnx")
-        cat, num = onnx_export.stress_rows(te.cat_ids, te.num, ck.spec.cat_sizes)
+        stress = onnx_export.stress_rows(te.feeds(), ck.spec)
+        cat, num = stress["cat_ids"], stress["num"]
         assert (cat < 0).any() and (cat >= max(ck.spec.cat_sizes)).any() and np.isnan(num).any()
-        p, h = onnx_export.run_onnx(sess, cat, num)
+        p, h = onnx_export.run_onnx(sess, stress)
         assert np.isfinite(p).all() and np.isfinite(h).all()
-        par = onnx_export.parity(ck.build(), sess, cat, num)
+        par = onnx_export.parity(ck.build(), sess, stress)
         assert par["prob_max_abs_diff"] <= 1e-5
 
 

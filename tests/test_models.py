@@ -71,7 +71,7 @@ def test_checkpoint_roundtrip_and_corruption(tmp_path, tiny_checkpoints, tiny_ar
     assert back.arch == ck.arch and dataclasses.asdict(back.config) == dataclasses.asdict(ck.config)
     assert back.spec.fingerprint() == ck.spec.fingerprint()
     te = tiny_arrays["test"]
-    np.testing.assert_array_equal(predict(back.build(), te.cat_ids, te.num), predict(ck.build(), te.cat_ids, te.num))
+    np.testing.assert_array_equal(predict(back.build(), te.feeds()), predict(ck.build(), te.feeds()))
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))

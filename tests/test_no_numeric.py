@@ -27,7 +27,7 @@ def test_members_without_numeric_fields_export_and_serve(tmp_path):
     cks = [train_member(a, a, models.make_config(a, TINY_MODEL[a]), spec, tr, va, TrainConfig(epochs=1, batch_size=128))
            for a in ("deepfm", "dcnv2")]
     repo = tmp_path / "repo"
-    write_repository(cks, repo, RepoOptions(fusion_kind="cpu"), parity_rows=(va.cat_ids, va.num))
+    write_repository(cks, repo, RepoOptions(fusion_kind="cpu"), parity_rows=va.feeds())
     for name in ("deepfm", "ctr_ensemble"):
         cfg = (repo / name / "config.pbtxt").read_text()
         assert '"cat_ids"' in cfg and '"num"' not in cfg
@@ -35,9 +35,9 @@ def test_members_without_numeric_fields_export_and_serve(tmp_path):
     assert [i.name for i in sess.get_inputs()] == ["cat_ids"]
     cat = va.cat_ids.copy()
     cat[:5] = -3  # out of range → OOV
-    ref = onnx_export.run_onnx(sess, cat, va.num)[0]
+    ref = onnx_export.run_onnx(sess, {"cat_ids": cat})[0]
     with TritonServer(repo) as server:
         for protocol, url in (("http", server.http_url), ("grpc", server.grpc_url)):
-            served = TritonScorer(url, protocol).score("deepfm", cat, va.num, 100)
+            served = TritonScorer(url, protocol).score("deepfm", {"cat_ids": cat}, 100)
             np.testing.assert_allclose(served, ref, atol=1e-5, rtol=0)
-            assert TritonScorer(url, protocol).score("ctr_ensemble", cat, va.num, 100).shape == (500,)
+            assert TritonScorer(url, protocol).score("ctr_ensemble", {"cat_ids": cat}, 100).shape == (500,)

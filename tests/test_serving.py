@@ -38,9 +38,9 @@ def _infer(server, protocol, model, inputs):
 
 def _onnx_probs(repo, model, cat, num):
     if model == "ctr_ensemble":
-        members = [onnx_export.run_onnx(onnx_export.session(repo / m / "1" / "model.onnx"), cat, num)[0] for m in ("deepfm", "dcnv2")]
+        members = [onnx_export.run_onnx(onnx_export.session(repo / m / "1" / "model.onnx"), {"cat_ids": cat, "num": num})[0] for m in ("deepfm", "dcnv2")]
         return fuse(torch.from_numpy(np.stack(members, 1)))[0][:, 0].numpy()
-    return onnx_export.run_onnx(onnx_export.session(repo / model / "1" / "model.onnx"), cat, num)[0]
+    return onnx_export.run_onnx(onnx_export.session(repo / model / "1" / "model.onnx"), {"cat_ids": cat, "num": num})[0]
 
 
 @pytest.fixture(scope="module")

@@ -125,12 +125,12 @@ def test_mutual_scratch_and_finetune_give_ordinary_checkpoints(tmp_path, tiny_sp
         back = checkpoint.load(checkpoint.save(ck, tmp_path / "tuned" / f"{ck.name}.pt"))
         assert back.arch == before.arch and back.metrics["mutual"]["mode"] == "finetune"
         assert back.metrics["mutual"]["init_from"] == str(paths[len(loaded)].resolve())
-        np.testing.assert_array_equal(predict(back.build(), te.cat_ids, te.num), predict(ck.build(), te.cat_ids, te.num))
-        assert not np.array_equal(predict(back.build(), te.cat_ids, te.num), predict(before.build(), te.cat_ids, te.num))
+        np.testing.assert_array_equal(predict(back.build(), te.feeds()), predict(ck.build(), te.feeds()))
+        assert not np.array_equal(predict(back.build(), te.feeds()), predict(before.build(), te.feeds()))
         loaded.append(back)
     # exported exactly like independently trained members (ONNX parity checked on the way)
     manifest = write_repository(loaded, tmp_path / "repo", RepoOptions(max_batch_size=256),
-                                parity_rows=(va.cat_ids[:256], va.num[:256]))
+                                parity_rows=va.feeds(slice(0, 256)))
     assert set(manifest["members"]) == {"deepfm", "dcnv2"}
 
 
@@ -179,14 +179,14 @@ def test_collab_trains_three_members_and_roundtrips(tmp_path, tiny_spec, tiny_ar
     hist = ck.metrics["history"][0]
     assert {"train_fused_bce", "train_member_bce", "train_sym_kl", "val_auc", "val_auc_deepfm_2", "tau"} <= set(hist)
     back = collab.load(collab.save(ck, tmp_path / "c.pt"))
-    fused, w, member_p = collab.predict_collab(back.build(), va.cat_ids, va.num)
-    ref = collab.predict_collab(ck.build(), va.cat_ids, va.num)
+    fused, w, member_p = collab.predict_collab(back.build(), va.feeds())
+    ref = collab.predict_collab(ck.build(), va.feeds())
     np.testing.assert_array_equal(fused, ref[0])
     assert w.shape == (len(va), 3) and np.allclose(w.sum(1), 1, atol=1e-6)
-    np.testing.assert_allclose(member_p[:, 0], predict(back.members[0].build(), va.cat_ids, va.num), atol=1e-6)
+    np.testing.assert_allclose(member_p[:, 0], predict(back.members[0].build(), va.feeds()), atol=1e-6)
     # export: ONNX members + the written head reproduce PyTorch (checked inside, recorded in the manifest)
     manifest = write_repository([], tmp_path / "repo", RepoOptions(max_batch_size=256, fusion_mode=COLLABORATIVE),
-                                parity_rows=(va.cat_ids[:300], va.num[:300]), collab=back)
+                                parity_rows=va.feeds(slice(0, 300)), collab=back)
     assert manifest["fusion"]["parity"]["prob_max_abs_diff"] <= 1e-5
     head, names = load_head(tmp_path / "repo" / "fusion" / "1" / "head.pt")
     assert names == ["deepfm", "dcnv2", "deepfm_2"] and head.variant == "sum"

@@ -7,6 +7,7 @@ import torch
 from ctr_ensemble import models
 from ctr_ensemble.errors import CtrError
 from ctr_ensemble.export import onnx_export
+from ctr_ensemble.features import slice_feeds
 from ctr_ensemble.layers.interaction import BILINEAR_TYPES, Bilinear, CrossNetV1, InnerProduct, SENet
 from tests.conftest import TINY_MODEL
 
@@ -78,12 +79,12 @@ def test_exports_to_onnx_with_parity_on_stress_rows(arch, extra, tmp_path, tiny_
     with torch.no_grad():  # move away from the near-zero init so the parity check is not vacuous
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
-    path = onnx_export.export_member(model, tiny_spec.n_cat, tiny_spec.n_num, tmp_path / f"{arch}.onnx")
+    path = onnx_export.export_member(model, tiny_spec, tmp_path / f"{arch}.onnx")
     sess = onnx_export.session(path)
     te = tiny_arrays["test"]
-    cat, num = onnx_export.stress_rows(te.cat_ids, te.num, tiny_spec.cat_sizes)
-    for c, x in ((te.cat_ids[:300], te.num[:300]), (cat, num), (cat[:1], num[:1])):
-        p, h = onnx_export.run_onnx(sess, c, x)
+    stress = onnx_export.stress_rows(te.feeds(), tiny_spec)
+    for x in (te.feeds(slice(0, 300)), stress, slice_feeds(stress, 0, 1)):
+        p, h = onnx_export.run_onnx(sess, x)
         assert np.isfinite(p).all() and np.isfinite(h).all() and h.shape[1] == model.repr_dim
-        par = onnx_export.parity(model, sess, c, x)
+        par = onnx_export.parity(model, sess, x)
         assert par["prob_max_abs_diff"] <= 1e-5 and par["repr_max_abs_diff"] <= 1e-5, par

@@ -6,6 +6,7 @@ import torch
 from ctr_ensemble import models
 from ctr_ensemble.errors import CtrError
 from ctr_ensemble.export import onnx_export
+from ctr_ensemble.features import slice_feeds
 from tests.conftest import TINY_MODEL
 
 
@@ -41,10 +42,11 @@ def test_dhen_rejects_bad_configs(tiny_spec):
 
 
 def test_interformer_runs_without_a_sequence_feature_on_learned_empty_tokens(tiny_spec, tiny_arrays):
-    model = _build("interformer", tiny_spec, seq_len=3)
+    model = _build("interformer", tiny_spec, n_empty_tokens=3)
     assert isinstance(model.empty_tokens, torch.nn.Parameter) and model.empty_tokens.shape == (3, 4)
     assert "empty_tokens" in dict(model.named_parameters())
-    assert model.sequence_tokens(5).shape == (5, 3, 4)
+    tokens, mask = model.sequence_tokens(None, None, torch.zeros(5, 1))
+    assert tokens.shape == (5, 3, 4) and mask is None
     tr = tiny_arrays["train"]
     logit, h = model.logits(torch.from_numpy(tr.cat_ids[:32]), torch.from_numpy(tr.num[:32]))
     assert h.shape == (32, model.repr_dim)
@@ -62,10 +64,10 @@ def test_interformer_runs_without_a_sequence_feature_on_learned_empty_tokens(tin
 @pytest.mark.parametrize("arch", ["dhen", "interformer"])
 def test_export_parity_on_real_and_stress_rows(arch, tiny_spec, tiny_arrays, tmp_path):
     model = _build(arch, tiny_spec).eval()
-    path = onnx_export.export_member(model, tiny_spec.n_cat, tiny_spec.n_num, tmp_path / f"{arch}.onnx")
+    path = onnx_export.export_member(model, tiny_spec, tmp_path / f"{arch}.onnx")
     sess = onnx_export.session(path)
     te = tiny_arrays["test"]
-    stress = onnx_export.stress_rows(te.cat_ids, te.num, tiny_spec.cat_sizes)
-    for cat, num in [(te.cat_ids[:300], te.num[:300]), stress, (stress[0][:1], stress[1][:1])]:
-        res = onnx_export.parity(model, sess, cat, num)
+    stress = onnx_export.stress_rows(te.feeds(), tiny_spec)
+    for feeds in [te.feeds(slice(0, 300)), stress, slice_feeds(stress, 0, 1)]:
+        res = onnx_export.parity(model, sess, feeds)
         assert res["prob_max_abs_diff"] <= 1e-5 and res["repr_max_abs_diff"] <= 1e-5, res

@@ -31,11 +31,11 @@ def test_variant_trains_and_exports_with_parity(over, tiny_spec, tiny_arrays, tm
         for name, p in model.named_parameters():
             if name.endswith("alpha"):
                 p.fill_(0.7)
-    path = onnx_export.export_member(model, tiny_spec.n_cat, tiny_spec.n_num, tmp_path / "m.onnx")
+    path = onnx_export.export_member(model, tiny_spec, tmp_path / "m.onnx")
     sess = onnx_export.session(path)
-    stress = onnx_export.stress_rows(va.cat_ids, va.num, tiny_spec.cat_sizes, seed=0, max_rows=256)
-    for cat, num in [(va.cat_ids[:256], va.num[:256]), stress]:
-        par = onnx_export.parity(model, sess, cat, num)
+    stress = onnx_export.stress_rows(va.feeds(), tiny_spec, seed=0, max_rows=256)
+    for feeds in [va.feeds(slice(0, 256)), stress]:
+        par = onnx_export.parity(model, sess, feeds)
         assert par["prob_max_abs_diff"] <= onnx_export.PARITY_TOL, par
         assert par["repr_max_abs_diff"] <= onnx_export.PARITY_TOL, par
 

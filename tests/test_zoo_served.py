@@ -20,6 +20,7 @@ def test_check_export_passes_for_every_member(arch):
     res = check.run(arch, None, None, TINY_MODEL[arch], rows=1000, steps=5)
     assert res["passed"], res
     assert res["oov_nan"]["rows"] == 1000 and res["batch_1"]["rows"] == 1
+    assert {"seq_len_0", "seq_len_1", "seq_len_max"} <= set(res["cases"])  # every member takes a history
 
 
 def test_check_export_on_a_user_checkpoint(tiny_checkpoints):
@@ -37,13 +38,13 @@ def test_all_members_serve_as_one_ensemble_with_parity(tmp_path, tiny_spec, tiny
     repo = tmp_path / "repo"
     write_repository(cks, repo, RepoOptions(max_batch_size=512, tau=0.5, fusion_kind="cpu"))
     te = tiny_arrays["test"]
-    cat, num = onnx_export.stress_rows(te.cat_ids, te.num, tiny_spec.cat_sizes, max_rows=300)
-    ref = {ck.name: onnx_export.run_onnx(onnx_export.session(repo / ck.name / "1" / "model.onnx"), cat, num)[0] for ck in cks}
+    stress = onnx_export.stress_rows(te.feeds(), tiny_spec, max_rows=300)
+    ref = {ck.name: onnx_export.run_onnx(onnx_export.session(repo / ck.name / "1" / "model.onnx"), stress)[0] for ck in cks}
     fused = fuse(torch.from_numpy(np.stack([ref[ck.name] for ck in cks], 1)), tau=0.5)[0][:, 0].numpy()
     with TritonServer(repo) as server:
         for protocol, url in (("http", server.http_url), ("grpc", server.grpc_url)):
             scorer = TritonScorer(url, protocol)
             for ck in cks:
-                np.testing.assert_allclose(scorer.score(ck.name, cat, num, 128), ref[ck.name], atol=1e-5, rtol=0)
-            np.testing.assert_allclose(scorer.score("ctr_ensemble", cat, num, 128), fused, atol=1e-5, rtol=0)
+                np.testing.assert_allclose(scorer.score(ck.name, stress, 128), ref[ck.name], atol=1e-5, rtol=0)
+            np.testing.assert_allclose(scorer.score("ctr_ensemble", stress, 128), fused, atol=1e-5, rtol=0)
             scorer.close()

@@ -14,6 +14,17 @@ Categories follow Zipf-like frequencies over Criteo-like cardinalities; some
 categorical and numeric fields are often missing (missingness has its own effect).
 Rows are written in the Criteo TSV layout (label, I1..I13, C1..C26, no header) and
 the true p goes to a side file ``<split>.p.npy``, so the oracle AUC is known.
+
+With ``seq_max_len > 0`` every row also gets a behaviour sequence ``history`` (item tokens,
+oldest first) and the files are Parquet (``<split>.parquet``: label, I1..I13, C1..C26,
+history list<string>). Each row has a hidden taste (one of ``seq_clusters``); most of its
+items come from that taste's items, and
+
+    logit += δ·<Σ_i r^(L−1−i)·v[item_i] / Σ_i r^(L−1−i), u[c_t]>  + mean item effect
+
+over the ``seq_max_len`` most recent items (recency decay r), with c_t the row's value of
+one low-cardinality "target" field: the history matters through its recent items and
+through their interaction with the candidate, as in a real sequential CTR task.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
@@ -64,6 +76,13 @@ class SynthConfig:
     splits: dict[str, int] = field(
         default_factory=lambda: {"train": 160_000, "val": 20_000, "test": 20_000}
     )
+    seq_max_len: int = 0  # > 0: emit a behaviour sequence (Parquet output); items beyond it have no effect
+    seq_name: str = "history"
+    seq_items: int = 2000
+    seq_clusters: int = 16
+    seq_mean_len: float = 12.0  # mean history length (exponential-Poisson mix: many short, some beyond seq_max_len)
+    seq_scale: float = 1.2
+    seq_decay: float = 0.85
 
 
 class SynthWorld:
@@ -112,8 +131,45 @@ class SynthWorld:
         self.token_mult = rng.integers(1, 2**31, N_CAT) * 2 + 1
         self.token_add = rng.integers(0, 2**32, N_CAT)
         self._vocab: dict[int, np.ndarray] = {}
+        if cfg.seq_max_len:
+            self._init_sequence(rng, low)
         self.bias = 0.0
         self.bias = self._calibrate_bias(np.random.default_rng(cfg.seed + 1))
+
+    def _init_sequence(self, rng: np.random.Generator, low: list[int]) -> None:
+        cfg = self.cfg
+        self.item_cluster = rng.permutation(cfg.seq_items) % cfg.seq_clusters
+        self.cluster_items = [np.flatnonzero(self.item_cluster == k) for k in range(cfg.seq_clusters)]
+        centers = rng.normal(0, 1 / np.sqrt(cfg.rank), (cfg.seq_clusters, cfg.rank))
+        self.item_latent = centers[self.item_cluster] + rng.normal(0, 0.3 / np.sqrt(cfg.rank), (cfg.seq_items, cfg.rank))
+        self.item_first = rng.normal(0, 0.3, cfg.seq_items)
+        self.seq_target = int(low[0])
+        w = 1.0 / (np.arange(cfg.seq_items) + 1.0) ** cfg.zipf_exponent
+        self.item_freq = w / w.sum()
+
+    def _sample_sequence(self, rng: np.random.Generator, cats: np.ndarray, logit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Histories for ``len(cats)`` rows (offsets (n+1,), items); adds their effect to ``logit`` in place."""
+        cfg = self.cfg
+        n = len(cats)
+        lengths = rng.poisson(rng.exponential(cfg.seq_mean_len, n))  # heavy-tailed; ~1/(1+mean) empty
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        row = np.repeat(np.arange(n), lengths)
+        taste = rng.integers(cfg.seq_clusters, size=n)[row]
+        items = rng.choice(cfg.seq_items, len(row), p=self.item_freq)  # 20 %: anything popular
+        own = rng.random(len(row)) < 0.8
+        for k in range(cfg.seq_clusters):  # 80 %: an item of the row's taste
+            pick = own & (taste == k)
+            members = self.cluster_items[k]
+            items[pick] = members[rng.integers(len(members), size=pick.sum())]
+        rev = lengths[row] - 1 - (np.arange(len(row)) - offsets[:-1][row])  # 0 = most recent
+        w = np.where(rev < cfg.seq_max_len, cfg.seq_decay ** rev, 0.0)
+        wsum = np.bincount(row, w, minlength=n)
+        taste_vec = np.stack([np.bincount(row, w * self.item_latent[items, r], minlength=n) for r in range(cfg.rank)], 1)
+        taste_vec /= np.maximum(wsum, 1e-12)[:, None]
+        first = np.bincount(row, w * self.item_first[items], minlength=n) / np.maximum(wsum, 1e-12)
+        target = self.latent[self.seq_target][cats[:, self.seq_target]]  # (n, rank)
+        logit += cfg.seq_scale * np.einsum("nr,nr->n", taste_vec, target) * np.sqrt(cfg.rank) + first
+        return offsets, items
 
     def _calibrate_bias(self, rng: np.random.Generator) -> float:
         logit = self._sample(rng, 50_000)[3]
@@ -155,16 +211,18 @@ class SynthWorld:
             tz = np.where(missing[:, j], 0.0, (t[:, j] - self.num_mu[j]) / self.num_sigma[j])
             logit += cfg.num_cat_scale * tz * self.scalar[f][cats[:, f]]
         num[missing] = np.nan
-        return cats, num, missing, logit
+        seq = self._sample_sequence(rng, cats, logit) if cfg.seq_max_len else None
+        return cats, num, missing, logit, seq
 
     def sample(self, rng: np.random.Generator, n: int):
-        """Draw ``n`` rows: (category ids with ``V_f`` = missing, numerics with NaN, p, label)."""
-        cats, num, _, logit = self._sample(rng, n)
+        """Draw ``n`` rows: (category ids with ``V_f`` = missing, numerics with NaN, p, label, history
+        (offsets, item ids) or None)."""
+        cats, num, _, logit, seq = self._sample(rng, n)
         p = 1 / (1 + np.exp(-logit))
         label = (rng.random(n) < p).astype(np.int64)
-        return cats, num, p, label
+        return cats, num, p, label, seq
 
-    def to_table(self, cats: np.ndarray, num: np.ndarray, label: np.ndarray) -> pa.Table:
+    def to_table(self, cats: np.ndarray, num: np.ndarray, label: np.ndarray, seq=None) -> pa.Table:
         cols = {LABEL: pa.array(label)}
         for j, name in enumerate(NUM_COLS):
             x = num[:, j]
@@ -177,33 +235,44 @@ class SynthWorld:
             vocab = self._vocab[f]
             tok = np.where(ids < v, vocab[np.minimum(ids, v - 1)], "")
             cols[name] = pa.array(tok, type=pa.string())
+        if seq is not None:
+            offsets, items = seq
+            tokens = pa.array(np.char.mod("m%05d", items).astype(object), type=pa.string())
+            cols[self.cfg.seq_name] = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), tokens)
         return pa.table(cols)
 
 
 def generate(out_dir: str | Path, cfg: SynthConfig, chunk_rows: int = 50_000) -> dict:
-    """Write ``<split>.tsv`` + ``<split>.p.npy`` per split and ``meta.json``; return meta."""
+    """Write ``<split>.tsv`` (``<split>.parquet`` with a sequence) + ``<split>.p.npy`` per split and
+    ``meta.json``; return meta (``meta["splits"][split]["file"]`` names the data file)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     world = SynthWorld(cfg)
     meta = {"generator": "ctr-ensemble synth v1", "config": asdict(cfg), "splits": {}}
-    opts = pacsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none")
+    suffix = "parquet" if cfg.seq_max_len else "tsv"
     for k, (split, n) in enumerate(cfg.splits.items()):
         rng = np.random.default_rng([cfg.seed, k + 2])
         ps, labels = [], []
-        tmp = out / f".{split}.tsv.part"
-        with pacsv.CSVWriter(tmp, world.to_table(*_empty()).schema, write_options=opts) as w:
+        tmp = out / f".{split}.{suffix}.part"
+        schema = world.to_table(*_empty(cfg)).schema
+        if cfg.seq_max_len:
+            writer = pq.ParquetWriter(tmp, schema)
+        else:
+            opts = pacsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none")
+            writer = pacsv.CSVWriter(tmp, schema, write_options=opts)
+        with writer as w:
             for start in tqdm(range(0, n, chunk_rows), desc=f"synth {split}", unit="chunk"):
-                cats, num, p, label = world.sample(rng, min(chunk_rows, n - start))
-                w.write_table(world.to_table(cats, num, label))
+                cats, num, p, label, seq = world.sample(rng, min(chunk_rows, n - start))
+                w.write_table(world.to_table(cats, num, label, seq))
                 ps.append(p)
                 labels.append(label)
-        tmp.replace(out / f"{split}.tsv")
+        tmp.replace(out / f"{split}.{suffix}")
         p = np.concatenate(ps)
         y = np.concatenate(labels)
         np.save(out / f"{split}.p.npy", p)
         meta["splits"][split] = {
             "rows": int(n),
-            "file": f"{split}.tsv",
+            "file": f"{split}.{suffix}",
             "p_file": f"{split}.p.npy",
             "ctr": float(y.mean()),
             "oracle_auc": float(roc_auc_score(y, p)) if 0 < y.sum() < n else None,
@@ -212,5 +281,6 @@ def generate(out_dir: str | Path, cfg: SynthConfig, chunk_rows: int = 50_000) ->
     return meta
 
 
-def _empty():
-    return np.zeros((0, N_CAT), np.int64), np.zeros((0, N_NUM)), np.zeros(0, np.int64)
+def _empty(cfg: SynthConfig):
+    seq = (np.zeros(1, np.int64), np.zeros(0, np.int64)) if cfg.seq_max_len else None
+    return np.zeros((0, N_CAT), np.int64), np.zeros((0, N_NUM)), np.zeros(0, np.int64), seq

@@ -102,7 +102,7 @@ def evaluate(
     mode, tau = manifest["fusion"]["mode"], float(manifest["fusion"]["tau"])
     spec = repository_spec(repository)
     arr = encode_file(data, spec, skip_bad_rows, fmt)
-    cat_ids, num, y = arr.cat_ids, arr.num, arr.label.astype(np.int64)
+    feeds, y = arr.feeds(), arr.label.astype(np.int64)
     summary: dict = {"data": str(data), "rows": int(len(y)), "skipped_rows": arr.skipped, "oracle_auc": None,
                      "fusion": {"mode": mode, "tau": tau}, "members": {n: {} for n in names}, "ensemble": {}}
     if truth is not None:
@@ -117,7 +117,7 @@ def evaluate(
     ref_repr: dict[str, np.ndarray] = {}
     for n in names:
         model = reference.members[n]
-        (ref[n], h), sec = _timed(lambda: predict_outputs(model, cat_ids, num))
+        (ref[n], h), sec = _timed(lambda: predict_outputs(model, feeds))
         ref[n] = ref[n].astype(np.float64)
         if reference.needs_repr:  # (N, H) per member: kept only where the fusion uses it
             ref_repr[n] = h
@@ -131,7 +131,7 @@ def evaluate(
         probs, reprs = {}, {}
         for n in names:
             sess = onnx_export.session(repository / n / "1" / "model.onnx")
-            (probs[n], h), sec = _timed(lambda: onnx_export.run_onnx(sess, cat_ids, num))
+            (probs[n], h), sec = _timed(lambda: onnx_export.run_onnx(sess, feeds))
             reprs[n] = h if reference.needs_repr else None
             summary["members"][n]["onnx"] = _row(y, probs[n], ref[n], sec)
         summary["ensemble"]["onnx"] = _row(y, reference.fuse(names, probs, reprs), ref_fused, None)
@@ -146,10 +146,10 @@ def evaluate(
         scorer.check_ready(ENSEMBLE_NAME)
         probs, reprs = {}, {}
         for n in names:
-            out, sec = _timed(lambda: scorer.score_outputs(n, cat_ids, num, targets.batch_size, outputs))
+            out, sec = _timed(lambda: scorer.score_outputs(n, feeds, targets.batch_size, outputs))
             probs[n], reprs[n] = out["prob"][:, 0], out.get("repr")
             summary["members"][n][backend] = _row(y, probs[n], ref[n], sec)
-        served, sec = _timed(lambda: scorer.score(ENSEMBLE_NAME, cat_ids, num, targets.batch_size))
+        served, sec = _timed(lambda: scorer.score(ENSEMBLE_NAME, feeds, targets.batch_size))
         row = _row(y, served, ref_fused, sec)
         # The server's fusion against the reference fusion of what the same server's members returned.
         row["fusion_max_abs_diff"] = float(np.max(np.abs(served - reference.fuse(names, probs, reprs))))

@@ -5,7 +5,7 @@ Layout written (Triton's standard repository layout)::
     <repo>/
       repository.json                 what was exported, from which checkpoints, parity figures
       <member>/config.pbtxt           backend "onnxruntime", dynamic batching, explicit instances
-      <member>/feature_spec.json      how raw rows become cat_ids / num
+      <member>/feature_spec.json      how raw rows become cat_ids / num / seq_ids + seq_len
       <member>/1/model.onnx
       fusion/config.pbtxt             backend "python", parameters fusion_mode and tau (or head_file)
       fusion/1/model.py, ctr_fusion.py
@@ -32,10 +32,9 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from ctr_ensemble.errors import CtrError
-from ctr_ensemble.export import onnx_export
-from ctr_ensemble.features import FeatureSpec
+from ctr_ensemble.export import onnx_export, validate
+from ctr_ensemble.features import INPUT_DTYPES, FeatureSpec
 from ctr_ensemble.layers import fusion as fusion_math
-from ctr_ensemble.models.base import input_names
 from ctr_ensemble.training import checkpoint as ckpt_io
 from ctr_ensemble.training.checkpoint import Checkpoint
 from ctr_ensemble.training.collab import CollabCheckpoint
@@ -73,18 +72,21 @@ def _write_config(cfg: mc.ModelConfig, model_dir: Path) -> None:
     (model_dir / "config.pbtxt").write_text(text_format.MessageToString(cfg))
 
 
-def _inputs(n_cat: int, n_num: int) -> list:
-    dims = {"cat_ids": (mc.TYPE_INT64, [n_cat]), "num": (mc.TYPE_FP32, [n_num])}
-    return [mc.ModelInput(**_io(n, *dims[n])) for n in input_names(n_num)]
+_TRITON_TYPES = {np.dtype(np.int64): mc.TYPE_INT64, np.dtype(np.float32): mc.TYPE_FP32}
 
 
-def member_config(name: str, n_cat: int, n_num: int, repr_dim: int, opt: RepoOptions) -> mc.ModelConfig:
+def _inputs(spec: FeatureSpec) -> list:
+    """The spec's inputs; ``seq_ids`` has dims [-1]: any history length per request."""
+    return [mc.ModelInput(**_io(n, _TRITON_TYPES[np.dtype(INPUT_DTYPES[n])], d)) for n, d in spec.input_dims.items()]
+
+
+def member_config(name: str, spec: FeatureSpec, repr_dim: int, opt: RepoOptions) -> mc.ModelConfig:
     cfg = mc.ModelConfig(
         name=name,
         backend="onnxruntime",
         max_batch_size=opt.max_batch_size,
         default_model_filename="model.onnx",
-        input=_inputs(n_cat, n_num),
+        input=_inputs(spec),
         output=[mc.ModelOutput(**_io("prob", mc.TYPE_FP32, [1])), mc.ModelOutput(**_io("repr", mc.TYPE_FP32, [repr_dim]))],
         instance_group=[mc.ModelInstanceGroup(count=opt.instances, kind=mc.ModelInstanceGroup.KIND_CPU)],
         dynamic_batching=mc.ModelDynamicBatching(max_queue_delay_microseconds=opt.max_queue_delay_us),
@@ -121,13 +123,13 @@ def fusion_config(members: list[str], opt: RepoOptions, kind: str, repr_dims: di
     return cfg
 
 
-def ensemble_config(members: list[str], n_cat: int, n_num: int, opt: RepoOptions, with_repr: bool = False) -> mc.ModelConfig:
+def ensemble_config(members: list[str], spec: FeatureSpec, opt: RepoOptions, with_repr: bool = False) -> mc.ModelConfig:
     """Members → fusion. ``with_repr`` (collaborative mode) also routes each member's ``repr`` to the fusion."""
     outs = ("prob", "repr") if with_repr else ("prob",)
     steps = [
         mc.ModelEnsembling.Step(
             model_name=m, model_version=-1,
-            input_map={k: k for k in input_names(n_num)}, output_map={o: f"{m}_{o}" for o in outs},
+            input_map={k: k for k in spec.input_names}, output_map={o: f"{m}_{o}" for o in outs},
         )
         for m in members
     ]
@@ -140,7 +142,7 @@ def ensemble_config(members: list[str], n_cat: int, n_num: int, opt: RepoOptions
         name=ENSEMBLE_NAME,
         platform="ensemble",
         max_batch_size=opt.max_batch_size,
-        input=_inputs(n_cat, n_num),
+        input=_inputs(spec),
         output=[mc.ModelOutput(**_io("prob", mc.TYPE_FP32, [1])), mc.ModelOutput(**_io("weights", mc.TYPE_FP32, [len(members)]))],
         ensemble_scheduling=mc.ModelEnsembling(step=steps),
     )
@@ -158,10 +160,11 @@ def write_repository(
     checkpoints: list[Checkpoint],
     repo: str | Path,
     opt: RepoOptions,
-    parity_rows: tuple[np.ndarray, np.ndarray] | None = None,
+    parity_rows: dict[str, np.ndarray] | None = None,
     collab: CollabCheckpoint | None = None,
 ) -> dict:
-    """Export every member to ONNX, check parity on ``parity_rows`` (plus OOV/NaN stress rows),
+    """Export every member to ONNX, check parity on ``parity_rows`` (model inputs by name, as
+    ``Arrays.feeds()``; plus OOV/NaN/sequence-length stress rows),
     and write the repository atomically. Returns the manifest (also saved as repository.json).
 
     With ``collab`` (and ``opt.fusion_mode == "collaborative"``) the members are the collaborative
@@ -208,17 +211,18 @@ def write_repository(
             model = ck.build()
             repr_dims[ck.name] = model.repr_dim
             mdir = staging / ck.name
-            onnx_path = onnx_export.export_member(model, ck.spec.n_cat, ck.spec.n_num, mdir / "1" / "model.onnx")
-            entry = {"arch": ck.arch, "checkpoint": ck.source, "repr_dim": model.repr_dim, "val_auc": ck.metrics.get("val_auc")}
+            onnx_path = onnx_export.export_member(model, ck.spec, mdir / "1" / "model.onnx")
+            entry = {"arch": ck.arch, "checkpoint": ck.source, "repr_dim": model.repr_dim, "val_auc": ck.metrics.get("val_auc"),
+                     "onnx_sha256": validate.file_sha256(onnx_path)}
             if parity_rows is not None:
                 sess = onnx_export.session(onnx_path)
-                entry["parity"] = onnx_export.parity(model, sess, *parity_rows)
-                entry["parity_stress"] = onnx_export.parity(model, sess, *onnx_export.stress_rows(*parity_rows, ck.spec.cat_sizes))
+                entry["parity"] = onnx_export.parity(model, sess, parity_rows)
+                entry["parity_stress"] = onnx_export.parity(model, sess, onnx_export.stress_rows(parity_rows, ck.spec))
                 worst = max(entry["parity"]["prob_max_abs_diff"], entry["parity_stress"]["prob_max_abs_diff"])
                 if not worst <= onnx_export.PARITY_TOL:
                     raise CtrError(f"{ck.name}: ONNX Runtime differs from PyTorch by {worst:.3g} (> {onnx_export.PARITY_TOL})")
-                onnx_out[ck.name] = onnx_export.run_onnx(sess, *parity_rows)
-            _write_config(member_config(ck.name, ck.spec.n_cat, ck.spec.n_num, model.repr_dim, opt), mdir)
+                onnx_out[ck.name] = onnx_export.run_onnx(sess, parity_rows)
+            _write_config(member_config(ck.name, ck.spec, model.repr_dim, opt), mdir)
             ck.spec.save(mdir / "feature_spec.json")
             manifest["members"][ck.name] = entry
         fdir = staging / FUSION_NAME
@@ -231,10 +235,11 @@ def write_repository(
             if parity_rows is not None:
                 fusion_entry["parity"] = collab_fusion_parity(collab, fdir / "1" / HEAD_FILE, onnx_out, parity_rows)
         edir = staging / ENSEMBLE_NAME
-        _write_config(ensemble_config(names, spec0.n_cat, spec0.n_num, opt, with_repr=collab is not None), edir)
+        _write_config(ensemble_config(names, spec0, opt, with_repr=collab is not None), edir)
         (edir / "1").mkdir(parents=True)
         spec0.save(edir / "feature_spec.json")
         (staging / "repository.json").write_text(json.dumps(manifest, indent=2))
+        validate.check(staging)  # what Triton would refuse never replaces a working repository
         swap_in(staging, repo)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -259,12 +264,12 @@ def fuse_collaborative(head: fusion_math.CollaborativeHead, probs: list[np.ndarr
 
 
 def collab_fusion_parity(collab: CollabCheckpoint, head_path: Path, onnx_out: dict[str, tuple[np.ndarray, np.ndarray]],
-                         rows: tuple[np.ndarray, np.ndarray]) -> dict:
+                         rows: dict[str, np.ndarray]) -> dict:
     """Max |Δ| between the PyTorch collaborative model and ONNX members + the written head on ``rows``."""
     from ctr_ensemble.training.collab import predict_collab
 
     head, _ = load_head(head_path)
-    ref, _, _ = predict_collab(collab.build(), *rows)
+    ref, _, _ = predict_collab(collab.build(), rows)
     served, _ = fuse_collaborative(head, [onnx_out[n][0] for n in collab.names], [onnx_out[n][1] for n in collab.names])
     diff = float(np.max(np.abs(served - ref))) if len(ref) else 0.0
     if not diff <= onnx_export.PARITY_TOL:

@@ -18,7 +18,8 @@ class MultiHeadAttention(nn.Module):
     """Multi-head scaled dot-product attention (Vaswani et al. 2017).
 
     query (B|1, Tq, D), context (B, Tk, D) → (B, Tq, D). A query with batch 1 (learned
-    queries) broadcasts over the context batch.
+    queries) broadcasts over the context batch. ``key_mask`` (B, Tk) bool marks the context
+    tokens that may be attended to (padding is False); every row needs at least one True.
     """
 
     def __init__(self, dim: int, n_heads: int):
@@ -33,9 +34,13 @@ class MultiHeadAttention(nn.Module):
     def _heads(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D) → (B, h, T, d_h)
         return x.unflatten(-1, (self.n_heads, self.d_head)).transpose(1, 2)
 
-    def forward(self, query: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, query: torch.Tensor, context: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = self._heads(self.q(query)), self._heads(self.k(context)), self._heads(self.v(context))
-        a = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * self.scale, dim=-1)  # (B, h, Tq, Tk)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale  # (B, h, Tq, Tk)
+        if key_mask is not None:
+            # A large finite penalty rather than -inf: exact zeros after softmax, no NaN anywhere.
+            scores = scores + (~key_mask).to(scores.dtype)[:, None, None, :] * -1e9
+        a = torch.softmax(scores, dim=-1)
         return self.out(torch.matmul(a, v).transpose(1, 2).flatten(2))  # (B, Tq, D)
 
 
@@ -62,8 +67,8 @@ class AttentionPooling(nn.Module):
         self.queries = nn.Parameter(torch.randn(1, n_queries, dim) * 0.1)  # (1, k, D), broadcast over B
         self.attn = MultiHeadAttention(dim, n_heads)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.attn(self.queries, x)
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.attn(self.queries, x, key_mask)
 
 
 class FieldCompression(nn.Module):

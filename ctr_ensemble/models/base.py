@@ -1,9 +1,11 @@
 """The member contract every model follows.
 
-A member maps ``cat_ids`` (B, n_cat) int64 and raw ``num`` (B, n_num) float32 to
-``prob`` (B, 1), the click probability, and ``repr`` (B, H), its final representation
+A member maps ``cat_ids`` (B, n_cat) int64 and raw ``num`` (B, n_num) float32 (and, when the
+feature spec has a behaviour sequence, ``seq_ids`` (B, L) int64 with ``seq_len`` (B, 1) int64)
+to ``prob`` (B, 1), the click probability, and ``repr`` (B, H), its final representation
 (what a collaborative-ensemble head consumes). ``forward`` returns exactly what is
-exported to ONNX; the trainer uses ``logits`` for a numerically stable loss.
+exported to ONNX; the trainer uses ``logits`` for a numerically stable loss. Which inputs
+a member takes is ``FeatureSpec.input_names``.
 """
 
 from __future__ import annotations
@@ -17,14 +19,8 @@ from ctr_ensemble.features import FeatureSpec
 from ctr_ensemble.layers.embedding import FeatureEmbedding
 from ctr_ensemble.layers.head import MLP
 
-INPUT_NAMES = ("cat_ids", "num")
 OUTPUT_NAMES = ("prob", "repr")
-
-
-def input_names(n_num: int) -> tuple[str, ...]:
-    """Inputs of an exported member: ``num`` is left out when the data has no numeric field
-    (Avazu, libSVM), because Triton forbids a zero-sized dimension in a model config."""
-    return INPUT_NAMES if n_num > 0 else INPUT_NAMES[:1]
+Tensor = torch.Tensor
 
 
 @dataclass
@@ -41,20 +37,28 @@ class Member(nn.Module):
     head: nn.Module
 
     @staticmethod
-    def make_embedding(spec: FeatureSpec, dim: int) -> FeatureEmbedding:
+    def make_embedding(spec: FeatureSpec, dim: int, pool_sequence: bool = True) -> FeatureEmbedding:
+        """Field embeddings; with a sequence field, the pooled history is one more field token
+        unless ``pool_sequence`` is False (members with their own sequence arch)."""
         return FeatureEmbedding(
-            spec.cat_sizes, [f.mean for f in spec.numeric], [f.std for f in spec.numeric], dim
+            spec.cat_sizes, [f.mean for f in spec.numeric], [f.std for f in spec.numeric], dim,
+            seq_size=spec.sequence.size if spec.sequence else 0, pool_sequence=pool_sequence,
         )
 
-    def represent(self, cat_ids: torch.Tensor, num: torch.Tensor) -> torch.Tensor:  # (B, H)
+    def represent(self, cat_ids: Tensor, num: Tensor, seq_ids: Tensor | None = None,
+                  seq_len: Tensor | None = None) -> Tensor:  # (B, H)
         raise NotImplementedError
 
-    def logits(self, cat_ids: torch.Tensor, num: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.represent(cat_ids, num)
+    def logits(self, cat_ids: Tensor, num: Tensor, seq_ids: Tensor | None = None,
+               seq_len: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        h = self.represent(cat_ids, num, seq_ids, seq_len)
         return self.head(h), h  # (B, 1), (B, H)
 
-    def forward(self, cat_ids: torch.Tensor, num: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logit, h = self.logits(cat_ids, num)
+    def forward(self, cat_ids: Tensor, num: Tensor | None = None, seq_ids: Tensor | None = None,
+                seq_len: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if num is None:  # data without numeric fields: the exported model has no `num` input
+            num = cat_ids[:, :0].to(torch.float32)  # (B, 0)
+        logit, h = self.logits(cat_ids, num, seq_ids, seq_len)
         return torch.sigmoid(logit), h
 
 
@@ -71,6 +75,7 @@ class CrossDeepMember(Member):
         self.repr_dim = d + self.deep.d_out
         self.head = nn.Linear(self.repr_dim, 1)
 
-    def represent(self, cat_ids: torch.Tensor, num: torch.Tensor) -> torch.Tensor:
-        x0 = self.embedding(cat_ids, num).flatten(1)  # (B, F·D)
+    def represent(self, cat_ids: Tensor, num: Tensor, seq_ids: Tensor | None = None,
+                  seq_len: Tensor | None = None) -> Tensor:
+        x0 = self.embedding(cat_ids, num, seq_ids, seq_len).flatten(1)  # (B, F·D)
         return torch.cat([self.cross(x0), self.deep(x0)], dim=1)  # (B, H)

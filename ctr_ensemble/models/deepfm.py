@@ -10,7 +10,7 @@ from torch import nn
 from ctr_ensemble.features import FeatureSpec
 from ctr_ensemble.layers.head import MLP
 from ctr_ensemble.layers.interaction import FactorizationMachine
-from ctr_ensemble.models.base import Member, MemberConfig
+from ctr_ensemble.models.base import Member, MemberConfig, Tensor
 
 
 @dataclass
@@ -34,7 +34,8 @@ class DeepFM(Member):
         self.repr_dim = self.deep.d_out + cfg.embedding_dim + 1
         self.head = nn.Linear(self.repr_dim, 1)
 
-    def represent(self, cat_ids: torch.Tensor, num: torch.Tensor) -> torch.Tensor:
-        e = self.embedding(cat_ids, num)  # (B, F, D)
-        first = self.linear(cat_ids, num).sum(dim=1)  # (B, 1)
+    def represent(self, cat_ids: Tensor, num: Tensor, seq_ids: Tensor | None = None,
+                  seq_len: Tensor | None = None) -> Tensor:
+        e = self.embedding(cat_ids, num, seq_ids, seq_len)  # (B, F, D)
+        first = self.linear(cat_ids, num, seq_ids, seq_len).sum(dim=1)  # (B, 1)
         return torch.cat([self.deep(e.flatten(1)), self.fm(e), first], dim=1)  # (B, H)

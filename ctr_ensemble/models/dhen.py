@@ -22,7 +22,7 @@ from ctr_ensemble.features import FeatureSpec
 from ctr_ensemble.layers.attention import FieldCompression
 from ctr_ensemble.layers.dhen_layer import MODULES, DHENLayer
 from ctr_ensemble.layers.head import MLP
-from ctr_ensemble.models.base import Member, MemberConfig
+from ctr_ensemble.models.base import Member, MemberConfig, Tensor
 
 
 @dataclass
@@ -71,6 +71,7 @@ class DHEN(Member):
         self.repr_dim = self.tower.d_out
         self.head = nn.Linear(self.repr_dim, 1)
 
-    def represent(self, cat_ids: torch.Tensor, num: torch.Tensor) -> torch.Tensor:
-        x = self.compress(self.embedding(cat_ids, num))  # (B, T, D)
+    def represent(self, cat_ids: Tensor, num: Tensor, seq_ids: Tensor | None = None,
+                  seq_len: Tensor | None = None) -> Tensor:
+        x = self.compress(self.embedding(cat_ids, num, seq_ids, seq_len))  # (B, T, D)
         return self.tower(self.layers(x).flatten(1))  # (B, H)

@@ -36,7 +36,7 @@ from ctr_ensemble.errors import CtrError
 from ctr_ensemble.features import FeatureSpec
 from ctr_ensemble.layers.head import MLP
 from ctr_ensemble.layers.mixer import CrossFieldMixer, FieldwiseMLP, TypeWisePredictor
-from ctr_ensemble.models.base import Member, MemberConfig
+from ctr_ensemble.models.base import Member, MemberConfig, Tensor
 
 VARIANTS = ("wm", "hm", "hmm")
 
@@ -85,13 +85,15 @@ class EMOFM(Member):
             self.type_index = names.index(cfg.type_field)
             self.type_head = TypeWisePredictor(spec.categorical[self.type_index].size, self.repr_dim)
 
-    def represent(self, cat_ids: torch.Tensor, num: torch.Tensor) -> torch.Tensor:
-        e = self.embedding(cat_ids, num)  # (B, F, D)
+    def represent(self, cat_ids: Tensor, num: Tensor, seq_ids: Tensor | None = None,
+                  seq_len: Tensor | None = None) -> Tensor:
+        e = self.embedding(cat_ids, num, seq_ids, seq_len)  # (B, F, D)
         z = self.mix2(self.stage1(self.mix1(e)))  # (B, F, K): field-wise extraction, across-field mixing
         return self.stage2(z.flatten(1))  # (B, H): fusion
 
-    def logits(self, cat_ids: torch.Tensor, num: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.represent(cat_ids, num)
+    def logits(self, cat_ids: Tensor, num: Tensor, seq_ids: Tensor | None = None,
+               seq_len: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        h = self.represent(cat_ids, num, seq_ids, seq_len)
         logit = self.head(h)  # (B, 1)
         if self.type_head is not None:  # fixed at construction, not data-dependent
             logit = logit + self.type_head(h, cat_ids[:, self.type_index])

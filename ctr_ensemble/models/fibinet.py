@@ -13,7 +13,7 @@ from ctr_ensemble.errors import CtrError
 from ctr_ensemble.features import FeatureSpec
 from ctr_ensemble.layers.head import MLP
 from ctr_ensemble.layers.interaction import BILINEAR_TYPES, Bilinear, SENet
-from ctr_ensemble.models.base import Member, MemberConfig
+from ctr_ensemble.models.base import Member, MemberConfig, Tensor
 
 
 @dataclass
@@ -49,9 +49,10 @@ class FiBiNET(Member):
         self.repr_dim = self.deep.d_out + 1
         self.head = nn.Linear(self.repr_dim, 1)
 
-    def represent(self, cat_ids: torch.Tensor, num: torch.Tensor) -> torch.Tensor:
-        e = self.embedding(cat_ids, num)  # (B, F, D)
+    def represent(self, cat_ids: Tensor, num: Tensor, seq_ids: Tensor | None = None,
+                  seq_len: Tensor | None = None) -> Tensor:
+        e = self.embedding(cat_ids, num, seq_ids, seq_len)  # (B, F, D)
         v = e * self.senet(e).unsqueeze(-1)  # (B, F, D) re-weighted by field importance
         pq = torch.cat([self.bilinear_e(e).flatten(1), self.bilinear_v(v).flatten(1)], dim=1)  # (B, 2·P·D)
-        first = self.linear(cat_ids, num).sum(dim=1)  # (B, 1)
+        first = self.linear(cat_ids, num, seq_ids, seq_len).sum(dim=1)  # (B, 1)
         return torch.cat([self.deep(pq), first], dim=1)  # (B, H)

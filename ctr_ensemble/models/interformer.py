@@ -15,10 +15,13 @@ setting, a DHEN layer (``interaction_modules``, default dot + DCN cross) over
 cross-attention to the non-sequence summary, then a feed-forward step. The head reads
 [flatten(X_L) ‖ flatten(sequence summary of S_L)].
 
-No sequence feature yet: the data layer has no behaviour sequence, so ``sequence_tokens``
-returns ``seq_len`` learned "empty" tokens shared by every row. When an input ``seq_ids``
-arrives, only ``sequence_tokens`` changes (embed the ids, add positions, mask padding);
-the arches, the exchange and the head stay as they are.
+The behaviour sequence (``seq_ids`` (B, L), ``seq_len`` (B, 1), see ``features.SequenceField``)
+is embedded with its own table plus a learned *recency* position (0 = the most recent item),
+and the sequence arch always starts with ``n_empty_tokens`` learned tokens that are never
+masked. They make an empty history (seq_len 0) well defined, and they are the whole sequence
+when a data set has no sequence feature at all (Criteo, Avazu): the sequence arch then still
+carries information, because its cross-attention reads the per-row non-sequence summary.
+Padding positions (index >= seq_len) are masked out of every attention that reads the sequence.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from ctr_ensemble.features import FeatureSpec
 from ctr_ensemble.layers.attention import AttentionPooling, FieldCompression, MultiHeadAttention, SelfGating, TokenFFN
 from ctr_ensemble.layers.dhen_layer import MODULES, DHENLayer
 from ctr_ensemble.layers.head import MLP
-from ctr_ensemble.models.base import Member, MemberConfig
+from ctr_ensemble.models.base import Member, MemberConfig, Tensor
 
 
 @dataclass
@@ -42,7 +45,7 @@ class InterFormerConfig(MemberConfig):
     n_tokens: int = 16  # field tokens after linear compression of the F field embeddings
     interaction_modules: list[str] = field(default_factory=lambda: ["dot", "cross"])
     n_heads: int = 2  # heads of the sequence arch's attentions and the PMA summary
-    seq_len: int = 2  # length of the learned empty sequence standing in for a behaviour sequence
+    n_empty_tokens: int = 2  # learned tokens always at the head of the sequence arch (the whole sequence without one)
     n_field_summary: int = 4  # tokens of the non-sequence summary sent to the sequence arch
     n_seq_summary: int = 2  # PMA queries of the sequence summary sent to the interaction arch
     ffn_mult: int = 2
@@ -58,7 +61,7 @@ class InterFormerLayer(nn.Module):
         self.n_tokens = n_tokens
         # Summaries (the paper's Cross Arch): what each arch hands to the other.
         self.field_summary = nn.Sequential(FieldCompression(n_tokens, cfg.n_field_summary), SelfGating(dim))
-        self.seq_summary = nn.Sequential(AttentionPooling(dim, cfg.n_seq_summary, cfg.n_heads), SelfGating(dim))
+        self.seq_pool, self.seq_gate = AttentionPooling(dim, cfg.n_seq_summary, cfg.n_heads), SelfGating(dim)
         # Interaction arch: a DHEN layer over the field tokens plus the sequence summary tokens
         # (behaviour-aware interactions). On the demo data this beat self-attention over the
         # field tokens in AUC at about half the CPU time (dense matmuls, no T×T softmax).
@@ -68,12 +71,13 @@ class InterFormerLayer(nn.Module):
         self.s_ffn = TokenFFN(dim, cfg.ffn_mult)
         self.s_norm1, self.s_norm2, self.s_norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: Tensor, s: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """x (B, T, D), s (B, L, D), mask (B, L) bool or None (no padding) → (x', s')."""
         # Both summaries come from the layer's inputs, so the two arches update in parallel.
         x_sum = self.field_summary(x)  # (B, n_field_summary, D)
-        s_sum = self.seq_summary(s)  # (B, n_seq_summary, D)
+        s_sum = self.seq_gate(self.seq_pool(s, mask))  # (B, n_seq_summary, D)
         x = self.interaction(torch.cat([x, s_sum], dim=1))[:, : self.n_tokens]  # (B, T, D)
-        s = self.s_norm1(s + self.s_self(s, s))  # (B, L, D)
+        s = self.s_norm1(s + self.s_self(s, s, mask))  # (B, L, D)
         s = self.s_norm2(s + self.s_cross(s, x_sum))
         s = self.s_norm3(s + self.s_ffn(s))
         return x, s
@@ -84,7 +88,7 @@ class InterFormer(Member):
 
     def __init__(self, cfg: InterFormerConfig, spec: FeatureSpec):
         super().__init__()
-        for name in ("n_layers", "n_tokens", "n_heads", "seq_len", "n_field_summary", "n_seq_summary", "ffn_mult"):
+        for name in ("n_layers", "n_tokens", "n_heads", "n_empty_tokens", "n_field_summary", "n_seq_summary", "ffn_mult"):
             if getattr(cfg, name) < 1:
                 raise CtrError(f"interformer: {name} must be >= 1, got {getattr(cfg, name)}")
         bad = [m for m in cfg.interaction_modules if m not in MODULES]
@@ -93,10 +97,14 @@ class InterFormer(Member):
                            f"names from {list(MODULES)}")
         if cfg.embedding_dim % cfg.n_heads:
             raise CtrError(f"interformer: embedding_dim {cfg.embedding_dim} must be divisible by n_heads {cfg.n_heads}")
-        self.embedding = self.make_embedding(spec, cfg.embedding_dim)
+        self.embedding = self.make_embedding(spec, cfg.embedding_dim, pool_sequence=False)
         n_fields, d = self.embedding.n_fields, cfg.embedding_dim
-        # Learned stand-in for the behaviour sequence; see ``sequence_tokens``.
-        self.empty_tokens = nn.Parameter(torch.randn(cfg.seq_len, d) * 0.1)  # (L, D)
+        self.empty_tokens = nn.Parameter(torch.randn(cfg.n_empty_tokens, d) * 0.1)  # (E, D)
+        self.has_sequence = spec.sequence is not None
+        if self.has_sequence:
+            self.max_len = spec.sequence.max_len
+            self.recency = nn.Embedding(self.max_len, d)  # position 0 = the most recent item
+            nn.init.normal_(self.recency.weight, std=1e-2)
         self.compress = FieldCompression(n_fields, cfg.n_tokens)  # the paper's linear compressed embedding
         self.layers = nn.ModuleList(InterFormerLayer(cfg.n_tokens, d, cfg) for _ in range(cfg.n_layers))
         self.final_seq_summary = AttentionPooling(d, cfg.n_seq_summary, cfg.n_heads)
@@ -104,20 +112,23 @@ class InterFormer(Member):
         self.repr_dim = self.tower.d_out
         self.head = nn.Linear(self.repr_dim, 1)
 
-    def sequence_tokens(self, batch_size: int) -> torch.Tensor:
-        """The behaviour-sequence tokens fed to the sequence arch: (B, L, D).
+    def sequence_tokens(self, seq_ids: Tensor | None, seq_len: Tensor | None, batch: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Tokens of the sequence arch (B, E + L, D) and their mask (B, E + L) bool (None without a
+        sequence feature): the learned empty tokens, then the items with their recency embedding."""
+        empty = self.empty_tokens.unsqueeze(0).expand(batch.shape[0], -1, -1)  # (B, E, D)
+        if not self.has_sequence:
+            return empty, None
+        items, valid = self.embedding.sequence(seq_ids, seq_len)  # (B, L, D), (B, L)
+        pos = torch.cumsum(torch.ones_like(seq_ids), dim=1) - 1  # (B, L)
+        recency = torch.clamp(seq_len - 1 - pos, 0, self.max_len - 1)  # served L may exceed max_len
+        tokens = torch.cat([empty, items + self.recency(recency)], dim=1)
+        mask = torch.cat([torch.ones_like(empty[:, :, 0], dtype=torch.bool), valid], dim=1)
+        return tokens, mask
 
-        The single place a real sequence plugs in. For now there is no sequence feature, so
-        every row gets the same ``seq_len`` learned "empty" tokens; they are trained, and the
-        sequence arch still carries information because its cross-attention reads the
-        per-row non-sequence summary. A later change adding ``seq_ids`` replaces this body
-        with an embedding lookup (plus positions and a padding mask) of shape (B, L, D).
-        """
-        return self.empty_tokens.unsqueeze(0).expand(batch_size, -1, -1)
-
-    def represent(self, cat_ids: torch.Tensor, num: torch.Tensor) -> torch.Tensor:
+    def represent(self, cat_ids: Tensor, num: Tensor, seq_ids: Tensor | None = None,
+                  seq_len: Tensor | None = None) -> Tensor:
         x = self.compress(self.embedding(cat_ids, num))  # (B, T, D)
-        s = self.sequence_tokens(cat_ids.shape[0])  # (B, L, D)
+        s, mask = self.sequence_tokens(seq_ids, seq_len, cat_ids)  # (B, E + L, D)
         for layer in self.layers:
-            x, s = layer(x, s)
-        return self.tower(torch.cat([x.flatten(1), self.final_seq_summary(s).flatten(1)], dim=1))  # (B, H)
+            x, s = layer(x, s, mask)
+        return self.tower(torch.cat([x.flatten(1), self.final_seq_summary(s, mask).flatten(1)], dim=1))  # (B, H)

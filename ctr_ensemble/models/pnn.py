@@ -11,7 +11,7 @@ from torch import nn
 from ctr_ensemble.features import FeatureSpec
 from ctr_ensemble.layers.head import MLP
 from ctr_ensemble.layers.interaction import InnerProduct
-from ctr_ensemble.models.base import Member, MemberConfig
+from ctr_ensemble.models.base import Member, MemberConfig, Tensor
 
 
 @dataclass
@@ -38,6 +38,7 @@ class PNN(Member):
         self.repr_dim = self.deep.d_out
         self.head = nn.Linear(self.repr_dim, 1)
 
-    def represent(self, cat_ids: torch.Tensor, num: torch.Tensor) -> torch.Tensor:
-        e = self.embedding(cat_ids, num)  # (B, F, D)
+    def represent(self, cat_ids: Tensor, num: Tensor, seq_ids: Tensor | None = None,
+                  seq_len: Tensor | None = None) -> Tensor:
+        e = self.embedding(cat_ids, num, seq_ids, seq_len)  # (B, F, D)
         return self.deep(torch.cat([e.flatten(1), self.product(e)], dim=1))  # (B, H)

@@ -7,7 +7,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tritonclient.utils import np_to_triton_dtype
+
 from ctr_ensemble.errors import CtrError
+from ctr_ensemble.features import INPUT_DTYPES, feed_rows, slice_feeds
 
 PROTOCOLS = ("http", "grpc")
 
@@ -49,16 +52,16 @@ class TritonScorer:
         if not ok:
             raise CtrError(f"model {model!r} is not ready on Triton at {self.url} ({self.protocol})")
 
-    def infer(self, model: str, cat_ids: np.ndarray, num: np.ndarray, outputs: tuple[str, ...] = ("prob",)) -> dict[str, np.ndarray]:
-        """One request; returns the requested outputs as numpy arrays."""
+    def infer(self, model: str, feeds: dict[str, np.ndarray], outputs: tuple[str, ...] = ("prob",)) -> dict[str, np.ndarray]:
+        """One request with the model inputs by name (as ``Arrays.feeds()``, dtypes as
+        ``features.INPUT_DTYPES``); returns the requested outputs as numpy arrays."""
         mod = self._mod
-        a = mod.InferInput("cat_ids", list(cat_ids.shape), "INT64")
-        a.set_data_from_numpy(np.ascontiguousarray(cat_ids, dtype=np.int64))
-        inputs = [a]
-        if num.shape[1] > 0:  # data without numeric fields: the models have no `num` input
-            b = mod.InferInput("num", list(num.shape), "FP32")
-            b.set_data_from_numpy(np.ascontiguousarray(num, dtype=np.float32))
-            inputs.append(b)
+        inputs = []
+        for name, value in feeds.items():
+            value = np.ascontiguousarray(value, dtype=INPUT_DTYPES.get(name, value.dtype))
+            x = mod.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
+            x.set_data_from_numpy(value)
+            inputs.append(x)
         outs = [mod.InferRequestedOutput(o) for o in outputs]
         t0 = time.perf_counter()
         if self.protocol == "grpc":
@@ -68,17 +71,17 @@ class TritonScorer:
         self.latencies_ms.append((time.perf_counter() - t0) * 1e3)
         return {o: r.as_numpy(o) for o in outputs}
 
-    def score(self, model: str, cat_ids: np.ndarray, num: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    def score(self, model: str, feeds: dict[str, np.ndarray], batch_size: int = 1024) -> np.ndarray:
         """Click probabilities (N,) for all rows, ``batch_size`` rows per request."""
-        return self.score_outputs(model, cat_ids, num, batch_size)["prob"][:, 0]
+        return self.score_outputs(model, feeds, batch_size)["prob"][:, 0]
 
-    def score_outputs(self, model: str, cat_ids: np.ndarray, num: np.ndarray, batch_size: int = 1024,
+    def score_outputs(self, model: str, feeds: dict[str, np.ndarray], batch_size: int = 1024,
                       outputs: tuple[str, ...] = ("prob",)) -> dict[str, np.ndarray]:
         """The requested outputs for all rows (each (N, …)), ``batch_size`` rows per request."""
         parts: dict[str, list[np.ndarray]] = {o: [] for o in outputs}
-        for s in range(0, len(cat_ids), batch_size):
+        for s in range(0, feed_rows(feeds), batch_size):
             try:
-                out = self.infer(model, cat_ids[s : s + batch_size], num[s : s + batch_size], outputs)
+                out = self.infer(model, slice_feeds(feeds, s, s + batch_size), outputs)
             except CtrError:
                 raise
             except Exception as e:  # tritonclient raises InferenceServerException and transport errors

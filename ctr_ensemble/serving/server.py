@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ctr_ensemble.errors import CtrError
+from ctr_ensemble.export import validate
 from ctr_ensemble.export.repository import TRITON_SRC
 
 
@@ -80,6 +81,7 @@ class TritonServer:
     log_verbose: int = 0
     extra_args: list[str] = field(default_factory=list)
     log_path: Path | None = None
+    validate_repository: bool = True  # run export.validate first: a broken repository fails in ~1 s, not minutes
     _proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
     _workdir: Path | None = field(default=None, init=False, repr=False)
 
@@ -117,6 +119,8 @@ class TritonServer:
         self.repository = Path(self.repository).resolve()
         if not (self.repository / "repository.json").is_file() and not any(self.repository.glob("*/config.pbtxt")):
             raise CtrError(f"{self.repository}: not a model repository (no */config.pbtxt); run `ctr-ensemble export` first")
+        if self.validate_repository:
+            validate.check(self.repository)
         attrs = ("http_port", "grpc_port", "metrics_port")
         taken = {getattr(self, a) for a in attrs if getattr(self, a)}
         spare = iter(p for p in free_ports(6) if p not in taken)

@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ctr_ensemble.errors import CtrError
-from ctr_ensemble.features import FeatureSpec
+from ctr_ensemble.features import FeatureSpec, feed_rows
 from ctr_ensemble.layers.fusion import HEAD_VARIANTS, CollaborativeHead, head_payload
 from ctr_ensemble.models.base import Member
 from ctr_ensemble.training import checkpoint, loop
@@ -61,15 +61,19 @@ class CollaborativeModel(nn.Module):
         self.members = nn.ModuleList(members)
         self.head = head
 
-    def logits(self, cat_ids: torch.Tensor, num: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def logits(self, cat_ids: torch.Tensor, num: torch.Tensor, seq_ids: torch.Tensor | None = None,
+               seq_len: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Fused logit (B, 1), member logits (B, N), weights (B, N)."""
-        outs = [m.logits(cat_ids, num) for m in self.members]
+        outs = [m.logits(cat_ids, num, seq_ids, seq_len) for m in self.members]
         member_logits = torch.cat([z for z, _ in outs], dim=1)  # (B, N)
         fused, w = self.head(torch.sigmoid(member_logits), [h for _, h in outs])
         return fused, member_logits, w
 
-    def forward(self, cat_ids: torch.Tensor, num: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        fused, member_logits, w = self.logits(cat_ids, num)
+    def forward(self, cat_ids: torch.Tensor, num: torch.Tensor | None = None, seq_ids: torch.Tensor | None = None,
+                seq_len: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if num is None:  # data without numeric fields, as in Member.forward
+            num = cat_ids[:, :0].to(torch.float32)
+        fused, member_logits, w = self.logits(cat_ids, num, seq_ids, seq_len)
         return torch.sigmoid(fused), w, torch.sigmoid(member_logits)
 
 
@@ -144,12 +148,13 @@ def load(path: str | Path) -> CollabCheckpoint:
 
 
 @torch.no_grad()
-def predict_collab(model: CollaborativeModel, cat_ids: np.ndarray, num: np.ndarray,
+def predict_collab(model: CollaborativeModel, feeds: dict[str, np.ndarray],
                    batch_size: int = 16384) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Fused probabilities (N,), weights (N, M) and member probabilities (N, M), float32, eval mode."""
+    """Fused probabilities (N,), weights (N, M) and member probabilities (N, M), float32, eval mode;
+    ``feeds`` as ``Arrays.feeds()``."""
     model.eval()
-    parts = [model(torch.from_numpy(cat_ids[s : s + batch_size]), torch.from_numpy(num[s : s + batch_size]))
-             for s in range(0, len(cat_ids), batch_size)]
+    parts = [model(**{k: torch.from_numpy(v[s : s + batch_size]) for k, v in feeds.items()})
+             for s in range(0, feed_rows(feeds), batch_size)]
     if not parts:
         m = len(model.members)
         return np.zeros(0, np.float32), np.zeros((0, m), np.float32), np.zeros((0, m), np.float32)
@@ -189,7 +194,7 @@ def train_collab(
         return collab_losses(fused, member_logits, y, cfg.kl_weight)
 
     def evaluate():
-        fused, w, member_p = predict_collab(model, val.cat_ids, val.num, cfg.eval_batch_size)
+        fused, w, member_p = predict_collab(model, val.feeds(), cfg.eval_batch_size)
         out = val_metrics(val.label, fused)
         for k, name in enumerate(names):
             out.update(val_metrics(val.label, member_p[:, k], f"_{name}"))

@@ -155,7 +155,7 @@ def train_mutual(
     def evaluate():
         out = {}
         for name, net in zip(names, nets):
-            out.update(val_metrics(val.label, predict(net, val.cat_ids, val.num, cfg.eval_batch_size), f"_{name}"))
+            out.update(val_metrics(val.label, predict(net, val.feeds(), cfg.eval_batch_size), f"_{name}"))
         mean_auc = sum(out[f"val_auc_{n}"] for n in names) / len(names)
         return mean_auc, {"val_auc": mean_auc, **out}
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from ctr_ensemble import metrics, models
 from ctr_ensemble.errors import CtrError
-from ctr_ensemble.features import FeatureSpec
+from ctr_ensemble.features import FeatureSpec, feed_rows
 from ctr_ensemble.models.base import Member, MemberConfig
 from ctr_ensemble.training import loop
 from ctr_ensemble.training.checkpoint import Checkpoint
@@ -21,15 +21,33 @@ from ctr_ensemble.training.loop import LoopConfig
 
 @dataclass
 class Arrays:
-    """Encoded rows held in memory: cat_ids (N, n_cat) int64, num (N, n_num) float32, label (N,) float32."""
+    """Encoded rows held in memory: cat_ids (N, n_cat) int64, num (N, n_num) float32, label (N,) float32,
+    and with a sequence field seq_ids (N, L) int64 + seq_len (N, 1) int64."""
 
     cat_ids: np.ndarray
     num: np.ndarray
     label: np.ndarray
     skipped: int = 0  # malformed rows skipped while reading (skip_bad_rows)
+    seq_ids: np.ndarray | None = None
+    seq_len: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.label)
+
+    def feeds(self, rows: slice | np.ndarray = slice(None)) -> dict[str, np.ndarray]:
+        """Model inputs by name for ``rows`` (what ONNX Runtime, Triton and ``predict`` take): ``num`` is
+        left out without numeric fields, ``seq_ids``/``seq_len`` without a sequence field."""
+        out = {"cat_ids": self.cat_ids[rows]}
+        if self.num.shape[1]:
+            out["num"] = self.num[rows]
+        if self.seq_ids is not None:
+            out["seq_ids"], out["seq_len"] = self.seq_ids[rows], self.seq_len[rows]
+        return out
+
+    def take(self, rows: slice | np.ndarray) -> "Arrays":
+        """A subset of the rows (a view for a slice)."""
+        seq = (None, None) if self.seq_ids is None else (self.seq_ids[rows], self.seq_len[rows])
+        return Arrays(self.cat_ids[rows], self.num[rows], self.label[rows], self.skipped, *seq)
 
 
 @dataclass
@@ -54,7 +72,10 @@ class Rows:
     """Training rows as tensors, sliced per batch by row ids."""
 
     def __init__(self, arr: Arrays):
+        # `num` stays even when it has no column: members' `logits` take it positionally (B, 0).
         self.inputs = {"cat_ids": torch.from_numpy(arr.cat_ids), "num": torch.from_numpy(arr.num)}
+        if arr.seq_ids is not None:
+            self.inputs["seq_ids"], self.inputs["seq_len"] = torch.from_numpy(arr.seq_ids), torch.from_numpy(arr.seq_len)
         self.label = torch.from_numpy(arr.label.astype(np.float32))  # (N,)
 
     def take(self, idx: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -63,18 +84,18 @@ class Rows:
 
 
 @torch.no_grad()
-def predict(model: Member, cat_ids: np.ndarray, num: np.ndarray, batch_size: int = 16384) -> np.ndarray:
-    """Click probabilities (N,) in float32 from a member in eval mode."""
-    return predict_outputs(model, cat_ids, num, batch_size)[0]
+def predict(model: Member, feeds: dict[str, np.ndarray], batch_size: int = 16384) -> np.ndarray:
+    """Click probabilities (N,) in float32 from a member in eval mode; ``feeds`` as ``Arrays.feeds()``."""
+    return predict_outputs(model, feeds, batch_size)[0]
 
 
 @torch.no_grad()
-def predict_outputs(model: Member, cat_ids: np.ndarray, num: np.ndarray, batch_size: int = 16384) -> tuple[np.ndarray, np.ndarray]:
+def predict_outputs(model: Member, feeds: dict[str, np.ndarray], batch_size: int = 16384) -> tuple[np.ndarray, np.ndarray]:
     """Click probabilities (N,) and representations (N, H) in float32 from a member in eval mode."""
     model.eval()
     probs, reps = [], []
-    for s in range(0, len(cat_ids), batch_size):
-        p, h = model(torch.from_numpy(cat_ids[s : s + batch_size]), torch.from_numpy(num[s : s + batch_size]))
+    for s in range(0, feed_rows(feeds), batch_size):
+        p, h = model(**{k: torch.from_numpy(v[s : s + batch_size]) for k, v in feeds.items()})
         probs.append(p[:, 0].numpy())
         reps.append(h.numpy())
     if not probs:
@@ -123,7 +144,7 @@ def train_member(
         return value, {"logloss": value}
 
     def evaluate():
-        m = val_metrics(val.label, predict(model, val.cat_ids, val.num, cfg.eval_batch_size))
+        m = val_metrics(val.label, predict(model, val.feeds(), cfg.eval_batch_size))
         return m["val_auc"], m
 
     run_id = {"trainer": "member", "name": name, "arch": arch, "model_config": asdict(model_cfg),
@@ -178,8 +199,12 @@ def encode_file(path: str | Path, spec: FeatureSpec, skip_bad_rows: bool = False
     reader = open_reader(path, fmt, skip_bad_rows)
     enc = Encoder(spec)
     enc.check_fields(reader, str(path))
-    parts = [enc.encode(b) + (b.label,) for b in reader]
+    parts = []
+    for b in reader:
+        seq = enc.encode_sequence(b.seq) if spec.sequence is not None else ()
+        parts.append((*enc.encode(b), b.label, *seq))
     if not parts:
         raise CtrError(f"{path}: no valid rows")
-    return Arrays(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
-                  np.concatenate([p[2] for p in parts]).astype(np.float32), skipped=reader.stats.skipped)
+    cols = [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
+    cols[2] = cols[2].astype(np.float32)
+    return Arrays(*cols[:3], reader.stats.skipped, *cols[3:])
