@@ -20,7 +20,7 @@ import copy
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -54,7 +54,6 @@ class Task:
     optimizer: torch.optim.Optimizer
     loss: Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]  # row ids → (loss, named parts)
     evaluate: Callable[[], tuple[float, dict[str, float]]]  # → (score to maximise, metrics for the history)
-    describe_batch: Callable[[torch.Tensor], str] = field(default=lambda idx: "")  # extra context for a NaN error
 
 
 @dataclass
@@ -72,11 +71,10 @@ def _check_finite(task: Task, loss: torch.Tensor, parts: dict[str, torch.Tensor]
     if math.isfinite(value):
         return
     bad = [k for k, v in parts.items() if not math.isfinite(float(v.detach()))]
-    extra = task.describe_batch(idx)
     raise CtrError(
         f"{task.name}: loss is {value} at epoch {epoch}, step {step} (batch {batch} of the epoch, "
         f"{len(idx)} rows, first row index {int(idx[0])})"
-        + (f"; non-finite parts: {', '.join(bad)}" if bad else "") + (f"; {extra}" if extra else "")
+        + (f"; non-finite parts: {', '.join(bad)}" if bad else "")
         + ". Training stopped before this step was applied; lower the learning rate or check the inputs/checkpoints."
     )
 
