@@ -314,6 +314,8 @@ def export_cmd(
     collab: Optional[Path] = typer.Option(None, help="A collaborative checkpoint (train-collab) instead of --checkpoint: "
                                                      "serves its members and trained head (fusion mode collaborative)."),
     repository: Path = typer.Option(Path("model_repository"), help="Triton model repository to (re)write atomically."),
+    from_repository: Optional[Path] = typer.Option(None, help="Instead of checkpoints: copy this exported repository "
+                                                   "and rewrite only its configs with the options below (no re-export)."),
     parity_data: Optional[Path] = typer.Option(None, help="Labelled file whose rows are used for the ONNX parity check."),
     parity_rows: int = typer.Option(4096, help="Rows of --parity-data to check."),
     fusion_mode: str = typer.Option("negation_entropy", help="negation_entropy or mean (collaborative comes with --collab)."),
@@ -322,31 +324,41 @@ def export_cmd(
     max_batch_size: int = typer.Option(4096), instances: int = typer.Option(1, help="Instances per member."),
     intra_op_threads: int = typer.Option(1, help="ONNX Runtime threads per member instance."),
     max_queue_delay_us: int = typer.Option(200, help="Dynamic batching queue delay per member."),
+    dynamic_batching: bool = typer.Option(True, help="Dynamic batching on the members."),
+    production: bool = typer.Option(False, help="Configs for the NGC container (docker-compose.yml): members on KIND_GPU "
+                                    "with the CUDA execution provider, fusion on KIND_GPU. Needs a GPU to load."),
     fmt: str = typer.Option("auto", "--format", help="Data format: auto, criteo, avazu, libsvm, parquet."),
 ) -> None:
     """Export members to ONNX (parity-checked) and write the Triton model repository."""
-    from ctr_ensemble.export.repository import RepoOptions, write_repository
+    from dataclasses import replace
+
+    from ctr_ensemble.export.repository import RepoOptions, reconfigure_repository, write_repository
     from ctr_ensemble.training import checkpoint
     from ctr_ensemble.training.trainer import encode_file
 
+    opt = RepoOptions(max_batch_size=max_batch_size, instances=instances, intra_op_threads=intra_op_threads,
+                      dynamic_batching=dynamic_batching, max_queue_delay_us=max_queue_delay_us, fusion_mode=fusion_mode,
+                      tau=tau, fusion_kind=fusion_kind, production=production)
+    if sum((bool(checkpoint_), from_repository is not None, collab is not None)) != 1:
+        raise CtrError("give exactly one of: --checkpoint (one per member), --collab (a collaborative checkpoint) "
+                       "or --from-repository")
+    if from_repository is not None:
+        manifest = reconfigure_repository(from_repository, repository, opt)
+        typer.echo(f"{repository}: configs of {from_repository} rewritten ({', '.join(manifest['members'])}; "
+                   f"fusion {opt.fusion_mode} on {manifest['fusion']['kind']}{', production' if production else ''})")
+        return
     cc = None
     if collab is not None:
-        if checkpoint_:
-            raise CtrError("give either --checkpoint files or --collab, not both")
         from ctr_ensemble.training import collab as collab_io
 
         cc = collab_io.load(collab)
-        cks, fusion_mode = cc.members, "collaborative"
-    elif not checkpoint_:
-        raise CtrError("give member checkpoints (--checkpoint, repeatable) or a collaborative checkpoint (--collab)")
+        cks, opt = cc.members, replace(opt, fusion_mode="collaborative")
     else:
         cks = [checkpoint.load(p) for p in checkpoint_]
     rows = None
     if parity_data is not None:
         arr = encode_file(parity_data, cks[0].spec, fmt=fmt)
         rows = arr.feeds(slice(0, parity_rows))
-    opt = RepoOptions(max_batch_size=max_batch_size, instances=instances, intra_op_threads=intra_op_threads,
-                      max_queue_delay_us=max_queue_delay_us, fusion_mode=fusion_mode, tau=tau, fusion_kind=fusion_kind)
     manifest = write_repository(cks, repository, opt, parity_rows=rows, collab=cc)
     for n, m in manifest["members"].items():
         par = m.get("parity")
@@ -497,6 +509,88 @@ def _kv(s: str, flag: str) -> tuple[str, str]:
         raise CtrError(f"{flag} expects NAME=PATH, got {s!r}")
     k, v = s.split("=", 1)
     return k, v
+
+
+@app.command("loadtest")
+def loadtest_cmd(
+    repository: Path = typer.Option(Path("model_repository"), help="Model repository (served, or the base of the sweep's variants)."),
+    data: Path = typer.Option(Path("artifacts/demo/data/test.tsv"), help="Held-out labelled file whose rows are sent."),
+    model: str = typer.Option("ctr_ensemble", help="Model to load-test (without --sweep)."),
+    protocol: Optional[str] = typer.Option(None, help="Comma list: grpc, http (default both; with --sweep the sweep's)."),
+    users: Optional[str] = typer.Option(None, help="Concurrent users, comma list (default 4; with --sweep the sweep's)."),
+    spawn_rate: float = typer.Option(0.0, help="Users started per second (0 = all at once)."),
+    duration: Optional[float] = typer.Option(None, help="Seconds per run (default 20; sweep 6)."),
+    warmup: Optional[float] = typer.Option(None, help="Seconds dropped from the start of each run (default 3; sweep 1.5)."),
+    rows_per_request: Optional[int] = typer.Option(None, help="Rows per request (default 64)."),
+    max_rows: Optional[int] = typer.Option(None, help="Held-out rows cycled through (default 8192)."),
+    url: Optional[str] = typer.Option(None, help="Host of a running Triton (no server is started); needs --repository for the offline reference."),
+    http_port: int = typer.Option(8000), grpc_port: int = typer.Option(8001), metrics_port: int = typer.Option(8002),
+    admin_key: Optional[str] = typer.Option(None, envvar="TRITON_ADMIN_KEY", help="Admin key of the running server (perf_analyzer reads the model config)."),
+    sweep: bool = typer.Option(False, "--sweep", help="Run the default list of deployment variants (or --sweep-config)."),
+    sweep_config: Optional[Path] = typer.Option(None, help="YAML sweep: variants and settings (implies --sweep)."),
+    perf_analyzer: bool = typer.Option(True, help="Also measure each run with perf_analyzer."),
+    perf_analyzer_bin: Optional[Path] = typer.Option(None, "--perf-analyzer-bin", help="perf_analyzer binary (default: .venv-perf, $PERF_ANALYZER, PATH)."),
+    locustfile: Optional[Path] = typer.Option(None, help="Locust file (default loadtest/locustfile.py)."),
+    out: Path = typer.Option(Path("artifacts/loadtest"), help="Output folder for latency_vs_auc.{csv,md,png}."),
+    prepare_only: Optional[Path] = typer.Option(None, help="Only write rows.npz + config.json for the docker-compose "
+                                                "locust services into this folder (URLs triton:8000/8001) and exit."),
+    fmt: str = typer.Option("auto", "--format", help="Data format: auto, criteo, avazu, libsvm, parquet."),
+) -> None:
+    """Locust (headless) against Triton: throughput, p50/p95/p99, errors, served vs offline AUC; --sweep over variants."""
+    import dataclasses
+
+    from rich.console import Console
+
+    from ctr_ensemble.loadtest import perf, report, sweep as lt
+
+    protocols = _split_list(protocol) if protocol else None
+    user_list = [int(u) for u in _split_list(users)] if users else None
+    if prepare_only is not None:
+        _prepare_compose(repository, data, model, rows_per_request or 64, max_rows or 8192, prepare_only, fmt)
+        return
+    if sweep or sweep_config:
+        cfg = lt.load_sweep(sweep_config) if sweep_config else lt.default_sweep()
+    else:
+        cfg = lt.SweepConfig(variants=[lt.Variant(model, model)], users=[4], duration_s=20.0, warmup_s=3.0)
+    over = {"protocols": protocols, "users": user_list, "duration_s": duration, "warmup_s": warmup, "spawn_rate": spawn_rate or None,
+            "rows_per_request": rows_per_request, "max_rows": max_rows, "perf_analyzer": perf_analyzer or None}
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in over.items() if v is not None})
+    if not perf_analyzer:
+        cfg.perf_analyzer = False
+    target = None
+    if url is not None:
+        target = lt.Target(url, http_port, grpc_port, metrics_port, repository, admin_key)
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    binary = perf.find_binary(perf_analyzer_bin)
+    res = lt.run_sweep(cfg, repository, data, out, target=target, perf_binary=binary,
+                       locustfile=locustfile or lt.LOCUSTFILE, fmt=fmt, console=console)
+    context = {"repository": str(repository), "data": f"{data} (first {cfg.max_rows} rows)",
+               "server": f"{url} (running)" if url else "local tritonserver started per deployment, production flags incl. admin-API restriction",
+               "load": f"Locust headless, closed loop, {cfg.rows_per_request} rows/request, {cfg.duration_s:g}s per run, "
+                       f"{cfg.warmup_s:g}s warm-up dropped",
+               "perf_analyzer": str(binary) if cfg.perf_analyzer and binary else "not run"}
+    paths = report.write_report(res.rows, res.server_rows, out, context)
+    for p in paths.values():
+        typer.echo(f"wrote {p}")
+    if res.failed:
+        bad = [f"{r['variant']}/{r.get('protocol')}/{r.get('users')}: {r.get('status')} errors={r.get('errors')}"
+               for r in res.rows if r["status"] not in ("ok", "skipped") or r.get("errors")]
+        typer.echo("load test failed: " + "; ".join(bad), err=True)
+        raise typer.Exit(1)
+
+
+def _prepare_compose(repository: Path, data: Path, model: str, rows_per_request: int, max_rows: int, dest: Path, fmt: str) -> None:
+    """rows.npz + config.json for the locust services of docker-compose.yml (mounted at /loadtest/run)."""
+    from ctr_ensemble.loadtest import sweep as lt
+    from ctr_ensemble.loadtest.rows import inputs_from_config, load_rows
+
+    inputs = inputs_from_config(repository, model)
+    rows = load_rows(data, repository, model, inputs, max_rows, fmt)
+    lt.save_rows(rows, dest / "rows.npz")
+    lt.write_run_config(dest / "config.json", http_url="triton:8000", grpc_url="triton:8001", model=model,
+                        rows_file=f"{lt.COMPOSE_RUN_DIR}/rows.npz", inputs=inputs, rows_per_request=rows_per_request,
+                        timeout_s=10.0, max_requests=10_000_000, results_dir=f"{lt.COMPOSE_RUN_DIR}/results")
+    typer.echo(f"wrote {dest / 'rows.npz'} ({len(rows['label'])} rows) and {dest / 'config.json'} for docker compose")
 
 
 @app.command("demo")

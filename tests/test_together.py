@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from ctr_ensemble import features
 from ctr_ensemble.errors import CtrError
-from ctr_ensemble.export.repository import COLLABORATIVE, RepoOptions, load_head, write_repository
+from ctr_ensemble.export.repository import COLLABORATIVE, RepoOptions, load_head, reconfigure_repository, write_repository
 from ctr_ensemble.layers.fusion import CollaborativeHead, fusion_weights, negation_entropy
 from ctr_ensemble.training import checkpoint, collab, mutual
 from ctr_ensemble.training.trainer import predict
@@ -190,6 +190,12 @@ def test_collab_trains_three_members_and_roundtrips(tmp_path, tiny_spec, tiny_ar
     assert manifest["fusion"]["parity"]["prob_max_abs_diff"] <= 1e-5
     head, names = load_head(tmp_path / "repo" / "fusion" / "1" / "head.pt")
     assert names == ["deepfm", "dcnv2", "deepfm_2"] and head.variant == "sum"
+    # redeploying keeps the trained head; it cannot silently become a head-less fusion
+    again = reconfigure_repository(tmp_path / "repo", tmp_path / "repo_2x", RepoOptions(instances=2, fusion_mode=COLLABORATIVE))
+    assert again["fusion"]["mode"] == COLLABORATIVE and (tmp_path / "repo_2x" / "fusion" / "1" / "head.pt").is_file()
+    assert 'key: "head_file"' in (tmp_path / "repo_2x" / "fusion" / "config.pbtxt").read_text()
+    with pytest.raises(CtrError, match="pass --fusion-mode collaborative"):
+        reconfigure_repository(tmp_path / "repo", tmp_path / "repo_ne", RepoOptions())
     with pytest.raises(CtrError, match="needs a collaborative checkpoint"):
         write_repository(back.members, tmp_path / "repo2", RepoOptions(fusion_mode=COLLABORATIVE))
     (tmp_path / "c.pt").write_bytes((tmp_path / "c.pt").read_bytes()[:-5])

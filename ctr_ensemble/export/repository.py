@@ -23,7 +23,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -49,14 +49,39 @@ HEAD_FILE = "head.pt"
 
 @dataclass
 class RepoOptions:
+    """Deployment settings of a repository; everything here is config.pbtxt, never the ONNX files.
+
+    ``production=True`` emits the configs for the NGC container (docker-compose.yml): members on
+    KIND_GPU, where the native onnxruntime backend runs them with the CUDA execution provider,
+    and the fusion model on KIND_GPU. Such a repository cannot load on a machine without a GPU.
+    """
+
     max_batch_size: int = 4096
     instances: int = 1  # per member
     intra_op_threads: int = 1  # ONNX Runtime threads per member instance
+    dynamic_batching: bool = True  # per member; the ensemble has no batcher of its own
     max_queue_delay_us: int = 200
     fusion_mode: str = "negation_entropy"  # negation_entropy | mean | collaborative (needs a collaborative checkpoint)
     tau: float = 1.0  # mean / negation_entropy only; the collaborative head carries its own τ
     fusion_kind: str = "auto"  # auto | cpu | gpu
     fusion_instances: int = 1
+    production: bool = False
+
+    def validate(self) -> None:
+        if self.fusion_mode not in FUSION_MODES:
+            raise CtrError(f"fusion mode must be one of {FUSION_MODES}, got {self.fusion_mode!r}")
+        for name in ("max_batch_size", "instances", "fusion_instances"):
+            if getattr(self, name) < 1:
+                raise CtrError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_queue_delay_us < 0 or self.intra_op_threads < 0:
+            raise CtrError("max_queue_delay_us and intra_op_threads must be >= 0")
+        if not self.tau >= 0:
+            raise CtrError(f"tau must be >= 0, got {self.tau}")
+        resolve_fusion_kind(self.fusion_kind)
+
+
+# Native onnxruntime backend on KIND_GPU: the CUDA execution provider, one stream for copies and compute.
+CUDA_ACCELERATOR = {"name": "cuda", "parameters": {"use_ep_level_unified_stream": "1"}}
 
 
 def _io(name: str, dtype: int, dims: list[int]):
@@ -80,20 +105,57 @@ def _inputs(spec: FeatureSpec) -> list:
     return [mc.ModelInput(**_io(n, _TRITON_TYPES[np.dtype(INPUT_DTYPES[n])], d)) for n, d in spec.input_dims.items()]
 
 
+def apply_member_deployment(cfg: mc.ModelConfig, opt: RepoOptions) -> mc.ModelConfig:
+    """Instances, batching, threads and device of a member config (its inputs/outputs stay as they are)."""
+    kind = mc.ModelInstanceGroup.KIND_GPU if opt.production else mc.ModelInstanceGroup.KIND_CPU
+    cfg.max_batch_size = opt.max_batch_size
+    del cfg.instance_group[:]
+    cfg.instance_group.append(mc.ModelInstanceGroup(count=opt.instances, kind=kind))
+    cfg.ClearField("dynamic_batching")
+    if opt.dynamic_batching:
+        cfg.dynamic_batching.CopyFrom(mc.ModelDynamicBatching(max_queue_delay_microseconds=opt.max_queue_delay_us))
+    cfg.ClearField("optimization")
+    if opt.production:
+        acc = cfg.optimization.execution_accelerators.gpu_execution_accelerator.add(name=CUDA_ACCELERATOR["name"])
+        for k, v in CUDA_ACCELERATOR["parameters"].items():
+            acc.parameters[k] = v
+    for k, v in _params(intra_op_thread_count=opt.intra_op_threads).items():
+        cfg.parameters[k].CopyFrom(v)
+    return cfg
+
+
+def apply_fusion_deployment(cfg: mc.ModelConfig, opt: RepoOptions, kind: str) -> mc.ModelConfig:
+    """Instances, device and fusion parameters of the fusion model config."""
+    cfg.max_batch_size = opt.max_batch_size
+    del cfg.instance_group[:]
+    cfg.instance_group.append(mc.ModelInstanceGroup(
+        count=opt.fusion_instances,
+        kind=mc.ModelInstanceGroup.KIND_GPU if kind == "gpu" else mc.ModelInstanceGroup.KIND_CPU,
+    ))
+    params = {"fusion_mode": opt.fusion_mode}
+    if opt.fusion_mode == COLLABORATIVE:  # the trained head carries its own τ
+        params["head_file"] = HEAD_FILE
+        if "tau" in cfg.parameters:
+            del cfg.parameters["tau"]
+    else:
+        params["tau"] = opt.tau
+        if "head_file" in cfg.parameters:
+            del cfg.parameters["head_file"]
+    # GPU inputs stay on the GPU instead of being copied to host first.
+    for k, v in _params(**params, FORCE_CPU_ONLY_INPUT_TENSORS="no").items():
+        cfg.parameters[k].CopyFrom(v)
+    return cfg
+
+
 def member_config(name: str, spec: FeatureSpec, repr_dim: int, opt: RepoOptions) -> mc.ModelConfig:
     cfg = mc.ModelConfig(
         name=name,
         backend="onnxruntime",
-        max_batch_size=opt.max_batch_size,
         default_model_filename="model.onnx",
         input=_inputs(spec),
         output=[mc.ModelOutput(**_io("prob", mc.TYPE_FP32, [1])), mc.ModelOutput(**_io("repr", mc.TYPE_FP32, [repr_dim]))],
-        instance_group=[mc.ModelInstanceGroup(count=opt.instances, kind=mc.ModelInstanceGroup.KIND_CPU)],
-        dynamic_batching=mc.ModelDynamicBatching(max_queue_delay_microseconds=opt.max_queue_delay_us),
     )
-    for k, v in _params(intra_op_thread_count=opt.intra_op_threads).items():
-        cfg.parameters[k].CopyFrom(v)
-    return cfg
+    return apply_member_deployment(cfg, opt)
 
 
 def fusion_config(members: list[str], opt: RepoOptions, kind: str, repr_dims: dict[str, int] | None = None) -> mc.ModelConfig:
@@ -104,23 +166,10 @@ def fusion_config(members: list[str], opt: RepoOptions, kind: str, repr_dims: di
     cfg = mc.ModelConfig(
         name=FUSION_NAME,
         backend="python",
-        max_batch_size=opt.max_batch_size,
         input=inputs,
         output=[mc.ModelOutput(**_io("prob", mc.TYPE_FP32, [1])), mc.ModelOutput(**_io("weights", mc.TYPE_FP32, [len(members)]))],
-        instance_group=[mc.ModelInstanceGroup(
-            count=opt.fusion_instances,
-            kind=mc.ModelInstanceGroup.KIND_GPU if kind == "gpu" else mc.ModelInstanceGroup.KIND_CPU,
-        )],
     )
-    params = {"fusion_mode": opt.fusion_mode}
-    if opt.fusion_mode == COLLABORATIVE:
-        params["head_file"] = HEAD_FILE
-    else:
-        params["tau"] = opt.tau
-    # GPU inputs stay on the GPU instead of being copied to host first.
-    for k, v in _params(**params, FORCE_CPU_ONLY_INPUT_TENSORS="no").items():
-        cfg.parameters[k].CopyFrom(v)
-    return cfg
+    return apply_fusion_deployment(cfg, opt, kind)
 
 
 def ensemble_config(members: list[str], spec: FeatureSpec, opt: RepoOptions, with_repr: bool = False) -> mc.ModelConfig:
@@ -148,9 +197,11 @@ def ensemble_config(members: list[str], spec: FeatureSpec, opt: RepoOptions, wit
     )
 
 
-def resolve_fusion_kind(kind: str) -> str:
+def resolve_fusion_kind(kind: str, production: bool = False) -> str:
     if kind not in ("auto", "cpu", "gpu"):
         raise CtrError(f"fusion kind must be auto, cpu or gpu, got {kind!r}")
+    if production:
+        return "gpu"
     if kind == "auto":
         return "gpu" if torch.cuda.is_available() else "cpu"
     return kind
@@ -185,14 +236,13 @@ def write_repository(
         raise CtrError(f"member names must be unique, got {names}")
     if FUSION_NAME in names or ENSEMBLE_NAME in names:
         raise CtrError(f"member names {FUSION_NAME!r} and {ENSEMBLE_NAME!r} are reserved")
-    if opt.fusion_mode not in FUSION_MODES:
-        raise CtrError(f"fusion mode must be one of {FUSION_MODES}, got {opt.fusion_mode!r}")
+    opt.validate()
     spec0 = checkpoints[0].spec
     for c in checkpoints[1:]:
         if c.spec.fingerprint() != spec0.fingerprint():
             raise CtrError(f"members {checkpoints[0].name} and {c.name} were trained with different feature specs; "
                            "an ensemble needs one encoding for all members")
-    kind = resolve_fusion_kind(opt.fusion_kind)
+    kind = resolve_fusion_kind(opt.fusion_kind, opt.production)
     repo = Path(repo).resolve()
     repo.parent.mkdir(parents=True, exist_ok=True)
     staging = repo.with_name(f"{repo.name}.staging-{os.getpid()}")
@@ -203,7 +253,7 @@ def write_repository(
                             variant=collab.head_config["variant"], learn_tau=collab.head_config["learn_tau"])
     manifest = {"format": "ctr-ensemble/repository", "version": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "ensemble": ENSEMBLE_NAME, "fusion": fusion_entry,
-                "members": {}, "feature_spec_fingerprint": spec0.fingerprint()}
+                "options": asdict(opt), "members": {}, "feature_spec_fingerprint": spec0.fingerprint()}
     onnx_out: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # member → (prob, repr) on the parity rows
     repr_dims: dict[str, int] = {}
     try:
@@ -284,6 +334,61 @@ def swap_in(staging: Path, repo: Path) -> None:
         repo.rename(old)
     staging.rename(repo)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def read_config(model_dir: Path) -> mc.ModelConfig:
+    path = Path(model_dir) / "config.pbtxt"
+    try:
+        return text_format.Parse(path.read_text(), mc.ModelConfig())
+    except (OSError, text_format.ParseError) as e:
+        raise CtrError(f"{path}: cannot read the model config: {e}") from e
+
+
+def reconfigure_repository(src: str | Path, dst: str | Path, opt: RepoOptions) -> dict:
+    """Copy repository ``src`` to ``dst`` with the deployment settings of ``opt`` (instances, batching,
+    fusion rule, device, production); model files are hard-linked where possible, never re-exported.
+    Inputs and outputs of every config stay as exported. Returns the new manifest."""
+    opt.validate()
+    src, dst = Path(src).resolve(), Path(dst).resolve()
+    manifest = read_manifest(src)
+    was_collab = manifest["fusion"]["mode"] == COLLABORATIVE
+    if was_collab != (opt.fusion_mode == COLLABORATIVE):
+        raise CtrError(f"{src}: fusion mode {manifest['fusion']['mode']!r} cannot become {opt.fusion_mode!r} without a re-export: "
+                       + ("pass --fusion-mode collaborative to keep its trained head" if was_collab else
+                          "a collaborative fusion needs a trained head (`ctr-ensemble export --collab PATH`)"))
+    kind = resolve_fusion_kind(opt.fusion_kind, opt.production)
+    staging = dst.with_name(f"{dst.name}.staging-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+
+    def link_or_copy(a, b):
+        # Only model files inside version folders are shared; configs and manifests are rewritten
+        # below, and writing through a hard link would change the source repository too.
+        if Path(a).parent.name.isdigit() and not a.endswith(".py"):
+            try:
+                os.link(a, b)
+                return b
+            except OSError:
+                pass
+        return shutil.copy2(a, b)
+
+    try:
+        shutil.copytree(src, staging, copy_function=link_or_copy)
+        for name in manifest["members"]:
+            _write_config(apply_member_deployment(read_config(staging / name), opt), staging / name)
+        _write_config(apply_fusion_deployment(read_config(staging / FUSION_NAME), opt, kind), staging / FUSION_NAME)
+        ens = read_config(staging / ENSEMBLE_NAME)
+        ens.max_batch_size = opt.max_batch_size
+        _write_config(ens, staging / ENSEMBLE_NAME)
+        manifest["fusion"].update(mode=opt.fusion_mode, kind=kind, **({} if was_collab else {"tau": opt.tau}))
+        manifest["options"] = asdict(opt)
+        manifest["derived_from"] = str(src)
+        (staging / "repository.json").write_text(json.dumps(manifest, indent=2))
+        validate.check(staging)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        swap_in(staging, dst)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return manifest
 
 
 def read_manifest(repo: str | Path) -> dict:
