@@ -9,6 +9,7 @@ BENCH_QUALITY_ARGS ?=
 MEMBERS ?= deepfm,dcnv2
 SEQ_MAX_LEN ?= 0
 PYTEST_ARGS ?=
+EXPERIMENTS_ARGS ?=
 
 PERF_VENV := .venv-perf
 PERF_STAMP := $(PERF_VENV)/.installed
@@ -18,7 +19,7 @@ LT_REPO := $(if $(LT_DEMO),model_repository,artifacts/loadtest/demo/model_reposi
 LT_DATA := $(if $(LT_DEMO),artifacts/demo/data/test.tsv,artifacts/loadtest/demo/data/test.tsv)
 LT_SMALL := artifacts/loadtest/demo
 
-.PHONY: venv perf-venv demo test bench-serve bench-quality loadtest loadtest-demo clean
+.PHONY: venv perf-venv demo test bench-serve bench-quality loadtest loadtest-demo experiments clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +45,10 @@ test: venv perf-venv
 
 bench-serve: venv
 	$(BIN)/python benchmarks/bench_serve.py
+
+# Independent vs mutual vs collaborative training (quick default; EXPERIMENTS_ARGS="--full" or "--dataset criteo").
+experiments: venv
+	$(BIN)/python benchmarks/experiments.py $(EXPERIMENTS_ARGS)
 
 loadtest: venv perf-venv
 	test -f $(LT_REPO)/repository.json -a -f $(LT_DATA) || $(MAKE) loadtest-demo

@@ -30,6 +30,33 @@ def _split_list(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+RESUME_HELP = "Continue a killed run from its saved training state (same data, members and settings)."
+SAVE_EVERY_HELP = "Optimiser steps between saved training states (0 = at the end of each epoch only)."
+
+
+def _read_yaml_mapping(path: Path) -> dict:
+    if not path.is_file():
+        raise CtrError(f"{path}: config file not found")
+    try:
+        obj = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise CtrError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from e
+    if not isinstance(obj, dict):
+        raise CtrError(f"{path}: expected a mapping of config keys, got {type(obj).__name__}")
+    return obj
+
+
+def _arch_overrides(sets: list[str]) -> dict[str, dict]:
+    """``ARCH.KEY=VALUE`` options → {arch: {key: value}} (values are YAML)."""
+    out: dict[str, dict] = {}
+    for k, v in _parse_sets(sets).items():
+        if "." not in k:
+            raise CtrError(f"--set expects ARCH.KEY=VALUE here (e.g. deepfm.hidden=[64]), got {k!r}")
+        arch, key = k.split(".", 1)
+        out.setdefault(arch, {})[key] = v
+    return out
+
+
 def _parse_sets(sets: list[str]) -> dict:
     out = {}
     for s in sets:
@@ -129,6 +156,8 @@ def train_cmd(
     threads: int = typer.Option(0, help="torch CPU threads (0 = torch default)."),
     skip_bad_rows: bool = typer.Option(False),
     fmt: str = typer.Option("auto", "--format", help="Data format: auto, criteo, avazu, libsvm, parquet."),
+    resume: bool = typer.Option(False, help=RESUME_HELP),
+    save_every: int = typer.Option(0, help=SAVE_EVERY_HELP),
 ) -> None:
     """Train one member independently (BCE + Adam, early stopping on val AUC)."""
     import torch
@@ -136,41 +165,160 @@ def train_cmd(
     from ctr_ensemble import models
     from ctr_ensemble.features import FeatureSpec
     from ctr_ensemble.training import checkpoint
+    from ctr_ensemble.training.loop import clear_state
     from ctr_ensemble.training.trainer import TrainConfig, encode_file, train_member
 
     if threads:
         torch.set_num_threads(threads)
-    overrides = {}
-    if config is not None:
-        if not config.is_file():
-            raise CtrError(f"{config}: config file not found")
-        try:
-            overrides = yaml.safe_load(config.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise CtrError(f"{config}: not valid YAML: {str(e).splitlines()[0]}") from e
-        if not isinstance(overrides, dict):
-            raise CtrError(f"{config}: expected a mapping of config keys, got {type(overrides).__name__}")
+    overrides = _read_yaml_mapping(config) if config is not None else {}
     overrides.update(_parse_sets(set_))
     model_cfg = models.make_config(model, overrides)
     fs = FeatureSpec.load(spec)
     tr = encode_file(train, fs, skip_bad_rows, fmt)
     va = encode_file(val, fs, skip_bad_rows, fmt)
+    state = out.with_suffix(".state.pt")
     ck = train_member(name or model, model, model_cfg, fs, tr, va,
-                      TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, patience=patience, seed=seed),
-                      history_csv=out.with_suffix(".history.csv"))
+                      TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, patience=patience,
+                                  seed=seed, save_every=save_every),
+                      history_csv=out.with_suffix(".history.csv"), state_path=state, resume=resume)
     checkpoint.save(ck, out)
+    clear_state(state)
     typer.echo(f"{out}: {ck.name} ({model}) best val AUC {ck.metrics['val_auc']:.4f} at epoch {ck.metrics['best_epoch']}")
+
+
+@app.command("train-mutual")
+def train_mutual_cmd(
+    train: Path = typer.Option(..., help="Training file."),
+    val: Path = typer.Option(..., help="Validation file (model selection on mean member AUC)."),
+    out_dir: Path = typer.Option(..., help="Folder for one ordinary checkpoint per member (<name>.pt) and the history."),
+    model: list[str] = typer.Option([], help="scratch mode: a member architecture; repeat (repeats allowed: deepfm ×2)."),
+    checkpoint_: list[Path] = typer.Option([], "--checkpoint", help="finetune mode: an independently trained member; repeat."),
+    spec: Optional[Path] = typer.Option(None, help="Feature spec JSON (scratch: required; finetune: must match the checkpoints')."),
+    mode: Optional[str] = typer.Option(None, help="scratch or finetune (default: finetune with --checkpoint, else scratch)."),
+    mutual_weight: float = typer.Option(1.0, help="Weight w of the mutual term (1 = the paper's)."),
+    set_: list[str] = typer.Option([], "--set", help="scratch mode: config override ARCH.KEY=VALUE; repeatable."),
+    epochs: Optional[int] = typer.Option(None, help="Default: 8 (scratch), 1 (finetune)."),
+    lr: Optional[float] = typer.Option(None, help="Default: 2e-3 (scratch), 7e-4 (finetune)."),
+    lr_decay: Optional[float] = typer.Option(None, help="lr factor per epoch, applied every step. Default: 1 (scratch), 0.1^(1/3) (finetune)."),
+    batch_size: int = typer.Option(512), weight_decay: float = typer.Option(1e-4),
+    patience: int = typer.Option(1), seed: int = typer.Option(42),
+    threads: int = typer.Option(0, help="torch CPU threads (0 = torch default)."),
+    resume: bool = typer.Option(False, help=RESUME_HELP),
+    save_every: int = typer.Option(0, help=SAVE_EVERY_HELP),
+    skip_bad_rows: bool = typer.Option(False),
+    fmt: str = typer.Option("auto", "--format", help="Data format: auto, criteo, avazu, libsvm, parquet."),
+) -> None:
+    """Deep mutual learning (arXiv 2406.12087): co-train N >= 2 members, each on BCE + w·mean squared gap to its peers."""
+    import torch
+
+    from ctr_ensemble.features import FeatureSpec
+    from ctr_ensemble.training import checkpoint, mutual
+    from ctr_ensemble.training.loop import clear_state
+    from ctr_ensemble.training.trainer import encode_file
+
+    if threads:
+        torch.set_num_threads(threads)
+    mode = mode or ("finetune" if checkpoint_ else "scratch")
+    if mode not in mutual.MODES:
+        raise CtrError(f"--mode must be one of {', '.join(mutual.MODES)}, got {mode!r}")
+    fs = FeatureSpec.load(spec) if spec is not None else None
+    # Everything about the members is checked before any data is read or any step is taken.
+    if mode == "finetune":
+        if model or set_:
+            raise CtrError("finetune mode takes --checkpoint files, not --model/--set")
+        members, fs = mutual.members_from_checkpoints(checkpoint_, fs)
+    else:
+        if checkpoint_:
+            raise CtrError("scratch mode takes --model names, not --checkpoint (use --mode finetune)")
+        if fs is None:
+            raise CtrError("scratch mode needs --spec (the feature spec from `ctr-ensemble data fit`)")
+        if len(model) < 2:
+            raise CtrError(f"mutual learning needs at least 2 members, got --model {model}")
+        members = mutual.members_from_archs(model, _arch_overrides(set_))
+    base = mutual.MutualConfig.finetune() if mode == "finetune" else mutual.MutualConfig()
+    cfg = mutual.MutualConfig(**{**vars(base), "mutual_weight": mutual_weight, "batch_size": batch_size,
+                                 "weight_decay": weight_decay, "patience": patience, "seed": seed, "save_every": save_every,
+                                 **{k: v for k, v in (("epochs", epochs), ("lr", lr), ("lr_decay", lr_decay)) if v is not None}})
+    tr, va = (encode_file(f, fs, skip_bad_rows, fmt) for f in (train, val))
+    state = out_dir / "mutual.state.pt"
+    cks = mutual.train_mutual(members, fs, tr, va, cfg, history_csv=out_dir / "mutual.history.csv",
+                              state_path=state, resume=resume)
+    for ck in cks:
+        path = checkpoint.save(ck, out_dir / f"{ck.name}.pt")
+        typer.echo(f"{path}: {ck.name} ({ck.arch}) val AUC {ck.metrics['val_auc']:.4f} at epoch {ck.metrics['best_epoch']}")
+    clear_state(state)
+
+
+@app.command("train-collab")
+def train_collab_cmd(
+    model: list[str] = typer.Option(..., help="A member architecture; repeat (N >= 2; the paper's pair: dhen, interformer)."),
+    train: Path = typer.Option(..., help="Training file."),
+    val: Path = typer.Option(..., help="Validation file (model selection on the fused AUC)."),
+    spec: Path = typer.Option(..., help="Feature spec JSON from `ctr-ensemble data fit`."),
+    out: Path = typer.Option(..., help="Collaborative checkpoint to write (.pt + .sha256)."),
+    kl_weight: float = typer.Option(0.1, help="λ of the symmetric-KL term between member predictions."),
+    tau: float = typer.Option(1.0, help="Temperature τ of softmax(NE(p)/τ) (the initial value with --learn-tau)."),
+    learn_tau: bool = typer.Option(False, help="Learn τ (as exp(log τ)) with the rest."),
+    variant: str = typer.Option("concat", help="Head input: concat [w_i·h_i] or sum Σ w_i·P_i h_i."),
+    head_hidden: str = typer.Option("64", help="Hidden widths of the head MLP, comma-separated ('' = linear head)."),
+    proj_dim: int = typer.Option(64, help="sum variant: width the members' h_i are projected to."),
+    set_: list[str] = typer.Option([], "--set", help="Member config override ARCH.KEY=VALUE; repeatable."),
+    members_out: Optional[Path] = typer.Option(None, help="Also write each member as an ordinary checkpoint in this folder."),
+    epochs: int = typer.Option(8), batch_size: int = typer.Option(512), lr: float = typer.Option(2e-3),
+    lr_decay: float = typer.Option(1.0, help="lr factor per epoch, applied every step (1 = constant)."),
+    weight_decay: float = typer.Option(1e-4), patience: int = typer.Option(1), seed: int = typer.Option(42),
+    threads: int = typer.Option(0, help="torch CPU threads (0 = torch default)."),
+    resume: bool = typer.Option(False, help=RESUME_HELP),
+    save_every: int = typer.Option(0, help=SAVE_EVERY_HELP),
+    skip_bad_rows: bool = typer.Option(False),
+    fmt: str = typer.Option("auto", "--format", help="Data format: auto, criteo, avazu, libsvm, parquet."),
+) -> None:
+    """Collaborative ensemble (CETNet, arXiv 2411.13700): members + confidence-weighted head trained jointly."""
+    import torch
+
+    from ctr_ensemble.features import FeatureSpec
+    from ctr_ensemble.training import checkpoint, collab, mutual
+    from ctr_ensemble.training.loop import clear_state
+    from ctr_ensemble.training.trainer import encode_file
+
+    if threads:
+        torch.set_num_threads(threads)
+    if len(model) < 2:
+        raise CtrError(f"a collaborative ensemble needs at least 2 members, got --model {model}")
+    try:
+        hidden = [int(h) for h in _split_list(head_hidden)]
+    except ValueError as e:
+        raise CtrError(f"--head-hidden expects comma-separated integers, got {head_hidden!r}") from e
+    members = mutual.members_from_archs(model, _arch_overrides(set_))
+    cfg = collab.CollabConfig(epochs=epochs, batch_size=batch_size, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
+                              patience=patience, seed=seed, save_every=save_every, kl_weight=kl_weight,
+                              head=collab.HeadConfig(variant=variant, hidden=hidden, proj_dim=proj_dim, tau=tau, learn_tau=learn_tau))
+    fs = FeatureSpec.load(spec)
+    tr, va = (encode_file(f, fs, skip_bad_rows, fmt) for f in (train, val))
+    state = out.with_suffix(".state.pt")
+    ck = collab.train_collab(members, fs, tr, va, cfg, history_csv=out.with_suffix(".history.csv"),
+                             state_path=state, resume=resume)
+    collab.save(ck, out)
+    if members_out is not None:
+        for m in ck.members:
+            checkpoint.save(m, members_out / f"{m.name}.pt")
+    clear_state(state)
+    per_member = ", ".join(f"{m.name} {m.metrics['val_auc']:.4f}" for m in ck.members)
+    typer.echo(f"{out}: collaborative ensemble of {', '.join(ck.names)}: fused val AUC {ck.metrics['val_auc']:.4f} "
+               f"(members: {per_member}) at epoch {ck.metrics['best_epoch']}")
 
 
 @app.command("export")
 def export_cmd(
     checkpoint_: list[Path] = typer.Option([], "--checkpoint", help="Member checkpoint (.pt); repeat for each member."),
+    collab: Optional[Path] = typer.Option(None, help="A collaborative checkpoint (train-collab) instead of --checkpoint: "
+                                                     "serves its members and trained head (fusion mode collaborative)."),
     repository: Path = typer.Option(Path("model_repository"), help="Triton model repository to (re)write atomically."),
     from_repository: Optional[Path] = typer.Option(None, help="Instead of checkpoints: copy this exported repository "
                                                    "and rewrite only its configs with the options below (no re-export)."),
     parity_data: Optional[Path] = typer.Option(None, help="Labelled file whose rows are used for the ONNX parity check."),
     parity_rows: int = typer.Option(4096, help="Rows of --parity-data to check."),
-    fusion_mode: str = typer.Option("negation_entropy", help="negation_entropy or mean."),
+    fusion_mode: str = typer.Option("negation_entropy", help="negation_entropy or mean (collaborative comes with --collab)."),
     tau: float = typer.Option(1.0, help="Temperature of the confidence softmax."),
     fusion_kind: str = typer.Option("auto", help="Fusion instance kind: auto (GPU if torch sees one), cpu, gpu."),
     max_batch_size: int = typer.Option(4096), instances: int = typer.Option(1, help="Instances per member."),
@@ -182,6 +330,8 @@ def export_cmd(
     fmt: str = typer.Option("auto", "--format", help="Data format: auto, criteo, avazu, libsvm, parquet."),
 ) -> None:
     """Export members to ONNX (parity-checked) and write the Triton model repository."""
+    from dataclasses import replace
+
     from ctr_ensemble.export.repository import RepoOptions, reconfigure_repository, write_repository
     from ctr_ensemble.training import checkpoint
     from ctr_ensemble.training.trainer import encode_file
@@ -189,24 +339,34 @@ def export_cmd(
     opt = RepoOptions(max_batch_size=max_batch_size, instances=instances, intra_op_threads=intra_op_threads,
                       dynamic_batching=dynamic_batching, max_queue_delay_us=max_queue_delay_us, fusion_mode=fusion_mode,
                       tau=tau, fusion_kind=fusion_kind, production=production)
-    if (from_repository is None) == (not checkpoint_):
-        raise CtrError("give --checkpoint (one per member) or --from-repository, not both")
+    if sum((bool(checkpoint_), from_repository is not None, collab is not None)) != 1:
+        raise CtrError("give exactly one of: --checkpoint (one per member), --collab (a collaborative checkpoint) "
+                       "or --from-repository")
     if from_repository is not None:
         manifest = reconfigure_repository(from_repository, repository, opt)
         typer.echo(f"{repository}: configs of {from_repository} rewritten ({', '.join(manifest['members'])}; "
                    f"fusion {opt.fusion_mode} on {manifest['fusion']['kind']}{', production' if production else ''})")
         return
-    cks = [checkpoint.load(p) for p in checkpoint_]
+    cc = None
+    if collab is not None:
+        from ctr_ensemble.training import collab as collab_io
+
+        cc = collab_io.load(collab)
+        cks, opt = cc.members, replace(opt, fusion_mode="collaborative")
+    else:
+        cks = [checkpoint.load(p) for p in checkpoint_]
     rows = None
     if parity_data is not None:
         arr = encode_file(parity_data, cks[0].spec, fmt=fmt)
         rows = arr.feeds(slice(0, parity_rows))
-    manifest = write_repository(cks, repository, opt, parity_rows=rows)
+    manifest = write_repository(cks, repository, opt, parity_rows=rows, collab=cc)
     for n, m in manifest["members"].items():
         par = m.get("parity")
         extra = f", ONNX parity max|Δ| {max(par['prob_max_abs_diff'], m['parity_stress']['prob_max_abs_diff']):.2e}" if par else ""
         typer.echo(f"{repository}/{n}: {m['arch']}{extra}")
-    typer.echo(f"{repository}/ctr_ensemble: fusion {opt.fusion_mode} (tau={opt.tau}) on {manifest['fusion']['kind']}")
+    f = manifest["fusion"]
+    extra = f", fused parity max|Δ| {f['parity']['prob_max_abs_diff']:.2e}" if "parity" in f else ""
+    typer.echo(f"{repository}/ctr_ensemble: fusion {f['mode']} (tau={f['tau']}) on {f['kind']}{extra}")
 
 
 @app.command("check-repo")

@@ -94,6 +94,14 @@ def _check_python_model(mdir: Path, cfg: mc.ModelConfig, problems: list[str]) ->
             compile(path.read_bytes(), str(path), "exec")
         except (SyntaxError, ValueError) as e:
             problems.append(f"{path}: does not compile: {type(e).__name__}: {e}")
+    params = {k: v.string_value for k, v in cfg.parameters.items()}
+    if params.get("fusion_mode") == "collaborative":  # the trained head, checked as the fusion model will check it
+        head = mdir / "1" / (params.get("head_file") or "head.pt")
+        sha = head.with_name(head.name + ".sha256")
+        if not head.is_file() or not sha.is_file():
+            problems.append(f"{head}: missing (collaborative head of {cfg.name!r}, with its .sha256)")
+        elif file_sha256(head) != sha.read_text().strip():
+            problems.append(f"{head}: checksum does not match {sha.name}")
 
 
 def _check_ensemble(cfg: mc.ModelConfig, configs: dict[str, mc.ModelConfig], where: Path, problems: list[str]) -> None:

@@ -1,23 +1,22 @@
-"""Independent training of one member: BCE + Adam, early stopping on validation AUC."""
+"""Independent training of one member: BCE + Adam, early stopping on validation AUC (loop in ``loop.py``)."""
 
 from __future__ import annotations
 
-import copy
 import csv
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ctr_ensemble import metrics, models
 from ctr_ensemble.errors import CtrError
 from ctr_ensemble.features import FeatureSpec, feed_rows
 from ctr_ensemble.models.base import Member, MemberConfig
+from ctr_ensemble.training import loop
 from ctr_ensemble.training.checkpoint import Checkpoint
+from ctr_ensemble.training.loop import LoopConfig
 
 
 @dataclass
@@ -61,17 +60,62 @@ class TrainConfig:
     seed: int = 42
     eval_batch_size: int = 16384
     max_steps: int = 0  # stop after this many optimiser steps (0 = no limit); for smoke checks
+    lr_decay: float = 1.0  # learning-rate factor per epoch, applied every step (1 = constant)
+    save_every: int = 0  # optimiser steps between resume states (0 = at epoch ends only)
+
+    def loop(self) -> LoopConfig:
+        return LoopConfig(epochs=self.epochs, batch_size=self.batch_size, patience=self.patience, seed=self.seed,
+                          max_steps=self.max_steps, lr_decay=self.lr_decay, save_every=self.save_every)
+
+
+class Rows:
+    """Training rows as tensors, sliced per batch by row ids."""
+
+    def __init__(self, arr: Arrays):
+        # `num` stays even when it has no column: members' `logits` take it positionally (B, 0).
+        self.inputs = {"cat_ids": torch.from_numpy(arr.cat_ids), "num": torch.from_numpy(arr.num)}
+        if arr.seq_ids is not None:
+            self.inputs["seq_ids"], self.inputs["seq_len"] = torch.from_numpy(arr.seq_ids), torch.from_numpy(arr.seq_len)
+        self.label = torch.from_numpy(arr.label.astype(np.float32))  # (N,)
+
+    def take(self, idx: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Model inputs by name and labels (B,) for rows ``idx``."""
+        return {k: v[idx] for k, v in self.inputs.items()}, self.label[idx]
 
 
 @torch.no_grad()
 def predict(model: Member, feeds: dict[str, np.ndarray], batch_size: int = 16384) -> np.ndarray:
     """Click probabilities (N,) in float32 from a member in eval mode; ``feeds`` as ``Arrays.feeds()``."""
+    return predict_outputs(model, feeds, batch_size)[0]
+
+
+@torch.no_grad()
+def predict_outputs(model: Member, feeds: dict[str, np.ndarray], batch_size: int = 16384) -> tuple[np.ndarray, np.ndarray]:
+    """Click probabilities (N,) and representations (N, H) in float32 from a member in eval mode."""
     model.eval()
-    out = []
+    probs, reps = [], []
     for s in range(0, feed_rows(feeds), batch_size):
-        p, _ = model(**{k: torch.from_numpy(v[s : s + batch_size]) for k, v in feeds.items()})
-        out.append(p[:, 0].numpy())
-    return np.concatenate(out) if out else np.zeros(0, np.float32)
+        p, h = model(**{k: torch.from_numpy(v[s : s + batch_size]) for k, v in feeds.items()})
+        probs.append(p[:, 0].numpy())
+        reps.append(h.numpy())
+    if not probs:
+        return np.zeros(0, np.float32), np.zeros((0, getattr(model, "repr_dim", 0)), np.float32)
+    return np.concatenate(probs), np.concatenate(reps)
+
+
+def val_metrics(y: np.ndarray, p: np.ndarray, suffix: str = "") -> dict[str, float]:
+    """``val_auc`` and ``val_logloss`` (with an optional ``_suffix``); AUC 0 when undefined."""
+    return {f"val_auc{suffix}": metrics.auc(y, p) or 0.0, f"val_logloss{suffix}": metrics.logloss(y, p)}
+
+
+def unique_names(names: list[str]) -> list[str]:
+    """Member names for an ensemble: repeats get ``_2``, ``_3``, … (``deepfm, deepfm`` → ``deepfm, deepfm_2``)."""
+    count: dict[str, int] = {}
+    out = []
+    for n in names:
+        count[n] = count.get(n, 0) + 1
+        out.append(n if count[n] == 1 else f"{n}_{count[n]}")
+    return out
 
 
 def train_member(
@@ -83,66 +127,34 @@ def train_member(
     val: Arrays,
     cfg: TrainConfig,
     history_csv: Path | None = None,
+    state_path: Path | None = None,
+    resume: bool = False,
 ) -> Checkpoint:
     """Train a member from scratch and return the checkpoint of its best validation epoch."""
     torch.manual_seed(cfg.seed)
     model = models.build(arch, model_cfg, spec)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     loss_fn = nn.BCEWithLogitsLoss()
-    gen = torch.Generator().manual_seed(cfg.seed)
-    inputs = [torch.from_numpy(train.cat_ids), torch.from_numpy(train.num)]
-    if train.seq_ids is not None:
-        inputs += [torch.from_numpy(train.seq_ids), torch.from_numpy(train.seq_len)]
-    y_t = torch.from_numpy(train.label.astype(np.float32))
-    best_auc, best_state, best_epoch, bad_epochs = -1.0, None, 0, 0
-    history = []
-    steps = 0
-    for epoch in range(1, cfg.epochs + 1):
-        model.train()
-        t0 = time.perf_counter()
-        order = torch.randperm(len(train), generator=gen)
-        total, seen = 0.0, 0
-        bar = tqdm(range(0, len(train), cfg.batch_size), desc=f"{name} epoch {epoch}/{cfg.epochs}", unit="batch", leave=False)
-        for s in bar:
-            idx = order[s : s + cfg.batch_size]
-            logit, _ = model.logits(*(t[idx] for t in inputs))
-            loss = loss_fn(logit[:, 0], y_t[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
-            seen += len(idx)
-            bar.set_postfix(loss=f"{total / seen:.4f}")
-            steps += 1
-            if cfg.max_steps and steps >= cfg.max_steps:
-                break
-        p_val = predict(model, val.feeds(), cfg.eval_batch_size)
-        val_auc = metrics.auc(val.label, p_val) or 0.0
-        row = {
-            "epoch": epoch,
-            "train_logloss": total / max(seen, 1),
-            "val_auc": val_auc,
-            "val_logloss": metrics.logloss(val.label, p_val),
-            "seconds": time.perf_counter() - t0,
-        }
-        history.append(row)
-        tqdm.write(f"{name} epoch {epoch}: train_logloss={row['train_logloss']:.4f} val_auc={val_auc:.4f} "
-                   f"val_logloss={row['val_logloss']:.4f} ({row['seconds']:.1f}s)")
-        if val_auc > best_auc or best_state is None:
-            best_auc, best_epoch, bad_epochs = val_auc, epoch, 0
-            best_state = copy.deepcopy(model.state_dict())
-        else:
-            bad_epochs += 1
-            if bad_epochs > cfg.patience:
-                tqdm.write(f"{name}: early stop, best val_auc={best_auc:.4f} at epoch {best_epoch}")
-                break
-        if cfg.max_steps and steps >= cfg.max_steps:
-            break
+    rows = Rows(train)
+
+    def loss(idx):
+        x, y = rows.take(idx)
+        logit, _ = model.logits(**x)
+        value = loss_fn(logit[:, 0], y)
+        return value, {"logloss": value}
+
+    def evaluate():
+        m = val_metrics(val.label, predict(model, val.feeds(), cfg.eval_batch_size))
+        return m["val_auc"], m
+
+    run_id = {"trainer": "member", "name": name, "arch": arch, "model_config": asdict(model_cfg),
+              "spec": spec.fingerprint(), "train_rows": len(train), "train_config": asdict(cfg)}
+    res = loop.run(loop.Task(name, model, opt, loss, evaluate), len(train), cfg.loop(), state_path, resume, run_id)
     if history_csv is not None:
-        write_history(history, history_csv, name)
+        write_history(res.history, history_csv, name)
     return Checkpoint(
-        name=name, arch=arch, config=model_cfg, spec=spec, state_dict=best_state,
-        metrics={"best_epoch": best_epoch, "val_auc": best_auc, "history": history, "train_config": asdict(cfg)},
+        name=name, arch=arch, config=model_cfg, spec=spec, state_dict=res.best,
+        metrics={"best_epoch": res.best_epoch, "val_auc": res.best_score, "history": res.history, "train_config": asdict(cfg)},
     )
 
 
@@ -159,13 +171,18 @@ def write_history(history: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     ep = [h["epoch"] for h in history]
+    keys = list(history[0])
     fig, ax1 = plt.subplots(figsize=(6, 3.5))
-    ax1.plot(ep, [h["train_logloss"] for h in history], "o-", label="train logloss")
-    ax1.plot(ep, [h["val_logloss"] for h in history], "s-", label="val logloss")
+    # Losses (train parts, val logloss) on the left, AUCs on the right: one plot for every trainer's history.
+    for k in keys:
+        if k.startswith("train_") or k.startswith("val_logloss"):
+            ax1.plot(ep, [h[k] for h in history], "o-" if k.startswith("train_") else "s-", label=k.replace("_", " "))
     ax1.set_xlabel("epoch")
-    ax1.set_ylabel("logloss")
+    ax1.set_ylabel("loss")
     ax2 = ax1.twinx()
-    ax2.plot(ep, [h["val_auc"] for h in history], "^-", color="tab:green", label="val AUC")
+    for k in keys:
+        if k.startswith("val_auc"):
+            ax2.plot(ep, [h[k] for h in history], "^--" if k != "val_auc" else "^-", label=k.replace("_", " "))
     ax2.set_ylabel("val AUC")
     fig.legend(loc="upper right", fontsize=8)
     ax1.set_title(f"{title} training curve")
