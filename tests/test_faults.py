@@ -187,3 +187,23 @@ def test_shutdown_under_load_answers_correctly_or_refuses(repo, tiny_arrays, pro
     assert code is not None and not server.is_running()
     assert outcomes["wrong"] == 0 and outcomes["refused"] > 0, outcomes
     print(f"\nshutdown under {protocol} load: {outcomes}, exit code {code}")
+
+
+def test_disk_full_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, tiny_checkpoints, monkeypatch):
+    import errno
+
+    from ctr_ensemble.errors import CtrError
+    from ctr_ensemble.training import checkpoint
+
+    path = checkpoint.save(tiny_checkpoints[0], tmp_path / "m.pt")
+    before = path.read_bytes()
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.os, "fsync", full)
+    with pytest.raises(CtrError, match="No space left on device.*previous checkpoint there is intact"):
+        checkpoint.save(tiny_checkpoints[1], path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before and checkpoint.load(path).name == tiny_checkpoints[0].name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt", "m.pt.sha256"]  # no temp files left

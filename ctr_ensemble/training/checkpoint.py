@@ -70,12 +70,18 @@ def write_atomic(obj: dict, path: str | Path) -> Path:
     torch.save(obj, buf)
     data = buf.getvalue()
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
     sha_tmp = tmp.with_name(tmp.name + ".sha256")
-    sha_tmp.write_text(hashlib.sha256(data).hexdigest() + "\n")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        sha_tmp.write_text(hashlib.sha256(data).hexdigest() + "\n")
+    except OSError as e:  # disk full, quota, I/O error: nothing was replaced yet
+        tmp.unlink(missing_ok=True)
+        sha_tmp.unlink(missing_ok=True)
+        raise CtrError(f"{path}: cannot write the checkpoint ({e.strerror or e}); "
+                       f"{'the previous checkpoint there is intact' if path.exists() else 'nothing was written'}") from e
     # Sidecar first: a crash between the renames leaves a checksum that fails loudly, never a silent mismatch.
     sha_tmp.replace(_sha_path(path))
     tmp.replace(path)
