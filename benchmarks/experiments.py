@@ -372,8 +372,8 @@ def plots(rows: list[dict], s: Setting, out: Path, title: str) -> list[Path]:
         same = [_find(rows, "mutual-finetune", [a] * s.copies, a)["relaimp"] * 100 for a in s.archs]
         diff = [_find(rows, "mutual-finetune-diff-arch", s.archs, a)["relaimp"] * 100 for a in s.archs]
         x = np.arange(len(s.archs))
-        ax.bar(x - 0.2, same, 0.4, label=f"with {s.copies} copies of itself")
-        ax.bar(x + 0.2, diff, 0.4, label=f"with {', '.join(s.archs)}")
+        ax.bar(x - 0.2, same, 0.4, label=f"same architecture ({s.copies} copies together)")
+        ax.bar(x + 0.2, diff, 0.4, label=f"different architectures ({' + '.join(s.archs)})")
         ax.axhline(0, color="k", lw=0.8)
         ax.set_xticks(x, s.archs)
         ax.set_ylabel("RelaImp vs its pretrained self (%)")
