@@ -3,11 +3,23 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+FX_VENV := .venv-fuxictr
+FX_STAMP := $(FX_VENV)/.installed
+BENCH_QUALITY_ARGS ?=
 MEMBERS ?= deepfm,dcnv2
 SEQ_MAX_LEN ?= 0
 PYTEST_ARGS ?=
+EXPERIMENTS_ARGS ?=
 
-.PHONY: venv demo test bench-serve bench-data bench-train clean
+PERF_VENV := .venv-perf
+PERF_STAMP := $(PERF_VENV)/.installed
+# `make loadtest` uses the demo repository when `make demo` made one, else builds a small one.
+LT_DEMO := $(and $(wildcard model_repository/repository.json),$(wildcard artifacts/demo/data/test.tsv))
+LT_REPO := $(if $(LT_DEMO),model_repository,artifacts/loadtest/demo/model_repository)
+LT_DATA := $(if $(LT_DEMO),artifacts/demo/data/test.tsv,artifacts/loadtest/demo/data/test.tsv)
+LT_SMALL := artifacts/loadtest/demo
+
+.PHONY: venv perf-venv demo test bench-serve bench-quality bench-data bench-train loadtest loadtest-demo experiments clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,10 +30,17 @@ $(STAMP): requirements.txt pyproject.toml
 
 venv: $(STAMP)
 
+$(PERF_STAMP): requirements-perf.txt
+	test -x $(PERF_VENV)/bin/python || $(PYTHON) -m venv $(PERF_VENV)
+	$(PERF_VENV)/bin/python -m pip install --quiet --no-deps -r requirements-perf.txt
+	touch $(PERF_STAMP)
+
+perf-venv: $(PERF_STAMP)
+
 demo: venv
 	$(BIN)/ctr-ensemble demo --members $(MEMBERS) --seq-max-len $(SEQ_MAX_LEN)
 
-test: venv
+test: venv perf-venv
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench-serve: venv
@@ -36,6 +55,35 @@ bench-data: venv
 bench-train: venv
 	test -f artifacts/bench/data/prepared/train/manifest.json || $(MAKE) bench-data
 	$(BIN)/python benchmarks/bench_train.py
+
+# Independent vs mutual vs collaborative training (quick default; EXPERIMENTS_ARGS="--full" or "--dataset criteo").
+experiments: venv
+	$(BIN)/python benchmarks/experiments.py $(EXPERIMENTS_ARGS)
+
+loadtest: venv perf-venv
+	test -f $(LT_REPO)/repository.json -a -f $(LT_DATA) || $(MAKE) loadtest-demo
+	$(BIN)/ctr-ensemble loadtest --sweep --repository $(LT_REPO) --data $(LT_DATA) --out artifacts/loadtest
+
+# A small demo (the demo pipeline's steps at 30k training rows, 2 epochs) when `make demo` has not run.
+loadtest-demo: venv
+	$(BIN)/ctr-ensemble data synth --out $(LT_SMALL)/data --train-rows 30000 --val-rows 6000 --test-rows 6000
+	$(BIN)/ctr-ensemble data fit --train $(LT_SMALL)/data/train.tsv --out $(LT_SMALL)/feature_spec.json
+	for m in deepfm dcnv2; do $(BIN)/ctr-ensemble train --model $$m --train $(LT_SMALL)/data/train.tsv \
+	  --val $(LT_SMALL)/data/val.tsv --spec $(LT_SMALL)/feature_spec.json --out $(LT_SMALL)/members/$$m.pt \
+	  --epochs 2 --threads 2 || exit 1; done
+	$(BIN)/ctr-ensemble export --checkpoint $(LT_SMALL)/members/deepfm.pt --checkpoint $(LT_SMALL)/members/dcnv2.pt \
+	  --repository $(LT_SMALL)/model_repository --parity-data $(LT_SMALL)/data/val.tsv --fusion-kind cpu
+
+# FuxiCTR (the reference column of bench-quality) lives in its own venv: it needs numpy>=2.
+$(FX_STAMP): benchmarks/requirements-fuxictr.txt
+	test -x $(FX_VENV)/bin/python || $(PYTHON) -m venv $(FX_VENV)
+	$(FX_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(FX_VENV)/bin/python -m pip install --quiet -r benchmarks/requirements-fuxictr.txt
+	touch $(FX_STAMP)
+
+# Quick default (< 30 min on 2 cores); the full setting: make bench-quality BENCH_QUALITY_ARGS=--full
+bench-quality: venv $(FX_STAMP)
+	$(BIN)/python benchmarks/bench_quality.py --fuxictr-python $(FX_VENV)/bin/python $(BENCH_QUALITY_ARGS)
 
 clean:
 	rm -rf artifacts model_repository

@@ -145,7 +145,7 @@ def quality_run(job: dict) -> dict:
     h = ck.metrics["history"]
     return {"val_auc": ck.metrics["val_auc"], "best_epoch": ck.metrics["best_epoch"],
             "val_auc_per_epoch": [r["val_auc"] for r in h],
-            "samples_per_s": statistics.mean(r["train_samples_per_s"] for r in h)}
+            "samples_per_s": statistics.mean(r["samples_per_s"] for r in h)}
 
 
 # ---------------------------------------------------------------------------------------------- parent side

@@ -30,6 +30,33 @@ def _split_list(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+RESUME_HELP = "Continue a killed run from its saved training state (same data, members and settings)."
+SAVE_EVERY_HELP = "Optimiser steps between saved training states (0 = at the end of each epoch only)."
+
+
+def _read_yaml_mapping(path: Path) -> dict:
+    if not path.is_file():
+        raise CtrError(f"{path}: config file not found")
+    try:
+        obj = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise CtrError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from e
+    if not isinstance(obj, dict):
+        raise CtrError(f"{path}: expected a mapping of config keys, got {type(obj).__name__}")
+    return obj
+
+
+def _arch_overrides(sets: list[str]) -> dict[str, dict]:
+    """``ARCH.KEY=VALUE`` options → {arch: {key: value}} (values are YAML)."""
+    out: dict[str, dict] = {}
+    for k, v in _parse_sets(sets).items():
+        if "." not in k:
+            raise CtrError(f"--set expects ARCH.KEY=VALUE here (e.g. deepfm.hidden=[64]), got {k!r}")
+        arch, key = k.split(".", 1)
+        out.setdefault(arch, {})[key] = v
+    return out
+
+
 def _parse_sets(sets: list[str]) -> dict:
     out = {}
     for s in sets:
@@ -159,7 +186,7 @@ def train_cmd(
     seed: int = typer.Option(42),
     threads: int = typer.Option(0, help="torch CPU threads (0 = torch default)."),
     optimizer: str = typer.Option("adam", help="adam (dense) | sparse_adam | sparse_adagrad (sparse embedding updates)."),
-    emb_lr: float = typer.Option(0.0, help="Learning rate of the embedding tables with a sparse optimizer (0 = --lr)."),
+    emb_lr: float = typer.Option(0.0, help="Learning rate of the embedding tables with a sparse optimizer (0 = 5 x --lr)."),
     amp: str = typer.Option("none", help="none | bf16 autocast."),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the training forward."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
@@ -169,26 +196,20 @@ def train_cmd(
     verify_shards: str = typer.Option("size", help="Prepared data check at start: size (sizes + headers) | full (+ CRC-32 of every byte)."),
     skip_bad_rows: bool = typer.Option(False),
     fmt: str = typer.Option("auto", "--format", help="Data format of raw files: auto, criteo, avazu, libsvm, parquet."),
+    resume: bool = typer.Option(False, help=RESUME_HELP),
+    save_every: int = typer.Option(0, help=SAVE_EVERY_HELP),
 ) -> None:
     """Train one member (BCE + Adam, early stopping on val AUC); under torchrun, data-parallel over processes."""
     import torch
 
     from ctr_ensemble import models
     from ctr_ensemble.training import checkpoint, distributed
+    from ctr_ensemble.training.loop import clear_state
     from ctr_ensemble.training.trainer import TrainConfig, train_member
 
     if threads:
         torch.set_num_threads(threads)
-    overrides = {}
-    if config is not None:
-        if not config.is_file():
-            raise CtrError(f"{config}: config file not found")
-        try:
-            overrides = yaml.safe_load(config.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise CtrError(f"{config}: not valid YAML: {str(e).splitlines()[0]}") from e
-        if not isinstance(overrides, dict):
-            raise CtrError(f"{config}: expected a mapping of config keys, got {type(overrides).__name__}")
+    overrides = _read_yaml_mapping(config) if config is not None else {}
     overrides.update(_parse_sets(set_))
     model_cfg = models.make_config(model, overrides)
     dist = distributed.setup(device, timeout_s=dist_timeout)
@@ -196,12 +217,14 @@ def train_cmd(
     try:
         fs, tr, va = _training_data(train, val, spec, skip_bad_rows, fmt, verify_shards)
         cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, patience=patience,
-                          seed=seed, optimizer=optimizer, emb_lr=emb_lr, amp=amp, compile=compile_, device=device,
-                          streams=streams, prefetch=prefetch)
+                          seed=seed, save_every=save_every, optimizer=optimizer, emb_lr=emb_lr, amp=amp,
+                          compile=compile_, device=device, streams=streams, prefetch=prefetch)
+        state = out.with_suffix(".state.pt")
         ck = train_member(name or model, model, model_cfg, fs, tr, va, cfg, history_csv=out.with_suffix(".history.csv"),
-                          dist=dist)
+                          state_path=state, resume=resume, dist=dist)
         if dist.is_main:  # one checkpoint, written once
             checkpoint.save(ck, out)
+            clear_state(state)
         distributed.barrier(dist, "waiting for rank 0 to write the checkpoint")
     finally:
         distributed.teardown(dist)
@@ -235,38 +258,199 @@ def _training_data(train: Path, val: Path, spec: Optional[Path], skip_bad_rows: 
     return fs, tr, va
 
 
+@app.command("train-mutual")
+def train_mutual_cmd(
+    train: Path = typer.Option(..., help="Training file."),
+    val: Path = typer.Option(..., help="Validation file (model selection on mean member AUC)."),
+    out_dir: Path = typer.Option(..., help="Folder for one ordinary checkpoint per member (<name>.pt) and the history."),
+    model: list[str] = typer.Option([], help="scratch mode: a member architecture; repeat (repeats allowed: deepfm ×2)."),
+    checkpoint_: list[Path] = typer.Option([], "--checkpoint", help="finetune mode: an independently trained member; repeat."),
+    spec: Optional[Path] = typer.Option(None, help="Feature spec JSON (scratch: required; finetune: must match the checkpoints')."),
+    mode: Optional[str] = typer.Option(None, help="scratch or finetune (default: finetune with --checkpoint, else scratch)."),
+    mutual_weight: float = typer.Option(1.0, help="Weight w of the mutual term (1 = the paper's)."),
+    set_: list[str] = typer.Option([], "--set", help="scratch mode: config override ARCH.KEY=VALUE; repeatable."),
+    epochs: Optional[int] = typer.Option(None, help="Default: 8 (scratch), 1 (finetune)."),
+    lr: Optional[float] = typer.Option(None, help="Default: 2e-3 (scratch), 7e-4 (finetune)."),
+    lr_decay: Optional[float] = typer.Option(None, help="lr factor per epoch, applied every step. Default: 1 (scratch), 0.1^(1/3) (finetune)."),
+    batch_size: int = typer.Option(512), weight_decay: float = typer.Option(1e-4),
+    patience: int = typer.Option(1), seed: int = typer.Option(42),
+    threads: int = typer.Option(0, help="torch CPU threads (0 = torch default)."),
+    resume: bool = typer.Option(False, help=RESUME_HELP),
+    save_every: int = typer.Option(0, help=SAVE_EVERY_HELP),
+    skip_bad_rows: bool = typer.Option(False),
+    fmt: str = typer.Option("auto", "--format", help="Data format: auto, criteo, avazu, libsvm, parquet."),
+) -> None:
+    """Deep mutual learning (arXiv 2406.12087): co-train N >= 2 members, each on BCE + w·mean squared gap to its peers."""
+    import torch
+
+    from ctr_ensemble.features import FeatureSpec
+    from ctr_ensemble.training import checkpoint, mutual
+    from ctr_ensemble.training.loop import clear_state
+    from ctr_ensemble.training.trainer import encode_file
+
+    if threads:
+        torch.set_num_threads(threads)
+    mode = mode or ("finetune" if checkpoint_ else "scratch")
+    if mode not in mutual.MODES:
+        raise CtrError(f"--mode must be one of {', '.join(mutual.MODES)}, got {mode!r}")
+    fs = FeatureSpec.load(spec) if spec is not None else None
+    # Everything about the members is checked before any data is read or any step is taken.
+    if mode == "finetune":
+        if model or set_:
+            raise CtrError("finetune mode takes --checkpoint files, not --model/--set")
+        members, fs = mutual.members_from_checkpoints(checkpoint_, fs)
+    else:
+        if checkpoint_:
+            raise CtrError("scratch mode takes --model names, not --checkpoint (use --mode finetune)")
+        if fs is None:
+            raise CtrError("scratch mode needs --spec (the feature spec from `ctr-ensemble data fit`)")
+        if len(model) < 2:
+            raise CtrError(f"mutual learning needs at least 2 members, got --model {model}")
+        members = mutual.members_from_archs(model, _arch_overrides(set_))
+    base = mutual.MutualConfig.finetune() if mode == "finetune" else mutual.MutualConfig()
+    cfg = mutual.MutualConfig(**{**vars(base), "mutual_weight": mutual_weight, "batch_size": batch_size,
+                                 "weight_decay": weight_decay, "patience": patience, "seed": seed, "save_every": save_every,
+                                 **{k: v for k, v in (("epochs", epochs), ("lr", lr), ("lr_decay", lr_decay)) if v is not None}})
+    tr, va = (encode_file(f, fs, skip_bad_rows, fmt) for f in (train, val))
+    state = out_dir / "mutual.state.pt"
+    cks = mutual.train_mutual(members, fs, tr, va, cfg, history_csv=out_dir / "mutual.history.csv",
+                              state_path=state, resume=resume)
+    for ck in cks:
+        path = checkpoint.save(ck, out_dir / f"{ck.name}.pt")
+        typer.echo(f"{path}: {ck.name} ({ck.arch}) val AUC {ck.metrics['val_auc']:.4f} at epoch {ck.metrics['best_epoch']}")
+    clear_state(state)
+
+
+@app.command("train-collab")
+def train_collab_cmd(
+    model: list[str] = typer.Option(..., help="A member architecture; repeat (N >= 2; the paper's pair: dhen, interformer)."),
+    train: Path = typer.Option(..., help="Training file."),
+    val: Path = typer.Option(..., help="Validation file (model selection on the fused AUC)."),
+    spec: Path = typer.Option(..., help="Feature spec JSON from `ctr-ensemble data fit`."),
+    out: Path = typer.Option(..., help="Collaborative checkpoint to write (.pt + .sha256)."),
+    kl_weight: float = typer.Option(0.1, help="λ of the symmetric-KL term between member predictions."),
+    tau: float = typer.Option(1.0, help="Temperature τ of softmax(NE(p)/τ) (the initial value with --learn-tau)."),
+    learn_tau: bool = typer.Option(False, help="Learn τ (as exp(log τ)) with the rest."),
+    variant: str = typer.Option("concat", help="Head input: concat [w_i·h_i] or sum Σ w_i·P_i h_i."),
+    head_hidden: str = typer.Option("64", help="Hidden widths of the head MLP, comma-separated ('' = linear head)."),
+    proj_dim: int = typer.Option(64, help="sum variant: width the members' h_i are projected to."),
+    set_: list[str] = typer.Option([], "--set", help="Member config override ARCH.KEY=VALUE; repeatable."),
+    members_out: Optional[Path] = typer.Option(None, help="Also write each member as an ordinary checkpoint in this folder."),
+    epochs: int = typer.Option(8), batch_size: int = typer.Option(512), lr: float = typer.Option(2e-3),
+    lr_decay: float = typer.Option(1.0, help="lr factor per epoch, applied every step (1 = constant)."),
+    weight_decay: float = typer.Option(1e-4), patience: int = typer.Option(1), seed: int = typer.Option(42),
+    threads: int = typer.Option(0, help="torch CPU threads (0 = torch default)."),
+    resume: bool = typer.Option(False, help=RESUME_HELP),
+    save_every: int = typer.Option(0, help=SAVE_EVERY_HELP),
+    skip_bad_rows: bool = typer.Option(False),
+    fmt: str = typer.Option("auto", "--format", help="Data format: auto, criteo, avazu, libsvm, parquet."),
+) -> None:
+    """Collaborative ensemble (CETNet, arXiv 2411.13700): members + confidence-weighted head trained jointly."""
+    import torch
+
+    from ctr_ensemble.features import FeatureSpec
+    from ctr_ensemble.training import checkpoint, collab, mutual
+    from ctr_ensemble.training.loop import clear_state
+    from ctr_ensemble.training.trainer import encode_file
+
+    if threads:
+        torch.set_num_threads(threads)
+    if len(model) < 2:
+        raise CtrError(f"a collaborative ensemble needs at least 2 members, got --model {model}")
+    try:
+        hidden = [int(h) for h in _split_list(head_hidden)]
+    except ValueError as e:
+        raise CtrError(f"--head-hidden expects comma-separated integers, got {head_hidden!r}") from e
+    members = mutual.members_from_archs(model, _arch_overrides(set_))
+    cfg = collab.CollabConfig(epochs=epochs, batch_size=batch_size, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
+                              patience=patience, seed=seed, save_every=save_every, kl_weight=kl_weight,
+                              head=collab.HeadConfig(variant=variant, hidden=hidden, proj_dim=proj_dim, tau=tau, learn_tau=learn_tau))
+    fs = FeatureSpec.load(spec)
+    tr, va = (encode_file(f, fs, skip_bad_rows, fmt) for f in (train, val))
+    state = out.with_suffix(".state.pt")
+    ck = collab.train_collab(members, fs, tr, va, cfg, history_csv=out.with_suffix(".history.csv"),
+                             state_path=state, resume=resume)
+    collab.save(ck, out)
+    if members_out is not None:
+        for m in ck.members:
+            checkpoint.save(m, members_out / f"{m.name}.pt")
+    clear_state(state)
+    per_member = ", ".join(f"{m.name} {m.metrics['val_auc']:.4f}" for m in ck.members)
+    typer.echo(f"{out}: collaborative ensemble of {', '.join(ck.names)}: fused val AUC {ck.metrics['val_auc']:.4f} "
+               f"(members: {per_member}) at epoch {ck.metrics['best_epoch']}")
+
+
 @app.command("export")
 def export_cmd(
-    checkpoint_: list[Path] = typer.Option(..., "--checkpoint", help="Member checkpoint (.pt); repeat for each member."),
+    checkpoint_: list[Path] = typer.Option([], "--checkpoint", help="Member checkpoint (.pt); repeat for each member."),
+    collab: Optional[Path] = typer.Option(None, help="A collaborative checkpoint (train-collab) instead of --checkpoint: "
+                                                     "serves its members and trained head (fusion mode collaborative)."),
     repository: Path = typer.Option(Path("model_repository"), help="Triton model repository to (re)write atomically."),
+    from_repository: Optional[Path] = typer.Option(None, help="Instead of checkpoints: copy this exported repository "
+                                                   "and rewrite only its configs with the options below (no re-export)."),
     parity_data: Optional[Path] = typer.Option(None, help="Labelled file whose rows are used for the ONNX parity check."),
     parity_rows: int = typer.Option(4096, help="Rows of --parity-data to check."),
-    fusion_mode: str = typer.Option("negation_entropy", help="negation_entropy or mean."),
+    fusion_mode: str = typer.Option("negation_entropy", help="negation_entropy or mean (collaborative comes with --collab)."),
     tau: float = typer.Option(1.0, help="Temperature of the confidence softmax."),
     fusion_kind: str = typer.Option("auto", help="Fusion instance kind: auto (GPU if torch sees one), cpu, gpu."),
     max_batch_size: int = typer.Option(4096), instances: int = typer.Option(1, help="Instances per member."),
     intra_op_threads: int = typer.Option(1, help="ONNX Runtime threads per member instance."),
     max_queue_delay_us: int = typer.Option(200, help="Dynamic batching queue delay per member."),
+    dynamic_batching: bool = typer.Option(True, help="Dynamic batching on the members."),
+    production: bool = typer.Option(False, help="Configs for the NGC container (docker-compose.yml): members on KIND_GPU "
+                                    "with the CUDA execution provider, fusion on KIND_GPU. Needs a GPU to load."),
     fmt: str = typer.Option("auto", "--format", help="Data format: auto, criteo, avazu, libsvm, parquet."),
 ) -> None:
     """Export members to ONNX (parity-checked) and write the Triton model repository."""
-    from ctr_ensemble.export.repository import RepoOptions, write_repository
+    from dataclasses import replace
+
+    from ctr_ensemble.export.repository import RepoOptions, reconfigure_repository, write_repository
     from ctr_ensemble.training import checkpoint
     from ctr_ensemble.training.trainer import encode_file
 
-    cks = [checkpoint.load(p) for p in checkpoint_]
+    opt = RepoOptions(max_batch_size=max_batch_size, instances=instances, intra_op_threads=intra_op_threads,
+                      dynamic_batching=dynamic_batching, max_queue_delay_us=max_queue_delay_us, fusion_mode=fusion_mode,
+                      tau=tau, fusion_kind=fusion_kind, production=production)
+    if sum((bool(checkpoint_), from_repository is not None, collab is not None)) != 1:
+        raise CtrError("give exactly one of: --checkpoint (one per member), --collab (a collaborative checkpoint) "
+                       "or --from-repository")
+    if from_repository is not None:
+        manifest = reconfigure_repository(from_repository, repository, opt)
+        typer.echo(f"{repository}: configs of {from_repository} rewritten ({', '.join(manifest['members'])}; "
+                   f"fusion {opt.fusion_mode} on {manifest['fusion']['kind']}{', production' if production else ''})")
+        return
+    cc = None
+    if collab is not None:
+        from ctr_ensemble.training import collab as collab_io
+
+        cc = collab_io.load(collab)
+        cks, opt = cc.members, replace(opt, fusion_mode="collaborative")
+    else:
+        cks = [checkpoint.load(p) for p in checkpoint_]
     rows = None
     if parity_data is not None:
         arr = encode_file(parity_data, cks[0].spec, fmt=fmt)
         rows = arr.feeds(slice(0, parity_rows))
-    opt = RepoOptions(max_batch_size=max_batch_size, instances=instances, intra_op_threads=intra_op_threads,
-                      max_queue_delay_us=max_queue_delay_us, fusion_mode=fusion_mode, tau=tau, fusion_kind=fusion_kind)
-    manifest = write_repository(cks, repository, opt, parity_rows=rows)
+    manifest = write_repository(cks, repository, opt, parity_rows=rows, collab=cc)
     for n, m in manifest["members"].items():
         par = m.get("parity")
         extra = f", ONNX parity max|Δ| {max(par['prob_max_abs_diff'], m['parity_stress']['prob_max_abs_diff']):.2e}" if par else ""
         typer.echo(f"{repository}/{n}: {m['arch']}{extra}")
-    typer.echo(f"{repository}/ctr_ensemble: fusion {opt.fusion_mode} (tau={opt.tau}) on {manifest['fusion']['kind']}")
+    f = manifest["fusion"]
+    extra = f", fused parity max|Δ| {f['parity']['prob_max_abs_diff']:.2e}" if "parity" in f else ""
+    typer.echo(f"{repository}/ctr_ensemble: fusion {f['mode']} (tau={f['tau']}) on {f['kind']}{extra}")
+
+
+@app.command("check-repo")
+def check_repo_cmd(
+    repository: Path = typer.Option(Path("model_repository"), help="Triton model repository to validate."),
+) -> None:
+    """Validate a model repository without starting Triton: configs, ONNX files (checksum, checker,
+    inputs/outputs vs config), Python models, ensemble wiring, feature specs. Exit 2 on any problem."""
+    from ctr_ensemble.export import validate
+
+    validate.check(repository)
+    typer.echo(f"{repository}: OK ({len(list(Path(repository).glob('*/config.pbtxt')))} models)")
 
 
 @app.command("check-export")
@@ -311,17 +495,28 @@ def serve_cmd(
     http_port: int = typer.Option(8000), grpc_port: int = typer.Option(8001), metrics_port: int = typer.Option(8002),
     startup_timeout: float = typer.Option(180.0, help="Seconds to wait for readiness."),
     log_verbose: int = typer.Option(0, help="tritonserver --log-verbose level."),
+    admin_key: Optional[str] = typer.Option(None, envvar="TRITON_ADMIN_KEY", show_default=False,
+                                            help="Key for the admin APIs (header admin-key); default: a random "
+                                                 "key nobody knows, i.e. admin APIs closed."),
+    open_admin: bool = typer.Option(False, help="Leave the admin APIs unrestricted (not recommended)."),
+    supervise: bool = typer.Option(True, help="Restart the server when it dies or a backend stub dies "
+                                              "(Triton does not recover a killed stub by itself)."),
+    max_restarts: int = typer.Option(5, help="Give up after this many restarts."),
 ) -> None:
     """Run the local tritonserver (from nvidia-pytriton) until Ctrl-C."""
-    from ctr_ensemble.serving.server import TritonServer
+    from ctr_ensemble.serving.server import TritonServer, default_admin_key
 
     server = TritonServer(repository, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
                           startup_timeout=startup_timeout, log_verbose=log_verbose,
-                          log_path=Path("artifacts/tritonserver.log").resolve())
+                          log_path=Path("artifacts/tritonserver.log").resolve(),
+                          admin_key=None if open_admin else (admin_key or default_admin_key()))
     Path("artifacts").mkdir(exist_ok=True)
-    server.start()
+    from ctr_ensemble.serving.supervisor import Supervisor
+
+    sup = Supervisor(server, max_restarts=max_restarts) if supervise else None
+    sup.start() if sup else server.start()
     typer.echo(f"Triton ready: HTTP {server.http_url}, gRPC {server.grpc_url}, metrics {server.metrics_url} "
-               f"(log {server.log_path}); Ctrl-C to stop")
+               f"(log {server.log_path}); {'supervised, ' if sup else ''}Ctrl-C to stop")
     stop = {"now": False}
 
     def _on_signal(*_):
@@ -331,11 +526,19 @@ def serve_cmd(
     signal.signal(signal.SIGINT, _on_signal)
     import time
 
-    while not stop["now"] and server.is_running():
+    seen = 0
+    while not stop["now"] and (server.is_running() if sup is None else sup.error is None):
         time.sleep(0.5)
-    if not server.is_running():
+        if sup is not None and len(sup.restarts) > seen:
+            for r in sup.restarts[seen:]:
+                typer.echo(f"restarted tritonserver after: {r['reason']} ({r['seconds']:.1f}s)", err=True)
+            seen = len(sup.restarts)
+    if sup is not None and sup.error is not None:
+        sup.stop()
+        raise CtrError(f"tritonserver supervision stopped: {sup.error}; log:\n{server.log_tail()}")
+    if sup is None and not server.is_running():
         raise CtrError(f"tritonserver exited unexpectedly; log:\n{server.log_tail()}")
-    code = server.stop()
+    code = sup.stop() if sup else server.stop()
     typer.echo(f"tritonserver stopped (exit code {code})")
 
 
@@ -383,6 +586,88 @@ def _kv(s: str, flag: str) -> tuple[str, str]:
         raise CtrError(f"{flag} expects NAME=PATH, got {s!r}")
     k, v = s.split("=", 1)
     return k, v
+
+
+@app.command("loadtest")
+def loadtest_cmd(
+    repository: Path = typer.Option(Path("model_repository"), help="Model repository (served, or the base of the sweep's variants)."),
+    data: Path = typer.Option(Path("artifacts/demo/data/test.tsv"), help="Held-out labelled file whose rows are sent."),
+    model: str = typer.Option("ctr_ensemble", help="Model to load-test (without --sweep)."),
+    protocol: Optional[str] = typer.Option(None, help="Comma list: grpc, http (default both; with --sweep the sweep's)."),
+    users: Optional[str] = typer.Option(None, help="Concurrent users, comma list (default 4; with --sweep the sweep's)."),
+    spawn_rate: float = typer.Option(0.0, help="Users started per second (0 = all at once)."),
+    duration: Optional[float] = typer.Option(None, help="Seconds per run (default 20; sweep 6)."),
+    warmup: Optional[float] = typer.Option(None, help="Seconds dropped from the start of each run (default 3; sweep 1.5)."),
+    rows_per_request: Optional[int] = typer.Option(None, help="Rows per request (default 64)."),
+    max_rows: Optional[int] = typer.Option(None, help="Held-out rows cycled through (default 8192)."),
+    url: Optional[str] = typer.Option(None, help="Host of a running Triton (no server is started); needs --repository for the offline reference."),
+    http_port: int = typer.Option(8000), grpc_port: int = typer.Option(8001), metrics_port: int = typer.Option(8002),
+    admin_key: Optional[str] = typer.Option(None, envvar="TRITON_ADMIN_KEY", help="Admin key of the running server (perf_analyzer reads the model config)."),
+    sweep: bool = typer.Option(False, "--sweep", help="Run the default list of deployment variants (or --sweep-config)."),
+    sweep_config: Optional[Path] = typer.Option(None, help="YAML sweep: variants and settings (implies --sweep)."),
+    perf_analyzer: bool = typer.Option(True, help="Also measure each run with perf_analyzer."),
+    perf_analyzer_bin: Optional[Path] = typer.Option(None, "--perf-analyzer-bin", help="perf_analyzer binary (default: .venv-perf, $PERF_ANALYZER, PATH)."),
+    locustfile: Optional[Path] = typer.Option(None, help="Locust file (default loadtest/locustfile.py)."),
+    out: Path = typer.Option(Path("artifacts/loadtest"), help="Output folder for latency_vs_auc.{csv,md,png}."),
+    prepare_only: Optional[Path] = typer.Option(None, help="Only write rows.npz + config.json for the docker-compose "
+                                                "locust services into this folder (URLs triton:8000/8001) and exit."),
+    fmt: str = typer.Option("auto", "--format", help="Data format: auto, criteo, avazu, libsvm, parquet."),
+) -> None:
+    """Locust (headless) against Triton: throughput, p50/p95/p99, errors, served vs offline AUC; --sweep over variants."""
+    import dataclasses
+
+    from rich.console import Console
+
+    from ctr_ensemble.loadtest import perf, report, sweep as lt
+
+    protocols = _split_list(protocol) if protocol else None
+    user_list = [int(u) for u in _split_list(users)] if users else None
+    if prepare_only is not None:
+        _prepare_compose(repository, data, model, rows_per_request or 64, max_rows or 8192, prepare_only, fmt)
+        return
+    if sweep or sweep_config:
+        cfg = lt.load_sweep(sweep_config) if sweep_config else lt.default_sweep()
+    else:
+        cfg = lt.SweepConfig(variants=[lt.Variant(model, model)], users=[4], duration_s=20.0, warmup_s=3.0)
+    over = {"protocols": protocols, "users": user_list, "duration_s": duration, "warmup_s": warmup, "spawn_rate": spawn_rate or None,
+            "rows_per_request": rows_per_request, "max_rows": max_rows, "perf_analyzer": perf_analyzer or None}
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in over.items() if v is not None})
+    if not perf_analyzer:
+        cfg.perf_analyzer = False
+    target = None
+    if url is not None:
+        target = lt.Target(url, http_port, grpc_port, metrics_port, repository, admin_key)
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    binary = perf.find_binary(perf_analyzer_bin)
+    res = lt.run_sweep(cfg, repository, data, out, target=target, perf_binary=binary,
+                       locustfile=locustfile or lt.LOCUSTFILE, fmt=fmt, console=console)
+    context = {"repository": str(repository), "data": f"{data} (first {cfg.max_rows} rows)",
+               "server": f"{url} (running)" if url else "local tritonserver started per deployment, production flags incl. admin-API restriction",
+               "load": f"Locust headless, closed loop, {cfg.rows_per_request} rows/request, {cfg.duration_s:g}s per run, "
+                       f"{cfg.warmup_s:g}s warm-up dropped",
+               "perf_analyzer": str(binary) if cfg.perf_analyzer and binary else "not run"}
+    paths = report.write_report(res.rows, res.server_rows, out, context)
+    for p in paths.values():
+        typer.echo(f"wrote {p}")
+    if res.failed:
+        bad = [f"{r['variant']}/{r.get('protocol')}/{r.get('users')}: {r.get('status')} errors={r.get('errors')}"
+               for r in res.rows if r["status"] not in ("ok", "skipped") or r.get("errors")]
+        typer.echo("load test failed: " + "; ".join(bad), err=True)
+        raise typer.Exit(1)
+
+
+def _prepare_compose(repository: Path, data: Path, model: str, rows_per_request: int, max_rows: int, dest: Path, fmt: str) -> None:
+    """rows.npz + config.json for the locust services of docker-compose.yml (mounted at /loadtest/run)."""
+    from ctr_ensemble.loadtest import sweep as lt
+    from ctr_ensemble.loadtest.rows import inputs_from_config, load_rows
+
+    inputs = inputs_from_config(repository, model)
+    rows = load_rows(data, repository, model, inputs, max_rows, fmt)
+    lt.save_rows(rows, dest / "rows.npz")
+    lt.write_run_config(dest / "config.json", http_url="triton:8000", grpc_url="triton:8001", model=model,
+                        rows_file=f"{lt.COMPOSE_RUN_DIR}/rows.npz", inputs=inputs, rows_per_request=rows_per_request,
+                        timeout_s=10.0, max_requests=10_000_000, results_dir=f"{lt.COMPOSE_RUN_DIR}/results")
+    typer.echo(f"wrote {dest / 'rows.npz'} ({len(rows['label'])} rows) and {dest / 'config.json'} for docker compose")
 
 
 @app.command("demo")

@@ -20,7 +20,7 @@ from ctr_ensemble.evaluation.evaluate import EvalTargets, evaluate, render_table
 from ctr_ensemble.export.repository import RepoOptions, write_repository
 from ctr_ensemble.serving.server import TritonServer
 from ctr_ensemble.training import checkpoint
-from ctr_ensemble.training.trainer import TrainConfig, encode_file, train_member
+from ctr_ensemble.training.trainer import TrainConfig, encode_file, train_member, unique_names
 
 PARITY_TOL = 1e-5
 ENSEMBLE_SLACK = 0.0005
@@ -70,10 +70,7 @@ def run_demo(members: list[str], out: Path, repository: Path, train_rows: int = 
 
     console.rule(f"3/6 training {', '.join(members)}")
     cks = []
-    names: dict[str, int] = {}
-    for arch in members:
-        names[arch] = names.get(arch, 0) + 1
-        name = arch if names[arch] == 1 else f"{arch}_{names[arch]}"
+    for arch, name in zip(members, unique_names(members)):
         ck = train_member(name, arch, models.make_config(arch), spec, train, val,
                           TrainConfig(epochs=epochs, seed=seed + len(cks)),
                           history_csv=out / "members" / f"{name}.history.csv")

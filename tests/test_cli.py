@@ -17,7 +17,7 @@ def run(*args, check=False, timeout=600):
     return r
 
 
-@pytest.mark.parametrize("cmd", [["data", "synth"], ["data", "fit"], ["train"], ["export"], ["serve"], ["evaluate"], ["demo"], ["models"], ["check-export"], ["data", "movielens"]])
+@pytest.mark.parametrize("cmd", [["data", "synth"], ["data", "fit"], ["train"], ["export"], ["serve"], ["evaluate"], ["demo"], ["models"], ["check-export"], ["train-mutual"], ["train-collab"], ["check-repo"], ["data", "movielens"]])
 def test_every_stage_has_help(cmd):
     r = run(*cmd, "--help", check=True)
     assert "Usage" in r.stdout

@@ -43,10 +43,12 @@ def test_a_broken_model_fails_start_with_the_model_named(tmp_path, tiny_repo):
     repo = tmp_path / "repo"
     shutil.copytree(tiny_repo, repo)
     (repo / "dcnv2" / "1" / "model.onnx").write_bytes(b"this is not an onnx file")
-    with pytest.raises(CtrError) as err:
-        TritonServer(repo, startup_timeout=120).start()
+    with pytest.raises(CtrError) as err:  # Triton itself (strict readiness), validator off
+        TritonServer(repo, startup_timeout=120, validate_repository=False).start()
     msg = str(err.value)
     assert "dcnv2" in msg and "tritonserver" in msg
+    with pytest.raises(CtrError, match=r"dcnv2/1/model.onnx: checksum differs"):  # the validator, before any start
+        TritonServer(repo).start()
 
 
 def test_start_refuses_a_folder_that_is_not_a_repository(tmp_path):

@@ -2,7 +2,8 @@
 
 For each member and for the ensemble, and for each backend: AUC, logloss, rows/s and the
 max absolute difference against the reference: the member's PyTorch output, or for the
-ensemble the reference fusion (``layers.fusion``) of the members' PyTorch outputs.
+ensemble the reference fusion (``layers.fusion``) of the members' PyTorch outputs (for a
+collaborative repository: the trained head over the members' PyTorch probs and reprs).
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ import torch
 from ctr_ensemble import metrics
 from ctr_ensemble.errors import CtrError
 from ctr_ensemble.export import onnx_export
-from ctr_ensemble.export.repository import ENSEMBLE_NAME, read_manifest, repository_spec
+from ctr_ensemble.export.repository import COLLABORATIVE, ENSEMBLE_NAME, fuse_collaborative, read_manifest, repository_spec
 from ctr_ensemble.layers.fusion import fuse
 from ctr_ensemble.serving.client import TritonScorer
-from ctr_ensemble.training import checkpoint
-from ctr_ensemble.training.trainer import encode_file, predict
+from ctr_ensemble.training import checkpoint, collab
+from ctr_ensemble.training.trainer import encode_file, predict_outputs
 
 BACKENDS = ("torch", "onnx", "triton_http", "triton_grpc")
 
@@ -39,9 +40,37 @@ def _timed(fn):
     return out, time.perf_counter() - t0
 
 
-def _fuse_np(probs: dict[str, np.ndarray], names: list[str], mode: str, tau: float) -> np.ndarray:
-    stacked = torch.from_numpy(np.stack([probs[n] for n in names], axis=1).astype(np.float32))
-    return fuse(stacked, mode, tau)[0][:, 0].numpy()
+class _Reference:
+    """The members' PyTorch models and the fusion the repository serves, as numpy functions.
+
+    mean / negation_entropy: the reference fusion of member probabilities; collaborative: the
+    collaborative checkpoint's head applied to member probabilities and representations."""
+
+    def __init__(self, manifest: dict, names: list[str], overrides: dict[str, str]):
+        fusion = manifest["fusion"]
+        self.mode, self.tau = fusion["mode"], float(fusion["tau"])
+        self.needs_repr = self.mode == COLLABORATIVE
+        if self.needs_repr:
+            path = overrides.get("collab", fusion.get("checkpoint"))
+            if not path:
+                raise CtrError("collaborative repository without a known checkpoint; pass --checkpoint collab=PATH")
+            cc = collab.load(path)
+            if cc.names != names:
+                raise CtrError(f"{path}: members {cc.names} do not match the repository's {names}")
+            self.head = cc.build().head
+            self.members = {m.name: m.build() for m in cc.members}
+            return
+        paths = {n: overrides.get(n, manifest["members"][n].get("checkpoint")) for n in names}
+        for n, path in paths.items():
+            if not path:
+                raise CtrError(f"member {n}: no checkpoint known; pass --checkpoint {n}=PATH")
+        self.members = {n: checkpoint.load(path).build() for n, path in paths.items()}
+
+    def fuse(self, names: list[str], probs: dict[str, np.ndarray], reprs: dict[str, np.ndarray] | None) -> np.ndarray:
+        if self.needs_repr:
+            return fuse_collaborative(self.head, [probs[n] for n in names], [reprs[n] for n in names])[0]
+        stacked = torch.from_numpy(np.stack([probs[n] for n in names], axis=1).astype(np.float32))
+        return fuse(stacked, self.mode, self.tau)[0][:, 0].numpy()
 
 
 def _row(y: np.ndarray, p: np.ndarray, ref: np.ndarray | None, seconds: float | None) -> dict:
@@ -83,30 +112,31 @@ def evaluate(
         summary["oracle_auc"] = metrics.auc(y, p_true)
 
     # The PyTorch member outputs are the reference for everything else.
-    ckpt_paths = dict(checkpoints or {})
-    for n in names:
-        ckpt_paths.setdefault(n, manifest["members"][n].get("checkpoint"))
+    reference = _Reference(manifest, names, dict(checkpoints or {}))
     ref: dict[str, np.ndarray] = {}
+    ref_repr: dict[str, np.ndarray] = {}
     for n in names:
-        if not ckpt_paths.get(n):
-            raise CtrError(f"member {n}: no checkpoint known; pass --checkpoint {n}=PATH")
-        model = checkpoint.load(ckpt_paths[n]).build()
-        ref[n], sec = _timed(lambda: predict(model, feeds))
+        model = reference.members[n]
+        (ref[n], h), sec = _timed(lambda: predict_outputs(model, feeds))
         ref[n] = ref[n].astype(np.float64)
+        if reference.needs_repr:  # (N, H) per member: kept only where the fusion uses it
+            ref_repr[n] = h
         if "torch" in backends:
             summary["members"][n]["torch"] = _row(y, ref[n], ref[n], sec)
-    ref_fused = _fuse_np(ref, names, mode, tau).astype(np.float64)
+    ref_fused = reference.fuse(names, ref, ref_repr).astype(np.float64)
     if "torch" in backends:
         summary["ensemble"]["torch"] = _row(y, ref_fused, ref_fused, None)
 
     if "onnx" in backends:
-        probs = {}
+        probs, reprs = {}, {}
         for n in names:
             sess = onnx_export.session(repository / n / "1" / "model.onnx")
-            (probs[n], _), sec = _timed(lambda: onnx_export.run_onnx(sess, feeds))
+            (probs[n], h), sec = _timed(lambda: onnx_export.run_onnx(sess, feeds))
+            reprs[n] = h if reference.needs_repr else None
             summary["members"][n]["onnx"] = _row(y, probs[n], ref[n], sec)
-        summary["ensemble"]["onnx"] = _row(y, _fuse_np(probs, names, mode, tau), ref_fused, None)
+        summary["ensemble"]["onnx"] = _row(y, reference.fuse(names, probs, reprs), ref_fused, None)
 
+    outputs = ("prob", "repr") if reference.needs_repr else ("prob",)
     for backend, protocol, url in (("triton_http", "http", targets.http_url), ("triton_grpc", "grpc", targets.grpc_url)):
         if backend not in backends:
             continue
@@ -114,14 +144,15 @@ def evaluate(
             raise CtrError(f"backend {backend} needs a server URL (--{protocol}-url) or --start-server")
         scorer = TritonScorer(url, protocol)
         scorer.check_ready(ENSEMBLE_NAME)
-        probs = {}
+        probs, reprs = {}, {}
         for n in names:
-            probs[n], sec = _timed(lambda: scorer.score(n, feeds, targets.batch_size))
+            out, sec = _timed(lambda: scorer.score_outputs(n, feeds, targets.batch_size, outputs))
+            probs[n], reprs[n] = out["prob"][:, 0], out.get("repr")
             summary["members"][n][backend] = _row(y, probs[n], ref[n], sec)
         served, sec = _timed(lambda: scorer.score(ENSEMBLE_NAME, feeds, targets.batch_size))
         row = _row(y, served, ref_fused, sec)
         # The server's fusion against the reference fusion of what the same server's members returned.
-        row["fusion_max_abs_diff"] = float(np.max(np.abs(served - _fuse_np(probs, names, mode, tau))))
+        row["fusion_max_abs_diff"] = float(np.max(np.abs(served - reference.fuse(names, probs, reprs))))
         summary["ensemble"][backend] = row
         scorer.close()
     return summary

@@ -7,9 +7,10 @@ Layout written (Triton's standard repository layout)::
       <member>/config.pbtxt           backend "onnxruntime", dynamic batching, explicit instances
       <member>/feature_spec.json      how raw rows become cat_ids / num / seq_ids + seq_len
       <member>/1/model.onnx
-      fusion/config.pbtxt             backend "python", parameters fusion_mode and tau
+      fusion/config.pbtxt             backend "python", parameters fusion_mode and tau (or head_file)
       fusion/1/model.py, ctr_fusion.py
-      ctr_ensemble/config.pbtxt       platform "ensemble": members → fusion
+      fusion/1/head.pt (+ .sha256)    collaborative mode only: the trained head's config and weights
+      ctr_ensemble/config.pbtxt       platform "ensemble": members → fusion (prob, plus repr when collaborative)
       ctr_ensemble/1/
 
 The whole repository is built in a sibling temp folder and swapped in by rename, so a
@@ -22,7 +23,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,26 +32,56 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from ctr_ensemble.errors import CtrError
-from ctr_ensemble.export import onnx_export
+from ctr_ensemble.export import onnx_export, validate
 from ctr_ensemble.features import INPUT_DTYPES, FeatureSpec
 from ctr_ensemble.layers import fusion as fusion_math
+from ctr_ensemble.training import checkpoint as ckpt_io
 from ctr_ensemble.training.checkpoint import Checkpoint
+from ctr_ensemble.training.collab import CollabCheckpoint
 
 ENSEMBLE_NAME = "ctr_ensemble"
 FUSION_NAME = "fusion"
 TRITON_SRC = Path(__file__).parent / "triton"
+COLLABORATIVE = "collaborative"
+FUSION_MODES = (*fusion_math.MODES, COLLABORATIVE)  # what the served fusion model accepts
+HEAD_FILE = "head.pt"
 
 
 @dataclass
 class RepoOptions:
+    """Deployment settings of a repository; everything here is config.pbtxt, never the ONNX files.
+
+    ``production=True`` emits the configs for the NGC container (docker-compose.yml): members on
+    KIND_GPU, where the native onnxruntime backend runs them with the CUDA execution provider,
+    and the fusion model on KIND_GPU. Such a repository cannot load on a machine without a GPU.
+    """
+
     max_batch_size: int = 4096
     instances: int = 1  # per member
     intra_op_threads: int = 1  # ONNX Runtime threads per member instance
+    dynamic_batching: bool = True  # per member; the ensemble has no batcher of its own
     max_queue_delay_us: int = 200
-    fusion_mode: str = "negation_entropy"
-    tau: float = 1.0
+    fusion_mode: str = "negation_entropy"  # negation_entropy | mean | collaborative (needs a collaborative checkpoint)
+    tau: float = 1.0  # mean / negation_entropy only; the collaborative head carries its own τ
     fusion_kind: str = "auto"  # auto | cpu | gpu
     fusion_instances: int = 1
+    production: bool = False
+
+    def validate(self) -> None:
+        if self.fusion_mode not in FUSION_MODES:
+            raise CtrError(f"fusion mode must be one of {FUSION_MODES}, got {self.fusion_mode!r}")
+        for name in ("max_batch_size", "instances", "fusion_instances"):
+            if getattr(self, name) < 1:
+                raise CtrError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_queue_delay_us < 0 or self.intra_op_threads < 0:
+            raise CtrError("max_queue_delay_us and intra_op_threads must be >= 0")
+        if not self.tau >= 0:
+            raise CtrError(f"tau must be >= 0, got {self.tau}")
+        resolve_fusion_kind(self.fusion_kind)
+
+
+# Native onnxruntime backend on KIND_GPU: the CUDA execution provider, one stream for copies and compute.
+CUDA_ACCELERATOR = {"name": "cuda", "parameters": {"use_ep_level_unified_stream": "1"}}
 
 
 def _io(name: str, dtype: int, dims: list[int]):
@@ -74,51 +105,86 @@ def _inputs(spec: FeatureSpec) -> list:
     return [mc.ModelInput(**_io(n, _TRITON_TYPES[np.dtype(INPUT_DTYPES[n])], d)) for n, d in spec.input_dims.items()]
 
 
-def member_config(name: str, spec: FeatureSpec, repr_dim: int, opt: RepoOptions) -> mc.ModelConfig:
-    cfg = mc.ModelConfig(
-        name=name,
-        backend="onnxruntime",
-        max_batch_size=opt.max_batch_size,
-        default_model_filename="model.onnx",
-        input=_inputs(spec),
-        output=[mc.ModelOutput(**_io("prob", mc.TYPE_FP32, [1])), mc.ModelOutput(**_io("repr", mc.TYPE_FP32, [repr_dim]))],
-        instance_group=[mc.ModelInstanceGroup(count=opt.instances, kind=mc.ModelInstanceGroup.KIND_CPU)],
-        dynamic_batching=mc.ModelDynamicBatching(max_queue_delay_microseconds=opt.max_queue_delay_us),
-    )
+def apply_member_deployment(cfg: mc.ModelConfig, opt: RepoOptions) -> mc.ModelConfig:
+    """Instances, batching, threads and device of a member config (its inputs/outputs stay as they are)."""
+    kind = mc.ModelInstanceGroup.KIND_GPU if opt.production else mc.ModelInstanceGroup.KIND_CPU
+    cfg.max_batch_size = opt.max_batch_size
+    del cfg.instance_group[:]
+    cfg.instance_group.append(mc.ModelInstanceGroup(count=opt.instances, kind=kind))
+    cfg.ClearField("dynamic_batching")
+    if opt.dynamic_batching:
+        cfg.dynamic_batching.CopyFrom(mc.ModelDynamicBatching(max_queue_delay_microseconds=opt.max_queue_delay_us))
+    cfg.ClearField("optimization")
+    if opt.production:
+        acc = cfg.optimization.execution_accelerators.gpu_execution_accelerator.add(name=CUDA_ACCELERATOR["name"])
+        for k, v in CUDA_ACCELERATOR["parameters"].items():
+            acc.parameters[k] = v
     for k, v in _params(intra_op_thread_count=opt.intra_op_threads).items():
         cfg.parameters[k].CopyFrom(v)
     return cfg
 
 
-def fusion_config(members: list[str], opt: RepoOptions, kind: str) -> mc.ModelConfig:
-    cfg = mc.ModelConfig(
-        name=FUSION_NAME,
-        backend="python",
-        max_batch_size=opt.max_batch_size,
-        input=[mc.ModelInput(**_io(f"{m}_prob", mc.TYPE_FP32, [1])) for m in members],
-        output=[mc.ModelOutput(**_io("prob", mc.TYPE_FP32, [1])), mc.ModelOutput(**_io("weights", mc.TYPE_FP32, [len(members)]))],
-        instance_group=[mc.ModelInstanceGroup(
-            count=opt.fusion_instances,
-            kind=mc.ModelInstanceGroup.KIND_GPU if kind == "gpu" else mc.ModelInstanceGroup.KIND_CPU,
-        )],
-    )
+def apply_fusion_deployment(cfg: mc.ModelConfig, opt: RepoOptions, kind: str) -> mc.ModelConfig:
+    """Instances, device and fusion parameters of the fusion model config."""
+    cfg.max_batch_size = opt.max_batch_size
+    del cfg.instance_group[:]
+    cfg.instance_group.append(mc.ModelInstanceGroup(
+        count=opt.fusion_instances,
+        kind=mc.ModelInstanceGroup.KIND_GPU if kind == "gpu" else mc.ModelInstanceGroup.KIND_CPU,
+    ))
+    params = {"fusion_mode": opt.fusion_mode}
+    if opt.fusion_mode == COLLABORATIVE:  # the trained head carries its own τ
+        params["head_file"] = HEAD_FILE
+        if "tau" in cfg.parameters:
+            del cfg.parameters["tau"]
+    else:
+        params["tau"] = opt.tau
+        if "head_file" in cfg.parameters:
+            del cfg.parameters["head_file"]
     # GPU inputs stay on the GPU instead of being copied to host first.
-    for k, v in _params(fusion_mode=opt.fusion_mode, tau=opt.tau, FORCE_CPU_ONLY_INPUT_TENSORS="no").items():
+    for k, v in _params(**params, FORCE_CPU_ONLY_INPUT_TENSORS="no").items():
         cfg.parameters[k].CopyFrom(v)
     return cfg
 
 
-def ensemble_config(members: list[str], spec: FeatureSpec, opt: RepoOptions) -> mc.ModelConfig:
+def member_config(name: str, spec: FeatureSpec, repr_dim: int, opt: RepoOptions) -> mc.ModelConfig:
+    cfg = mc.ModelConfig(
+        name=name,
+        backend="onnxruntime",
+        default_model_filename="model.onnx",
+        input=_inputs(spec),
+        output=[mc.ModelOutput(**_io("prob", mc.TYPE_FP32, [1])), mc.ModelOutput(**_io("repr", mc.TYPE_FP32, [repr_dim]))],
+    )
+    return apply_member_deployment(cfg, opt)
+
+
+def fusion_config(members: list[str], opt: RepoOptions, kind: str, repr_dims: dict[str, int] | None = None) -> mc.ModelConfig:
+    """The fusion model's config; ``repr_dims`` (collaborative mode) adds a ``<member>_repr`` input per member."""
+    inputs = [mc.ModelInput(**_io(f"{m}_prob", mc.TYPE_FP32, [1])) for m in members]
+    if repr_dims is not None:
+        inputs += [mc.ModelInput(**_io(f"{m}_repr", mc.TYPE_FP32, [repr_dims[m]])) for m in members]
+    cfg = mc.ModelConfig(
+        name=FUSION_NAME,
+        backend="python",
+        input=inputs,
+        output=[mc.ModelOutput(**_io("prob", mc.TYPE_FP32, [1])), mc.ModelOutput(**_io("weights", mc.TYPE_FP32, [len(members)]))],
+    )
+    return apply_fusion_deployment(cfg, opt, kind)
+
+
+def ensemble_config(members: list[str], spec: FeatureSpec, opt: RepoOptions, with_repr: bool = False) -> mc.ModelConfig:
+    """Members → fusion. ``with_repr`` (collaborative mode) also routes each member's ``repr`` to the fusion."""
+    outs = ("prob", "repr") if with_repr else ("prob",)
     steps = [
         mc.ModelEnsembling.Step(
             model_name=m, model_version=-1,
-            input_map={k: k for k in spec.input_names}, output_map={"prob": f"{m}_prob"},
+            input_map={k: k for k in spec.input_names}, output_map={o: f"{m}_{o}" for o in outs},
         )
         for m in members
     ]
     steps.append(mc.ModelEnsembling.Step(
         model_name=FUSION_NAME, model_version=-1,
-        input_map={f"{m}_prob": f"{m}_prob" for m in members},
+        input_map={f"{m}_{o}": f"{m}_{o}" for o in outs for m in members},
         output_map={"prob": "prob", "weights": "weights"},
     ))
     return mc.ModelConfig(
@@ -131,9 +197,11 @@ def ensemble_config(members: list[str], spec: FeatureSpec, opt: RepoOptions) -> 
     )
 
 
-def resolve_fusion_kind(kind: str) -> str:
+def resolve_fusion_kind(kind: str, production: bool = False) -> str:
     if kind not in ("auto", "cpu", "gpu"):
         raise CtrError(f"fusion kind must be auto, cpu or gpu, got {kind!r}")
+    if production:
+        return "gpu"
     if kind == "auto":
         return "gpu" if torch.cuda.is_available() else "cpu"
     return kind
@@ -144,10 +212,23 @@ def write_repository(
     repo: str | Path,
     opt: RepoOptions,
     parity_rows: dict[str, np.ndarray] | None = None,
+    collab: CollabCheckpoint | None = None,
 ) -> dict:
     """Export every member to ONNX, check parity on ``parity_rows`` (model inputs by name, as
     ``Arrays.feeds()``; plus OOV/NaN/sequence-length stress rows),
-    and write the repository atomically. Returns the manifest (also saved as repository.json)."""
+    and write the repository atomically. Returns the manifest (also saved as repository.json).
+
+    With ``collab`` (and ``opt.fusion_mode == "collaborative"``) the members are the collaborative
+    checkpoint's, the fusion model gets the trained head in ``fusion/1/head.pt`` and every member's
+    ``repr`` is routed to it; parity then also covers the fused prediction against PyTorch."""
+    if collab is not None:
+        if opt.fusion_mode != COLLABORATIVE:
+            raise CtrError(f"a collaborative checkpoint is served with fusion mode {COLLABORATIVE!r}, not {opt.fusion_mode!r}")
+        checkpoints = checkpoints or collab.members
+        if [c.name for c in checkpoints] != collab.names:
+            raise CtrError(f"members {[c.name for c in checkpoints]} are not the collaborative checkpoint's {collab.names}")
+    elif opt.fusion_mode == COLLABORATIVE:
+        raise CtrError("fusion mode collaborative needs a collaborative checkpoint (`ctr-ensemble export --collab PATH`)")
     if not checkpoints:
         raise CtrError("no members to export")
     names = [c.name for c in checkpoints]
@@ -155,27 +236,34 @@ def write_repository(
         raise CtrError(f"member names must be unique, got {names}")
     if FUSION_NAME in names or ENSEMBLE_NAME in names:
         raise CtrError(f"member names {FUSION_NAME!r} and {ENSEMBLE_NAME!r} are reserved")
-    if opt.fusion_mode not in fusion_math.MODES:
-        raise CtrError(f"fusion mode must be one of {fusion_math.MODES}, got {opt.fusion_mode!r}")
+    opt.validate()
     spec0 = checkpoints[0].spec
     for c in checkpoints[1:]:
         if c.spec.fingerprint() != spec0.fingerprint():
             raise CtrError(f"members {checkpoints[0].name} and {c.name} were trained with different feature specs; "
                            "an ensemble needs one encoding for all members")
-    kind = resolve_fusion_kind(opt.fusion_kind)
+    kind = resolve_fusion_kind(opt.fusion_kind, opt.production)
     repo = Path(repo).resolve()
     repo.parent.mkdir(parents=True, exist_ok=True)
     staging = repo.with_name(f"{repo.name}.staging-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
+    fusion_entry = {"model": FUSION_NAME, "mode": opt.fusion_mode, "tau": opt.tau, "kind": kind}
+    if collab is not None:
+        fusion_entry.update(tau=collab.head_config["tau"], checkpoint=collab.source, head=HEAD_FILE,
+                            variant=collab.head_config["variant"], learn_tau=collab.head_config["learn_tau"])
     manifest = {"format": "ctr-ensemble/repository", "version": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                "ensemble": ENSEMBLE_NAME, "fusion": {"model": FUSION_NAME, "mode": opt.fusion_mode, "tau": opt.tau, "kind": kind},
-                "members": {}, "feature_spec_fingerprint": spec0.fingerprint()}
+                "ensemble": ENSEMBLE_NAME, "fusion": fusion_entry,
+                "options": asdict(opt), "members": {}, "feature_spec_fingerprint": spec0.fingerprint()}
+    onnx_out: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # member → (prob, repr) on the parity rows
+    repr_dims: dict[str, int] = {}
     try:
         for ck in checkpoints:
             model = ck.build()
+            repr_dims[ck.name] = model.repr_dim
             mdir = staging / ck.name
             onnx_path = onnx_export.export_member(model, ck.spec, mdir / "1" / "model.onnx")
-            entry = {"arch": ck.arch, "checkpoint": ck.source, "repr_dim": model.repr_dim, "val_auc": ck.metrics.get("val_auc")}
+            entry = {"arch": ck.arch, "checkpoint": ck.source, "repr_dim": model.repr_dim, "val_auc": ck.metrics.get("val_auc"),
+                     "onnx_sha256": validate.file_sha256(onnx_path)}
             if parity_rows is not None:
                 sess = onnx_export.session(onnx_path)
                 entry["parity"] = onnx_export.parity(model, sess, parity_rows)
@@ -183,23 +271,60 @@ def write_repository(
                 worst = max(entry["parity"]["prob_max_abs_diff"], entry["parity_stress"]["prob_max_abs_diff"])
                 if not worst <= onnx_export.PARITY_TOL:
                     raise CtrError(f"{ck.name}: ONNX Runtime differs from PyTorch by {worst:.3g} (> {onnx_export.PARITY_TOL})")
+                onnx_out[ck.name] = onnx_export.run_onnx(sess, parity_rows)
             _write_config(member_config(ck.name, ck.spec, model.repr_dim, opt), mdir)
             ck.spec.save(mdir / "feature_spec.json")
             manifest["members"][ck.name] = entry
         fdir = staging / FUSION_NAME
-        _write_config(fusion_config(names, opt, kind), fdir)
+        _write_config(fusion_config(names, opt, kind, repr_dims if collab is not None else None), fdir)
         (fdir / "1").mkdir(parents=True)
         shutil.copy(TRITON_SRC / "fusion_model.py", fdir / "1" / "model.py")
         shutil.copy(Path(fusion_math.__file__), fdir / "1" / "ctr_fusion.py")
+        if collab is not None:
+            ckpt_io.write_atomic(collab.head_payload(), fdir / "1" / HEAD_FILE)
+            if parity_rows is not None:
+                fusion_entry["parity"] = collab_fusion_parity(collab, fdir / "1" / HEAD_FILE, onnx_out, parity_rows)
         edir = staging / ENSEMBLE_NAME
-        _write_config(ensemble_config(names, spec0, opt), edir)
+        _write_config(ensemble_config(names, spec0, opt, with_repr=collab is not None), edir)
         (edir / "1").mkdir(parents=True)
         spec0.save(edir / "feature_spec.json")
         (staging / "repository.json").write_text(json.dumps(manifest, indent=2))
+        validate.check(staging)  # what Triton would refuse never replaces a working repository
         swap_in(staging, repo)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest
+
+
+def load_head(path: str | Path) -> tuple[fusion_math.CollaborativeHead, list[str]]:
+    """The head exactly as the served fusion model loads it (checksum verified)."""
+    payload = ckpt_io.read_verified(path, "collaborative head", fusion_math.HEAD_FORMAT, fusion_math.HEAD_VERSION)
+    try:
+        return fusion_math.head_from_payload(payload)
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise CtrError(f"{path}: not a usable collaborative head: {e}") from e
+
+
+def fuse_collaborative(head: fusion_math.CollaborativeHead, probs: list[np.ndarray], reprs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Fused probability (B,) and weights (B, N) from member probs [(B,)] and reprs [(B, H_i)], as served."""
+    with torch.no_grad():
+        p = torch.from_numpy(np.stack(probs, axis=1).astype(np.float32))
+        logit, w = head(p, [torch.from_numpy(np.asarray(r, dtype=np.float32)) for r in reprs])
+    return torch.sigmoid(logit)[:, 0].numpy(), w.numpy()
+
+
+def collab_fusion_parity(collab: CollabCheckpoint, head_path: Path, onnx_out: dict[str, tuple[np.ndarray, np.ndarray]],
+                         rows: dict[str, np.ndarray]) -> dict:
+    """Max |Δ| between the PyTorch collaborative model and ONNX members + the written head on ``rows``."""
+    from ctr_ensemble.training.collab import predict_collab
+
+    head, _ = load_head(head_path)
+    ref, _, _ = predict_collab(collab.build(), rows)
+    served, _ = fuse_collaborative(head, [onnx_out[n][0] for n in collab.names], [onnx_out[n][1] for n in collab.names])
+    diff = float(np.max(np.abs(served - ref))) if len(ref) else 0.0
+    if not diff <= onnx_export.PARITY_TOL:
+        raise CtrError(f"collaborative fusion: ONNX members + head differ from PyTorch by {diff:.3g} (> {onnx_export.PARITY_TOL})")
+    return {"rows": int(len(ref)), "prob_max_abs_diff": diff}
 
 
 def swap_in(staging: Path, repo: Path) -> None:
@@ -209,6 +334,61 @@ def swap_in(staging: Path, repo: Path) -> None:
         repo.rename(old)
     staging.rename(repo)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def read_config(model_dir: Path) -> mc.ModelConfig:
+    path = Path(model_dir) / "config.pbtxt"
+    try:
+        return text_format.Parse(path.read_text(), mc.ModelConfig())
+    except (OSError, text_format.ParseError) as e:
+        raise CtrError(f"{path}: cannot read the model config: {e}") from e
+
+
+def reconfigure_repository(src: str | Path, dst: str | Path, opt: RepoOptions) -> dict:
+    """Copy repository ``src`` to ``dst`` with the deployment settings of ``opt`` (instances, batching,
+    fusion rule, device, production); model files are hard-linked where possible, never re-exported.
+    Inputs and outputs of every config stay as exported. Returns the new manifest."""
+    opt.validate()
+    src, dst = Path(src).resolve(), Path(dst).resolve()
+    manifest = read_manifest(src)
+    was_collab = manifest["fusion"]["mode"] == COLLABORATIVE
+    if was_collab != (opt.fusion_mode == COLLABORATIVE):
+        raise CtrError(f"{src}: fusion mode {manifest['fusion']['mode']!r} cannot become {opt.fusion_mode!r} without a re-export: "
+                       + ("pass --fusion-mode collaborative to keep its trained head" if was_collab else
+                          "a collaborative fusion needs a trained head (`ctr-ensemble export --collab PATH`)"))
+    kind = resolve_fusion_kind(opt.fusion_kind, opt.production)
+    staging = dst.with_name(f"{dst.name}.staging-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+
+    def link_or_copy(a, b):
+        # Only model files inside version folders are shared; configs and manifests are rewritten
+        # below, and writing through a hard link would change the source repository too.
+        if Path(a).parent.name.isdigit() and not a.endswith(".py"):
+            try:
+                os.link(a, b)
+                return b
+            except OSError:
+                pass
+        return shutil.copy2(a, b)
+
+    try:
+        shutil.copytree(src, staging, copy_function=link_or_copy)
+        for name in manifest["members"]:
+            _write_config(apply_member_deployment(read_config(staging / name), opt), staging / name)
+        _write_config(apply_fusion_deployment(read_config(staging / FUSION_NAME), opt, kind), staging / FUSION_NAME)
+        ens = read_config(staging / ENSEMBLE_NAME)
+        ens.max_batch_size = opt.max_batch_size
+        _write_config(ens, staging / ENSEMBLE_NAME)
+        manifest["fusion"].update(mode=opt.fusion_mode, kind=kind, **({} if was_collab else {"tau": opt.tau}))
+        manifest["options"] = asdict(opt)
+        manifest["derived_from"] = str(src)
+        (staging / "repository.json").write_text(json.dumps(manifest, indent=2))
+        validate.check(staging)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        swap_in(staging, dst)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return manifest
 
 
 def read_manifest(repo: str | Path) -> dict:

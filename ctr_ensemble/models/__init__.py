@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from torch import nn
+
 from ctr_ensemble.errors import CtrError
 from ctr_ensemble.features import FeatureSpec
 from ctr_ensemble.models.base import Member, MemberConfig
@@ -56,4 +58,15 @@ def build(arch: str, cfg: MemberConfig, spec: FeatureSpec) -> Member:
     e = entry(arch)
     if not isinstance(cfg, e.config):
         raise CtrError(f"{arch}: expected a {e.config.__name__}, got {type(cfg).__name__}")
-    return e.model(cfg, spec)
+    model = e.model(cfg, spec)
+    if not model.xavier_init:
+        return model
+    # Xavier-normal weights and zero biases for every Linear (FuxiCTR's choice). Against PyTorch's
+    # uniform default it lifted every classic member on the Avazu sample (+0.002..0.014 AUC, 3 seeds)
+    # and did not hurt on the Criteo sample (make bench-quality); InterFormer opts out (it lost there).
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_normal_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    return model

@@ -35,6 +35,7 @@ class Member(nn.Module):
 
     repr_dim: int
     head: nn.Module
+    xavier_init = True  # models.build re-initialises every nn.Linear Xavier-normal (see there)
 
     @staticmethod
     def make_embedding(spec: FeatureSpec, dim: int, pool_sequence: bool = True) -> FeatureEmbedding:

@@ -86,6 +86,8 @@ class InterFormerLayer(nn.Module):
 class InterFormer(Member):
     """repr = tower([flatten(X_L) ‖ flatten(PMA(S_L))]) (B, hidden[-1]); head = Linear(H, 1)."""
 
+    xavier_init = False  # PyTorch's default init: Xavier cost 0.03 AUC on the Criteo sample (bench-quality)
+
     def __init__(self, cfg: InterFormerConfig, spec: FeatureSpec):
         super().__init__()
         for name in ("n_layers", "n_tokens", "n_heads", "n_empty_tokens", "n_field_summary", "n_seq_summary", "ffn_mult"):

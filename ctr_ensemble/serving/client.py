@@ -73,15 +73,22 @@ class TritonScorer:
 
     def score(self, model: str, feeds: dict[str, np.ndarray], batch_size: int = 1024) -> np.ndarray:
         """Click probabilities (N,) for all rows, ``batch_size`` rows per request."""
-        parts = []
+        return self.score_outputs(model, feeds, batch_size)["prob"][:, 0]
+
+    def score_outputs(self, model: str, feeds: dict[str, np.ndarray], batch_size: int = 1024,
+                      outputs: tuple[str, ...] = ("prob",)) -> dict[str, np.ndarray]:
+        """The requested outputs for all rows (each (N, …)), ``batch_size`` rows per request."""
+        parts: dict[str, list[np.ndarray]] = {o: [] for o in outputs}
         for s in range(0, feed_rows(feeds), batch_size):
             try:
-                parts.append(self.infer(model, slice_feeds(feeds, s, s + batch_size))["prob"][:, 0])
+                out = self.infer(model, slice_feeds(feeds, s, s + batch_size), outputs)
             except CtrError:
                 raise
             except Exception as e:  # tritonclient raises InferenceServerException and transport errors
                 raise CtrError(f"Triton {self.protocol} request for {model!r} (rows {s}..{s + batch_size - 1}) failed: {e}") from e
-        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+            for o in outputs:
+                parts[o].append(out[o])
+        return {o: np.concatenate(v) if v else np.zeros((0, 1), np.float32) for o, v in parts.items()}
 
     def close(self) -> None:
         self.client.close()

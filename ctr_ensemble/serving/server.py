@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ctr_ensemble.errors import CtrError
+from ctr_ensemble.export import validate
 from ctr_ensemble.export.repository import TRITON_SRC
 
 
@@ -53,6 +54,48 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
+# The flags every tritonserver of this project runs with, here and in the NGC container
+# (docker-compose.yml): one source of truth, checked by tests/test_deploy.py.
+SERVER_FLAGS = (
+    "--model-control-mode=none",
+    "--strict-readiness=true",
+    "--exit-on-error=true",
+    "--exit-timeout-secs=30",
+)
+# Admin APIs that need the key header; inference, health and metadata stay open to clients.
+RESTRICTED_APIS = ("model-repository", "model-config", "shared-memory", "statistics", "trace", "logging")
+ADMIN_HEADER = "admin-key"
+PRODUCTION_REPOSITORY = "/models"
+ADMIN_KEY_ENV = "TRITON_ADMIN_KEY"
+
+
+def restriction_flags(key: str, check: bool = True) -> list[str]:
+    """Admin APIs allowed only with header ``admin-key: <key>``, over HTTP and gRPC."""
+    if check and (not key or any(c in key for c in " ,:=\n")):
+        raise CtrError("the admin key must be non-empty and contain no spaces, ',', ':' or '='")
+    apis = ",".join(RESTRICTED_APIS)
+    return [f"--http-restricted-api={apis}:{ADMIN_HEADER}={key}", f"--grpc-restricted-protocol={apis}:{ADMIN_HEADER}={key}"]
+
+
+def default_admin_key() -> str:
+    """``$TRITON_ADMIN_KEY``, else a random key for this server: the admin APIs are never open by default."""
+    import secrets
+
+    return os.environ.get(ADMIN_KEY_ENV) or secrets.token_urlsafe(24)
+
+
+def admin_headers(key: str, protocol: str) -> dict[str, str]:
+    """The header that unlocks the restricted APIs (gRPC metadata keys get Triton's protocol prefix)."""
+    return {ADMIN_HEADER if protocol == "http" else f"triton-grpc-protocol-{ADMIN_HEADER}": key}
+
+
+def production_command() -> list[str]:
+    """The container's command line (docker-compose.yml): the NGC image's backends, all ports on
+    0.0.0.0 (defaults 8000/8001/8002), the key taken from the environment by compose."""
+    return ["tritonserver", f"--model-repository={PRODUCTION_REPOSITORY}", *SERVER_FLAGS,
+            *restriction_flags(f"${{{ADMIN_KEY_ENV}:?set {ADMIN_KEY_ENV} (see README)}}", check=False)]
+
+
 def make_backend_dir(dest: Path) -> Path:
     """Backend directory with the Python backend (stub for this Python) and the Python-based onnxruntime backend."""
     root = pytriton_root() / "tritonserver"
@@ -69,19 +112,13 @@ def make_backend_dir(dest: Path) -> Path:
     return dest
 
 
-@dataclass
-class TritonServer:
-    repository: Path
-    host: str = "127.0.0.1"
-    http_port: int = 0  # 0 = pick a free port
-    grpc_port: int = 0
-    metrics_port: int = 0
-    startup_timeout: float = 180.0
-    log_verbose: int = 0
-    extra_args: list[str] = field(default_factory=list)
-    log_path: Path | None = None
-    _proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
-    _workdir: Path | None = field(default=None, init=False, repr=False)
+class Endpoints:
+    """URLs of a server from ``host``, ``http_port``, ``grpc_port``, ``metrics_port``."""
+
+    host: str
+    http_port: int
+    grpc_port: int
+    metrics_port: int
 
     @property
     def http_url(self) -> str:
@@ -95,21 +132,38 @@ class TritonServer:
     def metrics_url(self) -> str:
         return f"http://{self.host}:{self.metrics_port}/metrics"
 
+
+@dataclass
+class TritonServer(Endpoints):
+    repository: Path
+    host: str = "127.0.0.1"
+    http_port: int = 0  # 0 = pick a free port
+    grpc_port: int = 0
+    metrics_port: int = 0
+    startup_timeout: float = 180.0
+    log_verbose: int = 0
+    extra_args: list[str] = field(default_factory=list)
+    log_path: Path | None = None
+    # Admin APIs (model repository/config, shared memory, statistics, trace, logging) need this key in the
+    # ``admin-key`` header (see restriction_flags); default $TRITON_ADMIN_KEY or a random key; None opens them.
+    admin_key: str | None = field(default_factory=default_admin_key)
+    validate_repository: bool = True  # run export.validate first: a broken repository fails in ~1 s, not minutes
+    _proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
+    _workdir: Path | None = field(default=None, init=False, repr=False)
+
     def command(self, backend_dir: Path) -> list[str]:
         binary = pytriton_root() / "tritonserver" / "bin" / "tritonserver"
         return [
             str(binary),
             f"--model-repository={self.repository}",
             f"--backend-directory={backend_dir}",
-            "--model-control-mode=none",
-            "--strict-readiness=true",
-            "--exit-on-error=true",
+            *SERVER_FLAGS,
             f"--http-address={self.host}", f"--http-port={self.http_port}",
             f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
             f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
-            "--allow-gpu-metrics=false",
-            "--exit-timeout-secs=30",
+            "--allow-gpu-metrics=false",  # no DCGM here; the container keeps GPU metrics on
             f"--log-verbose={self.log_verbose}",
+            *(restriction_flags(self.admin_key) if self.admin_key else []),
             *self.extra_args,
         ]
 
@@ -117,6 +171,8 @@ class TritonServer:
         self.repository = Path(self.repository).resolve()
         if not (self.repository / "repository.json").is_file() and not any(self.repository.glob("*/config.pbtxt")):
             raise CtrError(f"{self.repository}: not a model repository (no */config.pbtxt); run `ctr-ensemble export` first")
+        if self.validate_repository:
+            validate.check(self.repository)
         attrs = ("http_port", "grpc_port", "metrics_port")
         taken = {getattr(self, a) for a in attrs if getattr(self, a)}
         spare = iter(p for p in free_ports(6) if p not in taken)
@@ -184,6 +240,10 @@ class TritonServer:
                 self._proc.wait()
             except ProcessLookupError:
                 pass
+        try:  # stubs outlive a crashed server (SIGSEGV, abort): take the whole process group down
+            os.killpg(self._proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
         code = self._proc.returncode
         self._cleanup()
         return code

@@ -44,10 +44,9 @@ class Checkpoint:
         return model.eval()
 
 
-def save(ckpt: Checkpoint, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
+def payload(ckpt: Checkpoint) -> dict:
+    """The serialisable form of a member checkpoint (also embedded in collaborative checkpoints)."""
+    return {
         "format": CKPT_FORMAT,
         "version": CKPT_VERSION,
         "name": ckpt.name,
@@ -57,53 +56,87 @@ def save(ckpt: Checkpoint, path: str | Path) -> Path:
         "state_dict": {k: v.detach().cpu() for k, v in ckpt.state_dict.items()},
         "metrics": ckpt.metrics,
     }
+
+
+def save(ckpt: Checkpoint, path: str | Path) -> Path:
+    return write_atomic(payload(ckpt), path)
+
+
+def write_atomic(obj: dict, path: str | Path) -> Path:
+    """``torch.save`` ``obj`` to ``path`` by temp file + rename, with a SHA-256 sidecar ``<path>.sha256``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
-    torch.save(payload, buf)
+    torch.save(obj, buf)
     data = buf.getvalue()
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
     sha_tmp = tmp.with_name(tmp.name + ".sha256")
-    sha_tmp.write_text(hashlib.sha256(data).hexdigest() + "\n")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        sha_tmp.write_text(hashlib.sha256(data).hexdigest() + "\n")
+    except OSError as e:  # disk full, quota, I/O error: nothing was replaced yet
+        tmp.unlink(missing_ok=True)
+        sha_tmp.unlink(missing_ok=True)
+        raise CtrError(f"{path}: cannot write the checkpoint ({e.strerror or e}); "
+                       f"{'the previous checkpoint there is intact' if path.exists() else 'nothing was written'}") from e
     # Sidecar first: a crash between the renames leaves a checksum that fails loudly, never a silent mismatch.
     sha_tmp.replace(_sha_path(path))
     tmp.replace(path)
     return path
 
 
+def remove(path: str | Path) -> None:
+    """Delete a file written by ``write_atomic`` and its sidecar (missing is fine)."""
+    path = Path(path)
+    for p in (_sha_path(path), path):
+        p.unlink(missing_ok=True)
+
+
 def _sha_path(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
-def load(path: str | Path) -> Checkpoint:
+def read_verified(path: str | Path, what: str = "checkpoint", fmt: str = CKPT_FORMAT, version: int = CKPT_VERSION) -> dict:
+    """Load a file written by ``write_atomic``: checksum, then format and version, before anything is used."""
     path = Path(path)
     if not path.is_file():
-        raise CtrError(f"{path}: checkpoint not found")
+        raise CtrError(f"{path}: {what} not found")
     data = path.read_bytes()
     sha = _sha_path(path)
     if sha.is_file():
         want = sha.read_text().strip()
         got = hashlib.sha256(data).hexdigest()
         if want != got:
-            raise CtrError(f"{path}: checkpoint is corrupt (sha256 {got[:12]}… does not match {sha.name}: {want[:12]}…)")
+            raise CtrError(f"{path}: {what} is corrupt (sha256 {got[:12]}… does not match {sha.name}: {want[:12]}…)")
     try:
-        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a damaged zip/pickle
-        raise CtrError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
-    if not isinstance(payload, dict) or payload.get("format") != CKPT_FORMAT:
-        raise CtrError(f"{path}: not a ctr-ensemble checkpoint (expected format {CKPT_FORMAT!r})")
-    if payload.get("version") != CKPT_VERSION:
-        raise CtrError(f"{path}: checkpoint version {payload.get('version')} is not supported (expected {CKPT_VERSION})")
+        raise CtrError(f"{path}: not a readable {what} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+    if not isinstance(obj, dict) or obj.get("format") != fmt:
+        raise CtrError(f"{path}: not a ctr-ensemble {what} (expected format {fmt!r})")
+    if obj.get("version") != version:
+        raise CtrError(f"{path}: {what} version {obj.get('version')} is not supported (expected {version})")
+    return obj
+
+
+def load(path: str | Path) -> Checkpoint:
+    path = Path(path)
+    return from_payload(read_verified(path), str(path.resolve()))
+
+
+def from_payload(obj: dict, source: str) -> Checkpoint:
+    """A checkpoint from ``payload`` output; ``source`` names the file in errors and in ``Checkpoint.source``."""
     try:
-        arch = payload["arch"]
-        cfg = models.make_config(arch, payload["model_config"])
-        spec = FeatureSpec.from_dict(payload["feature_spec"], source=f"{path} (feature spec)")
+        arch = obj["arch"]
+        cfg = models.make_config(arch, obj["model_config"])
+        spec = FeatureSpec.from_dict(obj["feature_spec"], source=f"{source} (feature spec)")
         return Checkpoint(
-            name=payload["name"], arch=arch, config=cfg, spec=spec,
-            state_dict=payload["state_dict"], metrics=payload.get("metrics", {}),
-            source=str(path.resolve()),
+            name=obj["name"], arch=arch, config=cfg, spec=spec,
+            state_dict=obj["state_dict"], metrics=obj.get("metrics", {}),
+            source=source,
         )
     except KeyError as e:
-        raise CtrError(f"{path}: checkpoint lacks {e}") from e
+        raise CtrError(f"{source}: checkpoint lacks {e}") from e

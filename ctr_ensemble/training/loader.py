@@ -12,8 +12,8 @@ batch per epoch. With DDP each rank owns ``streams / world`` of the streams and 
 so a 2-process run (streams = 2) sees the same global batches as one process with ``streams=2``, and
 the averaged gradient is the same (up to float summation order).
 
-``shuffle="full"`` (the default for in-memory data, what the trainer always did) permutes all rows of a
-stream each epoch with a torch generator seeded once.
+``shuffle="full"`` (in-memory data under DDP or on a GPU) permutes all rows of a stream each epoch.
+Both orders are functions of (seed, epoch, stream), so an interrupted epoch can be replayed on resume.
 
 Memory: ``buffer_rows`` × bytes per row (cat_ids int32 … about 170 B for Criteo: 45 MB at 262144)
 plus the batches in flight.
@@ -94,7 +94,6 @@ class Batches:
             raise CtrError(f"{self.source.rows} rows cannot feed {s} streams")
         self.mine = list(range(rank * s // world, (rank + 1) * s // world))
         self.rows_per_epoch = self.stream_rows * s
-        self._gens = {k: torch.Generator().manual_seed(cfg.seed if s == 1 else cfg.seed + 1000003 * k) for k in self.mine}
         if cfg.shuffle == "full":  # whole columns as tensors once (in-memory data)
             self._full = {c: widen(c, self.source.read(c, 0, self.source.rows)) for c in (*self.names, "label")}
 
@@ -114,8 +113,9 @@ class Batches:
 
     def _stream(self, k: int, epoch: int) -> Iterator[Batch]:
         lo, n, b = k * self.stream_rows, self.stream_rows, self.local_batch
-        if self.cfg.shuffle == "full":
-            order = torch.randperm(n, generator=self._gens[k]) + lo
+        if self.cfg.shuffle == "full":  # seeded by (seed, epoch, stream): an epoch can be replayed on resume
+            gen = torch.Generator().manual_seed(hash((self.cfg.seed, epoch, k)) & (2**63 - 1))
+            order = torch.randperm(n, generator=gen) + lo
             for s in range(0, n, b):
                 idx = order[s : s + b]
                 yield {c: self._full[c][idx] for c in self.names}, self._full["label"][idx]

@@ -1,24 +1,27 @@
-"""Independent training of one member: BCE + Adam, early stopping on validation AUC."""
+"""Independent training of one member: BCE + Adam, early stopping on validation AUC (loop in ``loop.py``).
+
+Training data is in-memory ``Arrays`` or a prepared folder (``shards.Prepared``, read through
+``loader.Batches``); optional sparse embedding updates (``Optimizers``), bf16 autocast, torch.compile, and
+data parallelism over torchrun processes (``distributed``)."""
 
 from __future__ import annotations
 
 import csv
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ctr_ensemble import metrics, models
 from ctr_ensemble.errors import CtrError
 from ctr_ensemble.features import FeatureSpec, feed_rows
 from ctr_ensemble.models.base import Member, MemberConfig
-from ctr_ensemble.training import distributed, loader
+from ctr_ensemble.training import distributed, loader, loop
 from ctr_ensemble.training.checkpoint import Checkpoint
 from ctr_ensemble.training.distributed import Dist
+from ctr_ensemble.training.loop import LoopConfig
 
 
 @dataclass
@@ -55,13 +58,15 @@ class Arrays:
 @dataclass
 class TrainConfig:
     epochs: int = 8
-    batch_size: int = 512  # global batch (split over DDP processes)
+    batch_size: int = 512
     lr: float = 2e-3
     weight_decay: float = 1e-4  # L2 through Adam; curbs memorisation of rare ids
     patience: int = 1  # epochs without a better validation AUC before stopping
     seed: int = 42
     eval_batch_size: int = 16384
     max_steps: int = 0  # stop after this many optimiser steps (0 = no limit); for smoke checks
+    lr_decay: float = 1.0  # learning-rate factor per epoch, applied every step (1 = constant)
+    save_every: int = 0  # optimiser steps between resume states (0 = at epoch ends only)
     optimizer: str = "adam"  # adam (dense, every row each step) | sparse_adam | sparse_adagrad (see OPTIMIZERS)
     emb_lr: float = 0.0  # learning rate of the embedding tables with a sparse optimizer (0 = 5 × lr, see Optimizers)
     amp: str = "none"  # none | bf16 (autocast of the forward pass)
@@ -72,6 +77,10 @@ class TrainConfig:
     buffer_rows: int = 262144  # block shuffle: rows shuffled together
     streams: int = 0  # row streams (0 = one per DDP process); equal streams give equal global batches
     prefetch: int = 0  # batches built ahead by a thread (always >= 1 on CUDA)
+
+    def loop(self) -> LoopConfig:
+        return LoopConfig(epochs=self.epochs, batch_size=self.batch_size, patience=self.patience, seed=self.seed,
+                          max_steps=self.max_steps, lr_decay=self.lr_decay, save_every=self.save_every)
 
 
 # Embedding tables (nn.Embedding) get sparse gradients with the sparse optimizers: a step touches only
@@ -148,15 +157,44 @@ class Optimizers:
             o.load_state_dict(s)
 
 
+class Rows:
+    """Training rows as tensors, sliced per batch by row ids."""
+
+    def __init__(self, arr: Arrays):
+        # `num` stays even when it has no column: members' `logits` take it positionally (B, 0).
+        self.inputs = {"cat_ids": torch.from_numpy(arr.cat_ids), "num": torch.from_numpy(arr.num)}
+        if arr.seq_ids is not None:
+            self.inputs["seq_ids"], self.inputs["seq_len"] = torch.from_numpy(arr.seq_ids), torch.from_numpy(arr.seq_len)
+        self.label = torch.from_numpy(arr.label.astype(np.float32))  # (N,)
+
+    def take(self, idx: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Model inputs by name and labels (B,) for rows ``idx``."""
+        return {k: v[idx] for k, v in self.inputs.items()}, self.label[idx]
+
+
 @torch.no_grad()
 def predict(model: Member, feeds: dict[str, np.ndarray], batch_size: int = 16384) -> np.ndarray:
     """Click probabilities (N,) in float32 from a member in eval mode; ``feeds`` as ``Arrays.feeds()``."""
+    return predict_outputs(model, feeds, batch_size)[0]
+
+
+@torch.no_grad()
+def predict_outputs(model: Member, feeds: dict[str, np.ndarray], batch_size: int = 16384) -> tuple[np.ndarray, np.ndarray]:
+    """Click probabilities (N,) and representations (N, H) in float32 from a member in eval mode."""
     model.eval()
-    out = []
+    probs, reps = [], []
     for s in range(0, feed_rows(feeds), batch_size):
-        p, _ = model(**{k: torch.from_numpy(v[s : s + batch_size]) for k, v in feeds.items()})
-        out.append(p[:, 0].numpy())
-    return np.concatenate(out) if out else np.zeros(0, np.float32)
+        p, h = model(**{k: torch.from_numpy(v[s : s + batch_size]) for k, v in feeds.items()})
+        probs.append(p[:, 0].numpy())
+        reps.append(h.numpy())
+    if not probs:
+        return np.zeros(0, np.float32), np.zeros((0, getattr(model, "repr_dim", 0)), np.float32)
+    return np.concatenate(probs), np.concatenate(reps)
+
+
+def val_metrics(y: np.ndarray, p: np.ndarray, suffix: str = "") -> dict[str, float]:
+    """``val_auc`` and ``val_logloss`` (with an optional ``_suffix``); AUC 0 when undefined."""
+    return {f"val_auc{suffix}": metrics.auc(y, p) or 0.0, f"val_logloss{suffix}": metrics.logloss(y, p)}
 
 
 def _labels(data) -> np.ndarray:
@@ -172,6 +210,16 @@ def evaluate_rows(model: Member, data, spec: FeatureSpec, batch_size: int, dist:
     return _labels(data)[:n], p
 
 
+def unique_names(names: list[str]) -> list[str]:
+    """Member names for an ensemble: repeats get ``_2``, ``_3``, … (``deepfm, deepfm`` → ``deepfm, deepfm_2``)."""
+    count: dict[str, int] = {}
+    out = []
+    for n in names:
+        count[n] = count.get(n, 0) + 1
+        out.append(n if count[n] == 1 else f"{n}_{count[n]}")
+    return out
+
+
 def train_member(
     name: str,
     arch: str,
@@ -181,6 +229,8 @@ def train_member(
     val,
     cfg: TrainConfig,
     history_csv: Path | None = None,
+    state_path: Path | None = None,
+    resume: bool = False,
     dist: Dist | None = None,
 ) -> Checkpoint:
     """Train a member from scratch and return the checkpoint of its best validation epoch.
@@ -193,77 +243,45 @@ def train_member(
         raise CtrError(f"amp must be one of {', '.join(AMP)}, got {cfg.amp!r}")
     torch.manual_seed(cfg.seed)
     model = models.build(arch, model_cfg, spec).to(dist.device)
-    opts = Optimizers(model, cfg)
+    opt = Optimizers(model, cfg)
     step = distributed.wrap(Logits(model), dist)
     if cfg.compile:
         step = torch.compile(step)
-    loss_fn = nn.BCEWithLogitsLoss()
-    shuffle = cfg.shuffle if cfg.shuffle != "auto" else ("block" if hasattr(train, "read") else "full")
-    batches = loader.Batches(train, spec.input_names, loader.LoaderConfig(
-        batch_size=cfg.batch_size, seed=cfg.seed, shuffle=shuffle, block_rows=cfg.block_rows,
-        buffer_rows=cfg.buffer_rows, streams=cfg.streams, prefetch=cfg.prefetch), dist.rank, dist.world, dist.device)
     amp = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16")
-    best_auc, best_state, best_epoch, bad_epochs = -1.0, None, 0, 0
-    history = []
-    steps = 0
-    for epoch in range(1, cfg.epochs + 1):
-        model.train()
-        t0 = time.perf_counter()
-        total = torch.zeros((), dtype=torch.float64, device=dist.device)
-        seen = 0
-        bar = tqdm(batches.epoch(epoch), total=len(batches), desc=f"{name} epoch {epoch}/{cfg.epochs}", unit="batch",
-                   leave=False, disable=not dist.is_main)
-        for feeds, y in bar:
-            feeds, y = {k: v.to(dist.device) for k, v in feeds.items()}, y.to(dist.device)
-            with distributed.collective(dist, f"training step {steps + 1} (DDP forward/backward)"):
-                with amp:
-                    logit = step(**feeds)
-                loss = loss_fn(logit[:, 0].float(), y)
-                opts.zero_grad()
-                loss.backward()
-            opts.step()
-            total += loss.detach() * len(y)
-            seen += len(y)
-            steps += 1
-            if steps % 20 == 0:
-                bar.set_postfix(loss=f"{total.item() / seen:.4f}")
-            if cfg.max_steps and steps >= cfg.max_steps:
-                break
-        bar.close()
-        total_all, seen_all = distributed.all_sum([total.item(), float(seen)], dist)
-        seconds = time.perf_counter() - t0
-        y_val, p_val = evaluate_rows(model, val, spec, cfg.eval_batch_size, dist)
-        val_auc = metrics.auc(y_val, p_val) or 0.0
-        row = {
-            "epoch": epoch,
-            "train_logloss": total_all / max(seen_all, 1),
-            "val_auc": val_auc,
-            "val_logloss": metrics.logloss(y_val, p_val),
-            "seconds": time.perf_counter() - t0,
-            "train_samples_per_s": seen_all / seconds,
-        }
-        history.append(row)
-        if dist.is_main:
-            tqdm.write(f"{name} epoch {epoch}: train_logloss={row['train_logloss']:.4f} val_auc={val_auc:.4f} "
-                       f"val_logloss={row['val_logloss']:.4f} ({row['seconds']:.1f}s, "
-                       f"{row['train_samples_per_s']:,.0f} samples/s)")
-        if val_auc > best_auc or best_state is None:
-            best_auc, best_epoch, bad_epochs = val_auc, epoch, 0
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        else:
-            bad_epochs += 1
-            if bad_epochs > cfg.patience:
-                if dist.is_main:
-                    tqdm.write(f"{name}: early stop, best val_auc={best_auc:.4f} at epoch {best_epoch}")
-                break
-        if cfg.max_steps and steps >= cfg.max_steps:
-            break
+    loss_fn = nn.BCEWithLogitsLoss()
+    prepared = hasattr(train, "read")
+    batches = rows = None
+    if prepared or dist.active or dist.device.type != "cpu" or cfg.streams > 1 or cfg.shuffle == "block":
+        shuffle = cfg.shuffle if cfg.shuffle != "auto" else ("block" if prepared else "full")
+        batches = loader.Batches(train, spec.input_names, loader.LoaderConfig(
+            batch_size=cfg.batch_size, seed=cfg.seed, shuffle=shuffle, block_rows=cfg.block_rows,
+            buffer_rows=cfg.buffer_rows, streams=cfg.streams, prefetch=cfg.prefetch), dist.rank, dist.world, dist.device)
+    else:  # in memory, one process on the CPU: rows gathered by index, the loop's own shuffle
+        rows = Rows(train)
+
+    def loss(batch):
+        x, y = rows.take(batch) if rows is not None else batch
+        if dist.device.type != "cpu":
+            x, y = {k: v.to(dist.device, non_blocking=True) for k, v in x.items()}, y.to(dist.device, non_blocking=True)
+        with amp:
+            logit = step(**x)
+        value = loss_fn(logit[:, 0].float(), y)
+        return value, {"logloss": value}
+
+    def evaluate():
+        m = val_metrics(*evaluate_rows(model, val, spec, cfg.eval_batch_size, dist))
+        return m["val_auc"], m
+
+    run_id = {"trainer": "member", "name": name, "arch": arch, "model_config": asdict(model_cfg),
+              "spec": spec.fingerprint(), "train_rows": len(train), "train_config": asdict(cfg), "processes": dist.world}
+    res = loop.run(loop.Task(name, model, opt, loss, evaluate), len(train), cfg.loop(), state_path, resume, run_id,
+                   batches=batches, dist=dist)
     if history_csv is not None and dist.is_main:
-        write_history(history, history_csv, name)
+        write_history(res.history, history_csv, name)
     return Checkpoint(
-        name=name, arch=arch, config=model_cfg, spec=spec, state_dict=best_state,
-        metrics={"best_epoch": best_epoch, "val_auc": best_auc, "history": history, "train_config": asdict(cfg),
-                 "processes": dist.world},
+        name=name, arch=arch, config=model_cfg, spec=spec, state_dict=res.best,
+        metrics={"best_epoch": res.best_epoch, "val_auc": res.best_score, "history": res.history,
+                 "train_config": asdict(cfg), "processes": dist.world},
     )
 
 
@@ -280,13 +298,18 @@ def write_history(history: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     ep = [h["epoch"] for h in history]
+    keys = list(history[0])
     fig, ax1 = plt.subplots(figsize=(6, 3.5))
-    ax1.plot(ep, [h["train_logloss"] for h in history], "o-", label="train logloss")
-    ax1.plot(ep, [h["val_logloss"] for h in history], "s-", label="val logloss")
+    # Losses (train parts, val logloss) on the left, AUCs on the right: one plot for every trainer's history.
+    for k in keys:
+        if k.startswith("train_") or k.startswith("val_logloss"):
+            ax1.plot(ep, [h[k] for h in history], "o-" if k.startswith("train_") else "s-", label=k.replace("_", " "))
     ax1.set_xlabel("epoch")
-    ax1.set_ylabel("logloss")
+    ax1.set_ylabel("loss")
     ax2 = ax1.twinx()
-    ax2.plot(ep, [h["val_auc"] for h in history], "^-", color="tab:green", label="val AUC")
+    for k in keys:
+        if k.startswith("val_auc"):
+            ax2.plot(ep, [h[k] for h in history], "^--" if k != "val_auc" else "^-", label=k.replace("_", " "))
     ax2.set_ylabel("val AUC")
     fig.legend(loc="upper right", fontsize=8)
     ax1.set_title(f"{title} training curve")

@@ -1,12 +1,21 @@
-"""Triton Python model: negation-entropy confidence fusion of member probabilities.
+"""Triton Python model: confidence fusion of the members.
 
-Config parameters: ``fusion_mode`` (negation_entropy | mean) and ``tau``. Inputs are the
-members' ``prob`` tensors in config order, outputs the fused ``prob`` (B, 1) and the
-member ``weights`` (B, N). Tensors move by DLPack; on a KIND_GPU instance the math runs
-on that GPU with torch, on CPU otherwise, and inputs may arrive on either device.
-The math is ``ctr_fusion.py`` beside this file, a copy of the project's reference fusion.
+Config parameters: ``fusion_mode``:
+
+- ``negation_entropy`` | ``mean`` (with ``tau``): inputs are the members' ``<m>_prob`` (B, 1) in config
+  order; fused p = Σ w_i·p_i with w = softmax(NE(p)/τ) (or 1/N).
+- ``collaborative`` (with ``head_file``, default ``head.pt`` in this version folder): inputs are every
+  member's ``<m>_prob`` (B, 1), then every member's ``<m>_repr`` (B, H_m); the trained CETNet head
+  (arXiv 2411.13700) predicts from [w_1·h_1 ‖ … ‖ w_N·h_N] (or the weighted sum). The head file is
+  checked against its ``.sha256`` sidecar and parsed once, in ``initialize``.
+
+Outputs: the fused ``prob`` (B, 1) and the member ``weights`` (B, N). Tensors move by DLPack; on a
+KIND_GPU instance the math runs on that GPU with torch, on CPU otherwise, and inputs may arrive
+on either device. The math is ``ctr_fusion.py`` beside this file, a copy of the project's reference.
 """
 
+import hashlib
+import io
 import json
 import os
 import sys
@@ -15,8 +24,11 @@ import torch
 import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import from_dlpack, to_dlpack
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ctr_fusion import MODES, fuse  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from ctr_fusion import MODES, fuse, head_from_payload  # noqa: E402
+
+COLLABORATIVE = "collaborative"
 
 
 class TritonPythonModel:
@@ -25,32 +37,67 @@ class TritonPythonModel:
         self.name = args["model_name"]
         params = {k: v.get("string_value", "") for k, v in cfg.get("parameters", {}).items()}
         self.mode = params.get("fusion_mode", "negation_entropy")
-        if self.mode not in MODES:
-            raise pb_utils.TritonModelException(f"model '{self.name}': fusion_mode {self.mode!r} is not one of {MODES}")
-        try:
-            self.tau = float(params.get("tau", "1.0"))
-        except ValueError:
-            raise pb_utils.TritonModelException(f"model '{self.name}': tau must be a number, got {params.get('tau')!r}")
-        if not self.tau >= 0:
-            raise pb_utils.TritonModelException(f"model '{self.name}': tau must be >= 0, got {self.tau}")
-        self.inputs = [i["name"] for i in cfg["input"]]
+        if self.mode not in (*MODES, COLLABORATIVE):
+            raise pb_utils.TritonModelException(f"model '{self.name}': fusion_mode {self.mode!r} is not one of {(*MODES, COLLABORATIVE)}")
+        names = [i["name"] for i in cfg["input"]]
+        self.inputs = [n for n in names if n.endswith("_prob")]
+        self.repr_inputs = [n for n in names if n.endswith("_repr")]
         if args.get("model_instance_kind") == "GPU":
             if not torch.cuda.is_available():
                 raise pb_utils.TritonModelException(f"model '{self.name}': KIND_GPU instance but torch sees no CUDA device")
             self.device = torch.device("cuda", int(args["model_instance_device_id"]))
         else:
             self.device = torch.device("cpu")
+        if self.mode == COLLABORATIVE:
+            self.head = self._load_head(os.path.join(HERE, params.get("head_file", "head.pt")))
+            return
+        try:
+            self.tau = float(params.get("tau", "1.0"))
+        except ValueError:
+            raise pb_utils.TritonModelException(f"model '{self.name}': tau must be a number, got {params.get('tau')!r}")
+        if not self.tau >= 0:
+            raise pb_utils.TritonModelException(f"model '{self.name}': tau must be >= 0, got {self.tau}")
+
+    def _load_head(self, path):
+        def fail(msg):
+            raise pb_utils.TritonModelException(f"model '{self.name}': head {path}: {msg}")
+
+        if not os.path.isfile(path):
+            fail("file not found")
+        with open(path, "rb") as f:
+            data = f.read()
+        sha = path + ".sha256"
+        if not os.path.isfile(sha):
+            fail("checksum sidecar .sha256 not found")
+        with open(sha) as f:
+            want = f.read().strip()
+        if hashlib.sha256(data).hexdigest() != want:
+            fail("corrupt (sha256 does not match its .sha256)")
+        try:
+            head, members = head_from_payload(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
+        except Exception as e:
+            fail(f"not a usable collaborative head ({type(e).__name__}: {e})")
+        expected = [n[: -len("_prob")] for n in self.inputs]
+        if members != expected or [n[: -len("_repr")] for n in self.repr_inputs] != expected:
+            fail(f"trained for members {members}, but the model's inputs are {self.inputs + self.repr_inputs}")
+        return head.to(self.device).eval()
+
+    def _column(self, request, name):
+        t = from_dlpack(pb_utils.get_input_tensor_by_name(request, name).to_dlpack())
+        return t.to(self.device, torch.float32)
 
     def execute(self, requests):
         responses = []
         for request in requests:
             try:
-                cols = []
-                for name in self.inputs:
-                    t = from_dlpack(pb_utils.get_input_tensor_by_name(request, name).to_dlpack())
-                    cols.append(t.to(self.device, torch.float32).reshape(-1))
-                probs = torch.stack(cols, dim=1)  # (B, N)
-                fused, weights = fuse(probs, self.mode, self.tau)
+                probs = torch.stack([self._column(request, n).reshape(-1) for n in self.inputs], dim=1)  # (B, N)
+                if self.mode == COLLABORATIVE:
+                    reprs = [self._column(request, n) for n in self.repr_inputs]  # [(B, H_i)]
+                    with torch.no_grad():
+                        logit, weights = self.head(probs, reprs)
+                    fused = torch.sigmoid(logit)
+                else:
+                    fused, weights = fuse(probs, self.mode, self.tau)
                 out = [
                     pb_utils.Tensor.from_dlpack("prob", to_dlpack(fused.contiguous())),
                     pb_utils.Tensor.from_dlpack("weights", to_dlpack(weights.contiguous())),

@@ -1,0 +1,533 @@
+"""``make experiments``: independent vs mutual vs collaborative training, in one comparable report.
+
+On one data set and one train/val/test split, for every seed:
+
+1. RQ1/RQ2 (arXiv 2406.12087): each member architecture trained independently (copies with
+   different seeds), mutually from scratch (copies co-trained), and mutually fine-tuned (the
+   independent copies + one epoch at lr 7e-4, exponential decay). A control,
+   ``independent+1epoch``, fine-tunes the same copies the same way with mutual weight 0, so a
+   gain can be told apart from "one more epoch".
+2. RQ3: mutual fine-tuning among copies of one architecture vs among different architectures.
+3. RQ4: N = 2..5 copies of one architecture fine-tuned together.
+4. Ensembles of the collaborative pair (default DHEN + InterFormer, the CETNet paper's): the
+   independently trained members fused by mean and by negation-entropy weights with τ swept,
+   and the collaborative ensemble (arXiv 2411.13700) trained jointly, each against the best
+   single member. With serving on (default), both repositories are exported and run in the real
+   tritonserver; the member and ensemble predictions scored are the ones Triton returned over
+   HTTP (the τ sweep applies the reference fusion, the code the fusion model runs, to the served
+   member probabilities; the served τ = 1 ensemble is checked against it).
+
+AUC and logloss come from ``ctr_ensemble.metrics`` (scikit-learn) on the test split.
+RelaImp = (AUC − 0.5)/(AUC_base − 0.5) − 1, averaged over paired runs: a member against the
+independent copy it started from (or, from scratch, the independent copy with the same index),
+an ensemble against the best single member of the same seed.
+
+Writes ``<out>/results.json`` (keys: dataset, seeds, rows), ``results.md``, ``runs.csv``
+(every run of every seed), ``details.json`` (settings, timings, served parity) and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import sys
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # per-batch bars off; the outer progress bar below stays on
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from ctr_ensemble import features, metrics, models  # noqa: E402
+from ctr_ensemble.data.synth import SynthConfig, generate  # noqa: E402
+from ctr_ensemble.errors import CtrError  # noqa: E402
+from ctr_ensemble.layers.fusion import fuse  # noqa: E402
+from ctr_ensemble.training import collab, mutual  # noqa: E402
+from ctr_ensemble.training.checkpoint import Checkpoint  # noqa: E402
+from ctr_ensemble.training.trainer import Arrays, TrainConfig, encode_file, predict, train_member, unique_names  # noqa: E402
+
+# Small members for the quick default (2 CPU cores, < 20 minutes for everything); --full uses the registry defaults.
+QUICK_MODELS = {
+    "deepfm": {"embedding_dim": 8, "hidden": [64, 32]},
+    "dcn": {"embedding_dim": 8, "hidden": [64, 32], "cross_layers": 2},
+    "pnn": {"embedding_dim": 8, "hidden": [64, 32]},
+    "fibinet": {"embedding_dim": 8, "hidden": [64, 32]},
+    "dcnv2": {"embedding_dim": 8, "hidden": [64, 32], "cross_layers": 2},
+    "dhen": {"embedding_dim": 8, "hidden": [64, 32], "n_layers": 2, "mlp_hidden": 64, "n_tokens": 8},
+    "interformer": {"embedding_dim": 8, "hidden": [64, 32], "n_layers": 1, "n_tokens": 8},
+    "emofm": {"embedding_dim": 8, "hidden": [64, 32], "field_hidden": [8]},
+}
+REAL = {  # --dataset NAME: files under --data-root, read with the project's readers
+    "criteo": ("criteo_kaggle_sample", "criteo"),
+    "avazu": ("avazu_kaggle_sample", "avazu"),
+}
+
+
+@dataclass
+class Setting:
+    synth_rows: dict = field(default_factory=lambda: {"train": 60_000, "val": 10_000, "test": 20_000})
+    archs: list = field(default_factory=lambda: ["deepfm", "dcn"])  # RQ1 / RQ3 members
+    copies: int = 2  # independent copies per architecture co-trained in RQ1 (the paper: 4)
+    rq4_arch: str = "deepfm"
+    rq4_max: int = 5
+    collab_members: list = field(default_factory=lambda: ["dhen", "interformer"])
+    taus: list = field(default_factory=lambda: [0.0, 0.1, 0.3, 1.0, 3.0, 10.0])
+    epochs: int = 3  # independent / from-scratch training, early stopping on val AUC
+    patience: int = 0  # epochs without improvement before stopping
+    batch_size: int = 512
+    lr: float = 2e-3
+    mutual_weight: float = 1.0
+    kl_weight: float = 0.1
+    tau: float = 1.0
+    small_models: bool = True
+    min_count: int = 10
+
+
+QUICK = Setting()
+FULL = Setting(synth_rows={"train": 300_000, "val": 37_500, "test": 37_500}, archs=["deepfm", "dcn", "pnn", "fibinet"],
+               copies=4, epochs=8, patience=1, small_models=False)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", default="synthetic", choices=["synthetic", *REAL], help="synthetic (generated) or a real sample")
+    p.add_argument("--data-root", type=Path, default=Path("../shared/data"), help="where the real samples live")
+    p.add_argument("--seeds", default="0,1,2", help="comma list; at least 3 for mean ± std")
+    p.add_argument("--full", action="store_true", help="the full setting: 300k rows, 4 architectures × 4 copies, default model sizes, 8 epochs")
+    p.add_argument("--archs", help="override the RQ1/RQ3 architectures (comma list)")
+    p.add_argument("--collab-members", help="override the collaborative pair (comma list, N >= 2)")
+    p.add_argument("--epochs", type=int, help="override the independent/from-scratch epochs")
+    p.add_argument("--train-rows", type=int, help="synthetic: override the train rows (val/test scale with it)")
+    p.add_argument("--no-serve", action="store_true", help="score ensembles with PyTorch instead of through Triton")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (1: on a shared 2-core machine 2 threads ran ~10x slower, spinning on each other)")
+    p.add_argument("--out", type=Path, default=Path("artifacts/experiments"))
+    p.add_argument("--report-only", action="store_true", help="rebuild results/plots from <out>/runs.csv and details.json without training")
+    return p.parse_args()
+
+
+def setting_from(args) -> Setting:
+    s = FULL if args.full else QUICK
+    if args.archs:
+        s = replace(s, archs=args.archs.split(","))
+    if args.collab_members:
+        s = replace(s, collab_members=args.collab_members.split(","))
+    if args.epochs:
+        s = replace(s, epochs=args.epochs)
+    if args.train_rows:
+        n = args.train_rows
+        s = replace(s, synth_rows={"train": n, "val": n // 6, "test": n // 3})
+    if args.dataset != "synthetic":
+        s = replace(s, min_count=2)  # the real samples have a few thousand rows
+    for a in {*s.archs, *s.collab_members, s.rq4_arch}:
+        models.entry(a)
+    return s
+
+
+def load_data(args, s: Setting, out: Path) -> tuple[features.FeatureSpec, Arrays, Arrays, Arrays, dict]:
+    if args.dataset == "synthetic":
+        d = out / "data"
+        if not (d / "meta.json").is_file():
+            generate(d, SynthConfig(splits=s.synth_rows))
+        files, fmt = {k: d / f"{k}.tsv" for k in ("train", "val", "test")}, "criteo"
+        meta = json.loads((d / "meta.json").read_text())
+        info = {"source": "synthetic (ctr_ensemble.data.synth, seed 7)", "oracle_auc_test": meta["splits"]["test"]["oracle_auc"]}
+    else:
+        folder, fmt = REAL[args.dataset]
+        d = args.data_root / folder
+        files = {"train": d / "train.csv", "val": d / "dev.csv", "test": d / "test.csv"}
+        for f in files.values():
+            if not f.is_file():
+                raise CtrError(f"{f}: not found; --data-root must point at the shared data folder")
+        info = {"source": str(d.resolve())}
+    spec = features.fit(files["train"], min_count=s.min_count, fmt=fmt)
+    arrays = [encode_file(files[k], spec, fmt=fmt) for k in ("train", "val", "test")]
+    info.update({k: len(a) for k, a in zip(("train_rows", "val_rows", "test_rows"), arrays)})
+    return spec, *arrays, info
+
+
+class Experiment:
+    """All runs of one seed; ``records`` gets one entry per (run, member) scored on test."""
+
+    def __init__(self, s: Setting, spec, train, val, test, serve: bool, workdir: Path):
+        self.s, self.spec, self.train, self.val, self.test = s, spec, train, val, test
+        self.serve, self.workdir = serve, workdir
+        self.records: list[dict] = []
+        self.details: dict = {"served": []}
+
+    def cfg(self, arch: str):
+        return models.make_config(arch, QUICK_MODELS.get(arch) if self.s.small_models else None)
+
+    def score(self, p: np.ndarray) -> tuple[float, float]:
+        return metrics.auc(self.test.label, p), metrics.logloss(self.test.label, p)
+
+    def record(self, seed, regime, members, model, p, base_auc=None):
+        auc, ll = self.score(p)
+        self.records.append({"seed": seed, "regime": regime, "members": list(members), "model": model, "auc": auc,
+                             "logloss": ll, "base_auc": base_auc})
+        return auc
+
+    def independent(self, seed: int, arch: str, k: int) -> tuple[Checkpoint, float]:
+        cfg = TrainConfig(epochs=self.s.epochs, batch_size=self.s.batch_size, lr=self.s.lr, patience=self.s.patience,
+                          seed=1000 * seed + 37 * k + 1)
+        ck = train_member(f"{arch}_{k + 1}", arch, self.cfg(arch), self.spec, self.train, self.val, cfg)
+        return ck, self.score(predict(ck.build(), self.test.feeds()))[0]
+
+    def cotrain(self, seed, regime, inits: list[mutual.MemberInit], cfg: mutual.MutualConfig, bases: list[float]):
+        cks = mutual.train_mutual(inits, self.spec, self.train, self.val, replace(cfg, seed=1000 * seed + 7))
+        archs = [m.arch for m in inits]
+        for ck, base in zip(cks, bases):
+            self.record(seed, regime, archs, ck.arch, predict(ck.build(), self.test.feeds()), base)
+
+    def run_seed(self, seed: int, bar) -> None:
+        s = self.s
+        need = {a: s.copies for a in s.archs}
+        need[s.rq4_arch] = max(need.get(s.rq4_arch, 0), s.rq4_max)
+        for a in s.collab_members:
+            need[a] = max(need.get(a, 0), 1)
+        pre: dict[str, list[tuple[Checkpoint, float]]] = {}
+        for arch, n in need.items():
+            pre[arch] = []
+            for k in range(n):
+                bar.set_description(f"seed {seed}: independent {arch} #{k + 1}")
+                pre[arch].append(self.independent(seed, arch, k))
+                bar.update(1)
+        for arch in need:
+            for ck, auc in pre[arch][: s.copies if arch in s.archs else 1]:
+                self.records.append({"seed": seed, "regime": "independent", "members": [arch], "model": arch, "auc": auc,
+                                     "logloss": self.score(predict(ck.build(), self.test.feeds()))[1],
+                                     "base_auc": auc})
+
+        def inits(cks):
+            return [mutual.MemberInit(ck.name, ck.arch, ck.config, ck.state_dict) for ck in cks]
+
+        scratch = mutual.MutualConfig(epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, patience=s.patience,
+                                      mutual_weight=s.mutual_weight)
+        tune = mutual.MutualConfig.finetune(batch_size=s.batch_size, mutual_weight=s.mutual_weight)
+        for arch in s.archs:  # RQ1 / RQ2
+            cks, bases = [c for c, _ in pre[arch][: s.copies]], [a for _, a in pre[arch][: s.copies]]
+            bar.set_description(f"seed {seed}: {arch}×{s.copies} mutual from scratch")
+            self.cotrain(seed, "mutual-scratch", mutual.members_from_archs([arch] * s.copies, {arch: asdict(self.cfg(arch))}),
+                         scratch, bases)
+            bar.update(1)
+            bar.set_description(f"seed {seed}: {arch}×{s.copies} mutual fine-tune")
+            self.cotrain(seed, "mutual-finetune", inits(cks), tune, bases)
+            bar.update(1)
+            bar.set_description(f"seed {seed}: {arch}×{s.copies} one more epoch alone (control)")
+            self.cotrain(seed, "independent+1epoch", inits(cks), replace(tune, mutual_weight=0.0), bases)
+            bar.update(1)
+        if len(s.archs) > 1:  # RQ3: one pretrained copy of each architecture, fine-tuned together
+            bar.set_description(f"seed {seed}: {'+'.join(s.archs)} mutual fine-tune")
+            self.cotrain(seed, "mutual-finetune-diff-arch", inits([pre[a][0][0] for a in s.archs]), tune,
+                         [pre[a][0][1] for a in s.archs])
+            bar.update(1)
+        for n in range(2, s.rq4_max + 1):  # RQ4
+            if s.rq4_arch in s.archs and n == s.copies:
+                continue  # the RQ1 run is this one
+            bar.set_description(f"seed {seed}: {s.rq4_arch}×{n} mutual fine-tune")
+            self.cotrain(seed, "mutual-finetune", inits([c for c, _ in pre[s.rq4_arch][:n]]), tune,
+                         [a for _, a in pre[s.rq4_arch][:n]])
+            bar.update(1)
+        self.ensembles(seed, [pre[a][0][0] for a in s.collab_members], bar)
+
+    def ensembles(self, seed: int, cks: list[Checkpoint], bar) -> None:
+        s = self.s
+        archs = [c.arch for c in cks]
+        names = unique_names(archs)
+        cks = [replace(c, name=n) for c, n in zip(cks, names)]
+        bar.set_description(f"seed {seed}: collaborative {'+'.join(names)}")
+        cc = collab.train_collab(
+            mutual.members_from_archs(archs, {a: asdict(self.cfg(a)) for a in archs}), self.spec, self.train, self.val,
+            collab.CollabConfig(epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, patience=s.patience, seed=1000 * seed + 11,
+                                kl_weight=s.kl_weight, head=collab.HeadConfig(tau=s.tau)))
+        bar.update(1)
+        bar.set_description(f"seed {seed}: scoring ensembles" + (" through Triton" if self.serve else ""))
+        te = self.test
+        if self.serve:
+            member_p, ne1, collab_p, collab_members, parity = self.served(seed, cks, cc)
+        else:
+            member_p = {c.name: predict(c.build(), te.feeds()) for c in cks}
+            fused, _, mp = collab.predict_collab(cc.build(), te.feeds())
+            collab_p, collab_members, ne1, parity = fused, {n: mp[:, i] for i, n in enumerate(names)}, None, None
+        aucs = {n: self.score(p)[0] for n, p in member_p.items()}
+        best = max(aucs, key=aucs.get)
+        self.record(seed, "best-single-member", archs, best, member_p[best], aucs[best])
+        probs = torch.from_numpy(np.stack([member_p[n] for n in names], 1).astype(np.float32))
+        self.record(seed, "ensemble-mean", archs, "ensemble", fuse(probs, "mean")[0][:, 0].numpy(), aucs[best])
+        for tau in s.taus:
+            fused = fuse(probs, "negation_entropy", tau)[0][:, 0].numpy()
+            self.record(seed, f"ensemble-ne(tau={tau:g})", archs, "ensemble", fused, aucs[best])
+            if tau == 1.0 and ne1 is not None:
+                parity["ne_tau1_served_vs_reference"] = float(np.max(np.abs(ne1 - fused)))
+        self.record(seed, "ensemble-collaborative", archs, "ensemble", collab_p, aucs[best])
+        for n in names:  # the collaborative members on their own, against their independent counterparts
+            self.record(seed, "collaborative-member", archs, n, collab_members[n], aucs[n])
+        if parity is not None:
+            self.details["served"].append({"seed": seed, **parity})
+
+    def served(self, seed: int, cks: list[Checkpoint], cc: collab.CollabCheckpoint):
+        """Both ensembles exported and served by the real tritonserver; returns what Triton answered over HTTP."""
+        from ctr_ensemble.export.repository import COLLABORATIVE, ENSEMBLE_NAME, RepoOptions, write_repository
+        from ctr_ensemble.serving.client import TritonScorer
+        from ctr_ensemble.serving.server import TritonServer
+
+        te, va = self.test, self.val
+        rows = va.feeds(slice(0, 2048))
+        out = {}
+        for kind in ("independent", "collaborative"):
+            repo = self.workdir / f"repo_{kind}"
+            if kind == "independent":
+                write_repository(cks, repo, RepoOptions(fusion_mode="negation_entropy", tau=1.0, fusion_kind="cpu"), parity_rows=rows)
+            else:
+                write_repository([], repo, RepoOptions(fusion_mode=COLLABORATIVE, fusion_kind="cpu"), parity_rows=rows, collab=cc)
+            with TritonServer(repo) as server:
+                scorer = TritonScorer(server.http_url, "http")
+                scorer.check_ready(ENSEMBLE_NAME)
+                out[kind] = {n: scorer.score(n, te.feeds()) for n in [c.name for c in cks] + [ENSEMBLE_NAME]}
+                scorer.close()
+        ref, _, ref_members = collab.predict_collab(cc.build(), te.feeds())
+        names = [c.name for c in cks]
+        parity = {
+            "members_served_vs_torch": max(float(np.max(np.abs(out["independent"][c.name] - predict(c.build(), te.feeds()))))
+                                           for c in cks),
+            "collaborative_served_vs_torch": float(np.max(np.abs(out["collaborative"][ENSEMBLE_NAME] - ref))),
+            "collaborative_members_served_vs_torch": float(np.max(np.abs(
+                np.stack([out["collaborative"][n] for n in names], 1) - ref_members))),
+        }
+        return ({n: out["independent"][n] for n in names}, out["independent"][ENSEMBLE_NAME],
+                out["collaborative"][ENSEMBLE_NAME], {n: out["collaborative"][n] for n in names}, parity)
+
+    def n_steps(self) -> int:
+        s = self.s
+        need = {a: s.copies for a in s.archs}
+        need[s.rq4_arch] = max(need.get(s.rq4_arch, 0), s.rq4_max)
+        for a in s.collab_members:
+            need[a] = max(need.get(a, 0), 1)
+        rq4 = sum(1 for n in range(2, s.rq4_max + 1) if not (s.rq4_arch in s.archs and n == s.copies))
+        return sum(need.values()) + 3 * len(s.archs) + (len(s.archs) > 1) + rq4 + 1
+
+
+def aggregate(records: list[dict]) -> list[dict]:
+    """Rows of results.json. The best single member can differ between seeds: its row is named after
+    the member that was best most often, and its AUC is the mean of each seed's best."""
+    best = [r for r in records if r["regime"] == "best-single-member"]
+    if best:
+        names = [r["model"] for r in best]
+        most = max(set(names), key=names.count)
+        records = [{**r, "model": most} if r["regime"] == "best-single-member" else r for r in records]
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in records:
+        groups[(r["regime"], tuple(r["members"]), r["model"])].append(r)
+    rows = []
+    for (regime, members, model), rs in groups.items():
+        auc = np.array([r["auc"] for r in rs])
+        rel = [(r["auc"] - 0.5) / (r["base_auc"] - 0.5) - 1 for r in rs if r["base_auc"] is not None]
+        rows.append({"regime": regime, "members": list(members), "model": model, "auc_mean": float(auc.mean()),
+                     "auc_std": float(auc.std(ddof=1)) if len(auc) > 1 else 0.0,
+                     "logloss_mean": float(np.mean([r["logloss"] for r in rs])),
+                     "relaimp": float(np.mean(rel)) if rel else None})
+    return rows
+
+
+def _find(rows, regime, members, model):
+    return next((r for r in rows if r["regime"] == regime and r["members"] == members and r["model"] == model), None)
+
+
+def plots(rows: list[dict], s: Setting, out: Path, title: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    # 1. RQ1/RQ2: independent vs control vs mutual from scratch vs mutual fine-tuned, per architecture
+    regimes = ["independent", "independent+1epoch", "mutual-scratch", "mutual-finetune"]
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    width = 0.8 / len(regimes)
+    for j, reg in enumerate(regimes):
+        vals = [_find(rows, reg, [a] if reg == "independent" else [a] * s.copies, a) for a in s.archs]
+        ax.bar(np.arange(len(s.archs)) + j * width, [v["auc_mean"] for v in vals], width, yerr=[v["auc_std"] for v in vals],
+               label=reg, capsize=3)
+    lo = min(r["auc_mean"] - r["auc_std"] for r in rows if r["model"] in s.archs and r["regime"] in regimes)
+    hi = max(r["auc_mean"] + r["auc_std"] for r in rows if r["model"] in s.archs and r["regime"] in regimes)
+    ax.set_ylim(lo - 0.002, hi + 0.002)
+    ax.set_xticks(np.arange(len(s.archs)) + 0.4 - width / 2, s.archs)
+    ax.set_ylabel("test AUC (mean ± std over seeds × copies)")
+    ax.set_title(f"RQ1/RQ2: mutual learning vs independent ({title})", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out / "rq1_mutual_vs_independent.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    # 2. RQ3: same-architecture copies vs different architectures (RelaImp of fine-tuning)
+    if len(s.archs) > 1:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        same = [_find(rows, "mutual-finetune", [a] * s.copies, a)["relaimp"] * 100 for a in s.archs]
+        diff = [_find(rows, "mutual-finetune-diff-arch", s.archs, a)["relaimp"] * 100 for a in s.archs]
+        x = np.arange(len(s.archs))
+        ax.bar(x - 0.2, same, 0.4, label=f"same architecture ({s.copies} copies together)")
+        ax.bar(x + 0.2, diff, 0.4, label=f"different architectures ({' + '.join(s.archs)})")
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xticks(x, s.archs)
+        ax.set_ylabel("RelaImp vs its pretrained self (%)")
+        ax.set_title(f"RQ3: mutual fine-tuning partners ({title})", fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        paths.append(out / "rq3_same_vs_different.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    # 3. RQ4: number of co-trained members
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ns = list(range(2, s.rq4_max + 1))
+    vals = [_find(rows, "mutual-finetune", [s.rq4_arch] * n, s.rq4_arch) for n in ns]
+    ctl = _find(rows, "independent+1epoch", [s.rq4_arch] * s.copies, s.rq4_arch)
+    ax.errorbar(ns, [v["relaimp"] * 100 for v in vals], fmt="o-", label="mutual fine-tune")
+    if ctl is not None:
+        ax.axhline(ctl["relaimp"] * 100, color="tab:gray", ls="--", label="one more epoch alone (control)")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(ns)
+    ax.set_xlabel(f"co-trained {s.rq4_arch} copies N")
+    ax.set_ylabel("RelaImp vs pretrained (%)")
+    ax.set_title(f"RQ4: number of members ({title})", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out / "rq4_members.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    # 4. ensembles: mean vs NE fusion (τ swept) vs collaborative vs best single member
+    names = s.collab_members
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    best = next(r for r in rows if r["regime"] == "best-single-member")
+    ne = [_find(rows, f"ensemble-ne(tau={t:g})", names, "ensemble") for t in s.taus]
+    xs = [max(t, 0.03) for t in s.taus]  # τ = 0 (argmax) drawn at the left edge of the log axis
+    ax.errorbar(xs, [v["auc_mean"] for v in ne], yerr=[v["auc_std"] for v in ne], fmt="o-", capsize=3, label="NE fusion (τ)")
+    for reg, style, lab in (("ensemble-mean", "--", "mean fusion"), ("ensemble-collaborative", "-", "collaborative ensemble")):
+        r = _find(rows, reg, names, "ensemble")
+        ax.axhline(r["auc_mean"], ls=style, color="tab:green" if "collab" in reg else "tab:orange", label=lab)
+    ax.axhline(best["auc_mean"], ls=":", color="k", label="best single member")
+    ax.set_xscale("log")
+    ax.set_xlabel("τ (leftmost point: τ = 0, most confident member)")
+    ax.set_ylabel("test AUC")
+    ax.set_title(f"Ensembles of {' + '.join(names)} ({title})", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out / "ensembles.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def paired_checks(records: list[dict], s: Setting) -> list[str]:
+    """Differences on paired runs (same pretrained copies, same data order), where seed-to-seed noise cancels."""
+    def auc_of(regime, members, model):  # keyed by (seed, k-th such run of that seed)
+        out, count = {}, defaultdict(int)
+        for r in records:
+            if r["regime"] == regime and r["members"] == members and (model is None or r["model"] == model):
+                out[(r["seed"], count[r["seed"]])] = r["auc"]
+                count[r["seed"]] += 1
+        return out
+
+    lines = []
+    for arch in s.archs:
+        copies = [arch] * s.copies
+        for a, b, what in (("mutual-finetune", "independent+1epoch", "mutual fine-tune − one more epoch alone"),
+                           ("mutual-scratch", "independent", "mutual from scratch − independent")):
+            x, y = auc_of(a, copies, arch), auc_of(b, copies if b != "independent" else [arch], arch)
+            d = np.array([x[k] - y[k] for k in x if k in y])
+            if len(d):
+                lines.append(f"- {arch}: {what}: ΔAUC {d.mean():+.5f} (sd {d.std(ddof=1) if len(d) > 1 else 0:.5f}), "
+                             f"positive in {(d > 0).sum()}/{len(d)} paired runs")
+    names = s.collab_members
+    ens = {reg: auc_of(reg, names, "ensemble") for reg in ("ensemble-collaborative", "ensemble-mean", "ensemble-ne(tau=1)")}
+    best = auc_of("best-single-member", names, None)
+    for reg, other in (("ensemble-collaborative", best), ("ensemble-collaborative", ens["ensemble-mean"]),
+                       ("ensemble-ne(tau=1)", ens["ensemble-mean"])):
+        d = np.array([ens[reg][k] - other[k] for k in ens[reg] if k in other])
+        label = "best single member" if other is best else "mean fusion"
+        if len(d):
+            lines.append(f"- {reg} − {label}: ΔAUC {d.mean():+.5f}, positive in {(d > 0).sum()}/{len(d)} seeds")
+    return lines
+
+
+def markdown(rows: list[dict], dataset: str, seeds: list[int], info: dict, seconds: float, served: list[dict], pngs,
+             paired: list[str]) -> str:
+    lines = [f"# Training together: {dataset}", "",
+             f"Seeds {seeds}; data {json.dumps(info)}; {seconds / 60:.1f} min on {platform.machine()} "
+             f"({os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}).", "",
+             "| regime | members | model | AUC mean ± std | logloss | RelaImp |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        rel = f"{r['relaimp'] * 100:+.3f} %" if r["relaimp"] is not None else "–"
+        lines.append(f"| {r['regime']} | {','.join(r['members'])} | {r['model']} | {r['auc_mean']:.4f} ± {r['auc_std']:.4f} "
+                     f"| {r['logloss_mean']:.4f} | {rel} |")
+    if served:
+        worst = {k: max(s[k] for s in served) for k in served[0] if k != "seed"}
+        lines += ["", "Served through the real tritonserver (HTTP); worst max |Δ| over seeds: "
+                  + ", ".join(f"{k} {v:.2e}" for k, v in worst.items())]
+    lines += ["", "Paired differences (test AUC):", "", *paired]
+    lines += ["", *[f"![{p.stem}]({p.name})" for p in pngs]]
+    return "\n".join(lines) + "\n"
+
+
+def read_runs(out: Path) -> tuple[list[dict], dict]:
+    details = json.loads((out / "details.json").read_text())
+    with open(out / "runs.csv") as f:
+        records = [{"seed": int(r["seed"]), "regime": r["regime"], "members": r["members"].split(","), "model": r["model"],
+                    "auc": float(r["auc"]), "logloss": float(r["logloss"]),
+                    "base_auc": float(r["base_auc"]) if r["base_auc"] else None} for r in csv.DictReader(f)]
+    return records, details
+
+
+def main() -> int:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        records, details = read_runs(out)
+        s, dataset = Setting(**details["setting"]), details["dataset"]
+        seeds = sorted({r["seed"] for r in records})
+    else:
+        s, dataset = setting_from(args), args.dataset
+        seeds = [int(x) for x in args.seeds.split(",")]
+        t0 = time.perf_counter()
+        spec, train, val, test, info = load_data(args, s, out)
+        exp = Experiment(s, spec, train, val, test, serve=not args.no_serve, workdir=out / "work")
+        timings = {}
+        with tqdm(total=exp.n_steps() * len(seeds), desc="experiments", unit="run", disable=False, file=sys.stdout) as bar:
+            for seed in seeds:
+                t = time.perf_counter()
+                exp.run_seed(seed, bar)
+                timings[seed] = time.perf_counter() - t
+                tqdm.write(f"seed {seed} done in {timings[seed]:.0f}s")
+        records = exp.records
+        with open(out / "runs.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(records[0]))
+            w.writeheader()
+            w.writerows({**r, "members": ",".join(r["members"])} for r in records)
+        details = {"dataset": dataset, "setting": asdict(s), "data": info, "seconds_total": time.perf_counter() - t0,
+                   "seconds_per_seed": timings, "served": exp.details["served"], "full": args.full, "threads": args.threads}
+        (out / "details.json").write_text(json.dumps(details, indent=2))
+    rows = aggregate(records)
+    (out / "results.json").write_text(json.dumps({"dataset": dataset, "seeds": seeds, "rows": rows}, indent=2))
+    pngs = plots(rows, s, out, f"{dataset}, {len(seeds)} seeds")
+    seconds = details["seconds_total"]
+    (out / "results.md").write_text(markdown(rows, dataset, seeds, details["data"], seconds, details["served"], pngs,
+                                             paired_checks(records, s)))
+    print((out / "results.md").read_text())
+    print(f"wrote {out}/results.json, results.md, runs.csv, details.json, {', '.join(p.name for p in pngs)} ({seconds / 60:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except CtrError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,1 @@
+"""Load tests: Locust users on the real Triton server, served AUC vs offline, perf_analyzer as reference."""

@@ -1,0 +1,221 @@
+"""Collaborative ensemble training (CETNet, Liu et al., arXiv 2411.13700).
+
+Members with their own embedding tables are trained jointly. Each gives a representation h_i
+(B, H_i) and a probability p_i; the head (``layers.fusion.CollaborativeHead``) weights them per
+sample with w = softmax(NE(p)/τ) and predicts from [w_1·h_1 ‖ … ‖ w_N·h_N] (or a weighted sum).
+
+    loss = BCE(y, p_fused) + Σ_i BCE(y, p_i) + λ · Σ_{i<j} [KL(p_i‖p_j) + KL(p_j‖p_i)]
+
+with Bernoulli KL; for two Bernoullis the symmetric KL is (p_i − p_j)·(logit p_i − logit p_j),
+which is how it is computed (stable from logits, no log of 0). Both sides get gradients
+("mutual refinement"). N > 2 members work the same way.
+
+A collaborative checkpoint (``collab.pt`` + ``.sha256``) holds the member checkpoints (each the
+ordinary member payload), the head's config and weights, and the training config; export
+turns it into ONNX members + a ``collaborative`` fusion model with the head in ``head.pt``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ctr_ensemble.errors import CtrError
+from ctr_ensemble.features import FeatureSpec, feed_rows
+from ctr_ensemble.layers.fusion import HEAD_VARIANTS, CollaborativeHead, head_payload
+from ctr_ensemble.models.base import Member
+from ctr_ensemble.training import checkpoint, loop
+from ctr_ensemble.training.checkpoint import Checkpoint
+from ctr_ensemble.training.mutual import MemberInit, build_members
+from ctr_ensemble.training.trainer import Arrays, Rows, TrainConfig, val_metrics, write_history
+
+COLLAB_FORMAT = "ctr-ensemble/collab-checkpoint"
+COLLAB_VERSION = 1
+
+
+@dataclass
+class HeadConfig:
+    variant: str = "concat"  # concat | sum
+    hidden: list[int] = field(default_factory=lambda: [64])
+    proj_dim: int = 64  # sum variant: common width the members' h_i are projected to
+    tau: float = 1.0  # temperature of softmax(NE(p)/τ); the initial value when learned
+    learn_tau: bool = False
+
+
+@dataclass
+class CollabConfig(TrainConfig):
+    kl_weight: float = 0.1  # λ of the symmetric-KL term
+    head: HeadConfig = field(default_factory=HeadConfig)
+
+
+class CollaborativeModel(nn.Module):
+    """Members + head. ``forward`` gives fused prob (B, 1), weights (B, N) and member probs (B, N)."""
+
+    def __init__(self, members: list[Member], head: CollaborativeHead):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.head = head
+
+    def logits(self, cat_ids: torch.Tensor, num: torch.Tensor, seq_ids: torch.Tensor | None = None,
+               seq_len: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fused logit (B, 1), member logits (B, N), weights (B, N)."""
+        outs = [m.logits(cat_ids, num, seq_ids, seq_len) for m in self.members]
+        member_logits = torch.cat([z for z, _ in outs], dim=1)  # (B, N)
+        fused, w = self.head(torch.sigmoid(member_logits), [h for _, h in outs])
+        return fused, member_logits, w
+
+    def forward(self, cat_ids: torch.Tensor, num: torch.Tensor | None = None, seq_ids: torch.Tensor | None = None,
+                seq_len: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if num is None:  # data without numeric fields, as in Member.forward
+            num = cat_ids[:, :0].to(torch.float32)
+        fused, member_logits, w = self.logits(cat_ids, num, seq_ids, seq_len)
+        return torch.sigmoid(fused), w, torch.sigmoid(member_logits)
+
+
+def symmetric_kl(logits: torch.Tensor) -> torch.Tensor:
+    """Σ_{i<j} KL(p_i‖p_j) + KL(p_j‖p_i) per row (B,) for member logits (B, N), Bernoulli predictions."""
+    p = torch.sigmoid(logits)
+    dp = p[:, :, None] - p[:, None, :]  # (B, N, N)
+    dz = logits[:, :, None] - logits[:, None, :]
+    return (dp * dz).triu(diagonal=1).sum((1, 2))
+
+
+def collab_losses(fused_logit: torch.Tensor, member_logits: torch.Tensor, y: torch.Tensor,
+                  kl_weight: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Total loss and its parts (batch means). fused_logit (B, 1), member_logits (B, N), y (B,)."""
+    fused_bce = F.binary_cross_entropy_with_logits(fused_logit[:, 0], y)
+    member_bce = F.binary_cross_entropy_with_logits(member_logits, y[:, None].expand_as(member_logits), reduction="none").mean(0)
+    kl = symmetric_kl(member_logits).mean()
+    total = fused_bce + member_bce.sum() + kl_weight * kl
+    return total, {"loss": total, "fused_bce": fused_bce, "member_bce": member_bce.sum(), "sym_kl": kl}
+
+
+@dataclass
+class CollabCheckpoint:
+    members: list[Checkpoint]
+    head_config: dict
+    head_state: dict[str, torch.Tensor]
+    train_config: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    source: str | None = None
+
+    @property
+    def spec(self) -> FeatureSpec:
+        return self.members[0].spec
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.members]
+
+    def build(self) -> CollaborativeModel:
+        """The collaborative model with these weights, in eval mode."""
+        head = CollaborativeHead(**self.head_config)
+        try:
+            head.load_state_dict(self.head_state)
+        except RuntimeError as e:
+            raise CtrError(f"{self.source}: head weights do not fit its config: {str(e).splitlines()[0]}") from e
+        return CollaborativeModel([m.build() for m in self.members], head).eval()
+
+    def head_payload(self) -> dict:
+        """The head as the Triton fusion model loads it (see ``layers.fusion.head_payload``)."""
+        return head_payload(self.build().head, self.names)
+
+
+def save(ck: CollabCheckpoint, path: str | Path) -> Path:
+    return checkpoint.write_atomic({
+        "format": COLLAB_FORMAT, "version": COLLAB_VERSION,
+        "members": [checkpoint.payload(m) for m in ck.members],
+        "head": {"config": ck.head_config, "state_dict": {k: v.detach().cpu() for k, v in ck.head_state.items()}},
+        "train_config": ck.train_config, "metrics": ck.metrics,
+    }, path)
+
+
+def load(path: str | Path) -> CollabCheckpoint:
+    path = Path(path)
+    obj = checkpoint.read_verified(path, "collaborative checkpoint", COLLAB_FORMAT, COLLAB_VERSION)
+    src = str(path.resolve())
+    try:
+        members = [checkpoint.from_payload(m, f"{src}#{m.get('name')}") for m in obj["members"]]
+        return CollabCheckpoint(members, obj["head"]["config"], obj["head"]["state_dict"], obj.get("train_config", {}),
+                                obj.get("metrics", {}), source=src)
+    except (KeyError, TypeError) as e:
+        raise CtrError(f"{path}: collaborative checkpoint lacks {e}") from e
+
+
+@torch.no_grad()
+def predict_collab(model: CollaborativeModel, feeds: dict[str, np.ndarray],
+                   batch_size: int = 16384) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Fused probabilities (N,), weights (N, M) and member probabilities (N, M), float32, eval mode;
+    ``feeds`` as ``Arrays.feeds()``."""
+    model.eval()
+    parts = [model(**{k: torch.from_numpy(v[s : s + batch_size]) for k, v in feeds.items()})
+             for s in range(0, feed_rows(feeds), batch_size)]
+    if not parts:
+        m = len(model.members)
+        return np.zeros(0, np.float32), np.zeros((0, m), np.float32), np.zeros((0, m), np.float32)
+    fused, w, member_p = (torch.cat([p[k] for p in parts]).numpy() for k in range(3))
+    return fused[:, 0], w, member_p
+
+
+def train_collab(
+    members: list[MemberInit],
+    spec: FeatureSpec,
+    train: Arrays,
+    val: Arrays,
+    cfg: CollabConfig,
+    history_csv: Path | None = None,
+    state_path: Path | None = None,
+    resume: bool = False,
+) -> CollabCheckpoint:
+    """Train members + head jointly; returns the state of the epoch with the best fused val AUC."""
+    if len(members) < 2:
+        raise CtrError(f"a collaborative ensemble needs at least 2 members, got {len(members)}")
+    if cfg.head.variant not in HEAD_VARIANTS:
+        raise CtrError(f"head variant must be one of {HEAD_VARIANTS}, got {cfg.head.variant!r}")
+    if not cfg.head.tau >= 0 or (cfg.head.learn_tau and cfg.head.tau == 0):
+        raise CtrError(f"tau must be > 0 (or 0 when fixed), got {cfg.head.tau}")
+    if not cfg.kl_weight >= 0:
+        raise CtrError(f"KL weight λ must be >= 0, got {cfg.kl_weight}")
+    names = [m.name for m in members]
+    nets = build_members(members, spec, cfg.seed)
+    head = CollaborativeHead([n.repr_dim for n in nets], **asdict(cfg.head))
+    model = CollaborativeModel(nets, head)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    rows = Rows(train)
+
+    def loss(idx):
+        x, y = rows.take(idx)
+        fused, member_logits, _ = model.logits(**x)
+        return collab_losses(fused, member_logits, y, cfg.kl_weight)
+
+    def evaluate():
+        fused, w, member_p = predict_collab(model, val.feeds(), cfg.eval_batch_size)
+        out = val_metrics(val.label, fused)
+        for k, name in enumerate(names):
+            out.update(val_metrics(val.label, member_p[:, k], f"_{name}"))
+        if cfg.head.learn_tau:
+            out["tau"] = float(head.tau().detach())
+        out["mean_max_weight"] = float(w.max(1).mean()) if len(w) else 0.0
+        return out["val_auc"], out
+
+    task_name = f"collab({', '.join(names)})"
+    run_id = {"trainer": "collab", "members": [[m.name, m.arch, asdict(m.config), m.source] for m in members],
+              "spec": spec.fingerprint(), "train_rows": len(train), "train_config": asdict(cfg)}
+    res = loop.run(loop.Task(task_name, model, opt, loss, evaluate), len(train), cfg.loop(), state_path, resume, run_id)
+    if history_csv is not None:
+        write_history(res.history, history_csv, "collaborative ensemble")
+    model.load_state_dict(res.best)
+    best_row = res.history[res.best_epoch - 1]
+    member_cks = [
+        Checkpoint(name=m.name, arch=m.arch, config=m.config, spec=spec, state_dict=net.state_dict(),
+                   metrics={"best_epoch": res.best_epoch, "val_auc": best_row[f"val_auc_{m.name}"],
+                            "collaborative": {"peers": [p for p in names if p != m.name]}})
+        for m, net in zip(members, nets)
+    ]
+    return CollabCheckpoint(member_cks, head.config(), head.state_dict(), asdict(cfg),
+                            {"best_epoch": res.best_epoch, "val_auc": res.best_score, "history": res.history})
