@@ -11,9 +11,14 @@ C. Quality: DeepFM val AUC after training on a smaller synthetic set (prepared s
    sparse Adam and sparse Adagrad (both with the lazy coupled L2 of ``trainer.Optimizers``), same batch
    size and epochs, several seeds.
 
+D. FuxiCTR on the same data: the quality set exported to Parquet (``bench_quality.export_parquet``),
+   FuxiCTR 2.3's DeepFM and DCNv2 through ``bench_quality``'s runner (its own venv ``.venv-fuxictr``,
+   ``make bench-quality`` builds it) and ours on the same files, same batch, epochs, lr and weight decay;
+   samples/s = rows × epochs / (training + per-epoch validation time) for both, as the runner measures it.
+
 Each measurement runs in its own process (peak memory per configuration). GPU rows are measured only
-when torch sees a GPU; FuxiCTR only when its venv (``.venv-fuxictr``) exists. Writes
-``<out>/train.csv``, ``train_quality.csv``, ``train.md`` and ``train.png``.
+when torch sees a GPU. Writes ``<out>/train.csv``, ``train_quality.csv``, ``train_fuxictr.csv``,
+``train.md`` and ``train.png``.
 """
 
 from __future__ import annotations
@@ -47,7 +52,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--quality-epochs", type=int, default=2)
     p.add_argument("--quality-batch", type=int, default=2048)
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--skip", default="", help="comma list of sections to skip: members, reference, quality")
+    p.add_argument("--skip", default="", help="comma list of sections to skip: members, reference, quality, fuxictr")
+    p.add_argument("--fuxictr-python", type=Path, default=Path(".venv-fuxictr/bin/python"))
     p.add_argument("--child", help=argparse.SUPPRESS)
     return p.parse_args()
 
@@ -76,6 +82,8 @@ def child(job: dict) -> dict:
         out = run(job["batch"], job["seconds"], device=job.get("device", "cpu"))
     elif job["kind"] == "quality":
         out = quality_run(job)
+    elif job["kind"] == "parquet":
+        out = parquet_run(job)
     else:
         out = member_run(job, torch)
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -146,6 +154,21 @@ def quality_run(job: dict) -> dict:
     return {"val_auc": ck.metrics["val_auc"], "best_epoch": ck.metrics["best_epoch"],
             "val_auc_per_epoch": [r["val_auc"] for r in h],
             "samples_per_s": statistics.mean(r["samples_per_s"] for r in h)}
+
+
+def parquet_run(job: dict) -> dict:
+    """Ours on the FuxiCTR comparison's Parquet files, timed as the FuxiCTR runner times its fit."""
+    from ctr_ensemble import features, models
+    from ctr_ensemble.training.trainer import TrainConfig, encode_file, train_member
+
+    d = Path(job["dir"])
+    spec = features.fit(d / "train.parquet", min_count=job["min_count"])
+    tr, va = encode_file(d / "train.parquet", spec), encode_file(d / "val.parquet", spec)
+    cfg = TrainConfig(epochs=job["epochs"], batch_size=job["batch"], seed=job["seed"], patience=job["epochs"],
+                      **job["train"])
+    ck = train_member(job["arch"], job["arch"], models.make_config(job["arch"]), spec, tr, va, cfg)
+    h = ck.metrics["history"]
+    return {"val_auc": ck.metrics["val_auc"], "samples_per_s": len(tr) * len(h) / sum(r["seconds"] for r in h)}
 
 
 # ---------------------------------------------------------------------------------------------- parent side
@@ -228,18 +251,52 @@ def main() -> None:
                                "seed": seed, "train": train})
                 quality.append({"optimizer": label, "seed": seed, **r})
                 print(quality[-1])
-    report(args, rows, quality, machine(), load0, load_average(), torch.cuda.is_available())
+    fuxi: list[dict] = []
+    if "fuxictr" not in skip:
+        fuxi = fuxictr_section(args)
+    report(args, rows, quality, fuxi, machine(), load0, load_average(), torch.cuda.is_available())
 
 
-def _fuxictr_note() -> str:
-    venv = Path(".venv-fuxictr")
-    if venv.is_dir():
-        return f"FuxiCTR: {venv} exists but this benchmark does not drive it yet; not measured."
-    return ("FuxiCTR: not measured. Its venv (`.venv-fuxictr`, built by `make bench-quality` on the `bench` branch) "
-            "has not landed on `main`, so there is no pinned FuxiCTR install to run on the same shards.")
+def fuxictr_section(args) -> list[dict]:
+    """FuxiCTR's and our DeepFM/DCNv2 on the same Parquet files (see the module doc, D)."""
+    import bench_quality as bq
+
+    base = args.data / f"quality_{args.quality_rows}"
+    ensure_quality_data(args)
+    pq_dir = base / "parquet"
+    rows, fields = {}, {}
+    for split, src in (("train", "train"), ("val", "val"), ("test", "val")):  # the runner wants a test split
+        rows[split], fields = bq.export_parquet(base / "raw" / f"{src}.tsv", pq_dir / f"{split}.parquet")
+    prep = bq.Prepared("synth", pq_dir, rows, fields, "bench-train quality set")
+    epochs, batch = args.quality_epochs, args.quality_batch
+    cfg = bq.BenchConfig(epochs=epochs, batch_size=batch, patience=epochs, threads=args.threads,
+                         min_count={"synth": 2}, fuxictr_python=args.fuxictr_python, out=args.out / "train_fuxictr")
+    worker = bq.FuxiCTRWorker(prep, cfg, seq_max_len=0)
+    worker.start()
+    out = []
+    try:
+        for arch in ("deepfm", "dcnv2"):
+            r = worker.run(arch, 0)
+            out.append({"framework": f"FuxiCTR {_fuxictr_version(args)}", "model": arch, "optimizer": "Adam + L2",
+                        **{k: r.get(k) for k in ("val_auc", "samples_per_s")}, "error": r.get("error") or ""})
+            print(out[-1])
+            for label, train in (("dense Adam", {"optimizer": "adam"}), ("sparse Adam", SPARSE)):
+                r = run_child({"kind": "parquet", "threads": args.threads, "arch": arch, "dir": str(pq_dir),
+                               "min_count": 2, "epochs": epochs, "batch": batch, "seed": 0, "train": train})
+                out.append({"framework": "ctr-ensemble", "model": arch, "optimizer": label, **r})
+                print(out[-1])
+    finally:
+        worker.close()
+    return out
 
 
-def report(args, rows, quality, mach, load0, load1, cuda: bool) -> None:
+def _fuxictr_version(args) -> str:
+    req = Path("benchmarks/requirements-fuxictr.txt")
+    pins = [ln for ln in req.read_text().splitlines() if ln.startswith("fuxictr==")] if req.is_file() else []
+    return pins[0].split("==")[1] if pins else "?"
+
+
+def report(args, rows, quality, fuxi, mach, load0, load1, cuda: bool) -> None:
     cols = ["section", "model", "optimizer", "batch", "data", "samples_per_s", "samples_per_cpu_s", "peak_rss_mb",
             "params", "steps", "error"]
     with open(args.out / "train.csv", "w", newline="") as f:
@@ -251,6 +308,11 @@ def report(args, rows, quality, mach, load0, load1, cuda: bool) -> None:
         w = csv.DictWriter(f, fieldnames=qcols, extrasaction="ignore")
         w.writeheader()
         w.writerows(quality)
+    fcols = ["framework", "model", "optimizer", "val_auc", "samples_per_s", "error"]
+    with open(args.out / "train_fuxictr.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fcols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(fuxi)
     summary = []
     for label in dict.fromkeys(q["optimizer"] for q in quality):
         aucs = [q["val_auc"] for q in quality if q["optimizer"] == label and "val_auc" in q]
@@ -265,13 +327,19 @@ def report(args, rows, quality, mach, load0, load1, cuda: bool) -> None:
           f"{load0} at start, {load1} at the end (the 2 cores are shared with other jobs: samples per CPU-second "
           "is the steadier figure)", f"- timed window: {args.seconds:g}s per row after 3 warm-up steps; each row in "
           "its own process (peak RSS = that process, memmapped shard pages included)", f"- {gpu}",
-          f"- {_fuxictr_note()}", "", "## Throughput", "",
+          "", "## Throughput", "",
           md_table([{k: r.get(k, "") for k in cols} for r in rows], cols[:-2] + ["error"]), ""]
     if summary:
         md += ["## Quality: DeepFM val AUC by optimiser (same data, batch, epochs; best epoch)", "",
                f"{args.quality_rows:,} train / 50,000 val synthetic rows (prepared shards), batch "
                f"{args.quality_batch}, {args.quality_epochs} epochs, seeds 0..{args.seeds - 1}.", "",
                md_table(summary, ["optimizer", "seeds", "mean val AUC", "std", "min", "max"]), ""]
+    if fuxi:
+        md += ["## FuxiCTR on the same data (CPU)", "",
+               f"{args.quality_rows:,} train / 50,000 val rows as Parquet, batch {args.quality_batch}, "
+               f"{args.quality_epochs} epochs, lr 2e-3, L2 1e-4, seed 0, default member configs; samples/s = rows × "
+               "epochs / (training + per-epoch validation), in both.", "",
+               md_table(fuxi, fcols), ""]
     (args.out / "train.md").write_text("\n".join(md))
     plot(args, rows)
     print("\n".join(md))

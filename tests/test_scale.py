@@ -239,6 +239,29 @@ def test_sparse_optimizer_touches_only_batch_rows_and_learns(opt, prepared):
     assert losses[-1] < losses[0] - 0.02 and ck.metrics["val_auc"] > 0.62
 
 
+def test_resume_from_prepared_shards_reaches_the_uninterrupted_result(prepared, tmp_path, monkeypatch):
+    tr, va = Prepared(prepared / "train"), Prepared(prepared / "val")
+    cfg = TrainConfig(epochs=2, batch_size=512, optimizer="sparse_adam", save_every=5, patience=5)
+    args = ("dcnv2", "dcnv2", models.make_config("dcnv2", TINY_MODEL["dcnv2"]), tr.spec, tr, va, cfg)
+    whole = train_member(*args)
+    real, calls = Optimizers.step, []
+
+    def killed_at_step_19(self):
+        calls.append(1)
+        if len(calls) == 19:  # killed in epoch 2 (12 steps per epoch); the last state is of step 15, mid-epoch
+            raise KeyboardInterrupt
+        real(self)
+
+    monkeypatch.setattr(Optimizers, "step", killed_at_step_19)
+    with pytest.raises(KeyboardInterrupt):
+        train_member(*args, state_path=tmp_path / "m.state.pt")
+    monkeypatch.setattr(Optimizers, "step", real)
+    resumed = train_member(*args, state_path=tmp_path / "m.state.pt", resume=True)
+    for k, v in whole.state_dict.items():
+        torch.testing.assert_close(resumed.state_dict[k], v, rtol=1e-5, atol=1e-6)
+    assert resumed.metrics["val_auc"] == pytest.approx(whole.metrics["val_auc"], abs=1e-6)
+
+
 def test_bf16_autocast_trains(prepared):
     tr, va = Prepared(prepared / "train"), Prepared(prepared / "val")
     ck = train_member("dcnv2", "dcnv2", models.make_config("dcnv2", TINY_MODEL["dcnv2"]), tr.spec, tr, va,
