@@ -252,6 +252,29 @@ class CountMerger:
         return (self.merged.nbytes if self.merged is not None else 0) + sum(t.nbytes for t in self.pending)
 
 
+def token_partition(values: pa.Array, parts: int) -> np.ndarray:
+    """Partition (0..parts-1) of each string by a polynomial hash of its UTF-8 bytes, vectorised over the
+    Arrow buffers: the same token lands in the same partition in every chunk, so partitions merge alone."""
+    values = values.cast(pa.string()) if not pa.types.is_string(values.type) else values
+    n = len(values)
+    if n == 0 or parts <= 1:
+        return np.zeros(n, np.int64)
+    offsets = np.frombuffer(values.buffers()[1], np.int32, n + 1, values.offset * 4).astype(np.int64)
+    data = np.frombuffer(values.buffers()[2], np.uint8) if values.buffers()[2] is not None else np.zeros(0, np.uint8)
+    data = data[offsets[0]: offsets[-1]].astype(np.uint64)
+    starts, lengths = offsets[:-1] - offsets[0], np.diff(offsets)
+    pos = np.arange(len(data)) - np.repeat(starts, lengths)
+    powers = np.cumprod(np.full(max(int(lengths.max(initial=0)), 1), 1_000_003, np.uint64))  # wraps mod 2^64
+    terms = data * powers[pos] if len(data) else data
+    h = np.zeros(n, np.uint64)
+    nonempty = lengths > 0
+    if nonempty.any():
+        h[nonempty] = np.add.reduceat(terms, starts[nonempty])
+    h ^= h >> np.uint64(29)
+    h *= np.uint64(0xBF58476D1CE4E5B9)
+    return ((h >> np.uint64(32)) % np.uint64(parts)).astype(np.int64)
+
+
 def vocab_from_counts(counts: pa.Table, min_count: int) -> list[str]:
     """Tokens seen at least ``min_count`` times, by count desc then token (byte order = code-point
     order for UTF-8), so the vocabulary is deterministic."""
@@ -311,13 +334,15 @@ class FitAccumulator:
         """Field ``f``'s counts; f = n_cat is the sequence's items."""
         return self.counts[f] if f < len(self.counts) else self.seq_counts
 
-    def finish_field(self, f: int, min_count: int) -> None:
+    def finish_field(self, f: int, min_count: int, kept: pa.Table | None = None, distinct: int = 0) -> None:
         """Fix field ``f``'s vocabulary now and free its counts (fitting one field at a time bounds memory
-        by the largest field's distinct tokens instead of all fields')."""
+        by the largest field's distinct tokens instead of all fields'). ``kept``/``distinct``: the counts
+        (at least the tokens seen ``min_count`` times) and the number of distinct tokens, when the caller
+        merged them itself (in partitions)."""
         m = self.merger(f)
-        counts = m.result()
+        counts = m.result() if kept is None else kept
         self._vocab[f] = vocab_from_counts(counts, min_count)
-        self._distinct[f] = counts.num_rows
+        self._distinct[f] = counts.num_rows if kept is None else distinct
         m.merged, m.pending = None, []
 
     def _field_vocab(self, f: int, min_count: int) -> list[str]:

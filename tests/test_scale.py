@@ -114,6 +114,18 @@ def test_resume_does_not_reread_finished_chunks(tiny_data, tmp_path, monkeypatch
     assert not (tmp_path / "out" / prep.WORK).exists()
 
 
+def test_large_fields_merge_in_hash_partitions_with_the_same_result(tiny_data, tmp_path, monkeypatch):
+    whole = _prep(tiny_data / "train.tsv", tmp_path / "whole")
+    monkeypatch.setattr(prep, "PARTITION_ENTRIES", 200)  # fields with > 200 (token, chunk) entries: partitioned
+    calls, real = [], features.token_partition
+    monkeypatch.setattr(features, "token_partition", lambda v, parts: calls.append(parts) or real(v, parts))
+    parts = _prep(tiny_data / "train.tsv", tmp_path / "parts")
+    assert calls and max(calls) >= 5
+    a, b = Prepared(whole.out), Prepared(parts.out)
+    assert a.spec.to_dict() == b.spec.to_dict()  # vocabularies, order and distinct-token counts alike
+    _same_feeds(a.feeds(), b.feeds())
+
+
 def test_resume_refuses_other_options_and_foreign_folder(tiny_data, tmp_path, monkeypatch):
     monkeypatch.setattr(prep, "run_chunk", lambda task: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):

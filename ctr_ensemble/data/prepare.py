@@ -64,6 +64,9 @@ WORK = "_work"
 PROGRESS = "progress.json"
 SHARDS = "shards"
 # Storage dtype per column (the model dtype is features.INPUT_DTYPES; label → float32).
+# Count entries (token, chunk) one merge takes in before a field is merged in hash partitions instead:
+# ~240 B per distinct token at a merge's peak (bench-data's probe) keeps the parent near 1 GB.
+PARTITION_ENTRIES = 4_000_000
 STORAGE_DTYPES = {"cat_ids": np.int32, "num": np.float32, "label": np.uint8, "seq_ids": np.int32, "seq_len": np.int32}
 
 
@@ -547,15 +550,42 @@ def _fit_from_chunks(out: Path, state: dict, opts: PrepareOptions, inputs: list[
         acc.add_sums(info["rows"], np.asarray(info["num_sums"]).reshape(3, -1),
                      np.asarray(info["seq_hist"], np.int64) if "seq_hist" in info else None)
     n_fields = len(names["categorical"]) + (1 if state["sequence"] else 0)
+    paths = [out / _draft(i, "counts.arrow") for i in with_rows]
+    entries = _count_entries(paths, n_fields)
     for f in tqdm(range(n_fields), desc=f"prepare {out.name}: fit vocabularies", unit="field", leave=False):
-        merger = acc.merger(f)
-        for i in with_rows:
-            merger.add(read_counts(out / _draft(i, "counts.arrow"), [f])[0])
-        acc.finish_field(f, opts.min_count)
+        parts = 1 if opts.max_distinct else -(-entries[f] // PARTITION_ENTRIES)
+        if parts <= 1:
+            merger = acc.merger(f)
+            for p in paths:
+                merger.add(read_counts(p, [f])[0])
+            acc.finish_field(f, opts.min_count)
+            continue
+        # A large field: merge it in hash partitions, one at a time, keeping only the tokens that reach
+        # min_count; memory is bounded by PARTITION_ENTRIES whatever the number of distinct tokens.
+        kept, distinct = [], 0
+        for part in range(parts):
+            merger = features.CountMerger()
+            for p in paths:
+                t = read_counts(p, [f])[0]
+                merger.add(t.filter(pa.array(features.token_partition(t["value"].combine_chunks(), parts) == part)))
+            counts = merger.result()
+            distinct += counts.num_rows
+            kept.append(counts.filter(pc.greater_equal(counts["count"], opts.min_count)))
+        acc.finish_field(f, opts.min_count, pa.concat_tables(kept), distinct)
     fitted_on = {"file": str(inputs[0]) if len(inputs) == 1 else [str(p) for p in inputs], "format": state["format"],
                  "rows": acc.rows, "skipped_rows": sum(v["skipped"] for v in infos)}
     seq_ignored = names["sequence"] if state["sequence"] is None else None
     return acc.spec(opts.min_count, state["seq_max_len"], fitted_on, ignored_sequence=seq_ignored, source=str(inputs[0]))
+
+
+def _count_entries(paths: list[Path], n_fields: int) -> list[int]:
+    """Per field: count-table rows summed over the chunks (what a merge of that field takes in)."""
+    total = [0] * n_fields
+    for p in paths:
+        with ipc.open_file(pa.memory_map(str(p))) as r:
+            for f in range(n_fields):
+                total[f] += r.get_batch(f).num_rows
+    return total
 
 
 def _write_manifest(out: Path, state: dict) -> dict:
