@@ -314,11 +314,13 @@ def test_ddp_two_gloo_processes_match_one_process(prepared, tmp_path):
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ddp = subprocess.run([str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-port", str(free_port()),
-                          "-m", "ctr_ensemble.cli", *_train_args(prepared, tmp_path / "ddp.pt"), "--epochs", "2"],
+                          "-m", "ctr_ensemble.cli", *_train_args(prepared, tmp_path / "ddp.pt"), "--epochs", "2",
+                          "--optimizer", "sparse_adam"],  # sparse gradients all-reduced by gloo
                          capture_output=True, text=True, timeout=240, env=env)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert "on 2 processes" in ddp.stdout and ddp.stdout.count("best val AUC") == 1  # rank 0 alone reports/writes
-    one = subprocess.run([*CLI, *_train_args(prepared, tmp_path / "one.pt"), "--epochs", "2", "--streams", "2"],
+    one = subprocess.run([*CLI, *_train_args(prepared, tmp_path / "one.pt"), "--epochs", "2", "--streams", "2",
+                          "--optimizer", "sparse_adam"],
                          capture_output=True, text=True, timeout=240, env=env)
     assert one.returncode == 0, one.stderr[-3000:]
     a, b = checkpoint.load(tmp_path / "ddp.pt"), checkpoint.load(tmp_path / "one.pt")
@@ -327,6 +329,16 @@ def test_ddp_two_gloo_processes_match_one_process(prepared, tmp_path):
     assert diff < 1e-5  # same global batches; only the gradient summation order differs
     assert a.metrics["val_auc"] == pytest.approx(b.metrics["val_auc"], abs=1e-4)
     assert (tmp_path / "ddp.history.csv").is_file()
+
+
+def test_sparse_optimizer_is_refused_on_nccl_before_any_collective(prepared):
+    from ctr_ensemble.training.distributed import Dist
+
+    tr = Prepared(prepared / "train")
+    nccl = Dist(rank=0, world=2, backend="nccl")  # what setup() returns on GPUs; refused before it is used
+    with pytest.raises(CtrError, match="NCCL cannot all-reduce sparse gradients"):
+        train_member("dcnv2", "dcnv2", models.make_config("dcnv2", TINY_MODEL["dcnv2"]), tr.spec, tr, tr,
+                     TrainConfig(optimizer="sparse_adam"), dist=nccl)
 
 
 def test_dead_ddp_worker_stops_the_job_with_a_clear_error(prepared, tmp_path):

@@ -241,6 +241,9 @@ def train_member(
     dist = dist or Dist(device=distributed.resolve_device(cfg.device))
     if cfg.amp not in AMP:
         raise CtrError(f"amp must be one of {', '.join(AMP)}, got {cfg.amp!r}")
+    if dist.backend == "nccl" and cfg.optimizer != "adam":
+        raise CtrError(f"--optimizer {cfg.optimizer}: NCCL cannot all-reduce sparse gradients "
+                       "(pytorch/pytorch#22400); use --optimizer adam for multi-GPU runs")
     torch.manual_seed(cfg.seed)
     model = models.build(arch, model_cfg, spec).to(dist.device)
     opt = Optimizers(model, cfg)
