@@ -437,6 +437,15 @@ class Encoder:
         self._vocab = [pa.array(f.vocab, type=pa.string()) for f in spec.categorical]
         self._seq_vocab = pa.array(spec.sequence.vocab, type=pa.string()) if spec.sequence else None
 
+    @property
+    def vocab_arrays(self) -> list[pa.Array]:
+        """Per categorical field, its vocabulary as an Arrow string array (token at position i has id i + 1)."""
+        return self._vocab
+
+    @property
+    def seq_vocab_array(self) -> pa.Array | None:
+        return self._seq_vocab
+
     def check_fields(self, reader, source: str) -> None:
         """The file's fields must be the spec's, in the same order."""
         got = (list(reader.cat_names), list(reader.num_names))

@@ -331,14 +331,16 @@ def test_ddp_two_gloo_processes_match_one_process(prepared, tmp_path):
     assert (tmp_path / "ddp.history.csv").is_file()
 
 
-def test_sparse_optimizer_is_refused_on_nccl_before_any_collective(prepared):
+def test_sparse_optimizer_is_refused_on_nccl_and_with_compile(prepared):
     from ctr_ensemble.training.distributed import Dist
 
     tr = Prepared(prepared / "train")
     nccl = Dist(rank=0, world=2, backend="nccl")  # what setup() returns on GPUs; refused before it is used
+    args = ("dcnv2", "dcnv2", models.make_config("dcnv2", TINY_MODEL["dcnv2"]), tr.spec, tr, tr)
     with pytest.raises(CtrError, match="NCCL cannot all-reduce sparse gradients"):
-        train_member("dcnv2", "dcnv2", models.make_config("dcnv2", TINY_MODEL["dcnv2"]), tr.spec, tr, tr,
-                     TrainConfig(optimizer="sparse_adam"), dist=nccl)
+        train_member(*args, TrainConfig(optimizer="sparse_adam"), dist=nccl)
+    with pytest.raises(CtrError, match="--compile works with --optimizer adam only"):
+        train_member(*args, TrainConfig(optimizer="sparse_adam", compile=True))
 
 
 def test_dead_ddp_worker_stops_the_job_with_a_clear_error(prepared, tmp_path):

@@ -309,11 +309,11 @@ def _write_final_ids(out: Path, index: int, local: np.ndarray, counts: list[pa.T
                      enc: features.Encoder) -> dict:
     files = {}
     ids = np.empty_like(local)
-    for f, (table, vocab) in enumerate(zip(counts, enc._vocab)):
+    for f, (table, vocab) in enumerate(zip(counts, enc.vocab_arrays)):
         ids[:, f] = lookup_table(table["value"].combine_chunks(), vocab)[local[:, f]]
     files["cat_ids"] = write_npy(out, shard_file(index, "cat_ids"), ids)
     if seq is not None:
-        lut = lookup_table(seq_counts["value"].combine_chunks(), enc._seq_vocab, pad=True)
+        lut = lookup_table(seq_counts["value"].combine_chunks(), enc.seq_vocab_array, pad=True)
         files["seq_ids"] = write_npy(out, shard_file(index, "seq_ids"), lut[seq[0]])
     return files
 

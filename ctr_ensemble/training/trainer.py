@@ -244,6 +244,9 @@ def train_member(
     if dist.backend == "nccl" and cfg.optimizer != "adam":
         raise CtrError(f"--optimizer {cfg.optimizer}: NCCL cannot all-reduce sparse gradients "
                        "(pytorch/pytorch#22400); use --optimizer adam for multi-GPU runs")
+    if cfg.compile and cfg.optimizer != "adam":
+        raise CtrError(f"--compile works with --optimizer adam only: torch.compile (inductor) cannot produce the "
+                       f"sparse embedding gradients of {cfg.optimizer}")
     torch.manual_seed(cfg.seed)
     model = models.build(arch, model_cfg, spec).to(dist.device)
     opt = Optimizers(model, cfg)
