@@ -126,6 +126,19 @@ def test_large_fields_merge_in_hash_partitions_with_the_same_result(tiny_data, t
     _same_feeds(a.feeds(), b.feeds())
 
 
+def test_bad_row_in_a_later_chunk_names_its_line_in_the_file(tiny_data, tmp_path):
+    lines = (tiny_data / "train.tsv").read_text().splitlines(keepends=True)
+    lines[4321] = "1\tnot-a-number" + "\t" * 38 + "\n"
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("".join(lines))
+    with pytest.raises(CtrError, match=f"{bad}:line 4322, field I1: expected a number"):
+        _prep(bad, tmp_path / "out", workers=1)
+    r = _prep(bad, tmp_path / "skip", skip_bad_rows=True)
+    assert r.rows == 5999 and r.skipped == 1
+    m = json.loads((tmp_path / "skip" / prep.MANIFEST).read_text())
+    assert m["skipped"] == 1 and "line 4322" in m["skipped_examples"][0]
+
+
 def test_resume_refuses_other_options_and_foreign_folder(tiny_data, tmp_path, monkeypatch):
     monkeypatch.setattr(prep, "run_chunk", lambda task: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):

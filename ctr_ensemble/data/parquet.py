@@ -49,6 +49,7 @@ class ParquetReader:
     """Iterate a Parquet file or folder of Parquet files in batches of ``batch_size`` rows."""
 
     format = "parquet"
+    _span: Span | None = None  # set by ``part``: some row groups of one file
 
     def __init__(self, path: str | Path, skip_bad_rows: bool = False, label: str | None = None,
                  categorical: Sequence[str] = (), sequence: str | None = None, exclude: Sequence[str] = (),
@@ -148,8 +149,6 @@ class ParquetReader:
         other.files = [Path(span.file)]
         other._span = span
         return other
-
-    _span: Span | None = None
 
     def row_groups(self, f: Path) -> list[int]:
         """Rows per row group of file ``f``."""

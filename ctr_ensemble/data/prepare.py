@@ -229,7 +229,9 @@ def _encoder(spec_path: str) -> features.Encoder:
 
 
 def _read_span(task: ChunkTask):
-    """All rows of the chunk as one RawBatch (or None), its read stats and its line count."""
+    """All rows of the chunk as one RawBatch (or None) and its read stats. A chunk whose first line is not
+    known yet is read with lines counted from its start; only if an error or a skipped row needs a line
+    number are the lines before it counted and the chunk read again."""
     reader = open_reader(task.input_path, task.fmt, task.skip_bad_rows)
     span = task.span
     guessed = span.first_line == 0
