@@ -75,7 +75,9 @@ def test_soak_cli_reports_requests_errors_drift_and_rss(tmp_path, tiny_repo, tin
     windows = list(csv.DictReader(open(out / "soak_windows.csv")))
     assert {w["protocol"] for w in windows} == {"grpc", "http"} and len(windows) >= 4
     assert sum(int(w["requests"]) for w in windows) == s["requests"]
-    assert len(list(csv.DictReader(open(out / "rss.csv")))) >= 5
+    rss = list(csv.DictReader(open(out / "rss.csv")))
+    assert len(rss) >= 5 and float(rss[-1]["cpu_s"]) > float(rss[0]["cpu_s"]) > 0 and float(rss[0]["host_load1"]) >= 0
+    assert any(w["server_cpu"] and float(w["server_cpu"]) > 0 for w in windows)
     assert (out / "soak.png").stat().st_size > 10_000 and "— PASS" in (out / "soak.md").read_text()
 
 

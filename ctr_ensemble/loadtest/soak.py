@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -38,7 +39,8 @@ from ctr_ensemble.loadtest.sweep import (LOCUSTFILE, PROTOCOLS, Target, model_in
 from ctr_ensemble.serving import metrics
 from ctr_ensemble.serving.supervisor import stub_pids
 
-WINDOW_COLUMNS = ["protocol", "window", "t_from_s", "requests", "errors", "rps", "p50_ms", "p99_ms"]
+WINDOW_COLUMNS = ["protocol", "window", "t_from_s", "requests", "errors", "rps", "p50_ms", "p99_ms", "host_load1", "server_cpu"]
+RSS_COLUMNS = ["t_s", "server_mb", "stubs_mb", "n_stubs", "total_mb", "cpu_s", "host_load1"]
 
 
 @dataclass
@@ -82,12 +84,23 @@ def _rss_mb(pid: int) -> float | None:
     return None
 
 
+def _cpu_s(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
 def memory_sample(server_pid: int) -> dict:
-    """RSS in MB of the server process and of each backend stub it started right now."""
+    """RSS in MB of the server process and of each backend stub it started right now, their CPU seconds so
+    far, and the host's 1-minute load average (on a shared machine, other jobs explain latency drift)."""
+    stubs_pids = list(stub_pids(server_pid))
     server = _rss_mb(server_pid)
-    stubs = [r for r in (_rss_mb(p) for p in stub_pids(server_pid)) if r is not None]
+    stubs = [r for r in (_rss_mb(p) for p in stubs_pids) if r is not None]
     return {"t": time.time(), "server_mb": server, "stubs_mb": sum(stubs), "n_stubs": len(stubs),
-            "total_mb": (server or 0.0) + sum(stubs) if server is not None else None}
+            "total_mb": (server or 0.0) + sum(stubs) if server is not None else None,
+            "cpu_s": _cpu_s(server_pid) + sum(_cpu_s(p) for p in stubs_pids), "host_load1": os.getloadavg()[0]}
 
 
 class _Sampler(threading.Thread):
@@ -125,6 +138,17 @@ def window_rows(res: dict[str, np.ndarray], protocol: str, t0: float, window_s: 
                     "p50_ms": float(np.percentile(good, 50)) if len(good) else float("nan"),
                     "p99_ms": float(np.percentile(good, 99)) if len(good) else float("nan")})
     return out
+
+
+def add_host_context(windows: list[dict], samples: list[dict], t0: float, window_s: float) -> None:
+    """Per window: the mean host load average and the server's CPU use (cores busy, server + stubs) from the
+    samples in it, so a latency change can be told apart from other jobs on the machine."""
+    for w in windows:
+        lo = t0 + w["t_from_s"]
+        inside = [x for x in samples if lo <= x["t"] < lo + window_s]
+        w["host_load1"] = round(float(np.mean([x["host_load1"] for x in inside])), 2) if inside else None
+        w["server_cpu"] = (round((inside[-1]["cpu_s"] - inside[0]["cpu_s"]) / (inside[-1]["t"] - inside[0]["t"]), 2)
+                           if len(inside) > 1 else None)
 
 
 def p99_drift(res: dict[str, np.ndarray], window_s: float) -> dict:
@@ -231,6 +255,7 @@ def run_soak(cfg: SoakConfig, repo: Path, data: Path, out: Path, *, target: Targ
         summary["server_requests_success"] = own_cost.requests if own_cost else 0
         summary["server_requests_failure"] = own_cost.failures if own_cost else 0
     samples = sampler.samples if sampler else []
+    add_host_context(windows, samples, t0, cfg.window_s)
     summary.update(_rss_summary(rss_start, samples, rss_end, t_load, cfg.window_s, cfg.rss_warn_mb))
     summary["passed"] = bool(alive and summary["requests"] > 0 and summary["errors"] == 0)
     _write(out, summary, windows, ([rss_start] if rss_start else []) + samples + ([rss_end] if rss_end else []), t_load)
@@ -263,10 +288,9 @@ def _write(out: Path, summary: dict, windows: list[dict], samples: list[dict], t
         w = csv.DictWriter(f, fieldnames=WINDOW_COLUMNS)
         w.writeheader()
         w.writerows(windows)
-    rss_rows = [{"t_s": round(s["t"] - t_load, 2), "server_mb": s["server_mb"], "stubs_mb": s["stubs_mb"],
-                 "n_stubs": s["n_stubs"], "total_mb": s["total_mb"]} for s in samples]
+    rss_rows = [{"t_s": round(s["t"] - t_load, 2), **{k: s[k] for k in RSS_COLUMNS[1:]}} for s in samples]
     with open(out / "rss.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["t_s", "server_mb", "stubs_mb", "n_stubs", "total_mb"])
+        w = csv.DictWriter(f, fieldnames=RSS_COLUMNS)
         w.writeheader()
         w.writerows(rss_rows)
     (out / "soak.md").write_text(render_markdown(summary, windows))
@@ -297,7 +321,10 @@ def render_markdown(summary: dict, windows: list[dict]) -> str:
         "", "## Per protocol", "",
         markdown_table(summary["protocols"], ["protocol", "requests", "errors", "rps", "p50_ms", "p99_ms", "first_p99_ms",
                                               "last_p99_ms", "p99_drift_ms", "p99_drift_ratio", "served_auc", "offline_auc"]),
-        "", f"## Per window of {c['window_s']:g} s", "", markdown_table(windows, WINDOW_COLUMNS), "",
+        "", f"## Per window of {c['window_s']:g} s", "",
+        "`host_load1`: the machine's 1-minute load average; `server_cpu`: cores busy in tritonserver + its stubs. "
+        "Latency that rises with the host load while the server's CPU stays flat comes from other jobs, not the server.",
+        "", markdown_table(windows, WINDOW_COLUMNS), "",
     ]
     return "\n".join(lines)
 
@@ -323,7 +350,12 @@ def plot(windows: list[dict], rss_rows: list[dict], path: Path) -> None:
         x = [r["t_s"] / 60 for r in rss_rows]
         ax2.plot(x, [r["total_mb"] for r in rss_rows], "-", label="tritonserver + stubs")
         ax2.plot(x, [r["server_mb"] for r in rss_rows], "--", label="tritonserver")
-        ax2.legend(fontsize=8)
+        ax2.legend(fontsize=8, loc="center left")
+        ax3 = ax2.twinx()  # other jobs on the machine explain latency changes the server did not cause
+        ax3.plot(x, [r["host_load1"] for r in rss_rows], ":", color="grey", label="host load (1 min)")
+        ax3.set_ylabel("host load average")
+        ax3.set_ylim(bottom=0)
+        ax3.legend(fontsize=8, loc="center right")
     ax2.set_xlabel("minutes since the load started")
     ax2.set_ylabel("RSS (MB)")
     ax2.grid(alpha=0.3)
