@@ -10,6 +10,8 @@ MEMBERS ?= deepfm,dcnv2
 SEQ_MAX_LEN ?= 0
 PYTEST_ARGS ?=
 EXPERIMENTS_ARGS ?=
+SOAK_SECONDS ?= 600
+SOAK_ARGS ?=
 
 PERF_VENV := .venv-perf
 PERF_STAMP := $(PERF_VENV)/.installed
@@ -19,7 +21,7 @@ LT_REPO := $(if $(LT_DEMO),model_repository,artifacts/loadtest/demo/model_reposi
 LT_DATA := $(if $(LT_DEMO),artifacts/demo/data/test.tsv,artifacts/loadtest/demo/data/test.tsv)
 LT_SMALL := artifacts/loadtest/demo
 
-.PHONY: venv perf-venv demo test bench-serve bench-quality bench-data bench-train loadtest loadtest-demo experiments clean
+.PHONY: venv perf-venv demo test bench-serve bench-quality bench-data bench-train loadtest loadtest-demo soak experiments clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -63,6 +65,11 @@ experiments: venv
 loadtest: venv perf-venv
 	test -f $(LT_REPO)/repository.json -a -f $(LT_DATA) || $(MAKE) loadtest-demo
 	$(BIN)/ctr-ensemble loadtest --sweep --repository $(LT_REPO) --data $(LT_DATA) --out artifacts/loadtest
+
+# Soak: a long Locust load on the ensemble (default 10 minutes), errors must be 0; p99 drift and RSS leak check.
+soak: venv
+	test -f $(LT_REPO)/repository.json -a -f $(LT_DATA) || $(MAKE) loadtest-demo
+	$(BIN)/ctr-ensemble soak --repository $(LT_REPO) --data $(LT_DATA) --duration $(SOAK_SECONDS) --out artifacts/soak $(SOAK_ARGS)
 
 # A small demo (the demo pipeline's steps at 30k training rows, 2 epochs) when `make demo` has not run.
 loadtest-demo: venv

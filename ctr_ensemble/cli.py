@@ -708,6 +708,45 @@ def loadtest_cmd(
         raise typer.Exit(1)
 
 
+@app.command("soak")
+def soak_cmd(
+    repository: Path = typer.Option(Path("model_repository"), help="Model repository (served, and the offline reference)."),
+    data: Path = typer.Option(Path("artifacts/demo/data/test.tsv"), help="Held-out labelled file whose rows are sent."),
+    model: str = typer.Option("ctr_ensemble", help="Model to soak."),
+    duration: float = typer.Option(600.0, help="Seconds of load (default 10 minutes)."),
+    max_requests: int = typer.Option(2_000_000, help="Bound on requests over all protocols; the run stops when reached."),
+    protocol: str = typer.Option("grpc,http", help="Comma list; one concurrent Locust process per protocol."),
+    users: int = typer.Option(2, help="Concurrent users per protocol."),
+    rows_per_request: int = typer.Option(64),
+    max_rows: int = typer.Option(8192, help="Held-out rows cycled through."),
+    window: float = typer.Option(60.0, help="Seconds per window; p99 drift = last window's p99 - first window's."),
+    sample: float = typer.Option(5.0, help="Seconds between server RSS samples."),
+    rss_warn_mb: float = typer.Option(100.0, help="RSS growth after the first window flagged as a suspected leak."),
+    url: Optional[str] = typer.Option(None, help="Host of a running Triton (no server is started)."),
+    http_port: int = typer.Option(8000), grpc_port: int = typer.Option(8001), metrics_port: int = typer.Option(8002),
+    server_pid: Optional[int] = typer.Option(None, help="With --url on this machine: tritonserver's pid, for the RSS leak check."),
+    out: Path = typer.Option(Path("artifacts/soak"), help="Output folder for soak.{json,md,png}, soak_windows.csv, rss.csv."),
+    fmt: str = typer.Option("auto", "--format", help="Data format: auto, criteo, avazu, libsvm, parquet."),
+) -> None:
+    """Long Locust load on one model: requests, errors (must be 0), p99 drift first vs last window, server RSS start/end."""
+    from rich.console import Console
+
+    from ctr_ensemble.loadtest import soak as sk
+    from ctr_ensemble.loadtest import sweep as lt
+
+    cfg = sk.SoakConfig(model=model, duration_s=duration, protocols=_split_list(protocol), users=users,
+                        rows_per_request=rows_per_request, max_rows=max_rows, max_requests=max_requests, window_s=window,
+                        sample_s=sample, rss_warn_mb=rss_warn_mb)
+    target = lt.Target(url, http_port, grpc_port, metrics_port, repository) if url is not None else None
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    s = sk.run_soak(cfg, repository, data, out, target=target, server_pid=server_pid, fmt=fmt, console=console)
+    typer.echo((out / "soak.md").read_text())
+    typer.echo(f"wrote {out / 'soak.json'}, {out / 'soak.md'}, {out / 'soak.png'}")
+    if not s["passed"]:
+        typer.echo(f"soak failed: {s['errors']} errors, {s['requests']} requests, server alive: {s['server_alive']}", err=True)
+        raise typer.Exit(1)
+
+
 def _prepare_compose(repository: Path, data: Path, model: str, rows_per_request: int, max_rows: int, dest: Path, fmt: str) -> None:
     """rows.npz + config.json for the locust services of docker-compose.yml (mounted at /loadtest/run)."""
     from ctr_ensemble.loadtest import sweep as lt

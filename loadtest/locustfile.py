@@ -68,6 +68,7 @@ class _Shared:
         self.rpr = int(self.cfg["rows_per_request"])
         self.cursor = (os.getpid() * self.rpr) % self.n  # workers start at different rows
         self.sent = 0
+        self.quitting = False
         self.rec = {k: [] for k in ("t_start", "latency_ms", "row_start", "n_rows", "ok", "error")}
         self.preds: list[np.ndarray] = []
         self.pred_labels: list[np.ndarray] = []
@@ -144,8 +145,11 @@ class _TritonUser(User):
     def infer(self) -> None:
         s = self.s
         if s.sent >= int(s.cfg.get("max_requests", 1 << 62)):
-            if isinstance(self.environment.runner, LocalRunner):
-                self.environment.runner.quit()
+            if isinstance(self.environment.runner, LocalRunner) and not s.quitting:
+                # quit() stops every user greenlet, this one included: run it in its own greenlet,
+                # or it dies half-way and the process keeps running until the time limit.
+                s.quitting = True
+                gevent.spawn(self.environment.runner.quit)
             raise StopUser()
         s.sent += 1
         start, idx = s.next_rows()

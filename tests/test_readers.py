@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ctr_ensemble.data.avazu import AVAZU_CAT_COLS, AVAZU_COLUMNS, AvazuReader
+from ctr_ensemble.data.criteo import CriteoReader
 from ctr_ensemble.data.libsvm import LibSVMReader
 from ctr_ensemble.data.movielens import build_movielens
 from ctr_ensemble.data.parquet import ParquetReader
@@ -432,3 +433,53 @@ def test_movielens_builder_errors(tmp_path):
         build_movielens(cols, mp, tmp_path / "o")
     with pytest.raises(CtrError, match="val_frac and test_frac"):
         build_movielens(rp, mp, tmp_path / "o", val_frac=0.6, test_frac=0.5)
+
+
+# ----------------------------------------------------------------------------- every text reader
+
+def _criteo_line(i: int) -> bytes:
+    return ("\t".join(["1" if i % 2 else "0"] + [str(i)] * 13 + [f"c{i}"] * 26) + "\n").encode()
+
+
+@pytest.mark.parametrize("fmt", ["criteo", "avazu", "libsvm"])
+@pytest.mark.parametrize("where", ["categorical", "first field"])
+def test_a_line_that_is_not_utf8_is_named_by_file_and_line_or_skipped(tmp_path, fmt, where):
+    """Latin-1 bytes in a later chunk of the file: the error names the file's line (not the chunk's row)
+    and the field; with --skip-bad-rows exactly that row is dropped and counted, the others are intact."""
+    n, bad_at = 40, 29  # 1-based data line of the bad row, well past the first chunk
+    if fmt == "criteo":
+        lines = [_criteo_line(i) for i in range(n)]
+        field = "C1" if where == "categorical" else "label"
+        lines[bad_at - 1] = (lines[bad_at - 1].replace(b"c28", b"caf\xe9", 1) if where == "categorical"
+                             else b"\xff" + lines[bad_at - 1][1:])
+        header, cls = [], "CriteoReader"
+    elif fmt == "avazu":
+        lines = [(_avazu_row(i, click=str(i % 2)) + "\n").encode() for i in range(n)]
+        field = "site_id" if where == "categorical" else "click"
+        lines[bad_at - 1] = (lines[bad_at - 1].replace(b"site", b"s\xe9te", 1) if where == "categorical"
+                             else lines[bad_at - 1].replace(b",0,", b",\xff,", 1))
+        header, cls = [(",".join(AVAZU_COLUMNS) + "\n").encode()], "AvazuReader"
+    else:
+        lines = [f"{i % 2} 1:{i} 2:{i + 1} 3:1\n".encode() for i in range(n)]
+        field = None  # libSVM lines are decoded whole
+        lines[bad_at - 1] = (lines[bad_at - 1].replace(b"2:", b"2:\xe9", 1) if where == "categorical"
+                             else b"\xff" + lines[bad_at - 1][1:])
+        header, cls = [], "LibSVMReader"
+    path = tmp_path / f"bad.{fmt}"
+    path.write_bytes(b"".join(header + lines))
+    line_no = bad_at + len(header)
+    reader = {"CriteoReader": CriteoReader, "AvazuReader": AvazuReader, "LibSVMReader": LibSVMReader}[cls]
+    pattern = rf"bad\.{fmt}:line {line_no}" + (rf", field {field}" if field else "") + ": not UTF-8 text"
+    with pytest.raises(CtrError, match=pattern):
+        list(reader(path, block_size=256))
+    r = reader(path, skip_bad_rows=True, block_size=256)
+    batches = list(r)
+    assert len(batches) >= 2 and r.stats.skipped == 1 and "not UTF-8" in r.stats.skipped_examples[0]
+    labels = np.concatenate([b.label for b in batches])
+    assert labels.tolist() == [i % 2 for i in range(n) if i != bad_at - 1]
+    # the rows after the bad one keep their own values (nothing shifted)
+    if fmt != "libsvm":
+        whole = _concat(batches)[2]
+        col = 0 if fmt == "criteo" else AVAZU_CAT_COLS.index("device_ip")
+        expect = [f"c{i}" for i in range(n)] if fmt == "criteo" else [f"ip{i}" for i in range(n)]
+        assert whole[col] == expect[: bad_at - 1] + expect[bad_at:]

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from ctr_ensemble.data.criteo import RawBatch, ReadStats, TextParts, check_data_file
+from ctr_ensemble.data.criteo import RawBatch, ReadStats, TextParts, check_data_file, drop_bad_utf8
 from ctr_ensemble.errors import CtrError
 
 AVAZU_COLUMNS = [
@@ -107,7 +107,7 @@ class AvazuReader(TextParts):
                                       use_threads=False)
         parse_opts = pacsv.ParseOptions(delimiter=",", quote_char=False, invalid_row_handler=self._on_invalid_row)
         conv = pacsv.ConvertOptions(column_types={c: pa.string() for c in AVAZU_COLUMNS}, strings_can_be_null=False,
-                                    include_columns=AVAZU_COLUMNS[1:])
+                                    include_columns=AVAZU_COLUMNS[1:], check_utf8=False)  # checked by drop_bad_utf8
         try:
             source = self.path if self._span is None else pa.BufferReader(self._read_span())
             reader = pacsv.open_csv(source, read_options=read_opts, parse_options=parse_opts, convert_options=conv)
@@ -129,11 +129,14 @@ class AvazuReader(TextParts):
                 raise CtrError(f"{self.path}: near line {line}: cannot parse: {_first_line(e)}") from e
             pending, self._pending = self._pending, None
             invalid, self._invalid_lines = self._invalid_lines, []
+            n_rows = batch.num_rows
             span = np.arange(line, line + batch.num_rows + len(invalid))
             # 1-based line of each parsed row: the chunk's lines less those the parser dropped.
             lines = span[~np.isin(span, invalid)] if -1 not in invalid else span[: batch.num_rows]
             try:
-                out = self._convert(batch, lines[: batch.num_rows])
+                batch, kept = drop_bad_utf8(batch, lines[: batch.num_rows],
+                                            lambda ln, name, why: self._bad(f"line {ln}, field {name}", why, ln))
+                out = self._convert(batch, kept)
             except CtrError as e:
                 # Raise whichever problem comes first in the file: a column-count one or a value one.
                 p_line = getattr(pending, "line", None)
@@ -142,7 +145,7 @@ class AvazuReader(TextParts):
                 raise
             if pending is not None:
                 raise pending
-            line += batch.num_rows + len(invalid)
+            line += n_rows + len(invalid)
             if out is not None:
                 self.stats.rows += len(out.label)
                 yield out

@@ -2,8 +2,9 @@
 
 Files of any size are read in chunks with pyarrow's streaming CSV reader. Every
 problem names the file and the 1-based line: a row with the wrong number of
-columns, a label that is not 0/1, a numeric field that is not a number. With
-``skip_bad_rows`` such rows are dropped and counted instead of raising.
+columns, a label that is not 0/1, a numeric field that is not a number, a field
+that is not UTF-8 text. With ``skip_bad_rows`` such rows are dropped and counted
+instead of raising.
 """
 
 from __future__ import annotations
@@ -142,7 +143,9 @@ class CriteoReader(TextParts):
         read_opts = pacsv.ReadOptions(column_names=COLUMNS, block_size=self.block_size, use_threads=False)
         parse_opts = pacsv.ParseOptions(delimiter="\t", quote_char=False, invalid_row_handler=self._on_invalid_row)
         # Everything is read as text and converted here, so a bad value can be located by line.
-        conv = pacsv.ConvertOptions(column_types={c: pa.string() for c in COLUMNS}, strings_can_be_null=False)
+        # UTF-8 is checked here, not by the parser, whose error names neither the file's line nor lets the row be skipped.
+        conv = pacsv.ConvertOptions(column_types={c: pa.string() for c in COLUMNS}, strings_can_be_null=False,
+                                    check_utf8=False)
         try:
             source = self.path if self._span is None else pa.BufferReader(self._read_span())
             reader = pacsv.open_csv(source, read_options=read_opts, parse_options=parse_opts, convert_options=conv)
@@ -162,21 +165,27 @@ class CriteoReader(TextParts):
             except (pa.ArrowInvalid, OSError, EOFError, UnicodeDecodeError) as e:
                 raise CtrError(f"{self.path}: near line {line}: cannot parse: {_first_line(e)}") from e
             self._raise_pending()
-            out = self._convert(batch, line)
-            line += batch.num_rows + self._invalid_rows
+            n = batch.num_rows
+            batch, lines = drop_bad_utf8(batch, line + np.arange(n),
+                                         lambda ln, name, why: self._bad(f"line {ln}, field {name}", why))
+            out = self._convert(batch, lines)
+            line += n + self._invalid_rows
             self._invalid_rows = 0
             if out is not None:
                 self.stats.rows += len(out.label)
                 yield out
 
-    def _convert(self, batch: pa.RecordBatch, first_line: int) -> RawBatch | None:
+    def _convert(self, batch: pa.RecordBatch, lines: np.ndarray) -> RawBatch | None:
+        """``lines``: the 1-based line of each row in its file."""
         n = batch.num_rows
+        if n == 0:
+            return None
         keep = np.ones(n, dtype=bool)
         label_txt = batch.column(LABEL)
         label = np.zeros(n, dtype=np.int64)
         ok = pc.is_in(label_txt, value_set=pa.array(["0", "1"])).to_numpy(zero_copy_only=False)
         for i in np.flatnonzero(~ok):
-            self._bad(f"line {first_line + i}", f"label must be 0 or 1, got {label_txt[i].as_py()!r}")
+            self._bad(f"line {lines[i]}", f"label must be 0 or 1, got {label_txt[i].as_py()!r}")
             keep[i] = False
         label[ok] = (label_txt.to_numpy(zero_copy_only=False)[ok] == "1").astype(np.int64)
         num = np.empty((n, len(NUM_COLS)), dtype=np.float64)
@@ -195,7 +204,7 @@ class CriteoReader(TextParts):
                     try:
                         num[i, j] = float(v)
                     except ValueError:
-                        self._bad(f"line {first_line + i}, field {name}", f"expected a number or empty, got {v!r}")
+                        self._bad(f"line {lines[i]}, field {name}", f"expected a number or empty, got {v!r}")
                         keep[i] = False
                         num[i, j] = np.nan
         cats = [batch.column(name) for name in CAT_COLS]
@@ -205,7 +214,31 @@ class CriteoReader(TextParts):
             cats = [pc.filter(c, mask) for c in cats]
             if not keep.any():
                 return None
-        return RawBatch(label=label, num=num, cat=cats, first_line=first_line)
+        return RawBatch(label=label, num=num, cat=cats, first_line=int(lines[0]))
+
+
+def drop_bad_utf8(batch: pa.RecordBatch, lines: np.ndarray, bad) -> tuple[pa.RecordBatch, np.ndarray]:
+    """Rows of ``batch`` (string columns read without a UTF-8 check) with a field that is not UTF-8 text:
+    each is reported through ``bad(line, column, why)``, which raises or counts (--skip-bad-rows), and removed.
+    ``lines``: the file line of each row; returns the batch and lines that are left."""
+    rows: dict[int, tuple[str, str]] = {}
+    for name, col in zip(batch.schema.names, batch.columns):
+        try:  # the cast validates UTF-8 in one vectorised pass; rows are decoded one by one only when it fails
+            pc.cast(col.view(pa.binary()), pa.string())
+        except pa.ArrowInvalid:
+            for i, v in enumerate(col.view(pa.binary()).to_pylist()):
+                if i not in rows:
+                    try:
+                        v.decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        rows[i] = (name, f"not UTF-8 text: {e.reason} at byte {e.start} of {v[:40]!r}")
+    if not rows:
+        return batch, lines
+    for i in sorted(rows):
+        bad(int(lines[i]), *rows[i])
+    keep = np.ones(batch.num_rows, dtype=bool)
+    keep[list(rows)] = False
+    return batch.filter(pa.array(keep)), lines[keep]
 
 
 def _first_line(e: Exception) -> str:

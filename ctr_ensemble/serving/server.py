@@ -224,6 +224,11 @@ class TritonServer(Endpoints):
         tail = [l for l in text[-lines:] if l not in errors]
         return "\n".join(errors[:20] + (["..."] if tail else []) + tail)
 
+    @property
+    def pid(self) -> int | None:
+        """Process id of tritonserver (its backend stubs are its children)."""
+        return self._proc.pid if self._proc is not None else None
+
     def is_running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
