@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import sys
@@ -32,6 +33,16 @@ def _split_list(value: str) -> list[str]:
 
 RESUME_HELP = "Continue a killed run from its saved training state (same data, members and settings)."
 SAVE_EVERY_HELP = "Optimiser steps between saved training states (0 = at the end of each epoch only)."
+# Options every training command shares (train, train-mutual, train-collab): data, devices, torchrun.
+TRAIN_DATA_HELP = "Training data: a raw file, or a folder from `data prepare`."
+OPTIMIZER_HELP = "adam (dense) | sparse_adam | sparse_adagrad (sparse embedding updates; not on NCCL)."
+EMB_LR_HELP = "Learning rate of the embedding tables with a sparse optimizer (0 = 5 x --lr)."
+DEVICE_HELP = "auto | cpu | cuda."
+STREAMS_HELP = "Row streams (0 = one per process); --streams N on one process reproduces an N-process run's batches."
+PREFETCH_HELP = "Batches built ahead by a thread (>= 1 on CUDA)."
+DIST_TIMEOUT_HELP = "Seconds a torchrun worker waits for the others before stopping with an error."
+VERIFY_HELP = "Prepared data check at start: size (sizes + headers) | full (+ CRC-32 of every byte)."
+BATCH_HELP = "Global batch size (split over torchrun processes)."
 
 
 def _read_yaml_mapping(path: Path) -> dict:
@@ -172,28 +183,28 @@ def models_cmd(as_json: bool = typer.Option(False, "--json", help="Print the reg
 @app.command("train")
 def train_cmd(
     model: str = typer.Option(..., help="Architecture from the registry (see `ctr-ensemble models`)."),
-    train: Path = typer.Option(..., help="Training data: a raw file, or a folder from `data prepare`."),
+    train: Path = typer.Option(..., help=TRAIN_DATA_HELP),
     val: Path = typer.Option(..., help="Validation data for early stopping on AUC (raw file or prepared folder)."),
     out: Path = typer.Option(..., help="Checkpoint path to write (.pt)."),
     spec: Optional[Path] = typer.Option(None, help="Feature spec JSON (`data fit`); prepared data brings its own."),
     name: Optional[str] = typer.Option(None, help="Member name in the ensemble (default: the architecture)."),
     config: Optional[Path] = typer.Option(None, help="YAML file with model config overrides."),
     set_: list[str] = typer.Option([], "--set", help="Model config override KEY=VALUE (YAML value); repeatable."),
-    epochs: int = typer.Option(8), batch_size: int = typer.Option(512, help="Global batch size (split over torchrun processes)."),
+    epochs: int = typer.Option(8), batch_size: int = typer.Option(512, help=BATCH_HELP),
     lr: float = typer.Option(2e-3),
     weight_decay: float = typer.Option(1e-4, help="L2 penalty through Adam."),
     patience: int = typer.Option(1, help="Epochs without a better val AUC before stopping."),
     seed: int = typer.Option(42),
     threads: int = typer.Option(0, help="torch CPU threads (0 = torch default)."),
-    optimizer: str = typer.Option("adam", help="adam (dense) | sparse_adam | sparse_adagrad (sparse embedding updates)."),
-    emb_lr: float = typer.Option(0.0, help="Learning rate of the embedding tables with a sparse optimizer (0 = 5 x --lr)."),
+    optimizer: str = typer.Option("adam", help=OPTIMIZER_HELP),
+    emb_lr: float = typer.Option(0.0, help=EMB_LR_HELP),
     amp: str = typer.Option("none", help="none | bf16 autocast."),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the training forward."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda."),
-    streams: int = typer.Option(0, help="Row streams (0 = one per process); --streams N on one process reproduces an N-process run's batches."),
-    prefetch: int = typer.Option(0, help="Batches built ahead by a thread (>= 1 on CUDA)."),
-    dist_timeout: float = typer.Option(300.0, help="Seconds a torchrun worker waits for the others before stopping with an error."),
-    verify_shards: str = typer.Option("size", help="Prepared data check at start: size (sizes + headers) | full (+ CRC-32 of every byte)."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    streams: int = typer.Option(0, help=STREAMS_HELP),
+    prefetch: int = typer.Option(0, help=PREFETCH_HELP),
+    dist_timeout: float = typer.Option(300.0, help=DIST_TIMEOUT_HELP),
+    verify_shards: str = typer.Option("size", help=VERIFY_HELP),
     skip_bad_rows: bool = typer.Option(False),
     fmt: str = typer.Option("auto", "--format", help="Data format of raw files: auto, criteo, avazu, libsvm, parquet."),
     resume: bool = typer.Option(False, help=RESUME_HELP),
@@ -203,8 +214,7 @@ def train_cmd(
     import torch
 
     from ctr_ensemble import models
-    from ctr_ensemble.training import checkpoint, distributed
-    from ctr_ensemble.training.loop import clear_state
+    from ctr_ensemble.training import checkpoint
     from ctr_ensemble.training.trainer import TrainConfig, train_member
 
     if threads:
@@ -212,9 +222,7 @@ def train_cmd(
     overrides = _read_yaml_mapping(config) if config is not None else {}
     overrides.update(_parse_sets(set_))
     model_cfg = models.make_config(model, overrides)
-    dist = distributed.setup(device, timeout_s=dist_timeout)
-    STATE["dist"] = dist
-    try:
+    with _torchrun(device, dist_timeout) as dist:
         fs, tr, va = _training_data(train, val, spec, skip_bad_rows, fmt, verify_shards)
         cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, patience=patience,
                           seed=seed, save_every=save_every, optimizer=optimizer, emb_lr=emb_lr, amp=amp,
@@ -222,36 +230,60 @@ def train_cmd(
         state = out.with_suffix(".state.pt")
         ck = train_member(name or model, model, model_cfg, fs, tr, va, cfg, history_csv=out.with_suffix(".history.csv"),
                           state_path=state, resume=resume, dist=dist)
-        if dist.is_main:  # one checkpoint, written once
-            checkpoint.save(ck, out)
-            clear_state(state)
-        distributed.barrier(dist, "waiting for rank 0 to write the checkpoint")
+        _write_once(dist, state, lambda: checkpoint.save(ck, out))
+    if dist.is_main:
+        typer.echo(f"{out}: {ck.name} ({model}) best val AUC {ck.metrics['val_auc']:.4f} at epoch {ck.metrics['best_epoch']}"
+                   f"{_processes(dist)}")
+
+
+@contextlib.contextmanager
+def _torchrun(device: str, timeout_s: float):
+    """The torchrun process group of a training command (one plain process without torchrun), torn down at the end."""
+    from ctr_ensemble.training import distributed
+
+    dist = distributed.setup(device, timeout_s=timeout_s)
+    STATE["dist"] = dist  # errors then name the rank
+    try:
+        yield dist
     finally:
         distributed.teardown(dist)
+
+
+def _write_once(dist, state: Path, write) -> None:
+    """Outputs written once, by rank 0, then its resume state removed; the other ranks wait for it."""
+    from ctr_ensemble.training import distributed
+    from ctr_ensemble.training.loop import clear_state
+
     if dist.is_main:
-        procs = f" on {dist.world} processes" if dist.world > 1 else ""
-        typer.echo(f"{out}: {ck.name} ({model}) best val AUC {ck.metrics['val_auc']:.4f} at epoch {ck.metrics['best_epoch']}{procs}")
+        write()
+        clear_state(state)
+    distributed.barrier(dist, "waiting for rank 0 to write the outputs")
 
 
-def _training_data(train: Path, val: Path, spec: Optional[Path], skip_bad_rows: bool, fmt: str, verify: str):
-    """(spec, train, val): prepared folders are opened (memmaps), raw files encoded into memory."""
+def _processes(dist) -> str:
+    return f" on {dist.world} processes" if dist.world > 1 else ""
+
+
+def _training_data(train: Path, val: Path, spec, skip_bad_rows: bool, fmt: str, verify: str, spec_from: str = ""):
+    """(spec, train, val): prepared folders are opened (memmaps), raw files encoded into memory. ``spec`` is a
+    spec file, a loaded spec (``spec_from`` names where it came from) or None (the prepared folder's own)."""
     from ctr_ensemble.data.shards import Prepared, is_prepared
     from ctr_ensemble.features import FeatureSpec
     from ctr_ensemble.training.trainer import encode_file
 
     tr = Prepared(train, verify=verify) if is_prepared(train) else None
     va = Prepared(val, verify=verify) if is_prepared(val) else None
-    if spec is not None:
-        fs = FeatureSpec.load(spec)
-    elif tr is not None:
-        fs = tr.spec
-    elif va is not None:
-        fs = va.spec
+    if isinstance(spec, FeatureSpec):
+        fs, source = spec, spec_from
+    elif spec is not None:
+        fs, source = FeatureSpec.load(spec), spec
+    elif tr is not None or va is not None:
+        fs, source = (tr.spec, train) if tr is not None else (va.spec, val)
     else:
         raise CtrError("--spec is required when --train is a raw file (fit one with `ctr-ensemble data fit`)")
     for p, d in ((train, tr), (val, va)):
         if d is not None and d.spec.fingerprint() != fs.fingerprint():
-            raise CtrError(f"{p}: prepared with another feature spec than {spec or train} "
+            raise CtrError(f"{p}: prepared with another feature spec than {source} "
                            f"(fingerprint {d.spec.fingerprint()} vs {fs.fingerprint()}); prepare it with --spec")
     tr = tr if tr is not None else encode_file(train, fs, skip_bad_rows, fmt)
     va = va if va is not None else encode_file(val, fs, skip_bad_rows, fmt)
@@ -260,33 +292,40 @@ def _training_data(train: Path, val: Path, spec: Optional[Path], skip_bad_rows: 
 
 @app.command("train-mutual")
 def train_mutual_cmd(
-    train: Path = typer.Option(..., help="Training file."),
-    val: Path = typer.Option(..., help="Validation file (model selection on mean member AUC)."),
+    train: Path = typer.Option(..., help=TRAIN_DATA_HELP),
+    val: Path = typer.Option(..., help="Validation data (raw file or prepared folder); model selection on mean member AUC."),
     out_dir: Path = typer.Option(..., help="Folder for one ordinary checkpoint per member (<name>.pt) and the history."),
     model: list[str] = typer.Option([], help="scratch mode: a member architecture; repeat (repeats allowed: deepfm ×2)."),
     checkpoint_: list[Path] = typer.Option([], "--checkpoint", help="finetune mode: an independently trained member; repeat."),
-    spec: Optional[Path] = typer.Option(None, help="Feature spec JSON (scratch: required; finetune: must match the checkpoints')."),
+    spec: Optional[Path] = typer.Option(None, help="Feature spec JSON (scratch with raw files: required; prepared data brings its own; "
+                                                   "finetune: must match the checkpoints')."),
     mode: Optional[str] = typer.Option(None, help="scratch or finetune (default: finetune with --checkpoint, else scratch)."),
     mutual_weight: float = typer.Option(1.0, help="Weight w of the mutual term (1 = the paper's)."),
     set_: list[str] = typer.Option([], "--set", help="scratch mode: config override ARCH.KEY=VALUE; repeatable."),
     epochs: Optional[int] = typer.Option(None, help="Default: 8 (scratch), 1 (finetune)."),
     lr: Optional[float] = typer.Option(None, help="Default: 2e-3 (scratch), 7e-4 (finetune)."),
     lr_decay: Optional[float] = typer.Option(None, help="lr factor per epoch, applied every step. Default: 1 (scratch), 0.1^(1/3) (finetune)."),
-    batch_size: int = typer.Option(512), weight_decay: float = typer.Option(1e-4),
+    batch_size: int = typer.Option(512, help=BATCH_HELP), weight_decay: float = typer.Option(1e-4),
     patience: int = typer.Option(1), seed: int = typer.Option(42),
     threads: int = typer.Option(0, help="torch CPU threads (0 = torch default)."),
+    optimizer: str = typer.Option("adam", help=OPTIMIZER_HELP),
+    emb_lr: float = typer.Option(0.0, help=EMB_LR_HELP),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    streams: int = typer.Option(0, help=STREAMS_HELP),
+    prefetch: int = typer.Option(0, help=PREFETCH_HELP),
+    dist_timeout: float = typer.Option(300.0, help=DIST_TIMEOUT_HELP),
+    verify_shards: str = typer.Option("size", help=VERIFY_HELP),
     resume: bool = typer.Option(False, help=RESUME_HELP),
     save_every: int = typer.Option(0, help=SAVE_EVERY_HELP),
     skip_bad_rows: bool = typer.Option(False),
-    fmt: str = typer.Option("auto", "--format", help="Data format: auto, criteo, avazu, libsvm, parquet."),
+    fmt: str = typer.Option("auto", "--format", help="Data format of raw files: auto, criteo, avazu, libsvm, parquet."),
 ) -> None:
-    """Deep mutual learning (arXiv 2406.12087): co-train N >= 2 members, each on BCE + w·mean squared gap to its peers."""
+    """Deep mutual learning (arXiv 2406.12087): co-train N >= 2 members, each on BCE + w·mean squared gap to its peers;
+    under torchrun, data-parallel over processes."""
     import torch
 
     from ctr_ensemble.features import FeatureSpec
     from ctr_ensemble.training import checkpoint, mutual
-    from ctr_ensemble.training.loop import clear_state
-    from ctr_ensemble.training.trainer import encode_file
 
     if threads:
         torch.set_num_threads(threads)
@@ -294,39 +333,43 @@ def train_mutual_cmd(
     if mode not in mutual.MODES:
         raise CtrError(f"--mode must be one of {', '.join(mutual.MODES)}, got {mode!r}")
     fs = FeatureSpec.load(spec) if spec is not None else None
+    spec_from = str(spec)
     # Everything about the members is checked before any data is read or any step is taken.
     if mode == "finetune":
         if model or set_:
             raise CtrError("finetune mode takes --checkpoint files, not --model/--set")
         members, fs = mutual.members_from_checkpoints(checkpoint_, fs)
+        spec_from = spec_from if spec is not None else f"{checkpoint_[0]}'s"
     else:
         if checkpoint_:
             raise CtrError("scratch mode takes --model names, not --checkpoint (use --mode finetune)")
-        if fs is None:
-            raise CtrError("scratch mode needs --spec (the feature spec from `ctr-ensemble data fit`)")
         if len(model) < 2:
             raise CtrError(f"mutual learning needs at least 2 members, got --model {model}")
         members = mutual.members_from_archs(model, _arch_overrides(set_))
     base = mutual.MutualConfig.finetune() if mode == "finetune" else mutual.MutualConfig()
     cfg = mutual.MutualConfig(**{**vars(base), "mutual_weight": mutual_weight, "batch_size": batch_size,
                                  "weight_decay": weight_decay, "patience": patience, "seed": seed, "save_every": save_every,
+                                 "optimizer": optimizer, "emb_lr": emb_lr, "device": device, "streams": streams,
+                                 "prefetch": prefetch,
                                  **{k: v for k, v in (("epochs", epochs), ("lr", lr), ("lr_decay", lr_decay)) if v is not None}})
-    tr, va = (encode_file(f, fs, skip_bad_rows, fmt) for f in (train, val))
-    state = out_dir / "mutual.state.pt"
-    cks = mutual.train_mutual(members, fs, tr, va, cfg, history_csv=out_dir / "mutual.history.csv",
-                              state_path=state, resume=resume)
-    for ck in cks:
-        path = checkpoint.save(ck, out_dir / f"{ck.name}.pt")
-        typer.echo(f"{path}: {ck.name} ({ck.arch}) val AUC {ck.metrics['val_auc']:.4f} at epoch {ck.metrics['best_epoch']}")
-    clear_state(state)
+    with _torchrun(device, dist_timeout) as dist:
+        fs, tr, va = _training_data(train, val, fs, skip_bad_rows, fmt, verify_shards, spec_from)
+        state = out_dir / "mutual.state.pt"
+        cks = mutual.train_mutual(members, fs, tr, va, cfg, history_csv=out_dir / "mutual.history.csv",
+                                  state_path=state, resume=resume, dist=dist)
+        _write_once(dist, state, lambda: [checkpoint.save(ck, out_dir / f"{ck.name}.pt") for ck in cks])
+    if dist.is_main:
+        for ck in cks:
+            typer.echo(f"{out_dir / (ck.name + '.pt')}: {ck.name} ({ck.arch}) val AUC {ck.metrics['val_auc']:.4f} "
+                       f"at epoch {ck.metrics['best_epoch']}{_processes(dist)}")
 
 
 @app.command("train-collab")
 def train_collab_cmd(
     model: list[str] = typer.Option(..., help="A member architecture; repeat (N >= 2; the paper's pair: dhen, interformer)."),
-    train: Path = typer.Option(..., help="Training file."),
-    val: Path = typer.Option(..., help="Validation file (model selection on the fused AUC)."),
-    spec: Path = typer.Option(..., help="Feature spec JSON from `ctr-ensemble data fit`."),
+    train: Path = typer.Option(..., help=TRAIN_DATA_HELP),
+    val: Path = typer.Option(..., help="Validation data (raw file or prepared folder); model selection on the fused AUC."),
+    spec: Optional[Path] = typer.Option(None, help="Feature spec JSON from `ctr-ensemble data fit`; prepared data brings its own."),
     out: Path = typer.Option(..., help="Collaborative checkpoint to write (.pt + .sha256)."),
     kl_weight: float = typer.Option(0.1, help="λ of the symmetric-KL term between member predictions."),
     tau: float = typer.Option(1.0, help="Temperature τ of softmax(NE(p)/τ) (the initial value with --learn-tau)."),
@@ -336,22 +379,27 @@ def train_collab_cmd(
     proj_dim: int = typer.Option(64, help="sum variant: width the members' h_i are projected to."),
     set_: list[str] = typer.Option([], "--set", help="Member config override ARCH.KEY=VALUE; repeatable."),
     members_out: Optional[Path] = typer.Option(None, help="Also write each member as an ordinary checkpoint in this folder."),
-    epochs: int = typer.Option(8), batch_size: int = typer.Option(512), lr: float = typer.Option(2e-3),
+    epochs: int = typer.Option(8), batch_size: int = typer.Option(512, help=BATCH_HELP), lr: float = typer.Option(2e-3),
     lr_decay: float = typer.Option(1.0, help="lr factor per epoch, applied every step (1 = constant)."),
     weight_decay: float = typer.Option(1e-4), patience: int = typer.Option(1), seed: int = typer.Option(42),
     threads: int = typer.Option(0, help="torch CPU threads (0 = torch default)."),
+    optimizer: str = typer.Option("adam", help=OPTIMIZER_HELP),
+    emb_lr: float = typer.Option(0.0, help=EMB_LR_HELP),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    streams: int = typer.Option(0, help=STREAMS_HELP),
+    prefetch: int = typer.Option(0, help=PREFETCH_HELP),
+    dist_timeout: float = typer.Option(300.0, help=DIST_TIMEOUT_HELP),
+    verify_shards: str = typer.Option("size", help=VERIFY_HELP),
     resume: bool = typer.Option(False, help=RESUME_HELP),
     save_every: int = typer.Option(0, help=SAVE_EVERY_HELP),
     skip_bad_rows: bool = typer.Option(False),
-    fmt: str = typer.Option("auto", "--format", help="Data format: auto, criteo, avazu, libsvm, parquet."),
+    fmt: str = typer.Option("auto", "--format", help="Data format of raw files: auto, criteo, avazu, libsvm, parquet."),
 ) -> None:
-    """Collaborative ensemble (CETNet, arXiv 2411.13700): members + confidence-weighted head trained jointly."""
+    """Collaborative ensemble (CETNet, arXiv 2411.13700): members + confidence-weighted head trained jointly;
+    under torchrun, data-parallel over processes."""
     import torch
 
-    from ctr_ensemble.features import FeatureSpec
     from ctr_ensemble.training import checkpoint, collab, mutual
-    from ctr_ensemble.training.loop import clear_state
-    from ctr_ensemble.training.trainer import encode_file
 
     if threads:
         torch.set_num_threads(threads)
@@ -363,21 +411,25 @@ def train_collab_cmd(
         raise CtrError(f"--head-hidden expects comma-separated integers, got {head_hidden!r}") from e
     members = mutual.members_from_archs(model, _arch_overrides(set_))
     cfg = collab.CollabConfig(epochs=epochs, batch_size=batch_size, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
-                              patience=patience, seed=seed, save_every=save_every, kl_weight=kl_weight,
+                              patience=patience, seed=seed, save_every=save_every, optimizer=optimizer, emb_lr=emb_lr,
+                              device=device, streams=streams, prefetch=prefetch, kl_weight=kl_weight,
                               head=collab.HeadConfig(variant=variant, hidden=hidden, proj_dim=proj_dim, tau=tau, learn_tau=learn_tau))
-    fs = FeatureSpec.load(spec)
-    tr, va = (encode_file(f, fs, skip_bad_rows, fmt) for f in (train, val))
-    state = out.with_suffix(".state.pt")
-    ck = collab.train_collab(members, fs, tr, va, cfg, history_csv=out.with_suffix(".history.csv"),
-                             state_path=state, resume=resume)
-    collab.save(ck, out)
-    if members_out is not None:
-        for m in ck.members:
+
+    def write(ck: collab.CollabCheckpoint) -> None:
+        collab.save(ck, out)
+        for m in ck.members if members_out is not None else ():
             checkpoint.save(m, members_out / f"{m.name}.pt")
-    clear_state(state)
-    per_member = ", ".join(f"{m.name} {m.metrics['val_auc']:.4f}" for m in ck.members)
-    typer.echo(f"{out}: collaborative ensemble of {', '.join(ck.names)}: fused val AUC {ck.metrics['val_auc']:.4f} "
-               f"(members: {per_member}) at epoch {ck.metrics['best_epoch']}")
+
+    with _torchrun(device, dist_timeout) as dist:
+        fs, tr, va = _training_data(train, val, spec, skip_bad_rows, fmt, verify_shards)
+        state = out.with_suffix(".state.pt")
+        ck = collab.train_collab(members, fs, tr, va, cfg, history_csv=out.with_suffix(".history.csv"),
+                                 state_path=state, resume=resume, dist=dist)
+        _write_once(dist, state, lambda: write(ck))
+    if dist.is_main:
+        per_member = ", ".join(f"{m.name} {m.metrics['val_auc']:.4f}" for m in ck.members)
+        typer.echo(f"{out}: collaborative ensemble of {', '.join(ck.names)}: fused val AUC {ck.metrics['val_auc']:.4f} "
+                   f"(members: {per_member}) at epoch {ck.metrics['best_epoch']}{_processes(dist)}")
 
 
 @app.command("export")

@@ -47,16 +47,6 @@ def _same_spec(a: features.FeatureSpec, b: features.FeatureSpec) -> None:
         assert x.name == y.name and x.mean == pytest.approx(y.mean, rel=1e-9) and x.std == pytest.approx(y.std, rel=1e-9)
 
 
-@pytest.fixture(scope="module")
-def prepared(tiny_data, tmp_path_factory):
-    """The tiny train split prepared in several chunks by 2 worker processes, and val with its spec."""
-    out = tmp_path_factory.mktemp("prepared")
-    r = _prep(tiny_data / "train.tsv", out / "train", workers=2)
-    assert r.shards >= 4 and r.rows == 6000
-    _prep(tiny_data / "val.tsv", out / "val", spec=out / "train" / prep.SPEC_FILE)
-    return out
-
-
 def test_prepare_round_trip_equals_in_memory_encoding(prepared, tiny_data, tiny_spec):
     tr = Prepared(prepared / "train", verify="full")
     _same_spec(tr.spec, tiny_spec)

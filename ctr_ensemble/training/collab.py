@@ -13,6 +13,8 @@ which is how it is computed (stable from logits, no log of 0). Both sides get gr
 A collaborative checkpoint (``collab.pt`` + ``.sha256``) holds the member checkpoints (each the
 ordinary member payload), the head's config and weights, and the training config; export
 turns it into ONNX members + a ``collaborative`` fusion model with the head in ``head.pt``.
+Training data, devices, sparse optimisers and torchrun data parallelism work as for one member
+(``trainer.TrainStep``): DDP wraps the whole model (members + head).
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ from ctr_ensemble.errors import CtrError
 from ctr_ensemble.features import FeatureSpec, feed_rows
 from ctr_ensemble.layers.fusion import HEAD_VARIANTS, CollaborativeHead, head_payload
 from ctr_ensemble.models.base import Member
-from ctr_ensemble.training import checkpoint, loop
+from ctr_ensemble.training import checkpoint, distributed, loop
 from ctr_ensemble.training.checkpoint import Checkpoint
+from ctr_ensemble.training.distributed import Dist
 from ctr_ensemble.training.mutual import MemberInit, build_members
-from ctr_ensemble.training.trainer import Arrays, Rows, TrainConfig, val_metrics, write_history
+from ctr_ensemble.training.trainer import TrainConfig, TrainStep, check_options, score_rows, val_metrics, write_history
 
 COLLAB_FORMAT = "ctr-ensemble/collab-checkpoint"
 COLLAB_VERSION = 1
@@ -165,14 +168,21 @@ def predict_collab(model: CollaborativeModel, feeds: dict[str, np.ndarray],
 def train_collab(
     members: list[MemberInit],
     spec: FeatureSpec,
-    train: Arrays,
-    val: Arrays,
+    train,
+    val,
     cfg: CollabConfig,
     history_csv: Path | None = None,
     state_path: Path | None = None,
     resume: bool = False,
+    dist: Dist | None = None,
 ) -> CollabCheckpoint:
-    """Train members + head jointly; returns the state of the epoch with the best fused val AUC."""
+    """Train members + head jointly; returns the state of the epoch with the best fused val AUC.
+
+    ``train``/``val`` are in-memory ``Arrays`` or ``shards.Prepared`` folders. Under torchrun pass
+    ``dist = distributed.setup()`` (as ``trainer.train_member``): each process trains on its own rows,
+    gradients are averaged (DDP around members + head), every process gets the same val AUC and returns the
+    same checkpoint; the caller saves it on rank 0 only."""
+    dist = dist or Dist(device=distributed.resolve_device(cfg.device))
     if len(members) < 2:
         raise CtrError(f"a collaborative ensemble needs at least 2 members, got {len(members)}")
     if cfg.head.variant not in HEAD_VARIANTS:
@@ -181,23 +191,25 @@ def train_collab(
         raise CtrError(f"tau must be > 0 (or 0 when fixed), got {cfg.head.tau}")
     if not cfg.kl_weight >= 0:
         raise CtrError(f"KL weight λ must be >= 0, got {cfg.kl_weight}")
+    check_options(cfg, dist)
     names = [m.name for m in members]
     nets = build_members(members, spec, cfg.seed)
     head = CollaborativeHead([n.repr_dim for n in nets], **asdict(cfg.head))
-    model = CollaborativeModel(nets, head)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    rows = Rows(train)
+    model = CollaborativeModel(nets, head).to(dist.device)
+    step = TrainStep(model, train, spec, cfg, dist, first=False)
 
-    def loss(idx):
-        x, y = rows.take(idx)
-        fused, member_logits, _ = model.logits(**x)
-        return collab_losses(fused, member_logits, y, cfg.kl_weight)
+    def loss(batch):
+        (fused, member_logits, _), y = step(batch)
+        return collab_losses(fused.float(), member_logits.float(), y, cfg.kl_weight)
 
     def evaluate():
-        fused, w, member_p = predict_collab(model, val.feeds(), cfg.eval_batch_size)
-        out = val_metrics(val.label, fused)
+        n = len(names)
+        y, s = score_rows(model, lambda **x: torch.cat(model(**x), 1), val, spec, cfg.eval_batch_size, dist,
+                          (1 + 2 * n,))  # s (N_val, 1 + 2N): fused prob, weights, member probs
+        fused, w, member_p = s[:, 0], s[:, 1 : 1 + n], s[:, 1 + n :]
+        out = val_metrics(y, fused)
         for k, name in enumerate(names):
-            out.update(val_metrics(val.label, member_p[:, k], f"_{name}"))
+            out.update(val_metrics(y, member_p[:, k], f"_{name}"))
         if cfg.head.learn_tau:
             out["tau"] = float(head.tau().detach())
         out["mean_max_weight"] = float(w.max(1).mean()) if len(w) else 0.0
@@ -205,9 +217,10 @@ def train_collab(
 
     task_name = f"collab({', '.join(names)})"
     run_id = {"trainer": "collab", "members": [[m.name, m.arch, asdict(m.config), m.source] for m in members],
-              "spec": spec.fingerprint(), "train_rows": len(train), "train_config": asdict(cfg)}
-    res = loop.run(loop.Task(task_name, model, opt, loss, evaluate), len(train), cfg.loop(), state_path, resume, run_id)
-    if history_csv is not None:
+              "spec": spec.fingerprint(), "train_rows": len(train), "train_config": asdict(cfg), "processes": dist.world}
+    res = loop.run(loop.Task(task_name, model, step.opt, loss, evaluate), len(train), cfg.loop(), state_path, resume,
+                   run_id, batches=step.feed.batches, dist=dist)
+    if history_csv is not None and dist.is_main:
         write_history(res.history, history_csv, "collaborative ensemble")
     model.load_state_dict(res.best)
     best_row = res.history[res.best_epoch - 1]
@@ -218,4 +231,5 @@ def train_collab(
         for m, net in zip(members, nets)
     ]
     return CollabCheckpoint(member_cks, head.config(), head.state_dict(), asdict(cfg),
-                            {"best_epoch": res.best_epoch, "val_auc": res.best_score, "history": res.history})
+                            {"best_epoch": res.best_epoch, "val_auc": res.best_score, "history": res.history,
+                             "processes": dist.world})

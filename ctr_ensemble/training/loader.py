@@ -193,16 +193,15 @@ def iter_ranges(n: int, batch_size: int, start: int = 0) -> Iterator[tuple[int, 
 
 
 @torch.no_grad()
-def predict_source(model, data, names: tuple[str, ...], start: int, stop: int, batch_size: int = 16384,
-                   device: torch.device | None = None) -> torch.Tensor:
-    """Click probabilities (stop - start,) float32 on CPU for rows [start, stop) of ``data``, read in
-    contiguous slices (a prepared folder is never loaded whole)."""
+def score_source(score, data, names: tuple[str, ...], start: int, stop: int, batch_size: int = 16384,
+                 device: torch.device | None = None, cols: tuple[int, ...] = ()) -> torch.Tensor:
+    """``score(**feeds)`` (B, *cols) for rows [start, stop) of ``data``, float32 on CPU, read in contiguous
+    slices (a prepared folder is never loaded whole); (0, *cols) for no rows. Eval mode is the caller's."""
     src = as_source(data)
     device = device or torch.device("cpu")
-    model.eval()
     out = []
     for s, e in iter_ranges(stop - start, batch_size, start):
         feeds = {n: widen(n, src.read(n, s, e)).to(device, non_blocking=True) for n in names}
-        p, _ = model(**feeds)
-        out.append(p[:, 0].float().cpu())
-    return torch.cat(out) if out else torch.zeros(0)
+        out.append(score(**feeds).float().cpu())
+    return torch.cat(out) if out else torch.zeros((0, *cols))
+

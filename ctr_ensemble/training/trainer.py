@@ -90,17 +90,34 @@ AMP = ("none", "bf16")
 
 
 class Logits(nn.Module):
-    """The training step's forward, feeds by name → logits (B, 1): what DDP and torch.compile wrap."""
+    """The training step's forward, feeds by name → ``model.logits(...)``: what DDP and torch.compile wrap.
 
-    def __init__(self, member: Member):
+    For a member (``first=True``) its logits (B, 1). With ``first=False`` whatever ``model.logits`` gives:
+    member logits (B, N) for ``mutual.Members``, (fused (B, 1), member logits (B, N), weights (B, N)) for
+    ``collab.CollaborativeModel``. DDP must wrap the module whose forward the step calls."""
+
+    def __init__(self, model: nn.Module, first: bool = True):
         super().__init__()
-        self.member = member
+        self.model, self.first = model, first
 
     def forward(self, cat_ids: torch.Tensor, num: torch.Tensor | None = None, seq_ids: torch.Tensor | None = None,
-                seq_len: torch.Tensor | None = None) -> torch.Tensor:
+                seq_len: torch.Tensor | None = None):
         if num is None:  # data without numeric fields
             num = cat_ids[:, :0].to(torch.float32)
-        return self.member.logits(cat_ids, num, seq_ids, seq_len)[0]
+        out = self.model.logits(cat_ids, num, seq_ids, seq_len)
+        return out[0] if self.first else out
+
+
+def check_options(cfg: TrainConfig, dist: Dist) -> None:
+    """Refuse option combinations that cannot work, before anything is built (every trainer)."""
+    if cfg.amp not in AMP:
+        raise CtrError(f"amp must be one of {', '.join(AMP)}, got {cfg.amp!r}")
+    if dist.backend == "nccl" and cfg.optimizer != "adam":
+        raise CtrError(f"--optimizer {cfg.optimizer}: NCCL cannot all-reduce sparse gradients "
+                       "(pytorch/pytorch#22400); use --optimizer adam for multi-GPU runs")
+    if cfg.compile and cfg.optimizer != "adam":
+        raise CtrError(f"--compile works with --optimizer adam only: torch.compile (inductor) cannot produce the "
+                       f"sparse embedding gradients of {cfg.optimizer}")
 
 
 class Optimizers:
@@ -172,6 +189,54 @@ class Rows:
         return {k: v[idx] for k, v in self.inputs.items()}, self.label[idx]
 
 
+class Feed:
+    """A trainer's training rows. ``batches``: the ``loader.Batches`` that ``loop.run`` walks (prepared folders,
+    DDP, a GPU, several streams or block shuffling), or None: in memory, one process on the CPU, the loop
+    shuffles row ids itself and ``Rows`` gathers them. ``feed(batch)``: what ``Task.loss`` gets → (model
+    inputs by name, labels (B,)) on the training device."""
+
+    def __init__(self, train, spec: FeatureSpec, cfg: TrainConfig, dist: Dist):
+        self.device = dist.device
+        self.batches: loader.Batches | None = None
+        self.rows: Rows | None = None
+        prepared = hasattr(train, "read")
+        if prepared or dist.active or dist.device.type != "cpu" or cfg.streams > 1 or cfg.shuffle == "block":
+            shuffle = cfg.shuffle if cfg.shuffle != "auto" else ("block" if prepared else "full")
+            self.batches = loader.Batches(train, spec.input_names, loader.LoaderConfig(
+                batch_size=cfg.batch_size, seed=cfg.seed, shuffle=shuffle, block_rows=cfg.block_rows,
+                buffer_rows=cfg.buffer_rows, streams=cfg.streams, prefetch=cfg.prefetch),
+                dist.rank, dist.world, dist.device)
+        else:
+            self.rows = Rows(train)
+
+    def __call__(self, batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        x, y = self.rows.take(batch) if self.rows is not None else batch
+        if self.device.type != "cpu":
+            x = {k: v.to(self.device, non_blocking=True) for k, v in x.items()}
+            y = y.to(self.device, non_blocking=True)
+        return x, y
+
+
+class TrainStep:
+    """What every trainer builds around the module it trains (a member, ``mutual.Members``, the collaborative
+    model): its ``Optimizers``, its rows (``feed``; ``feed.batches`` goes to ``loop.run``) and the forward of one
+    step: ``Logits(model)`` under DDP (when distributed), torch.compile (``cfg.compile``) and bf16 autocast
+    (``cfg.amp``). ``step(batch)`` → (the logits ``Logits`` gives, labels (B,)). Call ``check_options`` first."""
+
+    def __init__(self, model: nn.Module, train, spec: FeatureSpec, cfg: TrainConfig, dist: Dist, first: bool = True):
+        # Optimizers first: a sparse optimizer switches the tables to sparse gradients, which DDP must see.
+        self.opt = Optimizers(model, cfg)
+        forward = distributed.wrap(Logits(model, first), dist)
+        self.forward = torch.compile(forward) if cfg.compile else forward
+        self.amp = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16")
+        self.feed = Feed(train, spec, cfg, dist)
+
+    def __call__(self, batch):
+        x, y = self.feed(batch)
+        with self.amp:
+            return self.forward(**x), y
+
+
 @torch.no_grad()
 def predict(model: Member, feeds: dict[str, np.ndarray], batch_size: int = 16384) -> np.ndarray:
     """Click probabilities (N,) in float32 from a member in eval mode; ``feeds`` as ``Arrays.feeds()``."""
@@ -201,13 +266,20 @@ def _labels(data) -> np.ndarray:
     return data.labels() if hasattr(data, "labels") else data.label
 
 
-def evaluate_rows(model: Member, data, spec: FeatureSpec, batch_size: int, dist: Dist) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, probabilities) of every row of ``data``: each rank scores its share, all ranks get all."""
+def score_rows(model: nn.Module, score, data, spec: FeatureSpec, batch_size: int, dist: Dist,
+               cols: tuple[int, ...] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """(labels (N,), ``score(**feeds)`` of every row (N, *cols) float32) with ``model`` in eval mode: each rank
+    scores its contiguous share, every rank gets all rows in order (so all ranks decide alike)."""
     n = len(data)
     lo, hi = distributed.split_range(n, dist)
-    p = loader.predict_source(model, data, spec.input_names, lo, hi, batch_size, dist.device)
-    p = distributed.gather_rows(p, dist).numpy()
-    return _labels(data)[:n], p
+    model.eval()
+    s = loader.score_source(score, data, spec.input_names, lo, hi, batch_size, dist.device, cols)
+    return _labels(data)[:n], distributed.gather_rows(s, dist).cpu().numpy()
+
+
+def evaluate_rows(model: Member, data, spec: FeatureSpec, batch_size: int, dist: Dist) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, probabilities) of every row of ``data``: each rank scores its share, all ranks get all."""
+    return score_rows(model, lambda **x: model(**x)[0][:, 0], data, spec, batch_size, dist)
 
 
 def unique_names(names: list[str]) -> list[str]:
@@ -239,38 +311,14 @@ def train_member(
     ``dist = distributed.setup()``: each process trains on its own rows, gradients are averaged (DDP),
     every process gets the same validation AUC, and the caller saves the checkpoint on rank 0 only."""
     dist = dist or Dist(device=distributed.resolve_device(cfg.device))
-    if cfg.amp not in AMP:
-        raise CtrError(f"amp must be one of {', '.join(AMP)}, got {cfg.amp!r}")
-    if dist.backend == "nccl" and cfg.optimizer != "adam":
-        raise CtrError(f"--optimizer {cfg.optimizer}: NCCL cannot all-reduce sparse gradients "
-                       "(pytorch/pytorch#22400); use --optimizer adam for multi-GPU runs")
-    if cfg.compile and cfg.optimizer != "adam":
-        raise CtrError(f"--compile works with --optimizer adam only: torch.compile (inductor) cannot produce the "
-                       f"sparse embedding gradients of {cfg.optimizer}")
+    check_options(cfg, dist)
     torch.manual_seed(cfg.seed)
     model = models.build(arch, model_cfg, spec).to(dist.device)
-    opt = Optimizers(model, cfg)
-    step = distributed.wrap(Logits(model), dist)
-    if cfg.compile:
-        step = torch.compile(step)
-    amp = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16")
+    step = TrainStep(model, train, spec, cfg, dist)
     loss_fn = nn.BCEWithLogitsLoss()
-    prepared = hasattr(train, "read")
-    batches = rows = None
-    if prepared or dist.active or dist.device.type != "cpu" or cfg.streams > 1 or cfg.shuffle == "block":
-        shuffle = cfg.shuffle if cfg.shuffle != "auto" else ("block" if prepared else "full")
-        batches = loader.Batches(train, spec.input_names, loader.LoaderConfig(
-            batch_size=cfg.batch_size, seed=cfg.seed, shuffle=shuffle, block_rows=cfg.block_rows,
-            buffer_rows=cfg.buffer_rows, streams=cfg.streams, prefetch=cfg.prefetch), dist.rank, dist.world, dist.device)
-    else:  # in memory, one process on the CPU: rows gathered by index, the loop's own shuffle
-        rows = Rows(train)
 
     def loss(batch):
-        x, y = rows.take(batch) if rows is not None else batch
-        if dist.device.type != "cpu":
-            x, y = {k: v.to(dist.device, non_blocking=True) for k, v in x.items()}, y.to(dist.device, non_blocking=True)
-        with amp:
-            logit = step(**x)
+        logit, y = step(batch)  # (B, 1), (B,)
         value = loss_fn(logit[:, 0].float(), y)
         return value, {"logloss": value}
 
@@ -280,8 +328,8 @@ def train_member(
 
     run_id = {"trainer": "member", "name": name, "arch": arch, "model_config": asdict(model_cfg),
               "spec": spec.fingerprint(), "train_rows": len(train), "train_config": asdict(cfg), "processes": dist.world}
-    res = loop.run(loop.Task(name, model, opt, loss, evaluate), len(train), cfg.loop(), state_path, resume, run_id,
-                   batches=batches, dist=dist)
+    res = loop.run(loop.Task(name, model, step.opt, loss, evaluate), len(train), cfg.loop(), state_path, resume, run_id,
+                   batches=step.feed.batches, dist=dist)
     if history_csv is not None and dist.is_main:
         write_history(res.history, history_csv, name)
     return Checkpoint(
