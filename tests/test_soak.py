@@ -85,6 +85,9 @@ def test_soak_cli_reports_requests_errors_drift_and_rss(tmp_path, tiny_repo, tin
 def test_soak_stops_at_the_request_bound(tmp_path, server, tiny_repo, tiny_data):
     tgt = Target(server.host, server.http_port, server.grpc_port, server.metrics_port, tiny_repo, server=server)
     cfg = SoakConfig(duration_s=60, window_s=2, sample_s=1, users=2, rows_per_request=16, max_rows=1500, max_requests=40)
+    stale = tmp_path / "soak" / "work" / "grpc" / "results" / "results-host-1.npz"  # an earlier soak's, not counted
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"not this run")
     t0 = time.time()
     s = run_soak(cfg, tiny_repo, tiny_data / "test.tsv", tmp_path / "soak", target=tgt)
     assert s["stopped_by"] == "request bound" and s["requests"] == 40 and s["errors"] == 0 and s["passed"]

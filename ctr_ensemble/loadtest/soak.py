@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -188,7 +189,8 @@ def run_soak(cfg: SoakConfig, repo: Path, data: Path, out: Path, *, target: Targ
     console = console or Console()
     out = Path(out)
     work = out / "work"
-    work.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(work, ignore_errors=True)  # results of an earlier soak must not be counted again
+    work.mkdir(parents=True)
     own = target is None
     tgt = started(Path(repo), work / "tritonserver.log") if own else target
     try:
