@@ -78,6 +78,27 @@ def test_skip_bad_rows_counts_instead_of_failing(tmp_path):
     assert batch.label.tolist() == [1, 0]
 
 
+@pytest.mark.parametrize("block_size", [1 << 20, 700])
+def test_line_numbers_stay_right_after_rows_the_parser_dropped(tmp_path, block_size):
+    rows = [_row(label=str(i % 2), cat=[f"r{i}"] * N_CAT) for i in range(20)]
+    rows[3] = _row(cat=["a"] * (N_CAT - 2))  # line 4: wrong column count, dropped by the parser
+    rows[6] = _row(label="7")  # line 7: must still be called line 7
+    num = [str(i) for i in range(N_NUM)]
+    num[2] = "x"
+    rows[15] = _row(num=num)  # line 16
+    p = _write(tmp_path, rows)
+    r = CriteoReader(p, block_size=block_size, skip_bad_rows=True)
+    batches = list(r)
+    assert sum(len(b.label) for b in batches) == 17 and r.stats.skipped == 3
+    assert sorted(e.split("d.tsv:")[1].split(":")[0].split(",")[0] for e in r.stats.skipped_examples) == \
+        ["line 16", "line 4", "line 7"]
+    kept = [t for b in batches for t in b.cat[0].to_pylist()]
+    assert kept == [f"r{i}" for i in range(20) if i not in (3, 6, 15)]
+    rows[3] = _row()
+    with pytest.raises(CtrError, match=r"d\.tsv:line 7: label must be 0 or 1, got '7'"):
+        list(CriteoReader(_write(tmp_path, rows), block_size=block_size))
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # pyarrow cannot decode the bad row for its handler
 def test_missing_empty_and_corrupt_files(tmp_path):
     with pytest.raises(CtrError, match="not found"):

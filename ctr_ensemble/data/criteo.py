@@ -115,7 +115,7 @@ class CriteoReader(TextParts):
         self.skip_bad_rows = skip_bad_rows
         self.stats = ReadStats()
         self._pending: CtrError | None = None
-        self._invalid_rows = 0  # rows dropped by the parser, so later line numbers stay right
+        self._invalid_lines: list[int] = []  # lines the parser dropped (-1: unknown), so later line numbers stay right
         check_data_file(self.path, "Criteo TSV rows: label, I1..I13, C1..C26")
 
     def _bad(self, where: str, what: str) -> None:
@@ -123,8 +123,9 @@ class CriteoReader(TextParts):
 
     def _on_invalid_row(self, row) -> str:
         # pyarrow swallows exceptions raised here: remember the first error and raise it after the batch.
-        line = row.number + self._line_offset if row.number is not None else "?"
-        self._invalid_rows += 1
+        number = row.number + self._line_offset if row.number is not None else None
+        line = number if number is not None else "?"
+        self._invalid_lines.append(number if number is not None else -1)
         try:
             self._bad(
                 f"line {line}",
@@ -166,11 +167,14 @@ class CriteoReader(TextParts):
                 raise CtrError(f"{self.path}: near line {line}: cannot parse: {_first_line(e)}") from e
             self._raise_pending()
             n = batch.num_rows
-            batch, lines = drop_bad_utf8(batch, line + np.arange(n),
+            invalid, self._invalid_lines = self._invalid_lines, []
+            span = np.arange(line, line + n + len(invalid))
+            # 1-based line of each parsed row: the chunk's lines less those the parser dropped.
+            lines = span[~np.isin(span, invalid)][:n] if -1 not in invalid else span[:n]
+            batch, lines = drop_bad_utf8(batch, lines,
                                          lambda ln, name, why: self._bad(f"line {ln}, field {name}", why))
             out = self._convert(batch, lines)
-            line += n + self._invalid_rows
-            self._invalid_rows = 0
+            line += n + len(invalid)
             if out is not None:
                 self.stats.rows += len(out.label)
                 yield out
