@@ -91,7 +91,8 @@ class SweepConfig:
             raise CtrError("need rows_per_request >= 1, duration_s > 0 and 0 <= warmup_s < duration_s")
 
 
-# The default sweep of `make loadtest`: each member alone, both fusion rules, batching off, two instances.
+# The default sweep of `make loadtest`: each member alone, both fusion rules, batching off, two member
+# instances, two fusion instances.
 DEFAULT_VARIANTS = [
     Variant("deepfm", "deepfm"),
     Variant("dcnv2", "dcnv2"),
@@ -99,6 +100,8 @@ DEFAULT_VARIANTS = [
     Variant("ensemble_mean", ENSEMBLE_NAME, {"fusion_mode": "mean"}),
     Variant("ensemble_ne_no_batching", ENSEMBLE_NAME, {"dynamic_batching": False}),
     Variant("ensemble_ne_2_instances", ENSEMBLE_NAME, {"instances": 2}),
+    # Two fusion instances: under concurrent load the single Python fusion instance is where requests queue.
+    Variant("ensemble_ne_2_fusion", ENSEMBLE_NAME, {"fusion_instances": 2}),
     # Hook for the collaborative ensemble (issue 4): skipped with the reason while the repository has none.
     Variant("collaborative", "ctr_collaborative"),
 ]

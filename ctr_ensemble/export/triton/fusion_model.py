@@ -48,6 +48,9 @@ class TritonPythonModel:
             self.device = torch.device("cuda", int(args["model_instance_device_id"]))
         else:
             self.device = torch.device("cpu")
+            # A request is (B, N) numbers: intra-op threads gain nothing, and their spin-waiting steals the
+            # cores the members need (measured: fusion compute 0.7 -> 3.3 ms with 2 instances on 2 cores).
+            torch.set_num_threads(1)
         if self.mode == COLLABORATIVE:
             self.head = self._load_head(os.path.join(HERE, params.get("head_file", "head.pt")))
             return
