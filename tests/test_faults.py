@@ -9,6 +9,7 @@ import signal
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -64,6 +65,19 @@ class Load:
             t.join(timeout=30)
 
 
+def _live_in_group(pgid: int) -> list[int]:
+    """Processes of process group ``pgid`` that are not zombies."""
+    out = []
+    for p in Path("/proc").iterdir():
+        try:
+            fields = (p / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, ValueError):
+            continue
+        if p.name.isdigit() and int(fields[2]) == pgid and fields[0] != "Z":
+            out.append(int(p.name))
+    return out
+
+
 def _wait(cond, timeout, what):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -97,6 +111,24 @@ def test_killed_fusion_stub_under_load_is_restarted_and_answers_stay_correct(rep
         out = TritonScorer(sup.server.http_url).infer("ctr_ensemble", feeds)["prob"]
         np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0)
 
+
+
+def test_stop_during_a_restart_aborts_it_and_leaves_no_server(repo):
+    """SIGTERM to `serve` while the supervisor restarts the server: the restart is abandoned (not waited for
+    and then stopped), and neither the old nor the half-started server is left running."""
+    sup = Supervisor(TritonServer(repo), interval=0.3).start()
+    try:
+        old = sup.server.pid
+        fusion = [pid for pid, model in stub_pids(old).items() if "/fusion/" in model]
+        os.kill(fusion[0], signal.SIGKILL)
+        _wait(lambda: sup.server.pid != old, 30, "the restart to launch a new tritonserver")
+        new = sup.server.pid
+    finally:
+        sup.stop()
+    assert sup.restarts == [] and sup.error is None  # abandoned, not completed
+    for pid in (old, new):
+        assert not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    _wait(lambda: not _live_in_group(new), 10, "the new server's process group (stubs included) to be gone")
 
 def test_crashed_server_is_restarted_on_the_same_ports(repo, tiny_arrays):
     feeds = tiny_arrays["test"].feeds(slice(0, 32))

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -133,6 +134,10 @@ class Endpoints:
         return f"http://{self.host}:{self.metrics_port}/metrics"
 
 
+class StartCancelled(CtrError):
+    """``TritonServer.start`` gave up because its ``cancel`` event was set."""
+
+
 @dataclass
 class TritonServer(Endpoints):
     repository: Path
@@ -148,6 +153,8 @@ class TritonServer(Endpoints):
     # ``admin-key`` header (see restriction_flags); default $TRITON_ADMIN_KEY or a random key; None opens them.
     admin_key: str | None = field(default_factory=default_admin_key)
     validate_repository: bool = True  # run export.validate first: a broken repository fails in ~1 s, not minutes
+    # When set while start() waits for readiness, start() stops what it started and raises (a stop during a restart).
+    cancel: threading.Event | None = field(default=None, repr=False)
     _proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
     _workdir: Path | None = field(default=None, init=False, repr=False)
 
@@ -199,6 +206,9 @@ class TritonServer(Endpoints):
         deadline = time.monotonic() + self.startup_timeout
         url = f"http://{self.http_url}/v2/health/ready"
         while time.monotonic() < deadline:
+            if self.cancel is not None and self.cancel.is_set():
+                self.stop(timeout=3)  # not serving yet: nothing in flight to drain
+                raise StartCancelled("tritonserver start cancelled: a stop was asked for while it was starting")
             if self._proc.poll() is not None:
                 tail = self.log_tail()
                 self._cleanup()

@@ -12,6 +12,8 @@ The supervisor polls (every ``interval`` s) that the server process is alive and
 process it had when it became ready is still alive; on a failure it stops what is left and
 starts the server again on the same ports, with bounded retries. Requests in the gap fail with a
 connection error or the stub error (clients should retry); answers afterwards are the same as before.
+A stop (SIGTERM to ``ctr-ensemble serve``) during a restart aborts the restart at once rather than
+waiting for the new server to become ready.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ctr_ensemble.errors import CtrError
-from ctr_ensemble.serving.server import TritonServer
+from ctr_ensemble.serving.server import StartCancelled, TritonServer
 
 STUB_SUFFIX = b"triton_python_backend_stub"
 
@@ -68,6 +70,7 @@ class Supervisor:
     def start(self) -> Supervisor:
         # A log the server put in its own temp folder goes away with it; a restart gets a new one.
         self._log_path = self.server.log_path
+        self.server.cancel = self._stop  # stop() during a restart aborts the restart instead of waiting for it
         if not self.server.is_running():
             self.server.start()
         self._stubs = stub_pids(self.server._proc.pid)
@@ -100,6 +103,8 @@ class Supervisor:
                 self.server.log_path = self._log_path
                 try:
                     self.server.start()
+                except StartCancelled:
+                    return  # stop() was called: it stops what is left
                 except (CtrError, OSError) as e:
                     self.error = f"restart after '{reason}' failed: {e}"
                     return
@@ -111,6 +116,7 @@ class Supervisor:
         with self._lock:
             if self._thread is not None:
                 self._thread.join(timeout=5)
+            self.server.cancel = None
             return self.server.stop()
 
     def __enter__(self) -> Supervisor:
