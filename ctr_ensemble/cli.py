@@ -36,6 +36,8 @@ SAVE_EVERY_HELP = "Optimiser steps between saved training states (0 = at the end
 # Options every training command shares (train, train-mutual, train-collab): data, devices, torchrun.
 TRAIN_DATA_HELP = "Training data: a raw file, or a folder from `data prepare`."
 OPTIMIZER_HELP = "adam (dense) | sparse_adam | sparse_adagrad (sparse embedding updates; not on NCCL)."
+AMP_HELP = "none | bf16: autocast the training forward to bfloat16 (for GPUs; slow on CPUs without bf16 units)."
+COMPILE_HELP = "torch.compile the training forward (dense --optimizer adam only)."
 EMB_LR_HELP = "Learning rate of the embedding tables with a sparse optimizer (0 = 5 x --lr)."
 DEVICE_HELP = "auto | cpu | cuda."
 STREAMS_HELP = "Row streams (0 = one per process); --streams N on one process reproduces an N-process run's batches."
@@ -198,8 +200,8 @@ def train_cmd(
     threads: int = typer.Option(0, help="torch CPU threads (0 = torch default)."),
     optimizer: str = typer.Option("adam", help=OPTIMIZER_HELP),
     emb_lr: float = typer.Option(0.0, help=EMB_LR_HELP),
-    amp: str = typer.Option("none", help="none | bf16 autocast."),
-    compile_: bool = typer.Option(False, "--compile", help="torch.compile the training forward."),
+    amp: str = typer.Option("none", help=AMP_HELP),
+    compile_: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     streams: int = typer.Option(0, help=STREAMS_HELP),
     prefetch: int = typer.Option(0, help=PREFETCH_HELP),
@@ -310,6 +312,8 @@ def train_mutual_cmd(
     threads: int = typer.Option(0, help="torch CPU threads (0 = torch default)."),
     optimizer: str = typer.Option("adam", help=OPTIMIZER_HELP),
     emb_lr: float = typer.Option(0.0, help=EMB_LR_HELP),
+    amp: str = typer.Option("none", help=AMP_HELP),
+    compile_: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     streams: int = typer.Option(0, help=STREAMS_HELP),
     prefetch: int = typer.Option(0, help=PREFETCH_HELP),
@@ -350,7 +354,7 @@ def train_mutual_cmd(
     cfg = mutual.MutualConfig(**{**vars(base), "mutual_weight": mutual_weight, "batch_size": batch_size,
                                  "weight_decay": weight_decay, "patience": patience, "seed": seed, "save_every": save_every,
                                  "optimizer": optimizer, "emb_lr": emb_lr, "device": device, "streams": streams,
-                                 "prefetch": prefetch,
+                                 "prefetch": prefetch, "amp": amp, "compile": compile_,
                                  **{k: v for k, v in (("epochs", epochs), ("lr", lr), ("lr_decay", lr_decay)) if v is not None}})
     with _torchrun(device, dist_timeout) as dist:
         fs, tr, va = _training_data(train, val, fs, skip_bad_rows, fmt, verify_shards, spec_from)
@@ -385,6 +389,8 @@ def train_collab_cmd(
     threads: int = typer.Option(0, help="torch CPU threads (0 = torch default)."),
     optimizer: str = typer.Option("adam", help=OPTIMIZER_HELP),
     emb_lr: float = typer.Option(0.0, help=EMB_LR_HELP),
+    amp: str = typer.Option("none", help=AMP_HELP),
+    compile_: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     streams: int = typer.Option(0, help=STREAMS_HELP),
     prefetch: int = typer.Option(0, help=PREFETCH_HELP),
@@ -412,7 +418,7 @@ def train_collab_cmd(
     members = mutual.members_from_archs(model, _arch_overrides(set_))
     cfg = collab.CollabConfig(epochs=epochs, batch_size=batch_size, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
                               patience=patience, seed=seed, save_every=save_every, optimizer=optimizer, emb_lr=emb_lr,
-                              device=device, streams=streams, prefetch=prefetch, kl_weight=kl_weight,
+                              device=device, streams=streams, prefetch=prefetch, amp=amp, compile=compile_, kl_weight=kl_weight,
                               head=collab.HeadConfig(variant=variant, hidden=hidden, proj_dim=proj_dim, tau=tau, learn_tau=learn_tau))
 
     def write(ck: collab.CollabCheckpoint) -> None:

@@ -95,3 +95,24 @@ def test_sparse_optimizer_is_refused_on_nccl_for_mutual_and_collab(prepared):
         mutual.train_mutual(members, tr.spec, tr, tr, mutual.MutualConfig(optimizer="sparse_adagrad"), dist=nccl)
     with pytest.raises(CtrError, match="NCCL cannot all-reduce sparse gradients"):
         collab.train_collab(members, tr.spec, tr, tr, collab.CollabConfig(optimizer="sparse_adam"), dist=nccl)
+
+
+def test_mutual_and_collab_cli_take_amp_and_compile(tiny_data, tiny_spec, tmp_path):
+    """--amp reaches the trainer (bf16 autocast; losses in float32) and --compile its option checks."""
+    from typer.testing import CliRunner
+
+    from ctr_ensemble.cli import app
+
+    tiny_spec.save(tmp_path / "spec.json")
+    data = ["--train", str(tiny_data / "train.tsv"), "--val", str(tiny_data / "val.tsv"), "--spec", str(tmp_path / "spec.json")]
+    one_epoch = [*COMMON[: COMMON.index("--epochs")], "--epochs", "1", "--batch-size", "512", "--threads", "1"]
+    res = CliRunner().invoke(app, ["train-mutual", *data, *one_epoch, "--amp", "bf16", "--out-dir", str(tmp_path / "m")])
+    assert res.exit_code == 0, res.output
+    for name in ("deepfm", "dcnv2"):
+        ck = checkpoint.load(tmp_path / "m" / f"{name}.pt")
+        assert ck.metrics["train_config"]["amp"] == "bf16" and ck.metrics["val_auc"] > 0.5
+    res = CliRunner().invoke(app, ["train-collab", *data, *one_epoch, "--compile", "--optimizer", "sparse_adam",
+                                   "--out", str(tmp_path / "c.pt")])
+    assert isinstance(res.exception, CtrError) and "--compile works with --optimizer adam only" in str(res.exception)
+    res = CliRunner().invoke(app, ["train-collab", *data, *one_epoch, "--amp", "fp8", "--out", str(tmp_path / "c.pt")])
+    assert isinstance(res.exception, CtrError) and "amp must be one of" in str(res.exception)
