@@ -69,6 +69,7 @@ class _Shared:
         self.cursor = (os.getpid() * self.rpr) % self.n  # workers start at different rows
         self.sent = 0
         self.quitting = False
+        self.in_flight = 0  # requests sent and not yet recorded
         self.rec = {k: [] for k in ("t_start", "latency_ms", "row_start", "n_rows", "ok", "error")}
         self.preds: list[np.ndarray] = []
         self.pred_labels: list[np.ndarray] = []
@@ -149,9 +150,10 @@ class _TritonUser(User):
                 # quit() stops every user greenlet, this one included: run it in its own greenlet,
                 # or it dies half-way and the process keeps running until the time limit.
                 s.quitting = True
-                gevent.spawn(self.environment.runner.quit)
+                gevent.spawn(self._quit_when_answered)
             raise StopUser()
         s.sent += 1
+        s.in_flight += 1
         start, idx = s.next_rows()
         t_wall = time.time()
         t0 = time.perf_counter()
@@ -170,12 +172,20 @@ class _TritonUser(User):
         s.rec["n_rows"].append(len(idx))
         s.rec["ok"].append(exc is None)
         s.rec["error"].append("" if exc is None else _error_kind(exc))
+        s.in_flight -= 1
         self.environment.events.request.fire(
             request_type=self.protocol, name=self.model, response_time=latency_ms,
             response_length=len(idx), exception=exc, context={},
         )
         if exc is not None:
             gevent.sleep(ERROR_BACKOFF_S)
+
+    def _quit_when_answered(self) -> None:
+        """At the request bound: let the other users' requests in flight come back and be recorded, then quit."""
+        deadline = time.monotonic() + self.timeout_s + 1.0
+        while self.s.in_flight > 0 and time.monotonic() < deadline:
+            gevent.sleep(0.01)
+        self.environment.runner.quit()
 
     def _inputs(self, mod, idx: np.ndarray) -> list:
         out = []
