@@ -340,6 +340,15 @@ def _find(rows, regime, members, model):
     return next((r for r in rows if r["regime"] == regime and r["members"] == members and r["model"] == model), None)
 
 
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plots(rows: list[dict], s: Setting, out: Path, title: str) -> list[Path]:
     import matplotlib
 
@@ -362,10 +371,7 @@ def plots(rows: list[dict], s: Setting, out: Path, title: str) -> list[Path]:
     ax.set_ylabel("test AUC (mean ± std over seeds × copies)")
     ax.set_title(f"RQ1/RQ2: mutual learning vs independent ({title})", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "rq1_mutual_vs_independent.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(fig, out / "rq1_mutual_vs_independent.png"))
     # 2. RQ3: same-architecture copies vs different architectures (RelaImp of fine-tuning)
     if len(s.archs) > 1:
         fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -379,10 +385,7 @@ def plots(rows: list[dict], s: Setting, out: Path, title: str) -> list[Path]:
         ax.set_ylabel("RelaImp vs its pretrained self (%)")
         ax.set_title(f"RQ3: mutual fine-tuning partners ({title})", fontsize=9)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        paths.append(out / "rq3_same_vs_different.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        paths.append(_save(fig, out / "rq3_same_vs_different.png"))
     # 3. RQ4: number of co-trained members
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ns = list(range(2, s.rq4_max + 1))
@@ -397,10 +400,7 @@ def plots(rows: list[dict], s: Setting, out: Path, title: str) -> list[Path]:
     ax.set_ylabel("RelaImp vs pretrained (%)")
     ax.set_title(f"RQ4: number of members ({title})", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "rq4_members.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(fig, out / "rq4_members.png"))
     # 4. ensembles: mean vs NE fusion (τ swept) vs collaborative vs best single member
     names = s.collab_members
     fig, ax = plt.subplots(figsize=(7, 3.8))
@@ -417,10 +417,7 @@ def plots(rows: list[dict], s: Setting, out: Path, title: str) -> list[Path]:
     ax.set_ylabel("test AUC")
     ax.set_title(f"Ensembles of {' + '.join(names)} ({title})", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "ensembles.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(fig, out / "ensembles.png"))
     return paths
 
 

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from ctr_ensemble.data.criteo import RawBatch, ReadStats, TextParts, check_data_file, drop_bad_utf8
+from ctr_ensemble.data.criteo import RawBatch, ReadStats, TextParts, check_data_file, drop_bad_utf8, parsed_lines
 from ctr_ensemble.errors import CtrError
 
 AVAZU_COLUMNS = [
@@ -130,11 +130,8 @@ class AvazuReader(TextParts):
             pending, self._pending = self._pending, None
             invalid, self._invalid_lines = self._invalid_lines, []
             n_rows = batch.num_rows
-            span = np.arange(line, line + batch.num_rows + len(invalid))
-            # 1-based line of each parsed row: the chunk's lines less those the parser dropped.
-            lines = span[~np.isin(span, invalid)] if -1 not in invalid else span[: batch.num_rows]
             try:
-                batch, kept = drop_bad_utf8(batch, lines[: batch.num_rows],
+                batch, kept = drop_bad_utf8(batch, parsed_lines(line, n_rows, invalid),
                                             lambda ln, name, why: self._bad(f"line {ln}, field {name}", why, ln))
                 out = self._convert(batch, kept)
             except CtrError as e:

@@ -168,10 +168,7 @@ class CriteoReader(TextParts):
             self._raise_pending()
             n = batch.num_rows
             invalid, self._invalid_lines = self._invalid_lines, []
-            span = np.arange(line, line + n + len(invalid))
-            # 1-based line of each parsed row: the chunk's lines less those the parser dropped.
-            lines = span[~np.isin(span, invalid)][:n] if -1 not in invalid else span[:n]
-            batch, lines = drop_bad_utf8(batch, lines,
+            batch, lines = drop_bad_utf8(batch, parsed_lines(line, n, invalid),
                                          lambda ln, name, why: self._bad(f"line {ln}, field {name}", why))
             out = self._convert(batch, lines)
             line += n + len(invalid)
@@ -219,6 +216,13 @@ class CriteoReader(TextParts):
             if not keep.any():
                 return None
         return RawBatch(label=label, num=num, cat=cats, first_line=int(lines[0]))
+
+
+def parsed_lines(first: int, n: int, dropped: list[int]) -> np.ndarray:
+    """1-based file line of each of the ``n`` rows a CSV chunk starting at line ``first`` parsed: the chunk's
+    lines less those its invalid-row handler ``dropped`` (-1 = line unknown: then counted from ``first``)."""
+    span = np.arange(first, first + n + len(dropped))
+    return span[~np.isin(span, dropped)][:n] if -1 not in dropped else span[:n]
 
 
 def drop_bad_utf8(batch: pa.RecordBatch, lines: np.ndarray, bad) -> tuple[pa.RecordBatch, np.ndarray]:

@@ -35,8 +35,8 @@ from ctr_ensemble.export.repository import ENSEMBLE_NAME
 from ctr_ensemble.loadtest import stats
 from ctr_ensemble.loadtest.report import markdown_table
 from ctr_ensemble.loadtest.rows import OfflineReference, load_rows
-from ctr_ensemble.loadtest.sweep import (LOCUSTFILE, PROTOCOLS, Target, model_inputs, run_locust, save_rows, started,
-                                         write_run_config)
+from ctr_ensemble.loadtest.sweep import (LOCUSTFILE, PROTOCOLS, Target, model_inputs, run_locust, save_rows,
+                                         scrape_or_none, started, write_run_config)
 from ctr_ensemble.serving import metrics
 from ctr_ensemble.serving.supervisor import stub_pids
 
@@ -120,10 +120,6 @@ class _Sampler(threading.Thread):
         self.join()
 
 
-def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    return {k: np.concatenate([p[k] for p in parts]) for k in stats.FIELDS}
-
-
 def window_rows(res: dict[str, np.ndarray], protocol: str, t0: float, window_s: float) -> list[dict]:
     """One row per window of ``window_s`` from ``t0`` (by send time): requests, errors, rps, p50/p99 ms."""
     t, ok, lat = res["t_start"], res["ok"].astype(bool), res["latency_ms"]
@@ -205,7 +201,7 @@ def run_soak(cfg: SoakConfig, repo: Path, data: Path, out: Path, *, target: Targ
                                      timeout_s=cfg.timeout_s, max_requests=per_process, results_dir=str(work / p / "results"))
                  for p in cfg.protocols}
         rss_start = memory_sample(pid) if pid else None
-        before = _scrape(tgt)
+        before = scrape_or_none(tgt)
         sampler = _Sampler(pid, cfg.sample_s) if pid else None
         if sampler:
             sampler.start()
@@ -225,7 +221,7 @@ def run_soak(cfg: SoakConfig, repo: Path, data: Path, out: Path, *, target: Targ
         if sampler:
             sampler.stop()
         rss_end = memory_sample(pid) if pid and alive else None
-        after = _scrape(tgt)
+        after = scrape_or_none(tgt)
     finally:
         if own:
             tgt.server.stop()
@@ -237,20 +233,18 @@ def run_soak(cfg: SoakConfig, repo: Path, data: Path, out: Path, *, target: Targ
     t0 = min((float(r["t_start"].min()) for r in per_proto.values() if len(r["t_start"])), default=t_load)
     proto_rows = []
     for p, res in per_proto.items():
-        s = stats.summarize(res, rows["label"], offline, warmup_s=0.0) if len(res["t_start"]) else {"requests": 0, "errors": 0}
-        d = p99_drift(res, cfg.window_s) if len(res["t_start"]) else {}
-        proto_rows.append({"protocol": p, "requests": s["requests"], "errors": s["errors"],
-                           "errors_by_kind": s.get("errors_by_kind", {}), "rps": s.get("rps"),
-                           "p50_ms": s.get("p50_ms"), "p99_ms": s.get("p99_ms"), **d,
-                           "served_auc": s.get("served_auc"), "offline_auc": s.get("offline_auc"),
-                           "max_abs_diff": s.get("max_abs_diff")})
+        if not len(res["t_start"]):
+            proto_rows.append({"protocol": p, "requests": 0, "errors": 0, "rows_served": 0})
+            continue
+        s = stats.summarize(res, rows["label"], offline, warmup_s=0.0)
+        proto_rows.append({"protocol": p, **{k: s[k] for k in ("requests", "errors", "rows_served", "errors_by_kind", "rps",
+                                                               "p50_ms", "p99_ms")},
+                           **p99_drift(res, cfg.window_s),
+                           **{k: s[k] for k in ("served_auc", "offline_auc", "max_abs_diff")}})
         windows += window_rows(res, p, t0, cfg.window_s)
-    nonempty = [r for r in per_proto.values() if len(r["t_start"])]
-    allres = _concat(nonempty) if nonempty else None
     summary["protocols"] = proto_rows
-    summary["requests"] = sum(r["requests"] for r in proto_rows)
-    summary["errors"] = sum(r["errors"] for r in proto_rows)
-    summary["rows_served"] = int(allres["n_rows"][allres["ok"].astype(bool)].sum()) if allres is not None else 0
+    for key in ("requests", "errors", "rows_served"):
+        summary[key] = sum(r[key] for r in proto_rows)
     summary["stopped_by"] = "request bound" if summary["requests"] >= per_process * len(cfg.protocols) else "time"
     if before is not None and after is not None:
         own_cost = next((c for c in metrics.diff(before, after) if c.model == cfg.model), None)
@@ -262,13 +256,6 @@ def run_soak(cfg: SoakConfig, repo: Path, data: Path, out: Path, *, target: Targ
     summary["passed"] = bool(alive and summary["requests"] > 0 and summary["errors"] == 0)
     _write(out, summary, windows, ([rss_start] if rss_start else []) + samples + ([rss_end] if rss_end else []), t_load)
     return summary
-
-
-def _scrape(tgt: Target) -> dict | None:
-    try:
-        return metrics.scrape(tgt.metrics_url)
-    except CtrError:
-        return None
 
 
 def _progress(threads: list[threading.Thread], duration_s: float, t_load: float, console: Console) -> None:

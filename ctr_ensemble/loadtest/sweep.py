@@ -334,10 +334,10 @@ def _run_variant(v: Variant, cfg: SweepConfig, tgt: Target, repo: Path, data: Pa
                 row.update(status="not_run", note=f"server died earlier; log: {tgt.server.log_tail(5)}")
                 result.rows.append(row)
                 continue
-            before = _scrape(tgt)
+            before = scrape_or_none(tgt)
             t0 = time.perf_counter()
             code, tail = run_locust(conf, protocol, users, cfg.spawn_rate, cfg.duration_s, locustfile)
-            after = _scrape(tgt)
+            after = scrape_or_none(tgt)
             res = stats.load_results(run_dir / "results")
             summary = stats.summarize(res, rows["label"], offline, cfg.warmup_s)
             row.update({k: summary[k] for k in ("rps", "rows_per_s", "p50_ms", "p95_ms", "p99_ms", "errors",
@@ -380,7 +380,7 @@ def _run_variant(v: Variant, cfg: SweepConfig, tgt: Target, repo: Path, data: Pa
                 + f"  [{time.perf_counter() - t0:.0f}s]")
 
 
-def _scrape(tgt: Target) -> dict | None:
+def scrape_or_none(tgt: Target) -> dict | None:
     try:
         return metrics.scrape(tgt.metrics_url)
     except CtrError:

@@ -35,7 +35,8 @@ from ctr_ensemble.training import checkpoint, distributed, loop
 from ctr_ensemble.training.checkpoint import Checkpoint
 from ctr_ensemble.training.distributed import Dist
 from ctr_ensemble.training.mutual import MemberInit, build_members
-from ctr_ensemble.training.trainer import TrainConfig, TrainStep, check_options, score_rows, val_metrics, write_history
+from ctr_ensemble.training.trainer import (TrainConfig, TrainStep, check_options, run_identity, score_rows, val_metrics,
+                                           write_history)
 
 COLLAB_FORMAT = "ctr-ensemble/collab-checkpoint"
 COLLAB_VERSION = 1
@@ -216,8 +217,8 @@ def train_collab(
         return out["val_auc"], out
 
     task_name = f"collab({', '.join(names)})"
-    run_id = {"trainer": "collab", "members": [[m.name, m.arch, asdict(m.config), m.source] for m in members],
-              "spec": spec.fingerprint(), "train_rows": len(train), "train_config": asdict(cfg), "processes": dist.world}
+    run_id = run_identity("collab", spec, train, cfg, dist,
+                          members=[[m.name, m.arch, asdict(m.config), m.source] for m in members])
     res = loop.run(loop.Task(task_name, model, step.opt, loss, evaluate), len(train), cfg.loop(), state_path, resume,
                    run_id, batches=step.feed.batches, dist=dist)
     if history_csv is not None and dist.is_main:

@@ -34,8 +34,8 @@ from ctr_ensemble.models.base import Member, MemberConfig
 from ctr_ensemble.training import checkpoint, distributed, loop
 from ctr_ensemble.training.checkpoint import Checkpoint
 from ctr_ensemble.training.distributed import Dist
-from ctr_ensemble.training.trainer import (TrainConfig, TrainStep, check_options, score_rows, unique_names, val_metrics,
-                                           write_history)
+from ctr_ensemble.training.trainer import (TrainConfig, TrainStep, check_options, run_identity, score_rows, unique_names,
+                                           val_metrics, write_history)
 
 MODES = ("scratch", "finetune")
 FINETUNE_LR = 7e-4
@@ -183,8 +183,8 @@ def train_mutual(
         return mean_auc, {"val_auc": mean_auc, **out}
 
     task_name = f"mutual[{cfg.mode}]({', '.join(names)})"
-    run_id = {"trainer": "mutual", "members": [[m.name, m.arch, asdict(m.config), m.source] for m in members],
-              "spec": spec.fingerprint(), "train_rows": len(train), "train_config": asdict(cfg), "processes": dist.world}
+    run_id = run_identity("mutual", spec, train, cfg, dist,
+                          members=[[m.name, m.arch, asdict(m.config), m.source] for m in members])
     res = loop.run(loop.Task(task_name, nets, step.opt, loss, evaluate), len(train), cfg.loop(), state_path, resume,
                    run_id, batches=step.feed.batches, dist=dist)
     if history_csv is not None and dist.is_main:

@@ -292,6 +292,13 @@ def unique_names(names: list[str]) -> list[str]:
     return out
 
 
+def run_identity(trainer: str, spec: FeatureSpec, train, cfg: TrainConfig, dist: Dist, **what) -> dict:
+    """What a resume state must match (``loop.run``'s ``run_id``): the trainer, ``what`` it trains, the data
+    and every setting."""
+    return {"trainer": trainer, **what, "spec": spec.fingerprint(), "train_rows": len(train), "train_config": asdict(cfg),
+            "processes": dist.world}
+
+
 def train_member(
     name: str,
     arch: str,
@@ -326,8 +333,7 @@ def train_member(
         m = val_metrics(*evaluate_rows(model, val, spec, cfg.eval_batch_size, dist))
         return m["val_auc"], m
 
-    run_id = {"trainer": "member", "name": name, "arch": arch, "model_config": asdict(model_cfg),
-              "spec": spec.fingerprint(), "train_rows": len(train), "train_config": asdict(cfg), "processes": dist.world}
+    run_id = run_identity("member", spec, train, cfg, dist, name=name, arch=arch, model_config=asdict(model_cfg))
     res = loop.run(loop.Task(name, model, step.opt, loss, evaluate), len(train), cfg.loop(), state_path, resume, run_id,
                    batches=step.feed.batches, dist=dist)
     if history_csv is not None and dist.is_main:
