@@ -8,12 +8,18 @@ from torch import nn
 
 
 class MLP(nn.Sequential):
-    """Linear → ReLU → Dropout, repeated: (B, d_in) → (B, hidden[-1])."""
+    """Linear → [BatchNorm] → ReLU → [Dropout], repeated: (B, d_in) → (B, hidden[-1]).
 
-    def __init__(self, d_in: int, hidden: Sequence[int], dropout: float = 0.0):
+    The order of FuxiCTR's ``MLP_Block`` (``batch_norm``, ``net_dropout``); in eval mode BatchNorm is a
+    fixed affine map, which ONNX export folds into the graph."""
+
+    def __init__(self, d_in: int, hidden: Sequence[int], dropout: float = 0.0, batch_norm: bool = False):
         layers: list[nn.Module] = []
         for h in hidden:
-            layers += [nn.Linear(d_in, h), nn.ReLU()]
+            layers.append(nn.Linear(d_in, h))
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(h))
+            layers.append(nn.ReLU())
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
             d_in = h

@@ -59,6 +59,7 @@ def build(arch: str, cfg: MemberConfig, spec: FeatureSpec) -> Member:
     if not isinstance(cfg, e.config):
         raise CtrError(f"{arch}: expected a {e.config.__name__}, got {type(cfg).__name__}")
     model = e.model(cfg, spec)
+    model.config = cfg
     if not model.xavier_init:
         return model
     # Xavier-normal weights and zero biases for every Linear (FuxiCTR's choice). Against PyTorch's

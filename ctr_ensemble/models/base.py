@@ -25,9 +25,19 @@ Tensor = torch.Tensor
 
 @dataclass
 class MemberConfig:
-    """Fields every member config has."""
+    """Fields every member config has.
+
+    The regularizers have FuxiCTR's semantics (``embedding_regularizer`` / ``net_regularizer``): λ/p·‖W‖ₚᵖ
+    added to the loss every step, over each embedding table and over every other weight and bias of the
+    member (``training/regularize.py``). ``batch_norm`` and ``dropout`` (in each subclass) act on every
+    hidden layer of the member's MLP tower(s), FuxiCTR's ``batch_norm`` / ``net_dropout``."""
 
     embedding_dim: int = 16
+    embedding_regularizer: float = 0.01  # λ of the tables' penalty (FuxiCTR embedding_regularizer)
+    embedding_regularizer_p: int = 2  # 2 = l2(λ), 1 = l1(λ)
+    net_regularizer: float = 0.0  # λ of every other weight/bias (FuxiCTR net_regularizer)
+    net_regularizer_p: int = 2
+    batch_norm: bool = False  # BatchNorm after each hidden Linear of the MLP tower(s)
 
 
 class Member(nn.Module):
@@ -35,6 +45,7 @@ class Member(nn.Module):
 
     repr_dim: int
     head: nn.Module
+    config: MemberConfig  # set by models.build: the regularizers read it
     xavier_init = True  # models.build re-initialises every nn.Linear Xavier-normal (see there)
 
     @staticmethod
@@ -67,12 +78,13 @@ class CrossDeepMember(Member):
     """The DCN family's skeleton: repr = [cross(x0) (B, F·D) ‖ deep(x0) (B, hidden[-1])], x0 the flattened
     field embeddings; head = Linear(H, 1). Subclasses pass the cross network to use."""
 
-    def __init__(self, spec: FeatureSpec, embedding_dim: int, hidden: list[int], dropout: float, make_cross):
+    def __init__(self, spec: FeatureSpec, embedding_dim: int, hidden: list[int], dropout: float, make_cross,
+                 batch_norm: bool = False):
         super().__init__()
         self.embedding = self.make_embedding(spec, embedding_dim)
         d = self.embedding.n_fields * embedding_dim
         self.cross = make_cross(d)
-        self.deep = MLP(d, hidden, dropout)
+        self.deep = MLP(d, hidden, dropout, batch_norm)
         self.repr_dim = d + self.deep.d_out
         self.head = nn.Linear(self.repr_dim, 1)
 

@@ -26,4 +26,5 @@ class DCN(CrossDeepMember):
     """
 
     def __init__(self, cfg: DCNConfig, spec: FeatureSpec):
-        super().__init__(spec, cfg.embedding_dim, cfg.hidden, cfg.dropout, lambda d: CrossNetV1(d, cfg.cross_layers))
+        super().__init__(spec, cfg.embedding_dim, cfg.hidden, cfg.dropout, lambda d: CrossNetV1(d, cfg.cross_layers),
+                         cfg.batch_norm)

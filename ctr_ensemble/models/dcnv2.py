@@ -21,4 +21,5 @@ class DCNv2(CrossDeepMember):
     """repr = [cross(x0) (B, F·D) ‖ deep(x0) (B, hidden[-1])] with x0 the flattened embeddings; head = Linear(H, 1)."""
 
     def __init__(self, cfg: DCNv2Config, spec: FeatureSpec):
-        super().__init__(spec, cfg.embedding_dim, cfg.hidden, cfg.dropout, lambda d: CrossNetV2(d, cfg.cross_layers, cfg.low_rank))
+        super().__init__(spec, cfg.embedding_dim, cfg.hidden, cfg.dropout,
+                         lambda d: CrossNetV2(d, cfg.cross_layers, cfg.low_rank), cfg.batch_norm)

@@ -30,7 +30,7 @@ class DeepFM(Member):
         self.embedding = self.make_embedding(spec, cfg.embedding_dim)
         self.linear = self.make_embedding(spec, 1)  # first-order weights, one scalar per id
         self.fm = FactorizationMachine()
-        self.deep = MLP(self.embedding.n_fields * cfg.embedding_dim, cfg.hidden, cfg.dropout)
+        self.deep = MLP(self.embedding.n_fields * cfg.embedding_dim, cfg.hidden, cfg.dropout, cfg.batch_norm)
         self.repr_dim = self.deep.d_out + cfg.embedding_dim + 1
         self.head = nn.Linear(self.repr_dim, 1)
 

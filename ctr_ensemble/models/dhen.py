@@ -67,7 +67,7 @@ class DHEN(Member):
         self.layers = nn.Sequential(
             *(DHENLayer(cfg.modules, t, d, cfg.low_rank, cfg.mlp_hidden) for _ in range(cfg.n_layers))
         )
-        self.tower = MLP(t * d, cfg.hidden, cfg.dropout)
+        self.tower = MLP(t * d, cfg.hidden, cfg.dropout, cfg.batch_norm)
         self.repr_dim = self.tower.d_out
         self.head = nn.Linear(self.repr_dim, 1)
 

@@ -72,7 +72,7 @@ class EMOFM(Member):
                 self.mix1 = CrossFieldMixer(n, d, cfg.n_heads)
                 self.mix2 = CrossFieldMixer(n, self.stage1.d_out, cfg.n_heads)
             d = self.stage1.d_out
-        self.stage2 = MLP(n * d, cfg.hidden, cfg.dropout)
+        self.stage2 = MLP(n * d, cfg.hidden, cfg.dropout, cfg.batch_norm)
         self.repr_dim = self.stage2.d_out
         self.head = nn.Linear(self.repr_dim, 1)  # the shared predictor
         self.type_index: int | None = None

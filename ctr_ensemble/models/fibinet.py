@@ -45,7 +45,7 @@ class FiBiNET(Member):
         self.senet = SENet(f, cfg.reduction_ratio)
         self.bilinear_e = Bilinear(f, d, cfg.bilinear_type)
         self.bilinear_v = Bilinear(f, d, cfg.bilinear_type)
-        self.deep = MLP(2 * (f * (f - 1) // 2) * d, cfg.hidden, cfg.dropout)
+        self.deep = MLP(2 * (f * (f - 1) // 2) * d, cfg.hidden, cfg.dropout, cfg.batch_norm)
         self.repr_dim = self.deep.d_out + 1
         self.head = nn.Linear(self.repr_dim, 1)
 

@@ -110,7 +110,7 @@ class InterFormer(Member):
         self.compress = FieldCompression(n_fields, cfg.n_tokens)  # the paper's linear compressed embedding
         self.layers = nn.ModuleList(InterFormerLayer(cfg.n_tokens, d, cfg) for _ in range(cfg.n_layers))
         self.final_seq_summary = AttentionPooling(d, cfg.n_seq_summary, cfg.n_heads)
-        self.tower = MLP((cfg.n_tokens + cfg.n_seq_summary) * d, cfg.hidden, cfg.dropout)
+        self.tower = MLP((cfg.n_tokens + cfg.n_seq_summary) * d, cfg.hidden, cfg.dropout, cfg.batch_norm)
         self.repr_dim = self.tower.d_out
         self.head = nn.Linear(self.repr_dim, 1)
 

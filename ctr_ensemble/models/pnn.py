@@ -34,7 +34,7 @@ class PNN(Member):
         self.embedding = self.make_embedding(spec, cfg.embedding_dim)
         f = self.embedding.n_fields
         self.product = InnerProduct(f)
-        self.deep = MLP(f * cfg.embedding_dim + self.product.n_pairs, cfg.hidden, cfg.dropout)
+        self.deep = MLP(f * cfg.embedding_dim + self.product.n_pairs, cfg.hidden, cfg.dropout, cfg.batch_norm)
         self.repr_dim = self.deep.d_out
         self.head = nn.Linear(self.repr_dim, 1)
 

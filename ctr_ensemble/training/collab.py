@@ -201,7 +201,8 @@ def train_collab(
 
     def loss(batch):
         (fused, member_logits, _), y = step(batch)
-        return collab_losses(fused.float(), member_logits.float(), y, cfg.kl_weight)
+        total, parts = collab_losses(fused.float(), member_logits.float(), y, cfg.kl_weight)
+        return step.regularized(total, parts), parts
 
     def evaluate():
         n = len(names)

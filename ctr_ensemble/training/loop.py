@@ -8,8 +8,11 @@ its optimiser, a loss over a batch of row indices, an evaluation); ``run`` does 
   ``(feeds, labels)`` instead of row ids;
 - refuses a non-finite loss *before* the optimiser step, naming epoch, step and batch, so the
   weights and the last resume state stay clean;
-- evaluates after each epoch, keeps the best state (highest score) and stops after
-  ``patience`` epochs without improvement;
+- evaluates after each epoch, keeps the best state (highest score); an epoch without a better
+  score multiplies every learning rate by ``plateau_factor`` (reduce-LR-on-plateau, floor
+  ``min_lr``), and ``patience`` such epochs in a row stop the run (FuxiCTR's
+  ``early_stop_patience`` and ``reduce_lr_on_plateau``); the best state is what the run returns;
+- after each epoch calls ``on_epoch(epoch, history row)`` (a tuner's pruner raises there);
 - with a ``state_path``, writes a resume state atomically every ``save_every`` steps and at
   each epoch end (weights, optimiser, scheduler, RNG states, position in the epoch, best so
   far, history). ``resume=True`` continues from it and reaches the same weights as an
@@ -44,13 +47,15 @@ STATE_VERSION = 1
 
 @dataclass
 class LoopConfig:
-    epochs: int = 8
+    epochs: int = 100  # the most epochs; early stopping normally ends the run first
     batch_size: int = 512
-    patience: int = 1  # epochs without a better score before stopping
+    patience: int = 2  # epochs in a row without a better score that stop the run (FuxiCTR early_stop_patience)
     seed: int = 42
     max_steps: int = 0  # stop after this many optimiser steps (0 = no limit)
     lr_decay: float = 1.0  # learning-rate factor per epoch, applied smoothly every step (1 = constant)
     save_every: int = 0  # steps between resume states (0 = at epoch ends only)
+    plateau_factor: float = 0.1  # lr factor after an epoch without a better score (1 = off; FuxiCTR's 0.1)
+    min_lr: float = 1e-6  # reduce-LR-on-plateau never goes below this
 
 
 @dataclass
@@ -98,12 +103,31 @@ def _load_state(path: Path, run_id: dict) -> dict:
     return state
 
 
+def _scale_lr(optimizers: list[torch.optim.Optimizer], factor: float, floor: float) -> float:
+    """Multiply every param group's lr by ``factor`` (not below ``floor``); returns the first group's new lr."""
+    for o in optimizers:
+        for g in o.param_groups:
+            g["lr"] = max(g["lr"] * factor, floor)
+    return optimizers[0].param_groups[0]["lr"]
+
+
+def _lr(optimizers: list[torch.optim.Optimizer]) -> float:
+    return optimizers[0].param_groups[0]["lr"]
+
+
 def run(task: Task, n_rows: int, cfg: LoopConfig, state_path: str | Path | None = None, resume: bool = False,
-        run_id: dict | None = None, batches=None, dist: Dist | None = None) -> LoopResult:
+        run_id: dict | None = None, batches=None, dist: Dist | None = None,
+        on_epoch: Callable[[int, dict], None] | None = None) -> LoopResult:
     """Train ``task`` over ``n_rows`` rows (or the epochs of ``batches``, a ``loader.Batches``); see the module
-    doc. ``run_id`` identifies the run in the resume state."""
+    doc. ``run_id`` identifies the run in the resume state. ``on_epoch(epoch, row)`` runs after each epoch's
+    evaluation with that epoch's history row (what it raises propagates: a pruned trial stops the run)."""
     if n_rows <= 0:
         raise CtrError(f"{task.name}: no training rows")
+    if cfg.patience < 1:
+        raise CtrError(f"patience must be >= 1 (epochs without a better validation score before stopping), "
+                       f"got {cfg.patience}")
+    if not 0.0 < cfg.plateau_factor <= 1.0:
+        raise CtrError(f"plateau_factor must be in (0, 1] (1 = no reduce-LR-on-plateau), got {cfg.plateau_factor}")
     dist = dist or Dist()
     main = dist.is_main
     run_id = dict(run_id or {})
@@ -173,6 +197,7 @@ def run(task: Task, n_rows: int, cfg: LoopConfig, state_path: str | Path | None 
             idx = order[s : s + cfg.batch_size]
             yield s, len(idx), int(idx[0]), idx
 
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in task.module.modules())
     stopped = False
     for epoch in range(start_epoch, cfg.epochs + 1):
         if epoch == start_epoch and epoch_gen_state is not None:
@@ -183,9 +208,13 @@ def run(task: Task, n_rows: int, cfg: LoopConfig, state_path: str | Path | None 
         task.module.train()
         t0 = time.perf_counter()
         local_batch = cfg.batch_size // dist.world
+        best_desc = f", best {best_score:.4f}@{best_epoch}, wait {bad_epochs}/{cfg.patience}" if best is not None else ""
         bar = tqdm(epoch_batches(epoch, start_pos), total=per_epoch - start_pos // local_batch,
-                   desc=f"{task.name} epoch {epoch}/{cfg.epochs}", unit="batch", leave=False, disable=not main)
+                   desc=f"{task.name} epoch {epoch}/{cfg.epochs} (lr {_lr(inner):.2g}{best_desc})", unit="batch",
+                   leave=False, disable=not main)
         for s, n, first, batch in bar:
+            if n < 2 and has_bn:  # BatchNorm cannot normalise one row in training mode: a 1-row tail batch sits out
+                continue
             with distributed.collective(dist, f"training step {steps + 1} (DDP forward/backward)"):
                 loss, parts = task.loss(batch)
                 _check_finite(task, loss, parts, epoch, steps + 1, s // local_batch + 1, n, first)
@@ -213,20 +242,32 @@ def run(task: Task, n_rows: int, cfg: LoopConfig, state_path: str | Path | None 
         score, metrics = task.evaluate()
         row = {"epoch": epoch, **{f"train_{k}": v / max(epoch_seen, 1) for k, v in epoch_totals.items()}, **metrics,
                "seconds": time.perf_counter() - t0, "samples_per_s": epoch_seen / max(train_seconds, 1e-9)}
-        history.append(row)
-        if main:
-            tqdm.write(f"{task.name} epoch {epoch}: " + " ".join(
-                f"{k}={v:.4f}" for k, v in row.items() if k not in ("epoch", "seconds", "samples_per_s")
-                and isinstance(v, float)) + f" ({row['seconds']:.1f}s, {row['samples_per_s']:,.0f} samples/s)")
-        if score > best_score or best is None:
+        row["lr"] = _lr(inner)
+        improved = score > best_score or best is None
+        if improved:
             best_score, best_epoch, bad_epochs = score, epoch, 0
             best = copy.deepcopy(task.module.state_dict())
         else:
             bad_epochs += 1
-            if bad_epochs > cfg.patience:
+        history.append(row)
+        if main:
+            tqdm.write(f"{task.name} epoch {epoch}/{cfg.epochs}: " + " ".join(
+                f"{k}={v:.4f}" for k, v in row.items() if k not in ("epoch", "seconds", "samples_per_s", "lr")
+                and isinstance(v, float)) + f" lr={row['lr']:.2g} ({row['seconds']:.1f}s, "
+                f"{row['samples_per_s']:,.0f} samples/s) " + ("new best" if improved else
+                f"best {best_score:.4f}@{best_epoch}, {bad_epochs}/{cfg.patience} without improvement"))
+        if not improved:
+            if bad_epochs >= cfg.patience:
                 if main:
-                    tqdm.write(f"{task.name}: early stop, best score {best_score:.4f} at epoch {best_epoch}")
+                    tqdm.write(f"{task.name}: early stop, best score {best_score:.4f} at epoch {best_epoch} "
+                               f"(weights of that epoch restored)")
                 stopped = True
+            elif cfg.plateau_factor < 1.0 and _lr(inner) > cfg.min_lr:
+                new_lr = _scale_lr(inner, cfg.plateau_factor, cfg.min_lr)
+                if main:
+                    tqdm.write(f"{task.name}: no better score, learning rate reduced to {new_lr:.2g}")
+        if on_epoch is not None:
+            on_epoch(epoch, row)
         if stopped:
             break
         totals, seen, epoch_gen_state = {}, 0, gen.get_state()

@@ -172,7 +172,7 @@ def train_mutual(
         parts = {"loss": total}
         for k, name in enumerate(names):
             parts[f"bce_{name}"], parts[f"mutual_{name}"] = bce[k], mse[k]
-        return total, parts
+        return step.regularized(total, parts), parts
 
     def evaluate():
         y, p = score_rows(nets, nets.probs, val, spec, cfg.eval_batch_size, dist, (len(names),))  # p (N_val, N)

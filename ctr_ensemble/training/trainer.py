@@ -19,6 +19,7 @@ from ctr_ensemble.errors import CtrError
 from ctr_ensemble.features import FeatureSpec, feed_rows
 from ctr_ensemble.models.base import Member, MemberConfig
 from ctr_ensemble.training import distributed, loader, loop
+from ctr_ensemble.training.regularize import Regularizer
 from ctr_ensemble.training.checkpoint import Checkpoint
 from ctr_ensemble.training.distributed import Dist
 from ctr_ensemble.training.loop import LoopConfig
@@ -57,11 +58,13 @@ class Arrays:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 8
+    epochs: int = 100  # the most epochs: early stopping on val AUC ends the run first (see loop.py)
     batch_size: int = 512
     lr: float = 2e-3
-    weight_decay: float = 1e-4  # L2 through Adam; curbs memorisation of rare ids
-    patience: int = 1  # epochs without a better validation AUC before stopping
+    weight_decay: float = 0.0  # Adam's coupled L2 on every parameter (the members' regularizers are the usual way)
+    patience: int = 2  # epochs in a row without a better val AUC that stop the run (FuxiCTR early_stop_patience)
+    plateau_factor: float = 0.1  # lr factor after an epoch without a better val AUC (1 = off), FuxiCTR's default
+    min_lr: float = 1e-6
     seed: int = 42
     eval_batch_size: int = 16384
     max_steps: int = 0  # stop after this many optimiser steps (0 = no limit); for smoke checks
@@ -69,6 +72,7 @@ class TrainConfig:
     save_every: int = 0  # optimiser steps between resume states (0 = at epoch ends only)
     optimizer: str = "adam"  # adam (dense, every row each step) | sparse_adam | sparse_adagrad (see OPTIMIZERS)
     emb_lr: float = 0.0  # learning rate of the embedding tables with a sparse optimizer (0 = 5 × lr, see Optimizers)
+    embedding_reg_rows: str = "auto"  # the members' embedding regularizer over: all | batch rows | auto (regularize.py)
     amp: str = "none"  # none | bf16 (autocast of the forward pass)
     compile: bool = False  # torch.compile the training step's forward
     device: str = "auto"  # auto (CUDA if torch sees it) | cpu | cuda
@@ -80,7 +84,8 @@ class TrainConfig:
 
     def loop(self) -> LoopConfig:
         return LoopConfig(epochs=self.epochs, batch_size=self.batch_size, patience=self.patience, seed=self.seed,
-                          max_steps=self.max_steps, lr_decay=self.lr_decay, save_every=self.save_every)
+                          max_steps=self.max_steps, lr_decay=self.lr_decay, save_every=self.save_every,
+                          plateau_factor=self.plateau_factor, min_lr=self.min_lr)
 
 
 # Embedding tables (nn.Embedding) get sparse gradients with the sparse optimizers: a step touches only
@@ -230,11 +235,21 @@ class TrainStep:
         self.forward = torch.compile(forward) if cfg.compile else forward
         self.amp = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16")
         self.feed = Feed(train, spec, cfg, dist)
+        self.reg = Regularizer(model, cfg.embedding_reg_rows, sparse_optimizer=cfg.optimizer != "adam")
 
     def __call__(self, batch):
         x, y = self.feed(batch)
         with self.amp:
             return self.forward(**x), y
+
+    def regularized(self, loss: torch.Tensor, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``loss`` plus the members' regularizers for the batch just forwarded (``regularize.py``); the penalty
+        is added to ``parts`` as ``reg`` (the history's ``train_reg``)."""
+        pen = self.reg.penalty()
+        if pen is None:
+            return loss
+        parts["reg"] = pen.detach()
+        return loss + pen
 
 
 @torch.no_grad()
@@ -311,12 +326,14 @@ def train_member(
     state_path: Path | None = None,
     resume: bool = False,
     dist: Dist | None = None,
+    on_epoch=None,
 ) -> Checkpoint:
     """Train a member from scratch and return the checkpoint of its best validation epoch.
 
     ``train``/``val`` are in-memory ``Arrays`` or ``shards.Prepared`` folders. Under torchrun pass
     ``dist = distributed.setup()``: each process trains on its own rows, gradients are averaged (DDP),
-    every process gets the same validation AUC, and the caller saves the checkpoint on rank 0 only."""
+    every process gets the same validation AUC, and the caller saves the checkpoint on rank 0 only.
+    ``on_epoch(epoch, history row)`` runs after each epoch (``loop.run``), e.g. a tuner's pruning check."""
     dist = dist or Dist(device=distributed.resolve_device(cfg.device))
     check_options(cfg, dist)
     torch.manual_seed(cfg.seed)
@@ -327,7 +344,8 @@ def train_member(
     def loss(batch):
         logit, y = step(batch)  # (B, 1), (B,)
         value = loss_fn(logit[:, 0].float(), y)
-        return value, {"logloss": value}
+        parts = {"logloss": value.detach()}
+        return step.regularized(value, parts), parts
 
     def evaluate():
         m = val_metrics(*evaluate_rows(model, val, spec, cfg.eval_batch_size, dist))
@@ -335,7 +353,7 @@ def train_member(
 
     run_id = run_identity("member", spec, train, cfg, dist, name=name, arch=arch, model_config=asdict(model_cfg))
     res = loop.run(loop.Task(name, model, step.opt, loss, evaluate), len(train), cfg.loop(), state_path, resume, run_id,
-                   batches=step.feed.batches, dist=dist)
+                   batches=step.feed.batches, dist=dist, on_epoch=on_epoch)
     if history_csv is not None and dist.is_main:
         write_history(res.history, history_csv, name)
     return Checkpoint(
