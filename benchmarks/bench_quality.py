@@ -65,21 +65,33 @@ WORSE_BEYOND = 1.0  # ours is "worse beyond seed noise" when ΔAUC < -1 pooled s
 console = Console(width=None if sys.stdout.isatty() else 150)
 
 
+# FuxiCTR's reference settings: the BARS recipe of its small public benchmarks (Frappe_x1 / MovielensLatest_x1,
+# e.g. DeepFM_frappe_x1_001: embedding_dim 10, MLP [400, 400, 400] with batch norm and net_dropout 0.2,
+# embedding_regularizer 0.05, net_regularizer 0, Adam lr 1e-3, batch 4096, up to 100 epochs, early_stop_patience 2,
+# reduce_lr_on_plateau, min_categr_count 1). Two changes for these sizes, both recorded in the table: the batch is
+# capped so an epoch has at least FUXICTR_MIN_STEPS steps (4096 would be 2 steps on the 7,200-row Criteo sample),
+# and FiBiNET keeps our tower ([400]*3 over its 2·F(F−1)/2·D-wide bilinear output is ~8× the CPU cost).
+FUXICTR_RECIPE = {"embedding_dim": 10, "hidden": [400, 400, 400], "batch_norm": True, "dropout": 0.2,
+                  "embedding_regularizer": 0.05, "net_regularizer": 0.0, "lr": 1e-3, "batch_size": 4096,
+                  "epochs": 100, "early_stop_patience": 2, "reduce_lr_on_plateau": True, "min_count": 1}
+FUXICTR_MIN_STEPS = 16
+FUXICTR_KEEP_OUR_TOWER = ("fibinet",)
+
+
 @dataclass
 class BenchConfig:
     members: list[str] = field(default_factory=lambda: list(models.REGISTRY))
     datasets: list[str] = field(default_factory=lambda: list(DATASETS))
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
-    epochs: int = 3
-    batch_size: int = 512
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    patience: int = 1
+    # Ours runs with the product's defaults (TrainConfig(), each member's default config, features.fit's
+    # min_count); these override them, for the measurements that chose the defaults.
+    model_set: dict = field(default_factory=dict)
+    train_set: dict = field(default_factory=dict)
+    min_count: int | None = None  # None: features.fit's default
+    fuxictr_recipe: dict = field(default_factory=lambda: dict(FUXICTR_RECIPE))
     threads: int = 1
     synth_rows: int = 20_000  # train rows; val and test get a quarter each
     movielens_train_rows: int = 20_000  # 0 = the whole training split
-    min_count: dict[str, int] = field(default_factory=lambda: {"synth": 10, "tinysynth": 2, "criteo": 2, "avazu": 2,
-                                                              "movielens": 2})
     max_steps: int = 0  # per run; 0 = no limit (smoke runs)
     fuxictr: bool = True
     fuxictr_numeric: str = "auto"  # auto: FuxiCTR's Criteo log² buckets for count-like numerics, else scaled
@@ -189,15 +201,49 @@ def prepare(name: str, cfg: BenchConfig) -> Prepared:
 
 
 def train_config(cfg: BenchConfig, seed: int) -> TrainConfig:
-    return TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                       patience=cfg.patience, seed=seed, max_steps=cfg.max_steps)
+    """Ours: the product's TrainConfig defaults, with ``--train-set`` overrides and the seed."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = set(cfg.train_set) - names
+    if unknown:
+        raise CtrError(f"--train-set: unknown TrainConfig keys {sorted(unknown)}; valid: {sorted(names)}")
+    return TrainConfig(**{**cfg.train_set, "seed": seed, "max_steps": cfg.max_steps})
+
+
+def model_config(member: str, cfg: BenchConfig):
+    """Ours: the member's default config with the ``--model-set`` overrides it has (others are skipped)."""
+    fields = {f.name for f in dataclasses.fields(models.entry(member).config)}
+    return models.make_config(member, {k: v for k, v in cfg.model_set.items() if k in fields})
+
+
+def fuxictr_request(member: str, seed: int, cfg: BenchConfig, train_rows: int) -> dict:
+    """The runner's request: BARS sizes/tower/regularizers for FuxiCTR's model of ``member`` (structural
+    settings such as cross layers from our config), and BARS training settings with the batch cap."""
+    r = cfg.fuxictr_recipe
+    ours = dataclasses.asdict(models.make_config(member))
+    model = {**ours, "embedding_dim": r["embedding_dim"], "batch_norm": r["batch_norm"], "dropout": r["dropout"]}
+    if member not in FUXICTR_KEEP_OUR_TOWER:
+        model["hidden"] = list(r["hidden"])
+    batch = fuxictr_batch(r["batch_size"], train_rows)
+    train = {"lr": r["lr"], "batch_size": batch, "epochs": r["epochs"], "early_stop_patience": r["early_stop_patience"],
+             "reduce_lr_on_plateau": r["reduce_lr_on_plateau"], "embedding_regularizer": r["embedding_regularizer"],
+             "net_regularizer": r["net_regularizer"]}
+    if cfg.max_steps:  # smoke runs: a couple of epochs
+        train["epochs"] = 2
+    return {"member": member, "seed": seed, "config": model, "train": train}
+
+
+def fuxictr_batch(batch: int, train_rows: int) -> int:
+    """BARS' batch, halved until an epoch has at least FUXICTR_MIN_STEPS steps (and at least 32 rows)."""
+    while batch > 32 and train_rows / batch < FUXICTR_MIN_STEPS:
+        batch //= 2
+    return batch
 
 
 def warm_up(spec: features.FeatureSpec, arrays: dict, cfg: BenchConfig) -> None:
     """Two untimed steps of every member first: the first training in a process pays seconds of one-time setup."""
     small = arrays["val"].take(slice(0, 256))
     for m in cfg.members:
-        train_member(f"warm-up {m}", m, models.make_config(m), spec, arrays["train"], small,
+        train_member(f"warm-up {m}", m, model_config(m, cfg), spec, arrays["train"], small,
                      dataclasses.replace(train_config(cfg, 0), epochs=1, max_steps=2))
 
 
@@ -206,10 +252,10 @@ def run_ours(prep: Prepared, spec: features.FeatureSpec, arrays: dict, member: s
     """Train one member with one seed through the project's API; score the test split."""
     rec = {"dataset": prep.name, "member": member, "framework": "ours", "seed": seed, "error": None}
     try:
-        model_cfg = models.make_config(member)
+        model_cfg = model_config(member, cfg)
+        tcfg = train_config(cfg, seed)
         t0 = time.perf_counter()
-        ck = train_member(f"{member}_s{seed}", member, model_cfg, spec, arrays["train"], arrays["val"],
-                          train_config(cfg, seed))
+        ck = train_member(f"{member}_s{seed}", member, model_cfg, spec, arrays["train"], arrays["val"], tcfg)
         fit_seconds = time.perf_counter() - t0
         model = models.build(member, model_cfg, spec)
         model.load_state_dict(ck.state_dict)
@@ -218,13 +264,20 @@ def run_ours(prep: Prepared, spec: features.FeatureSpec, arrays: dict, member: s
         epochs = len(ck.metrics["history"])
         rows = len(arrays["train"])
         if cfg.max_steps:
-            rows = min(rows, cfg.max_steps * cfg.batch_size)
+            rows = min(rows, cfg.max_steps * tcfg.batch_size)
         rec.update(test_auc=metrics.auc(test.label, p), test_logloss=metrics.logloss(test.label, p),
+                   **ads_metrics(test.label, p, float(arrays["train"].label.mean())),
                    val_auc=ck.metrics["val_auc"], epochs=epochs, train_rows=len(arrays["train"]),
                    fit_seconds=fit_seconds, samples_per_s=rows * epochs / fit_seconds)
     except (CtrError, RuntimeError, ValueError) as e:
         rec["error"] = f"{type(e).__name__}: {e}"
     return rec
+
+
+def ads_metrics(y: np.ndarray, p: np.ndarray, train_rate: float) -> dict:
+    """NE (against the training base rate), calibration (mean p / observed CTR) and ECE of one run's test scores."""
+    return {"test_ne": metrics.normalized_entropy(y, p, train_rate), "test_calibration": metrics.calibration(y, p),
+            "test_ece": metrics.expected_calibration_error(y, p)}
 
 
 def fuxictr_numeric(dataset: str, cfg: BenchConfig) -> str:
@@ -241,10 +294,8 @@ def fuxictr_job(prep: Prepared, cfg: BenchConfig, seq_max_len: int) -> dict:
         "use_sequence": seq_max_len > 0,
         "seq_max_len": seq_max_len,
         "numeric": fuxictr_numeric(prep.name, cfg),
-        "min_count": cfg.min_count.get(prep.name, 2),
+        "min_count": cfg.fuxictr_recipe["min_count"],
         "threads": cfg.threads,
-        "train": {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
-                  "weight_decay": cfg.weight_decay, "patience": cfg.patience},
     }
 
 
@@ -303,7 +354,7 @@ class FuxiCTRWorker:
         rec = {"dataset": self.prep.name, "member": member, "framework": "fuxictr", "seed": seed}
         if self.proc is None:
             return {**rec, "error": self.failure or "runner not started"}
-        req = {"member": member, "seed": seed, "config": dataclasses.asdict(models.make_config(member))}
+        req = fuxictr_request(member, seed, self.cfg, self.prep.rows["train"])
         try:
             self.proc.stdin.write(json.dumps(req) + "\n")
             self.proc.stdin.flush()
@@ -374,9 +425,12 @@ def summarise(runs: list[dict], framework: str) -> dict:
     errors = sorted({r["error"] for r in runs if r["framework"] == framework and r.get("error")})
     auc_m, auc_s = mean_std([r["test_auc"] for r in ok])
     ll_m, ll_s = mean_std([r["test_logloss"] for r in ok])
+    ne_m, ne_s = mean_std([r.get("test_ne") for r in ok])
+    cal_m, _ = mean_std([r.get("test_calibration") for r in ok])
     sps_m, _ = mean_std([r["samples_per_s"] for r in ok])
     ep_m, _ = mean_std([r["epochs"] for r in ok])
     return {"runs": len(ok), "auc_mean": auc_m, "auc_std": auc_s, "logloss_mean": ll_m, "logloss_std": ll_s,
+            "ne_mean": ne_m, "ne_std": ne_s, "calibration_mean": cal_m,
             "samples_per_s": sps_m, "epochs": ep_m, "error": "; ".join(errors)}
 
 
@@ -402,6 +456,8 @@ def aggregate(runs: list[dict], fuxictr_requested: bool = True) -> list[dict]:
         row["logloss_diff_in_std"] = (in_std(row["logloss_diff"], ours["logloss_std"], fx["logloss_std"])
                                       if seeds_each else None)
         row["speed_ratio"] = ours["samples_per_s"] / fx["samples_per_s"] if both else None
+        # The bar: ours' mean ≥ FuxiCTR's mean − FuxiCTR's seed std (None when not compared).
+        row["goal"] = (ours["auc_mean"] >= fx["auc_mean"] - (fx["auc_std"] or 0.0)) if both else None
         rows.append(row)
     return rows
 
@@ -410,11 +466,14 @@ def aggregate(runs: list[dict], fuxictr_requested: bool = True) -> list[dict]:
 
 CSV_COLUMNS = ["dataset", "member",
                "ours_runs", "ours_auc_mean", "ours_auc_std", "ours_logloss_mean", "ours_logloss_std",
+               "ours_ne_mean", "ours_ne_std", "ours_calibration_mean",
                "ours_samples_per_s", "ours_epochs", "ours_error",
                "fuxictr_runs", "fuxictr_auc_mean", "fuxictr_auc_std", "fuxictr_logloss_mean", "fuxictr_logloss_std",
+               "fuxictr_ne_mean", "fuxictr_ne_std", "fuxictr_calibration_mean",
                "fuxictr_samples_per_s", "fuxictr_epochs", "fuxictr_error",
-               "auc_diff", "auc_diff_in_std", "logloss_diff", "logloss_diff_in_std", "speed_ratio"]
-RUN_COLUMNS = ["dataset", "member", "framework", "seed", "test_auc", "test_logloss", "val_auc", "epochs", "train_rows",
+               "auc_diff", "auc_diff_in_std", "goal", "logloss_diff", "logloss_diff_in_std", "speed_ratio"]
+RUN_COLUMNS = ["dataset", "member", "framework", "seed", "test_auc", "test_logloss", "test_ne", "test_calibration",
+               "test_ece", "val_auc", "epochs", "train_rows",
                "fit_seconds", "samples_per_s", "error"]
 
 
@@ -430,17 +489,48 @@ def _pm(m, s, digits=4) -> str:
     return "–" if m is None else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
+def _num(x, digits: int = 4) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def dataset_verdict(ds_rows: list[dict]) -> str:
+    """The issue's bar on one dataset: every compared member ≥ FuxiCTR's same model − 1 std, and the mean over
+    the compared members ≥ FuxiCTR's mean."""
+    both = [r for r in ds_rows if r["goal"] is not None]
+    if not both:
+        return "No member compared with FuxiCTR here."
+    ours = statistics.fmean(r["ours_auc_mean"] for r in both)
+    fx = statistics.fmean(r["fuxictr_auc_mean"] for r in both)
+    failed = [r["member"] for r in both if not r["goal"]]
+    return (f"Mean test AUC over the {len(both)} compared members: ours {ours:.4f}, FuxiCTR {fx:.4f} "
+            f"({'✓' if ours >= fx else '✗'} mean); members ≥ FuxiCTR − 1 std: {len(both) - len(failed)}/{len(both)}"
+            + (f" (✗ {', '.join(failed)})" if failed else " ✓"))
+
+
 def _sigma(x) -> str:
     return "–" if x is None else f"{x:+.1f}σ"
 
 
 def render_md(rows: list[dict], preps: dict[str, Prepared], cfg: BenchConfig, env: dict, seconds: float) -> str:
     out = ["# Quality benchmark: members × datasets, ours vs FuxiCTR", ""]
-    out += [f"- machine: {env['cpu']}, {env['cores']} cores, {cfg.threads} torch thread(s) per run on both sides; "
-            f"Python {env['python']}, torch {env['torch']}, FuxiCTR {env.get('fuxictr', 'not run')}",
-            f"- seeds {','.join(map(str, cfg.seeds))}; up to {cfg.epochs} epochs, batch {cfg.batch_size}, Adam lr {cfg.lr:g}, "
-            f"L2 {cfg.weight_decay:g}, early stop after {cfg.patience + 1} epochs without a better val AUC, best "
-            f"epoch restored; test split scored; mean ± sample std over seeds",
+    d_tr, r = TrainConfig(), cfg.fuxictr_recipe
+    over = (f" with overrides model {cfg.model_set} train {cfg.train_set}" if cfg.model_set or cfg.train_set else "")
+    out += [f"- commit {env['commit']}, {env['date']}; machine: {env['cpu']}, {env['cores']} cores, {cfg.threads} "
+            f"torch thread(s) per run on both sides; Python {env['python']}, torch {env['torch']}, "
+            f"FuxiCTR {env.get('fuxictr', 'not run')}",
+            f"- seeds {','.join(map(str, cfg.seeds))}; test split scored; mean ± sample std over seeds",
+            f"- **ours: the product's defaults**{over}: each member's default config (`ctr-ensemble models --json`), "
+            f"Adam lr {d_tr.lr:g}, batch {d_tr.batch_size}, up to {d_tr.epochs} epochs, early stop after "
+            f"{d_tr.patience} epochs without a better val AUC (best epoch restored), lr × {d_tr.plateau_factor:g} "
+            f"on each such epoch; vocabulary min_count "
+            f"{cfg.min_count if cfg.min_count is not None else features.DEFAULT_MIN_COUNT}",
+            f"- **FuxiCTR: its BARS recipe** (DeepFM_frappe_x1): embedding_dim {r['embedding_dim']}, MLP {r['hidden']} "
+            f"(FiBiNET: our tower), batch_norm {r['batch_norm']}, net_dropout {r['dropout']}, embedding_regularizer "
+            f"{r['embedding_regularizer']:g}, net_regularizer {r['net_regularizer']:g}, Adam lr {r['lr']:g}, batch "
+            f"{r['batch_size']} capped at ≥ {FUXICTR_MIN_STEPS} steps per epoch, up to {r['epochs']} epochs, "
+            f"early_stop_patience {r['early_stop_patience']}, reduce_lr_on_plateau {r['reduce_lr_on_plateau']}, "
+            f"min_categr_count {r['min_count']}",
+            f"- NE = test logloss / entropy of the training base rate; calibration = mean predicted / observed CTR",
             f"- Δ = ours − FuxiCTR, also in units of the pooled seed std σ = √((σ_ours² + σ_fx²)/2); "
             f"✗ marks ΔAUC < −{WORSE_BEYOND:g}σ (ours worse beyond seed noise); speed = ours ÷ FuxiCTR samples/s",
             f"- total wall time {seconds / 60:.1f} min", ""]
@@ -458,21 +548,27 @@ def render_md(rows: list[dict], preps: dict[str, Prepared], cfg: BenchConfig, en
             info += "; FuxiCTR numerics: " + ("log² buckets as categorical ids (its Criteo recipe)" if recipe == "bucket"
                                              else "sign·log1p + StandardScaler, value × vector")
         out += [info, ""]
-        out.append("| member | AUC ours | AUC FuxiCTR | ΔAUC | logloss ours | logloss FuxiCTR | Δlogloss | "
-                   "samples/s ours | samples/s FuxiCTR | speed |")
-        out.append("|---|---|---|---|---|---|---|---|---|---|")
-        for r in (r for r in rows if r["dataset"] == ds):
+        out.append("| member | AUC ours | AUC FuxiCTR | ΔAUC | goal | logloss ours | logloss FuxiCTR | NE ours | "
+                   "NE FuxiCTR | calib. ours | calib. FuxiCTR | epochs ours / FuxiCTR | samples/s ours | "
+                   "samples/s FuxiCTR | speed |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        ds_rows = [r for r in rows if r["dataset"] == ds]
+        for r in ds_rows:
             fx_auc = _pm(r["fuxictr_auc_mean"], r["fuxictr_auc_std"]) if r["fuxictr_runs"] else r["fuxictr_error"] or "–"
             ours_auc = _pm(r["ours_auc_mean"], r["ours_auc_std"]) if r["ours_runs"] else f"failed: {r['ours_error']}"
             mark = " ✗" if r["auc_diff_in_std"] is not None and r["auc_diff_in_std"] < -WORSE_BEYOND else ""
             d_auc = "–" if r["auc_diff"] is None else f"{r['auc_diff']:+.4f} ({_sigma(r['auc_diff_in_std'])}){mark}"
-            d_ll = "–" if r["logloss_diff"] is None else f"{r['logloss_diff']:+.4f} ({_sigma(r['logloss_diff_in_std'])})"
+            goal = {True: "✓", False: "✗", None: "–"}[r["goal"]]
             sps_o = "–" if r["ours_samples_per_s"] is None else f"{r['ours_samples_per_s']:,.0f}"
             sps_f = "–" if r["fuxictr_samples_per_s"] is None else f"{r['fuxictr_samples_per_s']:,.0f}"
             speed = "–" if r["speed_ratio"] is None else f"{r['speed_ratio']:.2f}×"
-            out.append(f"| {r['member']} | {ours_auc} | {fx_auc} | {d_auc} | {_pm(r['ours_logloss_mean'], r['ours_logloss_std'])} "
-                       f"| {_pm(r['fuxictr_logloss_mean'], r['fuxictr_logloss_std'])} | {d_ll} | {sps_o} | {sps_f} | {speed} |")
-        out.append("")
+            out.append(f"| {r['member']} | {ours_auc} | {fx_auc} | {d_auc} | {goal} "
+                       f"| {_pm(r['ours_logloss_mean'], r['ours_logloss_std'])} "
+                       f"| {_pm(r['fuxictr_logloss_mean'], r['fuxictr_logloss_std'])} "
+                       f"| {_num(r['ours_ne_mean'])} | {_num(r['fuxictr_ne_mean'])} "
+                       f"| {_num(r['ours_calibration_mean'], 3)} | {_num(r['fuxictr_calibration_mean'], 3)} "
+                       f"| {_num(r['ours_epochs'], 1)} / {_num(r['fuxictr_epochs'], 1)} | {sps_o} | {sps_f} | {speed} |")
+        out += ["", dataset_verdict(ds_rows), ""]
     return "\n".join(out)
 
 
@@ -523,8 +619,12 @@ def environment(cfg: BenchConfig) -> dict:
                 break
     except OSError:
         pass
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                           text=True).stdout.strip()
     env = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-           "sequence_use": {}}
+           "sequence_use": {}, "commit": (commit or "unknown") + ("+uncommitted changes" if dirty else ""),
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if cfg.fuxictr and cfg.fuxictr_python.exists():
         r = subprocess.run([str(cfg.fuxictr_python), "-c", "import importlib.metadata as m; print(m.version('fuxictr'))"],
                            capture_output=True, text=True)
@@ -551,7 +651,8 @@ def run(cfg: BenchConfig) -> list[dict]:
         console.rule(f"{ds}: preparing splits")
         prep = prepare(ds, cfg)
         preps[ds] = prep
-        spec = features.fit(prep.dir / "train.parquet", min_count=cfg.min_count.get(ds, 2))
+        fit_args = {} if cfg.min_count is None else {"min_count": cfg.min_count}
+        spec = features.fit(prep.dir / "train.parquet", **fit_args)
         arrays = {s: encode_file(prep.dir / f"{s}.parquet", spec) for s in ("train", "val", "test")}
         use_seq = spec.sequence is not None
         if prep.fields.get("sequence"):
@@ -599,23 +700,36 @@ def _csv_list(s: str) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()]
 
 
+def _sets(p: argparse.ArgumentParser, items: list[str]) -> dict:
+    """KEY=VALUE items → {key: YAML-parsed value}."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            p.error(f"expected KEY=VALUE, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
 def parse_args(argv: list[str] | None = None) -> BenchConfig:
     d = BenchConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                epilog="Full setting: --full (all rows, 10 epochs) or set --synth-rows/--movielens-train-rows/--epochs.")
+                                epilog="Full setting: --full (all rows) or set --synth-rows/--movielens-train-rows.")
     p.add_argument("--members", type=_csv_list, default=d.members, help="comma list (default: the whole registry)")
     p.add_argument("--datasets", type=_csv_list, default=d.datasets, help=f"comma list of {', '.join(DATASETS)} (or tinysynth)")
     p.add_argument("--seeds", type=lambda s: [int(x) for x in _csv_list(s)], default=d.seeds, help="comma list, default 1,2,3")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--patience", type=int, default=d.patience)
+    p.add_argument("--model-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override ours' member config (every member that has the key; YAML value); repeatable")
+    p.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override ours' TrainConfig (e.g. epochs=3, lr=1e-3); repeatable")
+    p.add_argument("--min-count", type=int, default=None, help="ours' vocabulary min_count (default: the product's)")
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads per run, both frameworks")
     p.add_argument("--synth-rows", type=int, default=d.synth_rows, help="synthetic train rows (val/test a quarter each)")
     p.add_argument("--movielens-train-rows", type=int, default=d.movielens_train_rows,
                    help="keep the most recent N MovieLens training rows (0 = all)")
-    p.add_argument("--full", action="store_true", help="the full setting: 160k synthetic rows, all MovieLens rows, 10 epochs")
+    p.add_argument("--full", action="store_true", help="the full setting: 160k synthetic rows, all MovieLens rows")
     p.add_argument("--max-steps", type=int, default=0, help="optimiser steps per run of ours (smoke runs; 0 = no limit)")
     p.add_argument("--no-fuxictr", dest="fuxictr", action="store_false", help="skip the FuxiCTR reference column")
     p.add_argument("--fuxictr-numeric", choices=["auto", "bucket", "scaled"], default=d.fuxictr_numeric,
@@ -624,12 +738,13 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--data-root", type=Path, default=d.data_root)
     p.add_argument("--out", type=Path, default=d.out)
     a = p.parse_args(argv)
-    cfg = BenchConfig(members=a.members, datasets=a.datasets, seeds=a.seeds, epochs=a.epochs, batch_size=a.batch_size,
-                      lr=a.lr, weight_decay=a.weight_decay, patience=a.patience, threads=a.threads,
+    cfg = BenchConfig(members=a.members, datasets=a.datasets, seeds=a.seeds, model_set=_sets(p, a.model_set),
+                      train_set=_sets(p, a.train_set), min_count=a.min_count, threads=a.threads,
                       synth_rows=a.synth_rows, movielens_train_rows=a.movielens_train_rows, max_steps=a.max_steps,
-                      fuxictr=a.fuxictr, fuxictr_numeric=a.fuxictr_numeric, fuxictr_python=a.fuxictr_python, data_root=a.data_root, out=a.out)
+                      fuxictr=a.fuxictr, fuxictr_numeric=a.fuxictr_numeric, fuxictr_python=a.fuxictr_python,
+                      data_root=a.data_root, out=a.out)
     if a.full:
-        cfg.synth_rows, cfg.movielens_train_rows, cfg.epochs = 160_000, 0, max(a.epochs, 10)
+        cfg.synth_rows, cfg.movielens_train_rows = 160_000, 0
     for ds in cfg.datasets:
         if ds not in DATASETS + EXTRA_DATASETS:
             p.error(f"unknown dataset {ds!r}; available: {', '.join(DATASETS + EXTRA_DATASETS)}")

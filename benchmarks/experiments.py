@@ -80,7 +80,7 @@ class Setting:
     collab_members: list = field(default_factory=lambda: ["dhen", "interformer"])
     taus: list = field(default_factory=lambda: [0.0, 0.1, 0.3, 1.0, 3.0, 10.0])
     epochs: int = 3  # independent / from-scratch training, early stopping on val AUC
-    patience: int = 0  # epochs without improvement before stopping
+    patience: int = 1  # epochs without a better val AUC that stop training
     batch_size: int = 512
     lr: float = 2e-3
     mutual_weight: float = 1.0
@@ -92,7 +92,7 @@ class Setting:
 
 QUICK = Setting()
 FULL = Setting(synth_rows={"train": 300_000, "val": 37_500, "test": 37_500}, archs=["deepfm", "dcn", "pnn", "fibinet"],
-               copies=4, epochs=8, patience=1, small_models=False)
+               copies=4, epochs=8, patience=2, small_models=False)
 
 
 def parse_args() -> argparse.Namespace:

@@ -5,8 +5,8 @@ Usage: ``.venv-fuxictr/bin/python benchmarks/fuxictr_runner.py JOB.json`` (start
 The job names one prepared dataset (``train/val/test.parquet``, the very files our members train
 on), its fields and the training settings. The runner builds the dataset with FuxiCTR's own
 pipeline (``FeatureProcessor`` + ``build_dataset``), prints ``READY {...}`` (or ``FAILED {"error": ...}``),
-then reads one JSON request per stdin line, ``{"member": "deepfm", "seed": 1, "config": {...}}``
-(``config`` = that member's default config in our registry, for the sizes), trains FuxiCTR's model
+then reads one JSON request per stdin line, ``{"member": "deepfm", "seed": 1, "config": {...}, "train": {...}}``
+(``config``: the model's sizes, tower dropout and batch norm; ``train``: FuxiCTR's training keys), trains FuxiCTR's model
 of that member (``RankDataLoader``, ``BaseModel.fit``) and prints one line per request:
 
     RESULT {"member": "deepfm", "seed": 1, "test_auc": ..., "test_logloss": ..., "val_auc": ...,
@@ -67,10 +67,16 @@ class BenchFeatureProcessor(FeatureProcessor):
         return CriteoProcessor.convert_to_bucket(self, col_name).cast(pl.Utf8)
 
 
+# The tower settings of the run being built (``net_dropout``, ``batch_norm`` of the request's config): set by
+# ``build_model`` before the model's layers are made, read by ``mlp``.
+TOWER = {"dropout": 0.0, "batch_norm": False}
+
+
 def mlp(input_dim: int, hidden: list[int], output_dim: int | None = 1, output_activation=None) -> MLP_Block:
-    """FuxiCTR's MLP_Block with our towers' settings: ReLU, no dropout, no batch norm."""
+    """FuxiCTR's MLP_Block: ReLU, with the run's ``net_dropout`` and ``batch_norm``."""
     return MLP_Block(input_dim=input_dim, output_dim=output_dim, hidden_units=hidden, hidden_activations="ReLU",
-                     output_activation=output_activation, dropout_rates=0, batch_norm=False)
+                     output_activation=output_activation, dropout_rates=TOWER["dropout"],
+                     batch_norm=TOWER["batch_norm"])
 
 
 class _Model(BaseModel):
@@ -167,7 +173,8 @@ class FiBiNET(_Model):
 
 
 def build_model(member: str, cfg: dict, feature_map, common: dict) -> BaseModel:
-    """FuxiCTR model for one of our members, with that member's sizes (``cfg`` = our default config)."""
+    """FuxiCTR model for one of our members, with the sizes in ``cfg`` (the request's config)."""
+    TOWER.update(dropout=float(cfg.get("dropout", 0.0)), batch_norm=bool(cfg.get("batch_norm", False)))
     base = dict(embedding_dim=cfg["embedding_dim"], hidden=list(cfg["hidden"]), **common)
     if member == "deepfm":
         return DeepFM(feature_map, **base)
@@ -232,7 +239,7 @@ def score(model: BaseModel, gen) -> tuple[float | None, float]:
             ps.append(model.forward(batch)["y_pred"].cpu().numpy().reshape(-1))
             ys.append(model.get_labels(batch).cpu().numpy().reshape(-1))
     y, p = np.concatenate(ys), np.concatenate(ps)
-    return metrics.auc(y, p), metrics.logloss(y, p)
+    return metrics.auc(y, p), metrics.logloss(y, p), y, p
 
 
 def build(job: dict) -> tuple[str, str, str]:
@@ -248,17 +255,19 @@ def build(job: dict) -> tuple[str, str, str]:
     return tuple(to_npz(p, fm_json) for p in paths)
 
 
-def train_one(job: dict, paths: tuple[str, str, str], member: str, seed: int, cfg: dict) -> dict:
-    """Train and score one FuxiCTR model; the timed fit follows a 2-step warm-up of a throwaway copy."""
-    work, tr = Path(job["work_dir"]), job["train"]
+def train_one(job: dict, paths: tuple[str, str, str], member: str, seed: int, cfg: dict, tr: dict) -> dict:
+    """Train and score one FuxiCTR model; the timed fit follows a 2-step warm-up of a throwaway copy.
+
+    ``tr``: lr, batch_size, epochs, early_stop_patience, reduce_lr_on_plateau, embedding_regularizer,
+    net_regularizer (FuxiCTR's own keys and semantics)."""
+    work = Path(job["work_dir"])
     feature_map = FeatureMap(job["dataset"], str(work / job["dataset"]))
     feature_map.load(str(work / job["dataset"] / "feature_map.json"), {"embedding_dim": cfg["embedding_dim"]})
     common = dict(learning_rate=tr["lr"], gpu=-1, optimizer="adam", loss="binary_crossentropy",
                   metrics=["AUC", "logloss"], monitor="AUC", monitor_mode="max",
-                  # Adam + an explicit λ/2·||w||² penalty has the gradient of our Adam(weight_decay=λ).
-                  embedding_regularizer=float(tr["weight_decay"]), net_regularizer=float(tr["weight_decay"]),
-                  # ours stops after patience+1 epochs without a better val AUC and has no LR decay
-                  early_stop_patience=tr["patience"] + 1, reduce_lr_on_plateau=False,
+                  embedding_regularizer=float(tr["embedding_regularizer"]), net_regularizer=float(tr["net_regularizer"]),
+                  early_stop_patience=int(tr["early_stop_patience"]),
+                  reduce_lr_on_plateau=bool(tr["reduce_lr_on_plateau"]),
                   model_root=str(work / "checkpoints" / f"{member}_{seed}"), verbose=0)
     # FuxiCTR's in-memory NpzDataLoader (a torch DataLoader, shuffled by the seeded torch RNG), in this
     # process like ours; its 2.3 default, the Ray parquet loader, starts a Ray Data job per pass (~5 s here).
@@ -277,11 +286,14 @@ def train_one(job: dict, paths: tuple[str, str, str], member: str, seed: int, cf
     model.fit(train_gen, validation_data=valid_gen, epochs=tr["epochs"])
     fit_seconds = time.perf_counter() - t0
     epochs = model._epoch_index + 1
-    val_auc, _ = score(model, valid_gen)
+    val_auc = score(model, valid_gen)[0]
     test_gen = RankDataLoader(feature_map, stage="test", **loader_args)
-    test_auc, test_logloss = score(model, test_gen)
+    test_auc, test_logloss, y, p = score(model, test_gen)
+    train_rate = float(np.mean(np.load(paths[0])[feature_map.labels[0]]))
     rows = train_gen.num_samples
-    rec = dict(test_auc=test_auc, test_logloss=test_logloss, val_auc=val_auc, epochs=epochs, train_rows=rows,
+    rec = dict(test_auc=test_auc, test_logloss=test_logloss, test_ne=metrics.normalized_entropy(y, p, train_rate),
+               test_calibration=metrics.calibration(y, p), test_ece=metrics.expected_calibration_error(y, p),
+               val_auc=val_auc, epochs=epochs, train_rows=rows,
                fit_seconds=fit_seconds, samples_per_s=rows * epochs / fit_seconds, test_rows=test_gen.num_samples,
                n_fields=feature_map.num_fields, error=None)
     if test_auc is None or not math.isfinite(test_logloss):
@@ -306,7 +318,7 @@ def serve(job: dict) -> None:
         req = json.loads(line)
         rec = {"member": req["member"], "seed": req["seed"]}
         try:
-            rec.update(train_one(job, paths, req["member"], req["seed"], req["config"]))
+            rec.update(train_one(job, paths, req["member"], req["seed"], req["config"], req.get("train", job["train"])))
         except Exception as e:
             traceback.print_exc(file=sys.stderr)
             rec["error"] = f"{type(e).__name__}: {e}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import signal
 import sys
@@ -44,6 +45,13 @@ STREAMS_HELP = "Row streams (0 = one per process); --streams N on one process re
 PREFETCH_HELP = "Batches built ahead by a thread (>= 1 on CUDA)."
 DIST_TIMEOUT_HELP = "Seconds a torchrun worker waits for the others before stopping with an error."
 VERIFY_HELP = "Prepared data check at start: size (sizes + headers) | full (+ CRC-32 of every byte)."
+EPOCHS_HELP = "The most epochs; early stopping on val AUC normally ends training first."
+WEIGHT_DECAY_HELP = ("Adam's coupled L2 on every parameter (0 = off; the members' embedding_regularizer / net_regularizer, "
+                     "set with --set, are the usual regularizers).")
+PATIENCE_HELP = "Epochs in a row without a better val AUC that stop training (the best epoch's weights are kept)."
+PLATEAU_HELP = "Learning-rate factor after each epoch without a better val AUC (reduce-LR-on-plateau; 1 = off)."
+REG_ROWS_HELP = ("Embedding regularizer over: all (every table row each step, FuxiCTR's semantics), batch (the rows the "
+                 "batch looked up; for sparse optimizers and huge tables), auto (all with adam, batch with sparse ones).")
 BATCH_HELP = "Global batch size (split over torchrun processes)."
 
 
@@ -118,7 +126,8 @@ def data_movielens(
 def data_fit(
     train: Path = typer.Option(..., help="Training file (Criteo TSV layout)."),
     out: Path = typer.Option(Path("artifacts/feature_spec.json"), help="Where to write the feature spec JSON."),
-    min_count: int = typer.Option(10, help="Tokens seen fewer times in train map to the OOV id."),
+    min_count: int = typer.Option(2, help="Tokens seen fewer times in train map to the OOV id (id 0, which then also "
+                                          "serves unseen tokens)."),
     skip_bad_rows: bool = typer.Option(False, help="Skip and count malformed rows instead of stopping."),
     fmt: str = typer.Option("auto", "--format", help="Data format: auto, criteo, avazu, libsvm, parquet."),
     seq_max_len: int = typer.Option(50, help="Most recent items of the behaviour sequence kept per row."),
@@ -142,7 +151,7 @@ def data_prepare(
     input_: list[Path] = typer.Option(..., "--input", help="Raw input file (or Parquet folder); repeat for several files of one format."),
     out: Path = typer.Option(..., help="Output folder: shards/, manifest.json, feature_spec.json."),
     spec: Optional[Path] = typer.Option(None, help="Encode with this feature spec (val/test with the train spec) instead of fitting one."),
-    min_count: int = typer.Option(10, help="Tokens seen fewer times map to the OOV id (when fitting)."),
+    min_count: int = typer.Option(2, help="Tokens seen fewer times map to the OOV id (when fitting)."),
     max_distinct: int = typer.Option(0, help="Cap on distinct tokens counted per field (0 = exact); bounds the counting memory."),
     seq_max_len: int = typer.Option(50, help="Most recent items of the behaviour sequence kept per row (when fitting)."),
     sequence: bool = typer.Option(True, help="Use the input's behaviour-sequence column if it has one (when fitting)."),
@@ -192,10 +201,15 @@ def train_cmd(
     name: Optional[str] = typer.Option(None, help="Member name in the ensemble (default: the architecture)."),
     config: Optional[Path] = typer.Option(None, help="YAML file with model config overrides."),
     set_: list[str] = typer.Option([], "--set", help="Model config override KEY=VALUE (YAML value); repeatable."),
-    epochs: int = typer.Option(8), batch_size: int = typer.Option(512, help=BATCH_HELP),
+    fuxictr_config: Optional[Path] = typer.Option(None, help="A FuxiCTR/BARS model_config.yaml: its model and training "
+                                                           "keys map one to one (models/fuxictr.py) and win over the flags."),
+    fuxictr_exp_id: Optional[str] = typer.Option(None, help="The experiment to take from --fuxictr-config (when it has several)."),
+    epochs: int = typer.Option(100, help=EPOCHS_HELP), batch_size: int = typer.Option(512, help=BATCH_HELP),
     lr: float = typer.Option(2e-3),
-    weight_decay: float = typer.Option(1e-4, help="L2 penalty through Adam."),
-    patience: int = typer.Option(1, help="Epochs without a better val AUC before stopping."),
+    weight_decay: float = typer.Option(0.0, help=WEIGHT_DECAY_HELP),
+    patience: int = typer.Option(2, help=PATIENCE_HELP),
+    plateau_factor: float = typer.Option(0.1, help=PLATEAU_HELP),
+    embedding_reg_rows: str = typer.Option("auto", help=REG_ROWS_HELP),
     seed: int = typer.Option(42),
     threads: int = typer.Option(0, help="torch CPU threads (0 = torch default)."),
     optimizer: str = typer.Option("adam", help=OPTIMIZER_HELP),
@@ -222,13 +236,18 @@ def train_cmd(
     if threads:
         torch.set_num_threads(threads)
     overrides = _read_yaml_mapping(config) if config is not None else {}
+    fx_train = {}
+    if fuxictr_config is not None:
+        fx_model, fx_train = _fuxictr_overrides(fuxictr_config, fuxictr_exp_id, model)
+        overrides.update(fx_model)
     overrides.update(_parse_sets(set_))
     model_cfg = models.make_config(model, overrides)
     with _torchrun(device, dist_timeout) as dist:
         fs, tr, va = _training_data(train, val, spec, skip_bad_rows, fmt, verify_shards)
         cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, patience=patience,
-                          seed=seed, save_every=save_every, optimizer=optimizer, emb_lr=emb_lr, amp=amp,
+                          plateau_factor=plateau_factor, embedding_reg_rows=embedding_reg_rows, seed=seed, save_every=save_every, optimizer=optimizer, emb_lr=emb_lr, amp=amp,
                           compile=compile_, device=device, streams=streams, prefetch=prefetch)
+        cfg = dataclasses.replace(cfg, **fx_train)
         state = out.with_suffix(".state.pt")
         ck = train_member(name or model, model, model_cfg, fs, tr, va, cfg, history_csv=out.with_suffix(".history.csv"),
                           state_path=state, resume=resume, dist=dist)
@@ -236,6 +255,19 @@ def train_cmd(
     if dist.is_main:
         typer.echo(f"{out}: {ck.name} ({model}) best val AUC {ck.metrics['val_auc']:.4f} at epoch {ck.metrics['best_epoch']}"
                    f"{_processes(dist)}")
+
+
+def _fuxictr_overrides(path: Path, exp_id: str | None, model: str) -> tuple[dict, dict]:
+    """(member config overrides, TrainConfig overrides) from a FuxiCTR model config for ``--model``."""
+    from ctr_ensemble.models import fuxictr
+
+    try:
+        arch, model_over, train_over = fuxictr.from_fuxictr(fuxictr.experiment(_read_yaml_mapping(path), exp_id))
+    except CtrError as e:
+        raise CtrError(f"{path}: {e}") from None
+    if arch != model:
+        raise CtrError(f"{path}: a FuxiCTR {arch} config, but --model is {model}")
+    return model_over, train_over
 
 
 @contextlib.contextmanager
@@ -304,11 +336,12 @@ def train_mutual_cmd(
     mode: Optional[str] = typer.Option(None, help="scratch or finetune (default: finetune with --checkpoint, else scratch)."),
     mutual_weight: float = typer.Option(1.0, help="Weight w of the mutual term (1 = the paper's)."),
     set_: list[str] = typer.Option([], "--set", help="scratch mode: config override ARCH.KEY=VALUE; repeatable."),
-    epochs: Optional[int] = typer.Option(None, help="Default: 8 (scratch), 1 (finetune)."),
+    epochs: Optional[int] = typer.Option(None, help="Default: 100 with early stopping (scratch), 1 (finetune)."),
     lr: Optional[float] = typer.Option(None, help="Default: 2e-3 (scratch), 7e-4 (finetune)."),
     lr_decay: Optional[float] = typer.Option(None, help="lr factor per epoch, applied every step. Default: 1 (scratch), 0.1^(1/3) (finetune)."),
-    batch_size: int = typer.Option(512, help=BATCH_HELP), weight_decay: float = typer.Option(1e-4),
-    patience: int = typer.Option(1), seed: int = typer.Option(42),
+    batch_size: int = typer.Option(512, help=BATCH_HELP), weight_decay: float = typer.Option(0.0, help=WEIGHT_DECAY_HELP),
+    patience: int = typer.Option(2, help=PATIENCE_HELP), plateau_factor: float = typer.Option(0.1, help=PLATEAU_HELP),
+    embedding_reg_rows: str = typer.Option("auto", help=REG_ROWS_HELP), seed: int = typer.Option(42),
     threads: int = typer.Option(0, help="torch CPU threads (0 = torch default)."),
     optimizer: str = typer.Option("adam", help=OPTIMIZER_HELP),
     emb_lr: float = typer.Option(0.0, help=EMB_LR_HELP),
@@ -352,7 +385,8 @@ def train_mutual_cmd(
         members = mutual.members_from_archs(model, _arch_overrides(set_))
     base = mutual.MutualConfig.finetune() if mode == "finetune" else mutual.MutualConfig()
     cfg = mutual.MutualConfig(**{**vars(base), "mutual_weight": mutual_weight, "batch_size": batch_size,
-                                 "weight_decay": weight_decay, "patience": patience, "seed": seed, "save_every": save_every,
+                                 "weight_decay": weight_decay, "patience": patience, "plateau_factor": plateau_factor,
+                                 "embedding_reg_rows": embedding_reg_rows, "seed": seed, "save_every": save_every,
                                  "optimizer": optimizer, "emb_lr": emb_lr, "device": device, "streams": streams,
                                  "prefetch": prefetch, "amp": amp, "compile": compile_,
                                  **{k: v for k, v in (("epochs", epochs), ("lr", lr), ("lr_decay", lr_decay)) if v is not None}})
@@ -383,9 +417,12 @@ def train_collab_cmd(
     proj_dim: int = typer.Option(64, help="sum variant: width the members' h_i are projected to."),
     set_: list[str] = typer.Option([], "--set", help="Member config override ARCH.KEY=VALUE; repeatable."),
     members_out: Optional[Path] = typer.Option(None, help="Also write each member as an ordinary checkpoint in this folder."),
-    epochs: int = typer.Option(8), batch_size: int = typer.Option(512, help=BATCH_HELP), lr: float = typer.Option(2e-3),
+    epochs: int = typer.Option(100, help=EPOCHS_HELP), batch_size: int = typer.Option(512, help=BATCH_HELP),
+    lr: float = typer.Option(2e-3),
     lr_decay: float = typer.Option(1.0, help="lr factor per epoch, applied every step (1 = constant)."),
-    weight_decay: float = typer.Option(1e-4), patience: int = typer.Option(1), seed: int = typer.Option(42),
+    weight_decay: float = typer.Option(0.0, help=WEIGHT_DECAY_HELP), patience: int = typer.Option(2, help=PATIENCE_HELP),
+    plateau_factor: float = typer.Option(0.1, help=PLATEAU_HELP),
+    embedding_reg_rows: str = typer.Option("auto", help=REG_ROWS_HELP), seed: int = typer.Option(42),
     threads: int = typer.Option(0, help="torch CPU threads (0 = torch default)."),
     optimizer: str = typer.Option("adam", help=OPTIMIZER_HELP),
     emb_lr: float = typer.Option(0.0, help=EMB_LR_HELP),
@@ -417,7 +454,8 @@ def train_collab_cmd(
         raise CtrError(f"--head-hidden expects comma-separated integers, got {head_hidden!r}") from e
     members = mutual.members_from_archs(model, _arch_overrides(set_))
     cfg = collab.CollabConfig(epochs=epochs, batch_size=batch_size, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
-                              patience=patience, seed=seed, save_every=save_every, optimizer=optimizer, emb_lr=emb_lr,
+                              patience=patience, plateau_factor=plateau_factor, embedding_reg_rows=embedding_reg_rows,
+                              seed=seed, save_every=save_every, optimizer=optimizer, emb_lr=emb_lr,
                               device=device, streams=streams, prefetch=prefetch, amp=amp, compile=compile_, kl_weight=kl_weight,
                               head=collab.HeadConfig(variant=variant, hidden=hidden, proj_dim=proj_dim, tau=tau, learn_tau=learn_tau))
 

@@ -49,6 +49,10 @@ def slice_feeds(feeds: dict[str, np.ndarray], start: int, stop: int) -> dict[str
     return {k: v[start:stop] for k, v in feeds.items()}
 
 
+# Tokens seen fewer times in train map to OOV. 2 (not 1) so that the OOV embedding is trained on the train
+# singletons and means "rare or unseen" at serving time; measured with make bench-quality (README, Members).
+DEFAULT_MIN_COUNT = 2
+
 @dataclass
 class CategoricalField:
     name: str
@@ -164,7 +168,7 @@ class FeatureSpec:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def fit(path: str | Path, min_count: int = 10, skip_bad_rows: bool = False, fmt: str = "auto",
+def fit(path: str | Path, min_count: int = DEFAULT_MIN_COUNT, skip_bad_rows: bool = False, fmt: str = "auto",
         seq_max_len: int = DEFAULT_SEQ_MAX_LEN, use_sequence: bool = True, max_distinct: int = 0) -> FeatureSpec:
     """Fit vocabularies and numeric statistics on one (training) file, in one streaming pass.
 

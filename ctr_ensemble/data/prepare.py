@@ -76,7 +76,7 @@ class PrepareOptions:
     skip_bad_rows: bool = False
     chunk_mb: float = 64  # raw MB per chunk (text formats); Parquet row groups are grouped to about this size
     workers: int = 1  # processes for the per-chunk work (1 = in this process)
-    min_count: int = 10
+    min_count: int = 2  # features.DEFAULT_MIN_COUNT
     seq_max_len: int = features.DEFAULT_SEQ_MAX_LEN
     use_sequence: bool = True
     max_distinct: int = 0  # cap on distinct tokens counted per field (0 = exact)
