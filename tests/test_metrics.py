@@ -8,6 +8,7 @@ import pytest
 from sklearn.calibration import calibration_curve
 
 from ctr_ensemble import metrics
+from ctr_ensemble.features import FeatureSpec, FitAccumulator
 
 Y = np.array([1, 0, 0, 0])
 P = np.array([0.5, 0.25, 0.25, 0.25])
@@ -81,3 +82,38 @@ def test_quality_keys_and_ne_base():
     one = metrics.quality(np.zeros(3), np.full(3, 0.1))
     assert one["auc"] is None and one["ne"] is None and one["calibration"] is None and one["ece"] == pytest.approx(0.1)
     assert metrics.quality([], []) == dict.fromkeys(metrics.QUALITY_KEYS)
+
+
+# --- the training base rate recorded in the feature spec
+
+
+def test_fit_records_the_training_base_rate(tiny_data, tiny_spec, tmp_path):
+    from ctr_ensemble.training.trainer import encode_file
+
+    labels = encode_file(tiny_data / "train.tsv", tiny_spec).label
+    assert tiny_spec.fitted_on["label_mean"] == pytest.approx(float(np.mean(labels, dtype=np.float64)), abs=1e-12)
+    # fitted_on is outside the fingerprint: a spec without the key (written before it existed) is the same encoding.
+    d = tiny_spec.to_dict()
+    del d["fitted_on"]["label_mean"]
+    old = FeatureSpec.from_dict(d)
+    assert old.fingerprint() == tiny_spec.fingerprint() and "label_mean" not in old.fitted_on
+    tiny_spec.save(tmp_path / "s.json")
+    assert FeatureSpec.load(tmp_path / "s.json").fitted_on["label_mean"] == tiny_spec.fitted_on["label_mean"]
+
+
+def test_accumulator_drops_the_base_rate_when_a_chunk_did_not_count_labels():
+    def spec(*positives):
+        acc = FitAccumulator(["c"], [], None)
+        for pos in positives:
+            acc.add_sums(10, np.zeros((3, 0)), None, pos)
+        return acc.spec(1, 1, {})
+
+    assert spec(3, 1).fitted_on["label_mean"] == pytest.approx(0.2)
+    assert "label_mean" not in spec(3, None).fitted_on  # a chunk read before positives were recorded (resumed prepare)
+
+
+def test_prepare_records_the_same_base_rate_as_fit(prepared, tiny_spec):
+    from ctr_ensemble.data import prepare as prep
+
+    spec = FeatureSpec.load(prepared / "train" / prep.SPEC_FILE)
+    assert spec.fitted_on["label_mean"] == pytest.approx(tiny_spec.fitted_on["label_mean"], abs=1e-12)
