@@ -117,3 +117,32 @@ def test_prepare_records_the_same_base_rate_as_fit(prepared, tiny_spec):
 
     spec = FeatureSpec.load(prepared / "train" / prep.SPEC_FILE)
     assert spec.fitted_on["label_mean"] == pytest.approx(tiny_spec.fitted_on["label_mean"], abs=1e-12)
+
+
+# --- evaluate's summary (the demo's summary.json is this dict plus its checks)
+
+
+def test_evaluate_reports_ne_calibration_and_ece(tiny_data, tiny_repo, tiny_spec, monkeypatch):
+    from ctr_ensemble.evaluation import evaluate as ev
+
+    s = ev.evaluate(tiny_data / "test.tsv", tiny_repo, ["torch", "onnx"], ev.EvalTargets())
+    assert s["base_rate"]["train"] == pytest.approx(tiny_spec.fitted_on["label_mean"])
+    assert 0 < s["base_rate"]["self"] < 1
+    for rows in [*s["members"].values(), s["ensemble"]]:
+        assert set(rows) == {"torch", "onnx"}
+        for r in rows.values():
+            assert {"auc", "logloss", "ne", "ne_base", "calibration", "ece"} <= set(r)
+            assert r["ne_base"] == "train" and r["ne"] > 0 and r["calibration"] > 0 and 0 <= r["ece"] <= 1
+            assert r["ne"] == pytest.approx(r["logloss"] / metrics.binary_entropy(s["base_rate"]["train"]))
+    cols = [c.header for c in ev.render_table(s).columns]
+    assert {"NE", "calibration", "ECE"} <= set(cols)
+
+    # A repository whose spec predates label_mean: NE falls back to the file's own CTR, and says so.
+    spec = FeatureSpec.from_dict(tiny_spec.to_dict())
+    spec.fitted_on.pop("label_mean")
+    monkeypatch.setattr(ev, "repository_spec", lambda repo: spec)
+    s = ev.evaluate(tiny_data / "test.tsv", tiny_repo, ["torch"], ev.EvalTargets())
+    assert s["base_rate"]["train"] is None
+    r = s["ensemble"]["torch"]
+    assert r["ne_base"] == "self" and r["ne"] == pytest.approx(r["logloss"] / metrics.binary_entropy(s["base_rate"]["self"]))
+    assert "own CTR" in ev.render_table(s).caption
