@@ -653,7 +653,7 @@ def evaluate_cmd(
     skip_bad_rows: bool = typer.Option(False),
     fmt: str = typer.Option("auto", "--format", help="Data format: auto, criteo, avazu, libsvm, parquet."),
 ) -> None:
-    """Score a labelled file through each backend; AUC, logloss, rows/s, max |Δ| vs PyTorch."""
+    """Score a labelled file through each backend; AUC, logloss, NE, calibration, ECE, rows/s, max |Δ| vs PyTorch."""
     from rich.console import Console
 
     from ctr_ensemble.evaluation.evaluate import EvalTargets, evaluate, render_table

@@ -12,7 +12,10 @@ A behaviour-sequence field (a list of item tokens per row, oldest first, e.g. Mo
 keeps the ``max_len`` most recent items, left-aligned and zero-padded, as ``seq_ids`` (B, L)
 plus their count ``seq_len`` (B, 1). Rows with an empty history have ``seq_len`` 0.
 
-The spec is saved as versioned JSON beside every model (``feature_spec.json``).
+The spec is saved as versioned JSON beside every model (``feature_spec.json``). Its ``fitted_on``
+says what it was fitted on (file, rows, ...) and, since this was added, the training base rate
+``label_mean`` (share of label-1 rows), the reference of normalised entropy; older specs lack it.
+``fitted_on`` is not part of the fingerprint.
 """
 
 from __future__ import annotations
@@ -298,6 +301,7 @@ class ChunkCounts:
     seq_items: np.ndarray | None = None  # (total items,) int32 local ids into seq_counts, rows' items in order
     seq_counts: pa.Table | None = None
     seq_lengths: np.ndarray | None = None  # (B,) int64
+    positives: int = 0  # rows with label 1
 
     @classmethod
     def of(cls, batch: RawBatch, with_sequence: bool) -> ChunkCounts:
@@ -305,7 +309,8 @@ class ChunkCounts:
         t = signed_log1p(batch.num)
         ok = ~np.isnan(t)
         sums = np.stack([np.where(ok, t, 0).sum(0), np.where(ok, t * t, 0).sum(0), ok.sum(0)])
-        out = cls(rows=len(batch.label), cat_ids=list(ids), cat_counts=list(counts), num_sums=sums)
+        out = cls(rows=len(batch.label), cat_ids=list(ids), cat_counts=list(counts), num_sums=sums,
+                  positives=int(np.count_nonzero(batch.label)))
         if with_sequence:
             out.seq_items, out.seq_counts = count_tokens(batch.seq.flatten())
             out.seq_lengths = list_lengths(batch.seq)
@@ -324,13 +329,14 @@ class FitAccumulator:
         self.num_sums = np.zeros((3, len(num_names)))
         self.seq_hist = np.zeros(1, np.int64)  # rows per history length
         self.rows = 0
+        self.positives: int | None = 0  # None once a chunk came without its label count (label mean unknown)
         self._vocab: dict[int, list[str]] = {}  # fields already finished
         self._distinct: dict[int, int] = {}  # distinct tokens counted per field (before min_count)
 
     def add(self, c: ChunkCounts) -> None:
         for merger, counts in zip(self.counts, c.cat_counts):
             merger.add(counts)
-        self.add_sums(c.rows, c.num_sums, np.bincount(c.seq_lengths) if c.seq_lengths is not None else None)
+        self.add_sums(c.rows, c.num_sums, np.bincount(c.seq_lengths) if c.seq_lengths is not None else None, c.positives)
         if self.seq_counts is not None:
             self.seq_counts.add(c.seq_counts)
 
@@ -356,8 +362,11 @@ class FitAccumulator:
             self._distinct[f] = counts.num_rows
         return self._vocab[f]
 
-    def add_sums(self, rows: int, num_sums: np.ndarray, seq_hist: np.ndarray | None) -> None:
+    def add_sums(self, rows: int, num_sums: np.ndarray, seq_hist: np.ndarray | None, positives: int | None) -> None:
+        """Add a chunk's row count, numeric sums, history-length histogram and positive labels (None: not
+        counted, e.g. a chunk read by an older version; the spec then records no ``label_mean``)."""
         self.rows += rows
+        self.positives = None if positives is None or self.positives is None else self.positives + int(positives)
         self.num_sums += num_sums
         if seq_hist is not None:
             n = max(len(seq_hist), len(self.seq_hist))
@@ -385,6 +394,8 @@ class FitAccumulator:
         names = self.cat_names + ([self.seq_name] if self.seq_name else [])
         fitted_on = {**fitted_on, "sequence": seq_info, "ignored_sequence": ignored_sequence,
                      "distinct_tokens": {n: self._distinct[f] for f, n in enumerate(names)}}
+        if self.positives is not None:  # the training base rate, for normalised entropy (metrics.normalized_entropy)
+            fitted_on["label_mean"] = self.positives / self.rows
         if capped:
             fitted_on["max_distinct_capped"] = capped
         return FeatureSpec(categorical=cats, numeric=nums, min_count=min_count, fitted_on=fitted_on, sequence=sequence)

@@ -77,3 +77,5 @@ def test_stages_end_to_end_from_the_command_line(tmp_path):
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["fusion"] == {"mode": "negation_entropy", "tau": 0.5}
     assert all(r["max_abs_diff"] <= 1e-5 for rows in [*s["members"].values(), s["ensemble"]] for r in rows.values())
+    assert all(r["ne_base"] == "train" and r["ne"] > 0 and r["calibration"] > 0 and r["ece"] is not None
+               for rows in [*s["members"].values(), s["ensemble"]] for r in rows.values())

@@ -39,6 +39,8 @@ def test_locust_run_serves_offline_auc_with_no_errors(tmp_path, tiny_repo, tiny_
     for r in rows:
         assert r["status"] == "ok" and int(r["errors"]) == 0 and int(r["users"]) == 2
         assert float(r["served_auc"]) == float(r["offline_auc"]) and 0.5 < float(r["served_auc"]) < 1
+        assert r["ne_base"] == "train" and float(r["served_ne"]) == pytest.approx(float(r["offline_ne"]), rel=1e-5)
+        assert float(r["served_calibration"]) == pytest.approx(float(r["offline_calibration"]), rel=1e-5)
         # coverage < 1 only when a loaded machine made the run slow; AUCs are still over the same rows
         assert float(r["max_abs_diff"]) <= 1e-5 and 0 < float(r["coverage"]) <= 1.0, r
         assert float(r["rps"]) > 0 and float(r["rows_per_s"]) == pytest.approx(32 * float(r["rps"]))

@@ -11,7 +11,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from ctr_ensemble.errors import CtrError
 from ctr_ensemble.export.repository import RepoOptions, reconfigure_repository
-from ctr_ensemble.loadtest import perf, stats
+from ctr_ensemble import metrics
+from ctr_ensemble.loadtest import perf, report, stats
 from ctr_ensemble.loadtest.rows import InputSpec
 from ctr_ensemble.loadtest.sweep import load_sweep
 
@@ -68,6 +69,26 @@ def test_summary_served_auc_equals_offline_when_predictions_agree():
     assert s["errors"] == 0 and s["served_auc"] == s["offline_auc"] and s["served_auc"] is not None
     assert s["rps"] == pytest.approx(20 / (1.9 + 0.005), rel=1e-6)
     assert s["rows_per_s"] == pytest.approx(4 * s["rps"])
+
+
+def test_summary_has_served_ne_and_calibration_beside_auc(tmp_path):
+    rng = np.random.default_rng(2)
+    labels = (rng.random(30) < 0.4).astype(np.float32)
+    offline = rng.random(30).astype(np.float32).astype(np.float64)
+    s = stats.summarize(_fill(_results(), offline, labels), labels, offline, warmup_s=0.0)
+    assert s["ne_base"] == "self" and s["served_ne"] == pytest.approx(s["offline_ne"], rel=1e-6)
+    assert s["served_ne"] == pytest.approx(metrics.normalized_entropy(labels, offline), rel=1e-6)
+    assert s["served_calibration"] == pytest.approx(offline.mean() / labels.mean(), rel=1e-6)
+    assert s["served_ece"] == pytest.approx(s["offline_ece"], rel=1e-6)
+    t = stats.summarize(_fill(_results(), offline, labels), labels, offline, warmup_s=0.0, train_base_rate=0.25)
+    assert t["ne_base"] == "train"
+    assert t["served_ne"] == pytest.approx(metrics.normalized_entropy(labels, offline, base_rate=0.25), rel=1e-6)
+    row = {"variant": "base", "protocol": "grpc", "users": 1, "status": "ok", "p99_ms": 5.0, **t}
+    paths = report.write_report([row], [], tmp_path, {})
+    header = paths["csv"].read_text().splitlines()[0].split(",")
+    assert {"served_ne", "offline_ne", "ne_base", "served_calibration", "served_ece"} <= set(header)
+    md = paths["md"].read_text()
+    assert "| served_auc | offline_auc | served_ne | served_calibration |" in md
 
 
 def test_summary_refuses_results_that_do_not_match_the_rows():

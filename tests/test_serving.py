@@ -124,6 +124,7 @@ def test_evaluate_all_backends_agree(server, tiny_repo, tiny_data):
         assert set(rows) == {"torch", "onnx", "triton_http", "triton_grpc"}
         for r in rows.values():
             assert r["max_abs_diff"] <= 1e-5 and 0.5 < r["auc"] < 1
+            assert r["ne_base"] == "train" and r["ne"] > 0 and r["calibration"] > 0 and 0 <= r["ece"] <= 1
     for b in ("triton_http", "triton_grpc"):
         assert summary["ensemble"][b]["fusion_max_abs_diff"] <= 1e-6
 

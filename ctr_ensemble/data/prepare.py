@@ -282,6 +282,7 @@ def run_chunk(task: ChunkTask) -> dict:
     n = cc.rows
     info["rows"] = n
     info["num_sums"] = cc.num_sums.tolist()
+    info["positives"] = cc.positives
     local = np.stack(cc.cat_ids, axis=1) if cc.cat_ids else np.zeros((n, 0), np.int32)
     seq = _local_sequence(batch, cc, task.seq_max_len) if task.with_sequence else None
     if task.with_sequence:
@@ -550,7 +551,8 @@ def _fit_from_chunks(out: Path, state: dict, opts: PrepareOptions, inputs: list[
     for i in with_rows:
         info = infos[i]
         acc.add_sums(info["rows"], np.asarray(info["num_sums"]).reshape(3, -1),
-                     np.asarray(info["seq_hist"], np.int64) if "seq_hist" in info else None)
+                     np.asarray(info["seq_hist"], np.int64) if "seq_hist" in info else None,
+                     info.get("positives"))  # absent in a chunk read before label_mean was recorded
     n_fields = len(names["categorical"]) + (1 if state["sequence"] else 0)
     paths = [out / _draft(i, "counts.arrow") for i in with_rows]
     entries = _count_entries(paths, n_fields)

@@ -1,6 +1,8 @@
 """Score one labelled file through PyTorch, ONNX Runtime, Triton HTTP and Triton gRPC.
 
-For each member and for the ensemble, and for each backend: AUC, logloss, rows/s and the
+For each member and for the ensemble, and for each backend: AUC, logloss, NE (normalised
+entropy, against the training base rate the repository's feature spec records, else the scored
+file's own: ``ne_base``), calibration (mean p / CTR), ECE (``ctr_ensemble.metrics``), rows/s and the
 max absolute difference against the reference: the member's PyTorch output, or for the
 ensemble the reference fusion (``layers.fusion``) of the members' PyTorch outputs (for a
 collaborative repository: the trained head over the members' PyTorch probs and reprs).
@@ -73,10 +75,9 @@ class _Reference:
         return fuse(stacked, self.mode, self.tau)[0][:, 0].numpy()
 
 
-def _row(y: np.ndarray, p: np.ndarray, ref: np.ndarray | None, seconds: float | None) -> dict:
+def _row(y: np.ndarray, p: np.ndarray, ref: np.ndarray | None, seconds: float | None, base_rate: float | None) -> dict:
     return {
-        "auc": metrics.auc(y, p),
-        "logloss": metrics.logloss(y, p),
+        **metrics.quality(y, p, base_rate),
         "max_abs_diff": float(np.max(np.abs(p.astype(np.float64) - ref))) if ref is not None and len(p) else None,
         "rows_per_s": len(p) / seconds if seconds else None,
     }
@@ -103,7 +104,9 @@ def evaluate(
     spec = repository_spec(repository)
     arr = encode_file(data, spec, skip_bad_rows, fmt)
     feeds, y = arr.feeds(), arr.label.astype(np.int64)
+    base = spec.fitted_on.get("label_mean")  # the training CTR; older specs do not record it
     summary: dict = {"data": str(data), "rows": int(len(y)), "skipped_rows": arr.skipped, "oracle_auc": None,
+                     "base_rate": {"train": base, "self": float(y.mean()) if len(y) else None},
                      "fusion": {"mode": mode, "tau": tau}, "members": {n: {} for n in names}, "ensemble": {}}
     if truth is not None:
         p_true = np.load(truth)
@@ -122,10 +125,10 @@ def evaluate(
         if reference.needs_repr:  # (N, H) per member: kept only where the fusion uses it
             ref_repr[n] = h
         if "torch" in backends:
-            summary["members"][n]["torch"] = _row(y, ref[n], ref[n], sec)
+            summary["members"][n]["torch"] = _row(y, ref[n], ref[n], sec, base)
     ref_fused = reference.fuse(names, ref, ref_repr).astype(np.float64)
     if "torch" in backends:
-        summary["ensemble"]["torch"] = _row(y, ref_fused, ref_fused, None)
+        summary["ensemble"]["torch"] = _row(y, ref_fused, ref_fused, None, base)
 
     if "onnx" in backends:
         probs, reprs = {}, {}
@@ -133,8 +136,8 @@ def evaluate(
             sess = onnx_export.session(repository / n / "1" / "model.onnx")
             (probs[n], h), sec = _timed(lambda: onnx_export.run_onnx(sess, feeds))
             reprs[n] = h if reference.needs_repr else None
-            summary["members"][n]["onnx"] = _row(y, probs[n], ref[n], sec)
-        summary["ensemble"]["onnx"] = _row(y, reference.fuse(names, probs, reprs), ref_fused, None)
+            summary["members"][n]["onnx"] = _row(y, probs[n], ref[n], sec, base)
+        summary["ensemble"]["onnx"] = _row(y, reference.fuse(names, probs, reprs), ref_fused, None, base)
 
     outputs = ("prob", "repr") if reference.needs_repr else ("prob",)
     for backend, protocol, url in (("triton_http", "http", targets.http_url), ("triton_grpc", "grpc", targets.grpc_url)):
@@ -148,9 +151,9 @@ def evaluate(
         for n in names:
             out, sec = _timed(lambda: scorer.score_outputs(n, feeds, targets.batch_size, outputs))
             probs[n], reprs[n] = out["prob"][:, 0], out.get("repr")
-            summary["members"][n][backend] = _row(y, probs[n], ref[n], sec)
+            summary["members"][n][backend] = _row(y, probs[n], ref[n], sec, base)
         served, sec = _timed(lambda: scorer.score(ENSEMBLE_NAME, feeds, targets.batch_size))
-        row = _row(y, served, ref_fused, sec)
+        row = _row(y, served, ref_fused, sec, base)
         # The server's fusion against the reference fusion of what the same server's members returned.
         row["fusion_max_abs_diff"] = float(np.max(np.abs(served - reference.fuse(names, probs, reprs))))
         summary["ensemble"][backend] = row
@@ -163,8 +166,11 @@ def render_table(summary: dict) -> "rich.table.Table":  # noqa: F821
 
     oracle = summary.get("oracle_auc")
     title = f"{summary['rows']} rows of {Path(summary['data']).name}" + (f" · oracle AUC {oracle:.4f}" if oracle else "")
-    table = Table(title=title)
-    for col in ("model", "backend", "AUC", "logloss", "max |Δ| vs ref", "rows/s"):
+    train_rate = summary.get("base_rate", {}).get("train")
+    caption = (f"NE vs the training CTR {train_rate:.4f}" if train_rate is not None else "NE vs this file's own CTR "
+               "(the feature spec records no training CTR)") + f"; ECE over {metrics.ECE_BINS} equal-frequency bins"
+    table = Table(title=title, caption=caption)
+    for col in ("model", "backend", "AUC", "logloss", "NE", "calibration", "ECE", "max |Δ| vs ref", "rows/s"):
         table.add_column(col, justify="right" if col not in ("model", "backend") else "left")
     models = [(n, r) for n, r in summary["members"].items()] + [(f"{ENSEMBLE_NAME} ({summary['fusion']['mode']})", summary["ensemble"])]
     for name, rows in models:
@@ -173,6 +179,7 @@ def render_table(summary: dict) -> "rich.table.Table":  # noqa: F821
                 name, backend,
                 f"{r['auc']:.4f}" if r["auc"] is not None else "n/a",
                 f"{r['logloss']:.4f}",
+                *(f"{r.get(k):.4f}" if r.get(k) is not None else "n/a" for k in ("ne", "calibration", "ece")),
                 f"{r['max_abs_diff']:.2e}" if r["max_abs_diff"] is not None else "-",
                 f"{r['rows_per_s']:,.0f}" if r.get("rows_per_s") else "-",
             )

@@ -11,7 +11,8 @@ from ctr_ensemble.loadtest.stats import pareto_front
 
 # The columns, in this order; the rest follow.
 COLUMNS = ["variant", "protocol", "users", "rps", "rows_per_s", "p50_ms", "p95_ms", "p99_ms", "errors", "served_auc", "offline_auc"]
-EXTRA = ["max_ms", "served_logloss", "offline_logloss", "max_abs_diff", "mismatched_rows", "coverage", "errors_by_kind", "requests",
+EXTRA = ["max_ms", "served_logloss", "offline_logloss", "served_ne", "offline_ne", "ne_base", "served_calibration",
+         "offline_calibration", "served_ece", "offline_ece", "max_abs_diff", "mismatched_rows", "coverage", "errors_by_kind", "requests",
          "steady_requests", "window_s", "rows_per_request", "model", "options", "server_ms", "server_queue_ms",
          "server_compute_ms", "pa_rps", "pa_rows_per_s", "pa_p50_ms", "pa_p90_ms", "pa_p95_ms", "pa_p99_ms",
          "pa_server_queue_ms", "pa_server_compute_ms", "pareto", "status", "locust_exit", "note", "pa_note"]
@@ -73,10 +74,12 @@ def render_markdown(rows: list[dict], server_rows: list[dict], context: dict) ->
     parts += [f"- {k}: {v}" for k, v in {"machine": f"{platform.machine()}, {_cpus()} CPUs, Python {platform.python_version()}",
                                           **context}.items()]
     parts += ["", "Latency percentiles over the steady-state window (warm-up dropped), raw float ms measured by the "
-              "Locust users around each `infer`; AUC over every row served, against the offline reference of the same rows; "
+              "Locust users around each `infer`; AUC over every row served, against the offline reference of the same rows, "
+              "likewise `served_ne` (normalised entropy: logloss / entropy of the base rate, the training CTR when the "
+              "feature spec records it, `ne_base` in the CSV) and `served_calibration` (mean predicted / observed CTR); "
               "`errors` = failed requests + requests whose predictions differ from offline by more than 1e-5. "
               "`pareto`: no other run is both faster at p99 and better in served AUC.", "",
-              "## Locust", "", markdown_table(ok, COLUMNS + ["max_ms", "max_abs_diff", "coverage", "pareto"])]
+              "## Locust", "", markdown_table(ok, COLUMNS + ["served_ne", "served_calibration", "max_ms", "max_abs_diff", "coverage", "pareto"])]
     if other:
         parts += ["", "## Not measured", "", markdown_table(other, ["variant", "model", "status", "note"])]
     pa = [r for r in ok if "pa_p50_ms" in r]

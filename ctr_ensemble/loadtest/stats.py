@@ -28,14 +28,16 @@ def load_results(results_dir: Path) -> dict[str, np.ndarray]:
 
 
 def summarize(res: dict[str, np.ndarray], labels: np.ndarray, offline: np.ndarray, warmup_s: float,
-              tol: float = PARITY_TOL) -> dict:
+              tol: float = PARITY_TOL, train_base_rate: float | None = None) -> dict:
     """Throughput and latency over the steady-state window, errors by kind, served vs offline quality.
 
     Steady state: requests sent at least ``warmup_s`` after the first one; the window ends when the
-    last of them came back. Latency percentiles are over successful steady-state requests. AUC and
-    logloss are over the distinct rows served (warm-up included; ``coverage`` = their share of the
-    rows file), against the offline predictions of the very same rows; every served copy is checked:
-    a request with any row further than ``tol`` from offline is a ``mismatch`` error.
+    last of them came back. Latency percentiles are over successful steady-state requests. AUC,
+    logloss, NE, calibration and ECE (``metrics.quality``; NE against ``train_base_rate`` when given,
+    else the rows' own CTR: ``ne_base``) are over the distinct rows served (warm-up included;
+    ``coverage`` = their share of the rows file), as ``served_*`` beside ``offline_*`` of the offline
+    predictions of the very same rows; every served copy is checked: a request with any row further
+    than ``tol`` from offline is a ``mismatch`` error.
     """
     n_req = len(res["t_start"])
     ok = res["ok"].astype(bool)
@@ -63,13 +65,11 @@ def summarize(res: dict[str, np.ndarray], labels: np.ndarray, offline: np.ndarra
     # row are scored on the same rows, so their AUCs compare models, not samples.
     rows_seen, first = np.unique(idx, return_index=True)
     y, p_served, p_off = labels[rows_seen], pred[first], offline[rows_seen]
-    both = len(rows_seen) > 0 and y.min() != y.max()
-    out.update(
-        coverage=len(rows_seen) / n if n else 0.0,
-        served_auc=metrics.auc(y, p_served) if both else None, offline_auc=metrics.auc(y, p_off) if both else None,
-        served_logloss=metrics.logloss(y, p_served) if len(rows_seen) else None,
-        offline_logloss=metrics.logloss(y, p_off) if len(rows_seen) else None,
-    )
+    out["coverage"] = len(rows_seen) / n if n else 0.0
+    for who, p in (("served", p_served), ("offline", p_off)):
+        q = metrics.quality(y, p, train_base_rate)
+        out["ne_base"] = q.pop("ne_base")
+        out.update({f"{who}_{k}": v for k, v in q.items()})
     out.update(steady_state(res, warmup_s))
     return out
 

@@ -34,7 +34,8 @@ from rich.console import Console
 from ctr_ensemble.errors import CtrError
 from ctr_ensemble.export.repository import ENSEMBLE_NAME, RepoOptions, reconfigure_repository
 from ctr_ensemble.loadtest import perf, stats
-from ctr_ensemble.loadtest.rows import InputSpec, NoReference, OfflineReference, inputs_from_config, inputs_from_metadata, load_rows
+from ctr_ensemble.loadtest.rows import (InputSpec, NoReference, OfflineReference, inputs_from_config, inputs_from_metadata,
+                                        load_rows, model_spec)
 from ctr_ensemble.serving import metrics
 from ctr_ensemble.serving.server import Endpoints, TritonServer, admin_headers
 
@@ -243,7 +244,7 @@ def run_sweep(cfg: SweepConfig, base_repo: Path, data: Path, out: Path, *, targe
     shutil.rmtree(work, ignore_errors=True)
     result = SweepResult()
     reference = OfflineReference()
-    rows_cache: dict[tuple, tuple[dict, Path, Path | None]] = {}
+    rows_cache: dict[tuple, tuple[dict, Path, Path | None, float | None]] = {}
     perf_reason = None if not cfg.perf_analyzer else perf.why_not_runnable(perf_binary)
     if cfg.perf_analyzer and perf_reason:
         console.print(f"[yellow]perf_analyzer skipped: {perf_reason}[/]")
@@ -311,8 +312,9 @@ def _run_variant(v: Variant, cfg: SweepConfig, tgt: Target, repo: Path, data: Pa
             rows = load_rows(data, repo, v.model, inputs, cfg.max_rows, fmt)
             rfile = save_rows(rows, work / f"rows-{len(rows_cache)}.npz")
             pa_json = perf.write_input_data(rows, inputs, work / f"pa-input-{len(rows_cache)}.json") if perf_binary else None
-            rows_cache[ikey] = (rows, rfile, pa_json)
-        rows, rfile, pa_json = rows_cache[ikey]
+            base_rate = model_spec(repo, v.model).fitted_on.get("label_mean")  # training CTR, for NE
+            rows_cache[ikey] = (rows, rfile, pa_json, base_rate)
+        rows, rfile, pa_json, base_rate = rows_cache[ikey]
         offline = reference.predict(repo, v.model, rows)
     except NoReference as e:
         result.rows.append(_note_row(v, "skipped", str(e)))
@@ -339,9 +341,11 @@ def _run_variant(v: Variant, cfg: SweepConfig, tgt: Target, repo: Path, data: Pa
             code, tail = run_locust(conf, protocol, users, cfg.spawn_rate, cfg.duration_s, locustfile)
             after = scrape_or_none(tgt)
             res = stats.load_results(run_dir / "results")
-            summary = stats.summarize(res, rows["label"], offline, cfg.warmup_s)
+            summary = stats.summarize(res, rows["label"], offline, cfg.warmup_s, train_base_rate=base_rate)
             row.update({k: summary[k] for k in ("rps", "rows_per_s", "p50_ms", "p95_ms", "p99_ms", "errors",
                                                  "served_auc", "offline_auc", "max_ms", "served_logloss", "offline_logloss",
+                                                 "served_ne", "offline_ne", "ne_base", "served_calibration",
+                                                 "offline_calibration", "served_ece", "offline_ece",
                                                  "max_abs_diff", "mismatched_rows", "coverage", "requests", "steady_requests", "window_s")})
             row["errors_by_kind"] = json.dumps(summary["errors_by_kind"])
             row["locust_exit"] = code
@@ -375,7 +379,7 @@ def _run_variant(v: Variant, cfg: SweepConfig, tgt: Target, repo: Path, data: Pa
             console.print(
                 f"{v.name:26s} {protocol:4s} users={users:<3d} {row.get('rps', 0):8.1f} req/s  p50 {row.get('p50_ms', float('nan')):7.2f}  "
                 f"p99 {row.get('p99_ms', float('nan')):7.2f} ms  errors {row.get('errors')}  "
-                f"AUC {_f(row.get('served_auc'))} (offline {_f(row.get('offline_auc'))})"
+                f"AUC {_f(row.get('served_auc'))} (offline {_f(row.get('offline_auc'))})  NE {_f(row.get('served_ne'))}"
                 + (f"  perf_analyzer p50 {row['pa_p50_ms']:.2f} p99 {row['pa_p99_ms']:.2f} ms" if "pa_p50_ms" in row else "")
                 + f"  [{time.perf_counter() - t0:.0f}s]")
 
