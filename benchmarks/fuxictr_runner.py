@@ -318,7 +318,7 @@ def serve(job: dict) -> None:
         req = json.loads(line)
         rec = {"member": req["member"], "seed": req["seed"]}
         try:
-            rec.update(train_one(job, paths, req["member"], req["seed"], req["config"], req.get("train", job["train"])))
+            rec.update(train_one(job, paths, req["member"], req["seed"], req["config"], req["train"]))
         except Exception as e:
             traceback.print_exc(file=sys.stderr)
             rec["error"] = f"{type(e).__name__}: {e}"
