@@ -21,7 +21,7 @@ LT_REPO := $(if $(LT_DEMO),model_repository,artifacts/loadtest/demo/model_reposi
 LT_DATA := $(if $(LT_DEMO),artifacts/demo/data/test.tsv,artifacts/loadtest/demo/data/test.tsv)
 LT_SMALL := artifacts/loadtest/demo
 
-.PHONY: venv perf-venv demo test bench-serve bench-quality bench-data bench-train loadtest loadtest-demo soak experiments clean
+.PHONY: venv perf-venv demo test bench-serve bench-quality bench-data bench-train bench-reg loadtest loadtest-demo soak experiments clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -58,6 +58,11 @@ bench-train: venv
 	test -f artifacts/bench/data/prepared/train/manifest.json || $(MAKE) bench-data
 	$(BIN)/python benchmarks/bench_train.py
 
+# The embedding regularizer over all table rows vs the batch's rows: step cost (DCNv2 reference shape) and DeepFM
+# quality by optimiser; writes docs/bench/regularizer/train.{md,csv}.
+bench-reg: venv
+	$(BIN)/python benchmarks/bench_train.py --skip members,reference,fuxictr --out docs/bench/regularizer --seconds 15
+
 # Independent vs mutual vs collaborative training (quick default; EXPERIMENTS_ARGS="--full" or "--dataset criteo").
 experiments: venv
 	$(BIN)/python benchmarks/experiments.py $(EXPERIMENTS_ARGS)
@@ -88,9 +93,10 @@ $(FX_STAMP): benchmarks/requirements-fuxictr.txt
 	$(FX_VENV)/bin/python -m pip install --quiet -r benchmarks/requirements-fuxictr.txt
 	touch $(FX_STAMP)
 
-# Quick default (< 30 min on 2 cores); the full setting: make bench-quality BENCH_QUALITY_ARGS=--full
+# Quick default (ours with the product defaults vs FuxiCTR BARS, 3 seeds); writes docs/bench/quality/.
+# The full setting: make bench-quality BENCH_QUALITY_ARGS=--full
 bench-quality: venv $(FX_STAMP)
-	$(BIN)/python benchmarks/bench_quality.py --fuxictr-python $(FX_VENV)/bin/python $(BENCH_QUALITY_ARGS)
+	$(BIN)/python benchmarks/bench_quality.py --fuxictr-python $(FX_VENV)/bin/python --docs docs/bench/quality $(BENCH_QUALITY_ARGS)
 
 clean:
 	rm -rf artifacts model_repository

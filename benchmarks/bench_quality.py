@@ -98,6 +98,7 @@ class BenchConfig:
     fuxictr_python: Path = Path(".venv-fuxictr/bin/python")
     data_root: Path = Path("../shared/data")
     out: Path = Path("artifacts/bench")
+    docs: Path | None = None  # also write quality.{md,csv,png} and quality_runs.csv here (make bench-quality: docs/bench/quality)
 
 
 @dataclass
@@ -690,6 +691,12 @@ def run(cfg: BenchConfig) -> list[dict]:
     md = render_md(rows, preps, cfg, env, seconds)
     (cfg.out / "quality.md").write_text(md + "\n")
     plot(rows, cfg.out / "quality.png")
+    if cfg.docs is not None:
+        import shutil
+
+        cfg.docs.mkdir(parents=True, exist_ok=True)
+        for name in ("quality.csv", "quality_runs.csv", "quality.md", "quality.png"):
+            shutil.copy(cfg.out / name, cfg.docs / name)
     console.print(md)
     console.print(f"wrote {cfg.out / 'quality.csv'}, {cfg.out / 'quality_runs.csv'}, {cfg.out / 'quality.md'}, "
                   f"{cfg.out / 'quality.png'} ({seconds / 60:.1f} min)")
@@ -737,12 +744,13 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--fuxictr-python", type=Path, default=d.fuxictr_python)
     p.add_argument("--data-root", type=Path, default=d.data_root)
     p.add_argument("--out", type=Path, default=d.out)
+    p.add_argument("--docs", type=Path, default=None, help="also copy the tables and the plot into this folder")
     a = p.parse_args(argv)
     cfg = BenchConfig(members=a.members, datasets=a.datasets, seeds=a.seeds, model_set=_sets(p, a.model_set),
                       train_set=_sets(p, a.train_set), min_count=a.min_count, threads=a.threads,
                       synth_rows=a.synth_rows, movielens_train_rows=a.movielens_train_rows, max_steps=a.max_steps,
                       fuxictr=a.fuxictr, fuxictr_numeric=a.fuxictr_numeric, fuxictr_python=a.fuxictr_python,
-                      data_root=a.data_root, out=a.out)
+                      data_root=a.data_root, out=a.out, docs=a.docs)
     if a.full:
         cfg.synth_rows, cfg.movielens_train_rows = 160_000, 0
     for ds in cfg.datasets:

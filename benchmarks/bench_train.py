@@ -38,7 +38,13 @@ from common import load_average, machine, md_table  # noqa: E402
 
 MEMBERS = ("deepfm", "dcnv2", "dcn", "pnn", "fibinet", "dhen", "emofm", "interformer")
 REF = {"cross_layers": 3, "hidden": [400, 400, 400], "embedding_dim": 16}  # the issue's DCNv2 shape
-SPARSE = {"optimizer": "sparse_adam"}  # emb lr 5 × lr, lazy coupled L2 (trainer.Optimizers)
+SPARSE = {"optimizer": "sparse_adam"}  # emb lr 5 × lr; the embedding regularizer on the batch's rows (auto)
+# The members' embedding regularizer (default λ 0.01) over every table row each step vs the batch's rows only.
+REG_VARIANTS = (("dense Adam, no regularizer", {"optimizer": "adam"}, {"embedding_regularizer": 0.0}),
+                ("dense Adam, emb. reg. all rows", {"optimizer": "adam", "embedding_reg_rows": "all"}, {}),
+                ("dense Adam, emb. reg. batch rows", {"optimizer": "adam", "embedding_reg_rows": "batch"}, {}),
+                ("sparse Adam, no regularizer", SPARSE, {"embedding_regularizer": 0.0}),
+                ("sparse Adam, emb. reg. batch rows", SPARSE, {}))
 
 
 def parse_args() -> argparse.Namespace:
@@ -52,7 +58,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--quality-epochs", type=int, default=2)
     p.add_argument("--quality-batch", type=int, default=2048)
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--skip", default="", help="comma list of sections to skip: members, reference, quality, fuxictr")
+    p.add_argument("--skip", default="", help="comma list of sections to skip: members, reference, regularizer, "
+                                              "quality, fuxictr")
     p.add_argument("--fuxictr-python", type=Path, default=Path(".venv-fuxictr/bin/python"))
     p.add_argument("--child", help=argparse.SUPPRESS)
     return p.parse_args()
@@ -103,6 +110,7 @@ def member_run(job: dict, torch) -> dict:
     from ctr_ensemble import models
     from ctr_ensemble.data.shards import Prepared
     from ctr_ensemble.training import loader
+    from ctr_ensemble.training.regularize import Regularizer
     from ctr_ensemble.training.trainer import Arrays, Logits, Optimizers, TrainConfig
 
     if job["data"] == "memory":  # the reference shape, random rows already in memory
@@ -119,6 +127,7 @@ def member_run(job: dict, torch) -> dict:
     model = models.build(job["arch"], models.make_config(job["arch"], job.get("config")), spec)
     cfg = TrainConfig(batch_size=job["batch"], **job["train"])
     opts = Optimizers(model, cfg)
+    reg = Regularizer(model, cfg.embedding_reg_rows, cfg.optimizer != "adam")  # the members' penalty, as trainers add it
     step_module = torch.compile(Logits(model)) if cfg.compile else Logits(model)
     amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.amp == "bf16")
     batches = loader.Batches(data, spec.input_names, loader.LoaderConfig(batch_size=job["batch"], shuffle=shuffle))
@@ -135,6 +144,9 @@ def member_run(job: dict, torch) -> dict:
         with amp:
             logit = step_module(**x)
         loss = loss_fn(logit[:, 0].float(), y)
+        pen = reg.penalty()
+        if pen is not None:
+            loss = loss + pen
         opts.zero_grad()
         loss.backward()
         opts.step()
@@ -249,12 +261,20 @@ def main() -> None:
             rows.append({"section": "B: DCNv2 reference shape", "model": "ctr-ensemble dcnv2",
                          "optimizer": "sparse Adam", "batch": batch, "data": "prepared shards (5 M rows)", **r})
             print(rows[-1])
+    if "regularizer" not in skip:  # in memory: needs no bench-data
+        for label, train, config in REG_VARIANTS:
+            r = run_child({**common, "kind": "member", "arch": "dcnv2", "config": {**REF, **config}, "data": "memory",
+                           "batch": 4096, "train": train})
+            rows.append({"section": "R: embedding regularizer cost, DCNv2 reference shape", "model": "ctr-ensemble dcnv2",
+                         "optimizer": label, "batch": 4096, "data": "random, in memory", **r})
+            print(rows[-1])
     quality: list[dict] = []
     if "quality" not in skip:
         qtr, qva = ensure_quality_data(args)
-        variants = (("dense Adam (weight decay 1e-4)", {"optimizer": "adam"}),
-                    ("sparse Adam (emb lr 5x, lazy L2 1e-4)", SPARSE),
-                    ("sparse Adagrad (emb lr 0.05, lazy L2 1e-4)", {"optimizer": "sparse_adagrad", "emb_lr": 0.05}))
+        variants = (("dense Adam (emb. reg. all rows)", {"optimizer": "adam", "embedding_reg_rows": "all"}),
+                    ("dense Adam (emb. reg. batch rows)", {"optimizer": "adam", "embedding_reg_rows": "batch"}),
+                    ("sparse Adam (emb lr 5x, emb. reg. batch rows)", SPARSE),
+                    ("sparse Adagrad (emb lr 0.05, emb. reg. batch rows)", {"optimizer": "sparse_adagrad", "emb_lr": 0.05}))
         for label, train in variants:
             for seed in range(args.seeds):
                 r = run_child({"kind": "quality", "threads": args.threads, "arch": "deepfm", "train_dir": str(qtr),
@@ -334,7 +354,9 @@ def report(args, rows, quality, fuxi, mach, load0, load1, cuda: bool) -> None:
     gpu = ("GPU rows: not measured. No GPU was lent to this task (torch.cuda.is_available() is False here); "
            "the CUDA path (pinned memory, prefetch thread, non_blocking copies) is exercised only by a test that "
            "skips without CUDA." if not cuda else "GPU present: see rows with device cuda.")
-    md = ["# bench-train", "", f"- machine: {mach}", f"- torch threads: {args.threads}; load average "
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    md = ["# bench-train", "", f"- commit {commit or 'unknown'}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+          f"command: `{' '.join(['python', *sys.argv])}`", f"- machine: {mach}", f"- torch threads: {args.threads}; load average "
           f"{load0} at start, {load1} at the end (the 2 cores are shared with other jobs: samples per CPU-second "
           "is the steadier figure)", f"- timed window: {args.seconds:g}s per row after 3 warm-up steps; each row in "
           "its own process (peak RSS = that process, memmapped shard pages included)", f"- {gpu}",

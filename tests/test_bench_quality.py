@@ -87,9 +87,11 @@ def test_aggregate_side_by_side(bq):
 
 def test_tiny_end_to_end(bq, tmp_path):
     """One member, one seed, a few steps on the tiny synthetic set; FuxiCTR's venv is missing, which the table says."""
-    rc = bq.main(["--datasets", "tinysynth", "--members", "deepfm,dcn", "--seeds", "1", "--epochs", "1",
-                  "--max-steps", "3", "--fuxictr-python", str(tmp_path / "no-venv" / "python"), "--out", str(tmp_path)])
+    rc = bq.main(["--datasets", "tinysynth", "--members", "deepfm,dcn", "--seeds", "1", "--train-set", "epochs=1",
+                  "--model-set", "embedding_regularizer=0.02", "--max-steps", "3", "--fuxictr-python",
+                  str(tmp_path / "no-venv" / "python"), "--out", str(tmp_path), "--docs", str(tmp_path / "docs")])
     assert rc == 0
+    assert (tmp_path / "docs" / "quality.md").read_text() == (tmp_path / "quality.md").read_text()
     rows = list(csv.DictReader(open(tmp_path / "quality.csv")))
     assert [r["member"] for r in rows] == ["deepfm", "dcn"]
     for r in rows:
@@ -97,10 +99,35 @@ def test_tiny_end_to_end(bq, tmp_path):
         assert r["fuxictr_runs"] == "0" and "not found" in r["fuxictr_error"]
     md = (tmp_path / "quality.md").read_text()
     assert "## tinysynth" in md and "oracle AUC" in md and "not found" in md
+    assert "{'embedding_regularizer': 0.02}" in md and "commit " in md  # overrides and the stamp are in the report
+    runs = list(csv.DictReader(open(tmp_path / "quality_runs.csv")))
+    assert all(float(r["test_ne"]) > 0 and float(r["test_calibration"]) > 0 for r in runs if r["framework"] == "ours")
     assert (tmp_path / "quality.png").stat().st_size > 0
     assert len(list(csv.DictReader(open(tmp_path / "quality_runs.csv")))) == 4  # 2 ours + 2 FuxiCTR (failed)
     for split in ("train", "val", "test"):
         assert (tmp_path / "quality" / "data" / "tinysynth" / f"{split}.parquet").is_file()
+
+
+def test_fuxictr_request_is_the_bars_recipe(bq):
+    cfg = bq.BenchConfig()
+    r = bq.fuxictr_request("deepfm", 2, cfg, train_rows=7200)
+    assert r["config"]["hidden"] == [400, 400, 400] and r["config"]["embedding_dim"] == 10
+    assert r["config"]["batch_norm"] is True and r["config"]["dropout"] == 0.2
+    assert r["train"]["embedding_regularizer"] == 0.05 and r["train"]["early_stop_patience"] == 2
+    assert r["train"]["batch_size"] == 256  # 4096 halved until an epoch has >= 16 steps
+    assert bq.fuxictr_request("deepfm", 1, cfg, train_rows=10**6)["train"]["batch_size"] == 4096
+    assert bq.fuxictr_request("fibinet", 1, cfg, 7200)["config"]["hidden"] == bq.models.make_config("fibinet").hidden
+    assert bq.fuxictr_request("dcnv2", 1, cfg, 7200)["config"]["cross_layers"] == 3
+
+
+def test_verdict_is_the_issues_bar(bq):
+    def row(m, o, f, fs):
+        return {"member": m, "ours_auc_mean": o, "fuxictr_auc_mean": f, "goal": o >= f - fs}
+
+    v = bq.dataset_verdict([row("deepfm", 0.70, 0.71, 0.02), row("dcn", 0.74, 0.72, 0.01)])
+    assert "ours 0.7200, FuxiCTR 0.7150 (✓ mean)" in v and "2/2" in v
+    v = bq.dataset_verdict([row("deepfm", 0.68, 0.71, 0.02), row("dcn", 0.74, 0.72, 0.01)])
+    assert "✗ deepfm" in v and "1/2" in v
 
 
 def test_unknown_dataset_is_an_argument_error(bq):
