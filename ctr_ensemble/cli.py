@@ -45,6 +45,8 @@ STREAMS_HELP = "Row streams (0 = one per process); --streams N on one process re
 PREFETCH_HELP = "Batches built ahead by a thread (>= 1 on CUDA)."
 DIST_TIMEOUT_HELP = "Seconds a torchrun worker waits for the others before stopping with an error."
 VERIFY_HELP = "Prepared data check at start: size (sizes + headers) | full (+ CRC-32 of every byte)."
+MIN_COUNT_HELP = ("Tokens seen fewer times in train map to the OOV id 0 (which also takes unseen tokens): an integer, "
+                  "or auto = 2 below 10 M training rows, 10 from there on.")
 EPOCHS_HELP = "The most epochs; early stopping on val AUC normally ends training first."
 WEIGHT_DECAY_HELP = ("Adam's coupled L2 on every parameter (0 = off; the members' embedding_regularizer / net_regularizer, "
                      "set with --set, are the usual regularizers).")
@@ -126,8 +128,7 @@ def data_movielens(
 def data_fit(
     train: Path = typer.Option(..., help="Training file (Criteo TSV layout)."),
     out: Path = typer.Option(Path("artifacts/feature_spec.json"), help="Where to write the feature spec JSON."),
-    min_count: int = typer.Option(2, help="Tokens seen fewer times in train map to the OOV id (id 0, which then also "
-                                          "serves unseen tokens)."),
+    min_count: str = typer.Option("auto", help=MIN_COUNT_HELP),
     skip_bad_rows: bool = typer.Option(False, help="Skip and count malformed rows instead of stopping."),
     fmt: str = typer.Option("auto", "--format", help="Data format: auto, criteo, avazu, libsvm, parquet."),
     seq_max_len: int = typer.Option(50, help="Most recent items of the behaviour sequence kept per row."),
@@ -136,7 +137,8 @@ def data_fit(
     """Fit per-field vocabularies and numeric statistics on the train file only."""
     from ctr_ensemble import features
 
-    spec = features.fit(train, min_count=min_count, skip_bad_rows=skip_bad_rows, fmt=fmt, seq_max_len=seq_max_len,
+    spec = features.fit(train, min_count=features.parse_min_count(min_count), skip_bad_rows=skip_bad_rows, fmt=fmt,
+                        seq_max_len=seq_max_len,
                         use_sequence=sequence)
     spec.save(out)
     seq = spec.sequence
@@ -151,7 +153,7 @@ def data_prepare(
     input_: list[Path] = typer.Option(..., "--input", help="Raw input file (or Parquet folder); repeat for several files of one format."),
     out: Path = typer.Option(..., help="Output folder: shards/, manifest.json, feature_spec.json."),
     spec: Optional[Path] = typer.Option(None, help="Encode with this feature spec (val/test with the train spec) instead of fitting one."),
-    min_count: int = typer.Option(2, help="Tokens seen fewer times map to the OOV id (when fitting)."),
+    min_count: str = typer.Option("auto", help=MIN_COUNT_HELP + " When fitting."),
     max_distinct: int = typer.Option(0, help="Cap on distinct tokens counted per field (0 = exact); bounds the counting memory."),
     seq_max_len: int = typer.Option(50, help="Most recent items of the behaviour sequence kept per row (when fitting)."),
     sequence: bool = typer.Option(True, help="Use the input's behaviour-sequence column if it has one (when fitting)."),
@@ -163,7 +165,10 @@ def data_prepare(
     """Encode raw data into shards for training, in bounded memory; resumable (run the same command again)."""
     from ctr_ensemble.data.prepare import PrepareOptions, prepare
 
-    opts = PrepareOptions(fmt=fmt, skip_bad_rows=skip_bad_rows, chunk_mb=chunk_mb, workers=workers, min_count=min_count,
+    from ctr_ensemble.features import parse_min_count
+
+    opts = PrepareOptions(fmt=fmt, skip_bad_rows=skip_bad_rows, chunk_mb=chunk_mb, workers=workers,
+                          min_count=parse_min_count(min_count),
                           seq_max_len=seq_max_len, use_sequence=sequence, max_distinct=max_distinct)
     r = prepare(input_, out, opts, spec=spec)
     if r.checked:

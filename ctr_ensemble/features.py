@@ -52,9 +52,31 @@ def slice_feeds(feeds: dict[str, np.ndarray], start: int, stop: int) -> dict[str
     return {k: v[start:stop] for k, v in feeds.items()}
 
 
-# Tokens seen fewer times in train map to OOV. 2 (not 1) so that the OOV embedding is trained on the train
-# singletons and means "rare or unseen" at serving time; measured with make bench-quality (README, Members).
-DEFAULT_MIN_COUNT = 2
+# Tokens seen fewer times in train map to OOV. "auto" (the default) resolves on the number of training rows:
+# 2 below AUTO_LARGE_ROWS (not 1, so that the OOV embedding is trained on the train singletons and means "rare
+# or unseen" at serving time), 10 from there on (Criteo-size: ~1 M kept tokens instead of ~34 M at 1, the
+# BARS Criteo_x4 choice). Measured with make bench-quality (README, Members).
+DEFAULT_MIN_COUNT = "auto"
+AUTO_SMALL_MIN_COUNT, AUTO_LARGE_MIN_COUNT, AUTO_LARGE_ROWS = 2, 10, 10_000_000
+
+
+def resolve_min_count(min_count: int | str, rows: int) -> int:
+    """An explicit min_count as it is; ``"auto"`` by the number of training rows (see DEFAULT_MIN_COUNT)."""
+    if min_count == "auto":
+        return AUTO_LARGE_MIN_COUNT if rows >= AUTO_LARGE_ROWS else AUTO_SMALL_MIN_COUNT
+    return int(min_count)
+
+
+def parse_min_count(value: str) -> int | str:
+    """The CLI's ``--min-count``: "auto" or an integer >= 1."""
+    if str(value).strip().lower() == "auto":
+        return "auto"
+    try:
+        n = int(value)
+    except ValueError:
+        raise CtrError(f"--min-count must be 'auto' or an integer >= 1, got {value!r}") from None
+    check_fit_options(n, 1)
+    return n
 
 @dataclass
 class CategoricalField:
@@ -190,8 +212,10 @@ def fit(path: str | Path, min_count: int = DEFAULT_MIN_COUNT, skip_bad_rows: boo
                     source=str(path))
 
 
-def check_fit_options(min_count: int, seq_max_len: int) -> None:
-    if min_count < 1:
+def check_fit_options(min_count: int | str, seq_max_len: int) -> None:
+    if min_count == "auto":
+        pass
+    elif not isinstance(min_count, int) or isinstance(min_count, bool) or min_count < 1:
         raise CtrError(f"min_count must be >= 1, got {min_count}")
     if seq_max_len < 1:
         raise CtrError(f"seq_max_len must be >= 1, got {seq_max_len}")
@@ -372,10 +396,13 @@ class FitAccumulator:
             n = max(len(seq_hist), len(self.seq_hist))
             self.seq_hist = np.pad(self.seq_hist, (0, n - len(self.seq_hist))) + np.pad(seq_hist, (0, n - len(seq_hist)))
 
-    def spec(self, min_count: int, seq_max_len: int, fitted_on: dict, ignored_sequence: str | None = None,
+    def spec(self, min_count: int | str, seq_max_len: int, fitted_on: dict, ignored_sequence: str | None = None,
              source: str = "data") -> FeatureSpec:
         if self.rows == 0:
             raise CtrError(f"{source}: no valid rows to fit the feature encoding on")
+        if min_count == "auto":
+            fitted_on = {**fitted_on, "min_count_rule": "auto"}
+        min_count = resolve_min_count(min_count, self.rows)
         cats = [CategoricalField(name=n, vocab=self._field_vocab(f, min_count)) for f, n in enumerate(self.cat_names)]
         sequence, seq_info = None, None
         if self.seq_name is not None:

@@ -243,3 +243,17 @@ def test_train_takes_a_fuxictr_config(tiny_data, tmp_path):
                         str(tmp_path / "n.pt"), "--fuxictr-config", str(tmp_path / "model_config.yaml")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "a FuxiCTR deepfm config, but --model is dcnv2" in r.stderr
+
+
+def test_min_count_auto_resolves_on_the_training_rows(tiny_data):
+    from ctr_ensemble import features
+
+    assert features.resolve_min_count("auto", 50_000) == 2 and features.resolve_min_count("auto", 45_000_000) == 10
+    assert features.resolve_min_count(5, 45_000_000) == 5
+    assert features.parse_min_count("auto") == "auto" and features.parse_min_count("3") == 3
+    for bad in ("0", "many", "-1"):
+        with pytest.raises(CtrError, match="min"):
+            features.parse_min_count(bad)
+    spec = features.fit(tiny_data / "train.tsv")
+    assert spec.min_count == 2 and spec.fitted_on["min_count_rule"] == "auto"
+    assert features.fit(tiny_data / "train.tsv", min_count=3).fitted_on.get("min_count_rule") is None

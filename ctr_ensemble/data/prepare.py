@@ -76,7 +76,7 @@ class PrepareOptions:
     skip_bad_rows: bool = False
     chunk_mb: float = 64  # raw MB per chunk (text formats); Parquet row groups are grouped to about this size
     workers: int = 1  # processes for the per-chunk work (1 = in this process)
-    min_count: int = 2  # features.DEFAULT_MIN_COUNT
+    min_count: int | str = "auto"  # features.DEFAULT_MIN_COUNT: resolved on the rows counted in pass 1
     seq_max_len: int = features.DEFAULT_SEQ_MAX_LEN
     use_sequence: bool = True
     max_distinct: int = 0  # cap on distinct tokens counted per field (0 = exact)
@@ -554,6 +554,7 @@ def _fit_from_chunks(out: Path, state: dict, opts: PrepareOptions, inputs: list[
                      np.asarray(info["seq_hist"], np.int64) if "seq_hist" in info else None,
                      info.get("positives"))  # absent in a chunk read before label_mean was recorded
     n_fields = len(names["categorical"]) + (1 if state["sequence"] else 0)
+    min_count = features.resolve_min_count(opts.min_count, acc.rows)  # every chunk is counted: rows are known
     paths = [out / _draft(i, "counts.arrow") for i in with_rows]
     entries = _count_entries(paths, n_fields)
     for f in tqdm(range(n_fields), desc=f"prepare {out.name}: fit vocabularies", unit="field", leave=False):
@@ -562,7 +563,7 @@ def _fit_from_chunks(out: Path, state: dict, opts: PrepareOptions, inputs: list[
             merger = acc.merger(f)
             for p in paths:
                 merger.add(read_counts(p, [f])[0])
-            acc.finish_field(f, opts.min_count)
+            acc.finish_field(f, min_count)
             continue
         # A large field: merge it in hash partitions, one at a time, keeping only the tokens that reach
         # min_count; memory is bounded by PARTITION_ENTRIES whatever the number of distinct tokens.
@@ -574,8 +575,8 @@ def _fit_from_chunks(out: Path, state: dict, opts: PrepareOptions, inputs: list[
                 merger.add(t.filter(pa.array(features.token_partition(t["value"].combine_chunks(), parts) == part)))
             counts = merger.result()
             distinct += counts.num_rows
-            kept.append(counts.filter(pc.greater_equal(counts["count"], opts.min_count)))
-        acc.finish_field(f, opts.min_count, pa.concat_tables(kept), distinct)
+            kept.append(counts.filter(pc.greater_equal(counts["count"], min_count)))
+        acc.finish_field(f, min_count, pa.concat_tables(kept), distinct)
     fitted_on = {"file": str(inputs[0]) if len(inputs) == 1 else [str(p) for p in inputs], "format": state["format"],
                  "rows": acc.rows, "skipped_rows": sum(v["skipped"] for v in infos)}
     seq_ignored = names["sequence"] if state["sequence"] is None else None
