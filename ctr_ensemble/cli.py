@@ -57,18 +57,6 @@ REG_ROWS_HELP = ("Embedding regularizer over: all (every table row each step, Fu
 BATCH_HELP = "Global batch size (split over torchrun processes)."
 
 
-def _read_yaml_mapping(path: Path) -> dict:
-    if not path.is_file():
-        raise CtrError(f"{path}: config file not found")
-    try:
-        obj = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise CtrError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from e
-    if not isinstance(obj, dict):
-        raise CtrError(f"{path}: expected a mapping of config keys, got {type(obj).__name__}")
-    return obj
-
-
 def _arch_overrides(sets: list[str]) -> dict[str, dict]:
     """``ARCH.KEY=VALUE`` options → {arch: {key: value}} (values are YAML)."""
     out: dict[str, dict] = {}
@@ -204,7 +192,9 @@ def train_cmd(
     out: Path = typer.Option(..., help="Checkpoint path to write (.pt)."),
     spec: Optional[Path] = typer.Option(None, help="Feature spec JSON (`data fit`); prepared data brings its own."),
     name: Optional[str] = typer.Option(None, help="Member name in the ensemble (default: the architecture)."),
-    config: Optional[Path] = typer.Option(None, help="YAML file with model config overrides."),
+    config: Optional[Path] = typer.Option(None, help="YAML file: model config overrides (flat), or `model:` overrides + "
+                                          "`train:` TrainConfig values (e.g. tune's best.yaml); a `train:` key wins "
+                                          "over its flag, --set over `model:`."),
     set_: list[str] = typer.Option([], "--set", help="Model config override KEY=VALUE (YAML value); repeatable."),
     fuxictr_config: Optional[Path] = typer.Option(None, help="A FuxiCTR/BARS model_config.yaml: its model and training "
                                                            "keys map one to one (models/fuxictr.py) and win over the flags."),
@@ -235,16 +225,16 @@ def train_cmd(
     import torch
 
     from ctr_ensemble import models
-    from ctr_ensemble.training import checkpoint
+    from ctr_ensemble.training import checkpoint, run_config
     from ctr_ensemble.training.trainer import TrainConfig, train_member
 
     if threads:
         torch.set_num_threads(threads)
-    overrides = _read_yaml_mapping(config) if config is not None else {}
-    fx_train = {}
+    overrides, train_over = run_config.read(config, model) if config is not None else ({}, {})
     if fuxictr_config is not None:
         fx_model, fx_train = _fuxictr_overrides(fuxictr_config, fuxictr_exp_id, model)
         overrides.update(fx_model)
+        train_over.update(fx_train)
     overrides.update(_parse_sets(set_))
     model_cfg = models.make_config(model, overrides)
     with _torchrun(device, dist_timeout) as dist:
@@ -252,7 +242,7 @@ def train_cmd(
         cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, patience=patience,
                           plateau_factor=plateau_factor, embedding_reg_rows=embedding_reg_rows, seed=seed, save_every=save_every, optimizer=optimizer, emb_lr=emb_lr, amp=amp,
                           compile=compile_, device=device, streams=streams, prefetch=prefetch)
-        cfg = dataclasses.replace(cfg, **fx_train)
+        cfg = dataclasses.replace(cfg, **train_over)
         state = out.with_suffix(".state.pt")
         ck = train_member(name or model, model, model_cfg, fs, tr, va, cfg, history_csv=out.with_suffix(".history.csv"),
                           state_path=state, resume=resume, dist=dist)
@@ -265,9 +255,10 @@ def train_cmd(
 def _fuxictr_overrides(path: Path, exp_id: str | None, model: str) -> tuple[dict, dict]:
     """(member config overrides, TrainConfig overrides) from a FuxiCTR model config for ``--model``."""
     from ctr_ensemble.models import fuxictr
+    from ctr_ensemble.training.run_config import read_mapping
 
     try:
-        arch, model_over, train_over = fuxictr.from_fuxictr(fuxictr.experiment(_read_yaml_mapping(path), exp_id))
+        arch, model_over, train_over = fuxictr.from_fuxictr(fuxictr.experiment(read_mapping(path), exp_id))
     except CtrError as e:
         raise CtrError(f"{path}: {e}") from None
     if arch != model:
