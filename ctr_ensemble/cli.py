@@ -320,6 +320,53 @@ def _training_data(train: Path, val: Path, spec, skip_bad_rows: bool, fmt: str, 
     return fs, tr, va
 
 
+@app.command("tune")
+def tune_cmd(
+    model: str = typer.Option(..., help="Architecture from the registry (see `ctr-ensemble models`)."),
+    train: Path = typer.Option(..., help=TRAIN_DATA_HELP),
+    val: Path = typer.Option(..., help="Validation data: each trial's best val AUC is its score, each epoch's goes to the pruner."),
+    out: Path = typer.Option(..., help="Folder for best.yaml, best.pt, trials.csv, history.png, importance.png, summary.json."),
+    spec: Optional[Path] = typer.Option(None, help="Feature spec JSON (`data fit`); prepared data brings its own."),
+    test: Optional[Path] = typer.Option(None, help="Test data: summary.json gets the test AUC/logloss of the best trial "
+                                                   "and of the default config."),
+    trials: int = typer.Option(20, help="Complete + pruned trials the study should have (those of earlier runs count)."),
+    timeout: Optional[float] = typer.Option(None, help="Seconds after which no new trial starts."),
+    storage: Optional[str] = typer.Option(None, help="Optuna storage URL (default sqlite:///OUT/study.db); "
+                                                     "the same storage and study name continue the study."),
+    study_name: Optional[str] = typer.Option(None, help="Study name (default tune-MODEL)."),
+    space: Optional[Path] = typer.Option(None, help="Search space YAML (`model:` and `train:` sections); "
+                                                    "default: the shipped space of MODEL."),
+    seed: int = typer.Option(42, help="Seed of the TPE sampler and of every trial's training."),
+    epochs: int = typer.Option(100, help="Most epochs per trial (early stopping and pruning end most sooner)."),
+    prune_startup_trials: int = typer.Option(5, help="Trials that run unpruned before the median pruner starts."),
+    prune_from_epoch: int = typer.Option(1, help="The first epoch at which a trial can be pruned."),
+    threads: int = typer.Option(0, help="torch CPU threads (0 = torch default)."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    verify_shards: str = typer.Option("size", help=VERIFY_HELP),
+    skip_bad_rows: bool = typer.Option(False),
+    fmt: str = typer.Option("auto", "--format", help="Data format of raw files: auto, criteo, avazu, libsvm, parquet."),
+) -> None:
+    """Hyperparameter search over one member with Optuna (TPE, median pruning on per-epoch val AUC); resumable."""
+    import torch
+
+    from ctr_ensemble.training import search_space, tune
+    from ctr_ensemble.training.trainer import TrainConfig
+
+    if threads:
+        torch.set_num_threads(threads)
+    sp = search_space.load(model, space)
+    fs, tr, va = _training_data(train, val, spec, skip_bad_rows, fmt, verify_shards)
+    te = tune.open_rows(test, fs, skip_bad_rows, fmt, verify_shards) if test is not None else None
+    opts = tune.TuneOptions(trials=trials, timeout=timeout, storage=storage, study_name=study_name, seed=seed,
+                            prune_startup_trials=prune_startup_trials, prune_from_epoch=prune_from_epoch)
+    res = tune.run(model, fs, tr, va, TrainConfig(epochs=epochs, seed=seed, device=device), out, sp, opts, test=te)
+    if res.best is not None:
+        typer.echo(f"best: trial {res.best.number}, val AUC {res.best.value:.4f}; "
+                   f"{json.dumps(res.summary['trials'])}")
+    for p in res.paths.values():
+        typer.echo(f"wrote {p}")
+
+
 @app.command("train-mutual")
 def train_mutual_cmd(
     train: Path = typer.Option(..., help=TRAIN_DATA_HELP),
