@@ -78,6 +78,20 @@ FUXICTR_MIN_STEPS = 16
 FUXICTR_KEEP_OUR_TOWER = ("fibinet",)
 
 
+def ours_recipe() -> dict:
+    """``--fuxictr-recipe ours``: FuxiCTR trained with our defaults (None = each member's own config value), to
+    tell the frameworks apart at equal settings."""
+    d = TrainConfig()
+    return {"embedding_dim": None, "hidden": None, "batch_norm": None, "dropout": None, "embedding_regularizer": None,
+            "net_regularizer": None, "lr": d.lr, "batch_size": d.batch_size, "epochs": d.epochs,
+            "early_stop_patience": d.patience, "reduce_lr_on_plateau": d.plateau_factor < 1, "min_steps": 0,
+            "min_count": features.resolve_min_count(features.DEFAULT_MIN_COUNT, 0), "name": "our defaults"}
+
+
+RECIPES = {"bars": lambda: {**FUXICTR_RECIPE, "min_steps": FUXICTR_MIN_STEPS, "name": "its BARS recipe"},
+           "ours": ours_recipe}
+
+
 @dataclass
 class BenchConfig:
     members: list[str] = field(default_factory=lambda: list(models.REGISTRY))
@@ -88,7 +102,7 @@ class BenchConfig:
     model_set: dict = field(default_factory=dict)
     train_set: dict = field(default_factory=dict)
     min_count: int | None = None  # None: features.fit's default
-    fuxictr_recipe: dict = field(default_factory=lambda: dict(FUXICTR_RECIPE))
+    fuxictr_recipe: dict = field(default_factory=lambda: RECIPES["bars"]())
     threads: int = 1
     synth_rows: int = 20_000  # train rows; val and test get a quarter each
     movielens_train_rows: int = 20_000  # 0 = the whole training split
@@ -217,25 +231,30 @@ def model_config(member: str, cfg: BenchConfig):
 
 
 def fuxictr_request(member: str, seed: int, cfg: BenchConfig, train_rows: int) -> dict:
-    """The runner's request: BARS sizes/tower/regularizers for FuxiCTR's model of ``member`` (structural
-    settings such as cross layers from our config), and BARS training settings with the batch cap."""
+    """The runner's request for FuxiCTR's model of ``member``: the recipe's sizes, tower and regularizers (a None
+    value, and structural settings such as cross layers, from our member config) and training settings."""
     r = cfg.fuxictr_recipe
     ours = dataclasses.asdict(models.make_config(member))
-    model = {**ours, "embedding_dim": r["embedding_dim"], "batch_norm": r["batch_norm"], "dropout": r["dropout"]}
+
+    def pick(key, our_key=None):
+        return ours[our_key or key] if r[key] is None else r[key]
+
+    model = {**ours, "embedding_dim": pick("embedding_dim"), "batch_norm": pick("batch_norm"),
+             "dropout": pick("dropout")}
     if member not in FUXICTR_KEEP_OUR_TOWER:
-        model["hidden"] = list(r["hidden"])
-    batch = fuxictr_batch(r["batch_size"], train_rows)
+        model["hidden"] = list(pick("hidden"))
+    batch = fuxictr_batch(r["batch_size"], train_rows, r["min_steps"])
     train = {"lr": r["lr"], "batch_size": batch, "epochs": r["epochs"], "early_stop_patience": r["early_stop_patience"],
-             "reduce_lr_on_plateau": r["reduce_lr_on_plateau"], "embedding_regularizer": r["embedding_regularizer"],
-             "net_regularizer": r["net_regularizer"]}
+             "reduce_lr_on_plateau": r["reduce_lr_on_plateau"], "embedding_regularizer": pick("embedding_regularizer"),
+             "net_regularizer": pick("net_regularizer")}
     if cfg.max_steps:  # smoke runs: a couple of epochs
         train["epochs"] = 2
     return {"member": member, "seed": seed, "config": model, "train": train}
 
 
-def fuxictr_batch(batch: int, train_rows: int) -> int:
-    """BARS' batch, halved until an epoch has at least FUXICTR_MIN_STEPS steps (and at least 32 rows)."""
-    while batch > 32 and train_rows / batch < FUXICTR_MIN_STEPS:
+def fuxictr_batch(batch: int, train_rows: int, min_steps: int = FUXICTR_MIN_STEPS) -> int:
+    """The recipe's batch, halved until an epoch has at least ``min_steps`` steps (and at least 32 rows)."""
+    while batch > 32 and train_rows / batch < min_steps:
         batch //= 2
     return batch
 
@@ -525,12 +544,16 @@ def render_md(rows: list[dict], preps: dict[str, Prepared], cfg: BenchConfig, en
             f"{d_tr.patience} epochs without a better val AUC (best epoch restored), lr × {d_tr.plateau_factor:g} "
             f"on each such epoch; vocabulary min_count "
             f"{cfg.min_count if cfg.min_count is not None else features.DEFAULT_MIN_COUNT}",
-            f"- **FuxiCTR: its BARS recipe** (DeepFM_frappe_x1): embedding_dim {r['embedding_dim']}, MLP {r['hidden']} "
-            f"(FiBiNET: our tower), batch_norm {r['batch_norm']}, net_dropout {r['dropout']}, embedding_regularizer "
-            f"{r['embedding_regularizer']:g}, net_regularizer {r['net_regularizer']:g}, Adam lr {r['lr']:g}, batch "
-            f"{r['batch_size']} capped at ≥ {FUXICTR_MIN_STEPS} steps per epoch, up to {r['epochs']} epochs, "
-            f"early_stop_patience {r['early_stop_patience']}, reduce_lr_on_plateau {r['reduce_lr_on_plateau']}, "
-            f"min_categr_count {r['min_count']}",
+            (f"- **FuxiCTR: its BARS recipe** (DeepFM_frappe_x1): embedding_dim {r['embedding_dim']}, MLP {r['hidden']} "
+             f"(FiBiNET: our tower), batch_norm {r['batch_norm']}, net_dropout {r['dropout']}, embedding_regularizer "
+             f"{r['embedding_regularizer']:g}, net_regularizer {r['net_regularizer']:g}, Adam lr {r['lr']:g}, batch "
+             f"{r['batch_size']} capped at ≥ {r['min_steps']} steps per epoch, up to {r['epochs']} epochs, "
+             f"early_stop_patience {r['early_stop_patience']}, reduce_lr_on_plateau {r['reduce_lr_on_plateau']}, "
+             f"min_categr_count {r['min_count']}" if r["name"] != "our defaults" else
+             f"- **FuxiCTR: with our defaults** (each member's sizes, tower and regularizers; Adam lr {r['lr']:g}, "
+             f"batch {r['batch_size']}, up to {r['epochs']} epochs, early_stop_patience {r['early_stop_patience']}, "
+             f"reduce_lr_on_plateau {r['reduce_lr_on_plateau']}, min_categr_count {r['min_count']}): the frameworks "
+             f"at equal settings"),
             f"- NE = test logloss / entropy of the training base rate; calibration = mean predicted / observed CTR",
             f"- Δ = ours − FuxiCTR, also in units of the pooled seed std σ = √((σ_ours² + σ_fx²)/2); "
             f"✗ marks ΔAUC < −{WORSE_BEYOND:g}σ (ours worse beyond seed noise); speed = ours ÷ FuxiCTR samples/s",
@@ -742,6 +765,8 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--fuxictr-numeric", choices=["auto", "bucket", "scaled"], default=d.fuxictr_numeric,
                    help="FuxiCTR numeric recipe: bucket (its Criteo log² buckets), scaled (sign·log1p + StandardScaler)")
     p.add_argument("--fuxictr-python", type=Path, default=d.fuxictr_python)
+    p.add_argument("--fuxictr-recipe", choices=sorted(RECIPES), default="bars",
+                   help="FuxiCTR's settings: bars (its BARS recipe, the reference) or ours (our defaults)")
     p.add_argument("--data-root", type=Path, default=d.data_root)
     p.add_argument("--out", type=Path, default=d.out)
     p.add_argument("--docs", type=Path, default=None, help="also copy the tables and the plot into this folder")
@@ -750,7 +775,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
                       train_set=_sets(p, a.train_set), min_count=a.min_count, threads=a.threads,
                       synth_rows=a.synth_rows, movielens_train_rows=a.movielens_train_rows, max_steps=a.max_steps,
                       fuxictr=a.fuxictr, fuxictr_numeric=a.fuxictr_numeric, fuxictr_python=a.fuxictr_python,
-                      data_root=a.data_root, out=a.out, docs=a.docs)
+                      data_root=a.data_root, out=a.out, docs=a.docs, fuxictr_recipe=RECIPES[a.fuxictr_recipe]())
     if a.full:
         cfg.synth_rows, cfg.movielens_train_rows = 160_000, 0
     for ds in cfg.datasets:

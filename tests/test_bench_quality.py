@@ -118,6 +118,11 @@ def test_fuxictr_request_is_the_bars_recipe(bq):
     assert bq.fuxictr_request("deepfm", 1, cfg, train_rows=10**6)["train"]["batch_size"] == 4096
     assert bq.fuxictr_request("fibinet", 1, cfg, 7200)["config"]["hidden"] == bq.models.make_config("fibinet").hidden
     assert bq.fuxictr_request("dcnv2", 1, cfg, 7200)["config"]["cross_layers"] == 3
+    ours = bq.parse_args(["--fuxictr-recipe", "ours"])
+    r = bq.fuxictr_request("deepfm", 2, ours, train_rows=7200)
+    d = bq.models.make_config("deepfm")
+    assert r["config"]["hidden"] == d.hidden and r["config"]["embedding_dim"] == d.embedding_dim
+    assert r["train"]["embedding_regularizer"] == d.embedding_regularizer and r["train"]["batch_size"] == 512
 
 
 def test_verdict_is_the_issues_bar(bq):
