@@ -21,7 +21,7 @@ LT_REPO := $(if $(LT_DEMO),model_repository,artifacts/loadtest/demo/model_reposi
 LT_DATA := $(if $(LT_DEMO),artifacts/demo/data/test.tsv,artifacts/loadtest/demo/data/test.tsv)
 LT_SMALL := artifacts/loadtest/demo
 
-.PHONY: venv perf-venv demo test bench-serve bench-quality bench-data bench-train bench-reg loadtest loadtest-demo soak experiments clean
+.PHONY: venv perf-venv demo test bench-serve bench-quality bench-data bench-train bench-reg bench-defaults loadtest loadtest-demo soak experiments clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -62,6 +62,10 @@ bench-train: venv
 # quality by optimiser; writes docs/bench/regularizer/train.{md,csv}.
 bench-reg: venv
 	$(BIN)/python benchmarks/bench_train.py --skip members,reference,fuxictr --out docs/bench/regularizer --seconds 15
+
+# How the members' defaults were chosen: one default changed at a time on bench-quality's data (docs/bench/defaults/).
+bench-defaults: venv
+	$(BIN)/python benchmarks/bench_defaults.py --docs docs/bench/defaults
 
 # Independent vs mutual vs collaborative training (quick default; EXPERIMENTS_ARGS="--full" or "--dataset criteo").
 experiments: venv
