@@ -339,7 +339,8 @@ def tune_cmd(
     seed: int = typer.Option(42, help="Seed of the TPE sampler and of every trial's training."),
     epochs: int = typer.Option(100, help="Most epochs per trial (early stopping and pruning end most sooner)."),
     prune_startup_trials: int = typer.Option(5, help="Trials that run unpruned before the median pruner starts."),
-    prune_from_epoch: int = typer.Option(1, help="The first epoch at which a trial can be pruned."),
+    prune_from_epoch: int = typer.Option(3, help="The first epoch at which a trial can be pruned."),
+    enqueue_default: bool = typer.Option(True, help="A new study's first trial is the member's defaults."),
     threads: int = typer.Option(0, help="torch CPU threads (0 = torch default)."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     verify_shards: str = typer.Option("size", help=VERIFY_HELP),
@@ -358,7 +359,8 @@ def tune_cmd(
     fs, tr, va = _training_data(train, val, spec, skip_bad_rows, fmt, verify_shards)
     te = tune.open_rows(test, fs, skip_bad_rows, fmt, verify_shards) if test is not None else None
     opts = tune.TuneOptions(trials=trials, timeout=timeout, storage=storage, study_name=study_name, seed=seed,
-                            prune_startup_trials=prune_startup_trials, prune_from_epoch=prune_from_epoch)
+                            prune_startup_trials=prune_startup_trials, prune_from_epoch=prune_from_epoch,
+                            enqueue_default=enqueue_default)
     res = tune.run(model, fs, tr, va, TrainConfig(epochs=epochs, seed=seed, device=device), out, sp, opts, test=te)
     if res.best is not None:
         typer.echo(f"best: trial {res.best.number}, val AUC {res.best.value:.4f}; "

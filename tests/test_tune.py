@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 
 import optuna
@@ -187,3 +188,21 @@ def test_cli_tune_with_test_then_train_from_best_yaml(tmp_path, files, tiny_spec
     assert ck.config.dropout == best["model"]["dropout"]
     # Same data, seed and settings: train --config best.yaml reproduces the best trial.
     assert ck.metrics["val_auc"] == pytest.approx(summary["best"]["val_auc"], abs=1e-6)
+
+
+def test_a_new_study_starts_from_the_members_defaults(tmp_path, tiny_spec, rows):
+    space_obj = {"model": {"embedding_dim": 4, "hidden": {"type": "categorical", "choices": [[16], [256, 128]]},
+                           "embedding_regularizer": {"type": "float", "low": 1e-4, "high": 0.1, "log": True},
+                           "net_regularizer": {"type": "float", "low": 1e-5, "high": 1e-3, "log": True, "zero": True}},
+                 "train": {"lr": {"type": "float", "low": 1e-3, "high": 5e-3, "log": True}, "patience": 1}}
+    space = search_space.load("deepfm", _space(tmp_path, space_obj))
+    res = _tune(tmp_path, tiny_spec, rows, 1, space=space)
+    t0 = res.study.trials[0]
+    d = models.make_config("deepfm")
+    assert t0.user_attrs["enqueued"] == "defaults"
+    assert t0.user_attrs["values"] == {"hidden": d.hidden, "embedding_regularizer": d.embedding_regularizer,
+                                       "net_regularizer": 0.0, "lr": TrainConfig().lr}
+    # A default outside the space is not enqueued (here lr 2e-3 above the range): the study just samples.
+    narrow = search_space.load("deepfm", _space(tmp_path, {**space_obj, "train": {"lr": {
+        "type": "float", "low": 1e-4, "high": 1e-3, "log": True}}}, "narrow.yaml"))
+    assert narrow.stored(dataclasses.asdict(d), dataclasses.asdict(TrainConfig())) is None

@@ -71,6 +71,22 @@ class Param:
         labels = self.labels()
         return copy.deepcopy(self.choices[labels.index(trial.suggest_categorical(self.key, labels))])
 
+    def stored(self, value) -> dict | None:
+        """``value`` as the Optuna params of this parameter (what ``suggest`` would read back), or None when it
+        lies outside the space (then it cannot be enqueued)."""
+        if self.kind == "fixed":
+            return {}
+        if self.kind == "categorical":
+            labels = self.labels()
+            label = json.dumps(value) if any(isinstance(c, (list, dict)) for c in self.choices) else value
+            return {self.key: label} if label in labels else None
+        if self.kind == "float" and self.zero and value == 0:
+            return {f"{self.key}_zero": True}
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not self.low <= value <= self.high:
+            return None
+        out = {self.key: float(value) if self.kind == "float" else int(value)}
+        return {f"{self.key}_zero": False, **out} if self.zero else out
+
     def describe(self) -> dict:
         if self.kind == "fixed":
             return {"value": self.value}
@@ -94,6 +110,17 @@ class SearchSpace:
         for p in self.params:
             out[p.section][p.key] = p.suggest(trial)
         return out["model"], out["train"]
+
+    def stored(self, model: dict, train: dict) -> dict | None:
+        """The Optuna params of the configuration ``model``/``train`` (dataclass fields as dicts), None if any
+        searched value lies outside the space."""
+        out = {}
+        for p in self.searched:
+            got = p.stored((model if p.section == "model" else train)[p.key])
+            if got is None:
+                return None
+            out.update(got)
+        return out
 
     def fixed(self) -> tuple[dict, dict]:
         """The fixed values only (the untuned baseline of ``tune --test`` keeps them)."""
