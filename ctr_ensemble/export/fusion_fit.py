@@ -48,14 +48,8 @@ def fused(rule: FusionRule, probs: np.ndarray) -> np.ndarray:
         return rule.fuse(torch.from_numpy(np.ascontiguousarray(probs, dtype=np.float32)))[0][:, 0].numpy()
 
 
-def calibration(y: np.ndarray, p: np.ndarray) -> float | None:
-    """Mean predicted / observed CTR (1 = calibrated); None without a positive."""
-    y = np.asarray(y, dtype=np.float64)
-    return float(np.mean(p, dtype=np.float64) / y.mean()) if len(y) and y.sum() > 0 else None
-
-
 def quality(y: np.ndarray, p: np.ndarray) -> dict:
-    return {"auc": metrics.auc(y, p), "logloss": metrics.logloss(y, p), "calibration": calibration(y, p)}
+    return {"auc": metrics.auc(y, p), "logloss": metrics.logloss(y, p), "calibration": metrics.calibration(y, p)}
 
 
 def _optimise(probs: np.ndarray, y: np.ndarray, space: str, tau0: float, max_iter: int = 200) -> FusionRule:

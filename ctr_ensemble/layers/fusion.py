@@ -114,8 +114,8 @@ class FusionRule:
         if self.mode == FITTED and self.priors is None:
             raise ValueError(f"fusion mode {FITTED!r} needs priors (one per member)")
         _check_fitted(len(self.priors or ()), self.mode, self.priors, self.space)
-        if not (self.tau > 0.0 if self.mode == FITTED else self.tau >= 0.0) or not math.isfinite(self.tau):
-            raise ValueError(f"tau must be {'> 0' if self.mode == FITTED else '>= 0'} and finite, got {self.tau}")
+        if not (self.tau > 0.0 if self.mode == FITTED else self.tau >= 0.0):
+            raise ValueError(f"tau must be {'> 0' if self.mode == FITTED else '>= 0'}, got {self.tau}")
         if self.priors is not None and not all(math.isfinite(a) for a in self.priors):
             raise ValueError(f"priors must be finite numbers, got {list(self.priors)}")
 
