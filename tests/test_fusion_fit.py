@@ -184,3 +184,24 @@ def test_loop_refuses_a_non_finite_gradient_before_the_step(tmp_path):
         loop.run(task, 8, loop.LoopConfig(epochs=1, batch_size=4), state_path=tmp_path / "s.pt")
     assert torch.equal(module.w.detach(), torch.zeros(1)) and torch.equal(module.ok.detach(), torch.ones(3))  # not stepped
     assert not (tmp_path / "s.pt").exists()
+
+
+# --- the fitted fusion on the latency curve: load-test sweep variants --------------------------------------------
+
+
+def test_sweep_fitted_variant_shares_a_fitted_base_and_is_skipped_without_a_fit(tmp_path, tiny_repo, tiny_data):
+    from dataclasses import asdict
+
+    from ctr_ensemble.loadtest import sweep
+
+    names = [v.name for v in sweep.DEFAULT_VARIANTS]
+    assert {"ensemble_ne", "ensemble_fitted"} <= set(names)
+    ne_base = sweep.base_options(tiny_repo)  # exported with negation entropy, τ = 1
+    fitted_base = asdict(RepoOptions(fusion_mode="fitted", tau=0.5, priors=[0.0, -1.0], space="logit"))
+    assert sweep.changes_nothing(sweep.NE_TAU1, ne_base) and not sweep.changes_nothing({"fusion_mode": "fitted"}, ne_base)
+    assert sweep.changes_nothing({"fusion_mode": "fitted"}, fitted_base) and not sweep.changes_nothing(sweep.NE_TAU1, fitted_base)
+    assert not sweep.changes_nothing({**sweep.NE_TAU1, "instances": 2}, ne_base)
+    cfg = sweep.SweepConfig(variants=[v for v in sweep.default_sweep().variants if v.name == "ensemble_fitted"], perf_analyzer=False)
+    res = sweep.run_sweep(cfg, tiny_repo, tiny_data / "test.tsv", tmp_path / "out")
+    assert [(r["variant"], r["status"]) for r in res.rows] == [("ensemble_fitted", "skipped")] and not res.failed
+    assert "no fitted fusion" in res.rows[0]["note"]
