@@ -1,8 +1,9 @@
 """``make demo``: the whole pipeline on the embedded synthetic default.
 
 generate data → fit the feature encoding → train the members → fit the fusion rule on the
-validation split → export to ONNX → assemble the Triton repository → start the real Triton server → score the test split
-through PyTorch, ONNX Runtime, Triton HTTP and Triton gRPC → summary → stop the server.
+validation split → export to ONNX → assemble the Triton repository → start the real Triton
+server → score the test split through PyTorch, ONNX Runtime, Triton HTTP and Triton gRPC →
+summary → stop the server.
 """
 
 from __future__ import annotations
