@@ -88,7 +88,8 @@ loadtest-demo: venv
 	  --val $(LT_SMALL)/data/val.tsv --spec $(LT_SMALL)/feature_spec.json --out $(LT_SMALL)/members/$$m.pt \
 	  --epochs 2 --threads 2 || exit 1; done
 	$(BIN)/ctr-ensemble export --checkpoint $(LT_SMALL)/members/deepfm.pt --checkpoint $(LT_SMALL)/members/dcnv2.pt \
-	  --repository $(LT_SMALL)/model_repository --parity-data $(LT_SMALL)/data/val.tsv --fusion-kind cpu
+	  --repository $(LT_SMALL)/model_repository --parity-data $(LT_SMALL)/data/val.tsv --fusion-kind cpu \
+	  --fit-fusion $(LT_SMALL)/data/val.tsv
 
 # FuxiCTR (the reference column of bench-quality) lives in its own venv: it needs numpy>=2.
 $(FX_STAMP): benchmarks/requirements-fuxictr.txt

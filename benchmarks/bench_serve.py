@@ -7,7 +7,12 @@ For every batch size (default 1, 64, 1024) this measures, one client, sequential
       ``<repo>/<member>/1/model.onnx`` (CPU provider, same intra-op thread count as the
       member's Triton config unless ``--ort-threads`` says otherwise);
   (b) each member through Triton, over gRPC and HTTP;
-  (c) the ensemble ``ctr_ensemble`` through Triton (members -> fusion), over gRPC and HTTP.
+  (c) the ensemble ``ctr_ensemble`` through Triton (members -> fusion), over gRPC and HTTP;
+  (d) the ensemble with each other fusion rule of ``--fusion-variants`` (default: the rule fitted on
+      validation data at export, ``fitted``, and negation entropy with τ = 1, ``tau1``): the same
+      repository with only the fusion config rewritten, on a server of its own, target
+      ``ctr_ensemble[<variant>]``. Every fusion rule also scores all data rows once for its served
+      AUC, logloss and calibration (mean predicted / observed CTR).
 
 Rows are real: the demo's test split, encoded with the repository's own feature spec.
 Per-request latencies are wall-clock on the client (request building, transport,
@@ -21,7 +26,7 @@ little; far above 1 at batch 1 with the gap closing at 1024 means a fixed per-re
 overhead that batching amortises. The rows/s ratio is the same comparison for throughput
 (in-process rows/s of the members back to back = 1 / sum(1 / rows_per_s_member)).
 
-Writes ``<out>/serve.csv``, ``<out>/serve_ratios.csv`` and ``<out>/serve.md``. Run ``make demo`` first (or pass
+Writes ``<out>/serve.csv``, ``<out>/serve_ratios.csv``, ``<out>/serve_fusion.csv`` and ``<out>/serve.md``. Run ``make demo`` first (or pass
 ``--repository``); ``--http-url/--grpc-url`` use a running server instead of starting one.
 """
 
@@ -33,6 +38,7 @@ import csv
 import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,13 +46,17 @@ import numpy as np
 import onnxruntime as ort
 from google.protobuf import text_format
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
 from tritonclient.grpc import model_config_pb2 as mc
 
+from ctr_ensemble import metrics
 from ctr_ensemble.export import onnx_export
 from ctr_ensemble.features import feed_rows, slice_feeds
-from ctr_ensemble.export.repository import ENSEMBLE_NAME, read_manifest, repository_spec
+from ctr_ensemble.export.repository import (ENSEMBLE_NAME, RepoOptions, fitted_rule, manifest_rule, read_manifest,
+                                            reconfigure_repository, repository_spec)
+from ctr_ensemble.loadtest.sweep import NE_TAU1, base_options, changes_nothing
 from ctr_ensemble.serving.client import TritonScorer
 from ctr_ensemble.serving.server import TritonServer
 from ctr_ensemble.training.trainer import encode_file
@@ -66,8 +76,46 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--ort-threads", type=int, default=None, help="in-process intra-op threads (default: the member's Triton config)")
     p.add_argument("--http-url", help="use a running Triton (host:port) instead of starting one")
     p.add_argument("--grpc-url", help="use a running Triton (host:port) instead of starting one")
+    p.add_argument("--fusion-variants", default="fitted,tau1",
+                   help="other fusion rules to serve and measure: fitted (the export's --fit-fusion rule), tau1, mean ('' = none)")
     p.add_argument("--out", type=Path, default=Path("artifacts/bench"))
     return p.parse_args()
+
+
+FUSION_VARIANTS = {"fitted": {"fusion_mode": "fitted"}, "tau1": NE_TAU1, "mean": {"fusion_mode": "mean"}}
+FUSION_COLUMNS = ["fusion", "rule", "rows", "auc", "logloss", "calibration"]
+
+
+def fusion_variants(repo: Path, names: list[str]) -> tuple[str, list[str], list[str]]:
+    """(label of the repository's own rule, the other rules asked for that can be served, notes on skips).
+    A rule equal to the repository's own is measured on it; the others on a copy with only the configs rewritten."""
+    manifest, base = read_manifest(repo), base_options(repo)
+    label = next((n for n, o in FUSION_VARIANTS.items() if changes_nothing(o, base)), manifest_rule(manifest).mode)
+    others, notes = [], []
+    for name in names:
+        if name not in FUSION_VARIANTS:
+            sys.exit(f"--fusion-variants: unknown {name!r}; choose from {', '.join(FUSION_VARIANTS)}")
+        if name == label:
+            continue
+        if name == "fitted" and fitted_rule(manifest) is None:
+            notes.append(f"fusion variant fitted skipped: {repo} has no fitted fusion (export --fit-fusion VAL_FILE)")
+            continue
+        others.append(name)
+    return label, others, notes
+
+
+def variant_repository(repo: Path, name: str, dst: Path) -> Path:
+    """``repo`` with only its configs rewritten to the fusion rule ``name`` (model files hard-linked)."""
+    reconfigure_repository(repo, dst, RepoOptions(**{**base_options(repo), **FUSION_VARIANTS[name]}))
+    return dst
+
+
+def served_quality(scorer: TritonScorer, feeds: dict[str, np.ndarray], labels: np.ndarray, label: str, repo: Path) -> dict:
+    """AUC, logloss and calibration of what the ensemble serves for the data rows (each once)."""
+    n = len(labels)
+    p = scorer.score(ENSEMBLE_NAME, slice_feeds(feeds, 0, n), 1024)
+    return dict(fusion=label, rule=manifest_rule(read_manifest(repo)).describe(), rows=n, auc=metrics.auc(labels, p),
+                logloss=metrics.logloss(labels, p), calibration=metrics.calibration(labels, p))
 
 
 def config_threads(model_dir: Path) -> int:
@@ -99,7 +147,7 @@ def measure(call, feeds: dict[str, np.ndarray], batch: int, n_requests: int, war
     return len(lat), batch * len(lat) / wall, np.asarray(lat, dtype=np.float64)
 
 
-def load_rows(args, spec, max_batch: int) -> tuple[dict[str, np.ndarray], str]:
+def load_rows(args, spec, max_batch: int) -> tuple[dict[str, np.ndarray], np.ndarray, str]:
     if args.data.is_file():
         arr, source = encode_file(args.data, spec), str(args.data)
     else:  # no demo data: rows from the project's synthetic generator, encoded the same way
@@ -113,7 +161,7 @@ def load_rows(args, spec, max_batch: int) -> tuple[dict[str, np.ndarray], str]:
             arr, source = encode_file(Path(tmp) / "test.tsv", spec), f"synthetic ({args.data} not found)"
     reps = -(-(len(arr) + max_batch) // len(arr))  # enough rows for any full slice
     feeds = {k: np.ascontiguousarray(np.concatenate([v] * reps)) for k, v in arr.feeds().items()}
-    return feeds, f"{source}, {len(arr)} rows"
+    return feeds, arr.label.astype(np.int64), f"{source}, {len(arr)} rows"
 
 
 def p50(results, target, path, batch):
@@ -127,7 +175,8 @@ def main() -> None:
         sys.exit(f"no model repository at {repo}/ - run `make demo` first (or pass --repository PATH)")
     members = list(read_manifest(repo)["members"])
     batches = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
-    feeds, data_desc = load_rows(args, repository_spec(repo), max(batches))
+    feeds, labels, data_desc = load_rows(args, repository_spec(repo), max(batches))
+    own_label, other_rules, notes = fusion_variants(repo, [v.strip() for v in args.fusion_variants.split(",") if v.strip()])
     sessions = {}
     for m in members:
         threads = args.ort_threads if args.ort_threads is not None else config_threads(repo / m)
@@ -150,20 +199,26 @@ def main() -> None:
             for model in [*members, ENSEMBLE_NAME]:
                 cells.append((model, f"triton_{proto}", lambda x, s=s, model=model: s.infer(model, x)))
 
-        results = []
-        with Progress(console=console, transient=True) as progress:
-            task = progress.add_task("benchmark", total=len(cells) * len(batches))
-            for batch in batches:
-                n_req = args.requests or (200 if batch < 512 else 50)
-                for target, path, call in cells:
-                    progress.update(task, description=f"{target} {path} batch {batch}")
-                    n, rps, lat = measure(call, feeds, batch, n_req, args.warmup, args.seconds)
-                    q = np.percentile(lat, [50, 95, 99])
-                    results.append(dict(target=target, path=path, batch=batch, requests=n, rows_per_s=rps,
-                                        p50_ms=q[0], p95_ms=q[1], p99_ms=q[2]))
-                    progress.advance(task)
+        results = run_cells(cells, feeds, batches, args)
+        quality = [served_quality(next(iter(scorers.values())), feeds, labels, own_label, repo)]
         for s in scorers.values():
             s.close()
+    if external and other_rules:
+        notes.append(f"fusion variants {', '.join(other_rules)} not measured: they need a server started here")
+        other_rules = []
+    for name in other_rules:  # one server per other fusion rule, after the main one: never two at once
+        with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp, TritonServer(
+                variant_repository(repo, name, Path(tmp) / "model_repository")) as server:
+            vrepo = server.repository
+            vscorers = {proto: TritonScorer(url, proto) for proto, url in (("http", server.http_url), ("grpc", server.grpc_url))}
+            for s in vscorers.values():
+                s.check_ready(ENSEMBLE_NAME)
+            cells = [(f"{ENSEMBLE_NAME}[{name}]", f"triton_{proto}", lambda x, s=s: s.infer(ENSEMBLE_NAME, x))
+                     for proto, s in vscorers.items()]
+            results += run_cells(cells, feeds, batches, args)
+            quality.append(served_quality(vscorers["grpc"], feeds, labels, name, vrepo))
+            for s in vscorers.values():
+                s.close()
 
     ratios = []  # (c)/(a) per protocol and batch size
     for batch in batches:
@@ -175,12 +230,32 @@ def main() -> None:
             ratios.append(dict(protocol=proto, batch=batch, ensemble_p50_ms=ens["p50_ms"], onnx_sum_p50_ms=floor_p50,
                                p50_ratio=ens["p50_ms"] / floor_p50, ensemble_rows_per_s=ens["rows_per_s"],
                                onnx_rows_per_s=floor_rps, rows_per_s_ratio=ens["rows_per_s"] / floor_rps))
-    report(args, results, ratios, members, sessions, data_desc, "external server" if external else "local tritonserver (started for this run)")
+    report(args, results, ratios, quality, members, sessions, data_desc,
+           "external server" if external else "local tritonserver (started for this run)", own_label, notes)
+
+
+def run_cells(cells, feeds, batches, args) -> list[dict]:
+    """Every (target, path, call) cell at every batch size: requests, rows/s, p50/p95/p99."""
+    results = []
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("benchmark", total=len(cells) * len(batches))
+        for batch in batches:
+            n_req = args.requests or (200 if batch < 512 else 50)
+            for target, path, call in cells:
+                progress.update(task, description=f"{target} {path} batch {batch}")
+                n, rps, lat = measure(call, feeds, batch, n_req, args.warmup, args.seconds)
+                q = np.percentile(lat, [50, 95, 99])
+                results.append(dict(target=target, path=path, batch=batch, requests=n, rows_per_s=rps,
+                                    p50_ms=q[0], p95_ms=q[1], p99_ms=q[2]))
+                progress.advance(task)
+    return results
 
 
 def fmt(col: str, v) -> str:
     if not isinstance(v, float):
         return str(v)
+    if col in ("auc", "logloss", "calibration"):
+        return f"{v:.4f}"
     return f"{v:,.0f}" if col.endswith("rows_per_s") else f"{v:.2f}" if col.endswith("ratio") else f"{v:.3f}"
 
 
@@ -192,29 +267,34 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def report(args, results, ratios, members, sessions, data_desc, server_desc) -> None:
+def report(args, results, ratios, quality, members, sessions, data_desc, server_desc, own_label, notes) -> None:
     machine = (f"{cpu_name()} ({platform.machine()}), {os.cpu_count()} CPUs, Python {platform.python_version()}, "
                f"onnxruntime {ort.__version__}, {platform.system()} {platform.release()}")
     threads = ", ".join(f"{m}={t or 'default'}" for m, (_, t) in sessions.items())
     notes = [f"machine: {machine}", f"data: {data_desc}", f"server: {server_desc}",
              f"in-process ONNX Runtime intra-op threads: {threads}",
-             "one client, sequential requests (concurrency 1); latencies in ms measured on the client"]
+             "one client, sequential requests (concurrency 1); latencies in ms measured on the client",
+             f"fusion of {ENSEMBLE_NAME}: the repository's own ({own_label}); {ENSEMBLE_NAME}[<variant>]: the same "
+             "members with another fusion rule, served from a config-only copy", *notes]
     ratio_cols = list(ratios[0]) if ratios else []
     tables = [("Serving latency and throughput", COLUMNS, results),
-              ("Serving cost: ctr_ensemble over Triton (c) vs sum of members in-process ONNX (a)", ratio_cols, ratios)]
+              ("Serving cost: ctr_ensemble over Triton (c) vs sum of members in-process ONNX (a)", ratio_cols, ratios),
+              ("Fusion rules: served quality over the data rows (calibration = mean predicted / observed CTR)",
+               FUSION_COLUMNS, quality)]
 
     for line in notes:
-        console.print(f"[dim]{line}[/dim]")
+        console.print(f"[dim]{escape(line)}[/dim]")
     for title, cols, rows in tables:
         t = Table(title=title)
         for c in cols:
             t.add_column(c, justify="left" if c in ("target", "path", "protocol") else "right")
         for r in rows:
-            t.add_row(*(fmt(c, r[c]) for c in cols))
+            t.add_row(*(escape(fmt(c, r[c])) for c in cols))  # ctr_ensemble[tau1] is not rich markup
         console.print(t)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    for name, cols, rows in (("serve.csv", COLUMNS, results), ("serve_ratios.csv", ratio_cols, ratios)):
+    for name, cols, rows in (("serve.csv", COLUMNS, results), ("serve_ratios.csv", ratio_cols, ratios),
+                             ("serve_fusion.csv", FUSION_COLUMNS, quality)):
         with open(args.out / name, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=cols)
             w.writeheader()
@@ -224,7 +304,8 @@ def report(args, results, ratios, members, sessions, data_desc, server_desc) -> 
         md += [f"## {title}", "", "| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
         md += ["| " + " | ".join(fmt(c, r[c]) for c in cols) + " |" for r in rows] + [""]
     (args.out / "serve.md").write_text("\n".join(md))
-    console.print(f"wrote {args.out / 'serve.csv'}, {args.out / 'serve_ratios.csv'} and {args.out / 'serve.md'}")
+    console.print(f"wrote {args.out / 'serve.csv'}, {args.out / 'serve_ratios.csv'}, {args.out / 'serve_fusion.csv'} "
+                  f"and {args.out / 'serve.md'}")
 
 
 if __name__ == "__main__":

@@ -531,8 +531,15 @@ def export_cmd(
                                                    "and rewrite only its configs with the options below (no re-export)."),
     parity_data: Optional[Path] = typer.Option(None, help="Labelled file whose rows are used for the ONNX parity check."),
     parity_rows: int = typer.Option(4096, help="Rows of --parity-data to check."),
-    fusion_mode: str = typer.Option("negation_entropy", help="negation_entropy or mean (collaborative comes with --collab)."),
+    fusion_mode: str = typer.Option("negation_entropy", help="negation_entropy, mean, or fitted (with --from-repository of "
+                                    "a --fit-fusion export; collaborative comes with --collab)."),
     tau: float = typer.Option(1.0, help="Temperature of the confidence softmax."),
+    fit_fusion: Optional[Path] = typer.Option(None, help="Validation file: fit τ, a prior per member and the averaging space "
+                                              "on it (min logloss; never worse than the best member there) and serve "
+                                              "that fitted rule (overrides --fusion-mode/--tau)."),
+    fusion_space: str = typer.Option("auto", help="With --fit-fusion: prob, logit, or auto (fit both, keep the lower "
+                                     "validation logloss)."),
+    fusion_report_data: Optional[Path] = typer.Option(None, help="With --fit-fusion: a test file the fit report also scores."),
     fusion_kind: str = typer.Option("auto", help="Fusion instance kind: auto (GPU if torch sees one), cpu, gpu."),
     max_batch_size: int = typer.Option(4096), instances: int = typer.Option(1, help="Instances per member."),
     intra_op_threads: int = typer.Option(1, help="ONNX Runtime threads per member instance."),
@@ -545,7 +552,7 @@ def export_cmd(
     """Export members to ONNX (parity-checked) and write the Triton model repository."""
     from dataclasses import replace
 
-    from ctr_ensemble.export.repository import RepoOptions, reconfigure_repository, write_repository
+    from ctr_ensemble.export.repository import RepoOptions, manifest_rule, reconfigure_repository, write_repository
     from ctr_ensemble.training import checkpoint
     from ctr_ensemble.training.trainer import encode_file
 
@@ -555,6 +562,9 @@ def export_cmd(
     if sum((bool(checkpoint_), from_repository is not None, collab is not None)) != 1:
         raise CtrError("give exactly one of: --checkpoint (one per member), --collab (a collaborative checkpoint) "
                        "or --from-repository")
+    if fit_fusion is not None and (from_repository is not None or collab is not None):
+        raise CtrError("--fit-fusion fits a rule over member checkpoints (--checkpoint); a collaborative checkpoint brings "
+                       "its trained head, and --from-repository --fusion-mode fitted reuses a fitted export's rule")
     if from_repository is not None:
         manifest = reconfigure_repository(from_repository, repository, opt)
         typer.echo(f"{repository}: configs of {from_repository} rewritten ({', '.join(manifest['members'])}; "
@@ -568,18 +578,28 @@ def export_cmd(
         cks, opt = cc.members, replace(opt, fusion_mode="collaborative")
     else:
         cks = [checkpoint.load(p) for p in checkpoint_]
+    fit = None
+    if fit_fusion is not None:
+        from ctr_ensemble.export import fusion_fit
+
+        rule, fit = fusion_fit.fit_files(cks, fit_fusion, fusion_report_data, fusion_space, fmt)
+        opt = replace(opt, fusion_mode=rule.mode, tau=rule.tau, priors=list(rule.priors), space=rule.space)
     rows = None
     if parity_data is not None:
         arr = encode_file(parity_data, cks[0].spec, fmt=fmt)
         rows = arr.feeds(slice(0, parity_rows))
-    manifest = write_repository(cks, repository, opt, parity_rows=rows, collab=cc)
+    manifest = write_repository(cks, repository, opt, parity_rows=rows, collab=cc, fusion_fit=fit)
     for n, m in manifest["members"].items():
         par = m.get("parity")
         extra = f", ONNX parity max|Δ| {max(par['prob_max_abs_diff'], m['parity_stress']['prob_max_abs_diff']):.2e}" if par else ""
         typer.echo(f"{repository}/{n}: {m['arch']}{extra}")
     f = manifest["fusion"]
     extra = f", fused parity max|Δ| {f['parity']['prob_max_abs_diff']:.2e}" if "parity" in f else ""
-    typer.echo(f"{repository}/ctr_ensemble: fusion {f['mode']} (tau={f['tau']}) on {f['kind']}{extra}")
+    if fit is not None:
+        typer.echo(fusion_fit.render(fit["report"]))
+        extra += f"; fitted on {fit_fusion} ({fit['rows']:,} rows), kept: {fit['chosen']}"
+    rule_desc = f"{f['mode']} (tau={f['tau']})" if cc is not None else manifest_rule(manifest).describe()
+    typer.echo(f"{repository}/ctr_ensemble: fusion {rule_desc} on {f['kind']}{extra}")
 
 
 @app.command("check-repo")

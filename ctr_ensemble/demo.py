@@ -1,8 +1,9 @@
 """``make demo``: the whole pipeline on the embedded synthetic default.
 
-generate data → fit the feature encoding → train the members → export to ONNX →
-assemble the Triton repository → start the real Triton server → score the test split
-through PyTorch, ONNX Runtime, Triton HTTP and Triton gRPC → summary → stop the server.
+generate data → fit the feature encoding → train the members → fit the fusion rule on the
+validation split → export to ONNX → assemble the Triton repository → start the real Triton
+server → score the test split through PyTorch, ONNX Runtime, Triton HTTP and Triton gRPC →
+summary → stop the server.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from rich.console import Console
 from ctr_ensemble import features, models
 from ctr_ensemble.data.synth import SynthConfig, generate
 from ctr_ensemble.evaluation.evaluate import EvalTargets, evaluate, render_table
+from ctr_ensemble.export import fusion_fit
 from ctr_ensemble.export.repository import RepoOptions, write_repository
 from ctr_ensemble.serving.server import TritonServer
 from ctr_ensemble.training import checkpoint
@@ -78,8 +80,13 @@ def run_demo(members: list[str], out: Path, repository: Path, train_rows: int = 
         cks.append(checkpoint.load(path))
         console.print(f"{name}: best val AUC {ck.metrics['val_auc']:.4f} (epoch {ck.metrics['best_epoch']}) → {path}")
 
-    console.rule("4/6 ONNX export + Triton model repository")
-    manifest = write_repository(cks, repository, RepoOptions(), parity_rows=val.feeds(slice(0, 4096)))
+    console.rule("4/6 fusion fitted on the validation split, ONNX export + Triton model repository")
+    rule, fit = fusion_fit.fit_for_export(cks, val, encode_file(files["test"], spec),
+                                          sources={"val": files["val"], "test": files["test"]})
+    console.print(fusion_fit.render(fit["report"]), soft_wrap=True, highlight=False)
+    console.print(f"fitted fusion: {rule.describe()}; kept: {fit['chosen']}")
+    opt = RepoOptions(fusion_mode=rule.mode, tau=rule.tau, priors=list(rule.priors), space=rule.space)
+    manifest = write_repository(cks, repository, opt, parity_rows=val.feeds(slice(0, 4096)), fusion_fit=fit)
     for n, m in manifest["members"].items():
         console.print(f"{repository}/{n}: ONNX parity max|Δ| {m['parity']['prob_max_abs_diff']:.2e} "
                       f"(OOV/NaN stress rows {m['parity_stress']['prob_max_abs_diff']:.2e})")
@@ -90,6 +97,7 @@ def run_demo(members: list[str], out: Path, repository: Path, train_rows: int = 
         console.rule("6/6 scoring the test split: torch, onnx, triton_http, triton_grpc")
         summary = evaluate(files["test"], repository, ["torch", "onnx", "triton_http", "triton_grpc"],
                            EvalTargets(server.http_url, server.grpc_url), truth=data_dir / "test.p.npy")
+    summary["fusion_fit"] = {k: fit[k] for k in ("chosen", "rule", "report")}
     summary["checks"] = [{"name": n, "passed": ok, "detail": d} for n, ok, d in checks(summary)]
     summary["seconds"] = time.perf_counter() - t_start
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -74,3 +74,88 @@ def test_rejects_bad_arguments():
         fuse(p, tau=-1.0)
     with pytest.raises(ValueError, match="batch, members"):
         fuse(torch.rand(4))
+
+
+# --- NaN-safety: a saturated member (sigmoid = 0 or 1 exactly) -------------------------------------------------
+
+
+def _old_negation_entropy(p):  # the formula before the fix: xlogy straight on p and 1 - p
+    p = p.clamp(0.0, 1.0)
+    q = 1.0 - p
+    return torch.special.xlogy(p, p) + torch.special.xlogy(q, q)
+
+
+@pytest.mark.parametrize("dtype,big", [(torch.float32, 20.0), (torch.float32, 120.0), (torch.bfloat16, 8.0)])
+def test_saturated_member_gives_finite_gradients(dtype, big):
+    # float32: sigmoid(20) == 1 and sigmoid(-120) == 0 exactly; bfloat16 saturates from |logit| ~ 6.
+    z = torch.tensor([[big, 0.3], [-big, 1.0], [2.0, -big]], dtype=dtype, requires_grad=True)
+    p = torch.sigmoid(z)
+    assert p.min() == 0.0 or p.max() == 1.0
+    for mode, kw in (("negation_entropy", {"tau": 0.5}), ("fitted", {"tau": 0.5, "priors": [0.0, -0.3]})):
+        z.grad = None
+        fusion_weights(torch.sigmoid(z), mode, **kw)[:, 0].sum().backward()
+        assert torch.isfinite(z.grad).all(), (mode, z.grad)
+    ref = z.detach().clone().requires_grad_()
+    torch.softmax(_old_negation_entropy(torch.sigmoid(ref)) / 0.5, 1)[:, 0].sum().backward()
+    assert torch.isnan(ref.grad).any()  # what the fix removes
+
+
+def test_negation_entropy_is_bit_identical_away_from_saturation():
+    p = torch.cat([torch.rand(100_000), torch.tensor([1e-30, 1e-8, 0.5, 1 - 6e-8])])
+    assert torch.equal(negation_entropy(p), _old_negation_entropy(p))
+    assert torch.equal(negation_entropy(p.double()), _old_negation_entropy(p.double()))
+
+
+# --- the fitted rule: w = softmax(a_i + NE(p_i)/τ), probability or logit space ----------------------------------
+
+
+def test_fitted_rule_matches_hand_formula_in_both_spaces():
+    rng = np.random.default_rng(1)
+    p = rng.uniform(0.01, 0.99, (40, 3))
+    tau, a = 0.4, np.array([0.0, -0.7, 0.25])
+    ne = p * np.log(p) + (1 - p) * np.log(1 - p)
+    e = np.exp(a + ne / tau)
+    w = e / e.sum(1, keepdims=True)
+    fused, weights = fuse(torch.from_numpy(p), "fitted", tau, a.tolist(), "prob")
+    np.testing.assert_allclose(weights.numpy(), w, rtol=1e-10)
+    np.testing.assert_allclose(fused[:, 0].numpy(), (w * p).sum(1), rtol=1e-10)
+    fused, _ = fuse(torch.from_numpy(p), "fitted", tau, a.tolist(), "logit")
+    want = 1 / (1 + np.exp(-(w * np.log(p / (1 - p))).sum(1)))
+    np.testing.assert_allclose(fused[:, 0].numpy(), want, rtol=1e-10)
+    # logit space clamps p to [EPS, 1 - EPS]: a certain member gives a large finite logit, not inf
+    sat, _ = fuse(torch.tensor([[1.0, 0.5], [0.0, 0.5]]), "fitted", 1.0, [0.0, -1e4], "logit")
+    assert torch.isfinite(sat).all() and sat[0, 0] > 0.9999 and sat[1, 0] < 1e-4
+
+
+def test_fitted_family_contains_ne_mean_and_each_member_exactly():
+    p = torch.rand(1000, 3)
+    assert torch.equal(fuse(p, "fitted", 1.0, [0.0] * 3)[0], fuse(p, "negation_entropy", 1.0)[0])
+    assert torch.equal(fuse(p, "fitted", 1e9, [0.0] * 3)[0], fuse(p, "mean")[0])
+    for k in range(3):
+        one_hot = [0.0 if j == k else -1e4 for j in range(3)]
+        assert torch.equal(fuse(p, "fitted", 0.01, one_hot)[0][:, 0], p[:, k])
+
+
+def test_fusion_rule_params_roundtrip_and_errors():
+    from ctr_ensemble.layers.fusion import FusionRule
+
+    rule = FusionRule("fitted", 0.123456789012345, [0.0, -1.2345678901234567, 3e-17], "logit")
+    params = rule.params()
+    assert params["fusion_mode"] == "fitted" and params["space"] == "logit"
+    assert FusionRule.from_params(params, members=3) == rule  # floats survive exactly
+    assert FusionRule.from_params({"fusion_mode": "negation_entropy", "tau": "0.5"}) == FusionRule("negation_entropy", 0.5)
+    assert "priors" not in FusionRule("mean").params()
+    for params, match in [({"fusion_mode": "fitted", "tau": "1"}, "JSON list"),
+                          ({"fusion_mode": "fitted", "tau": "1", "priors": "[0, \"x\"]"}, "JSON list"),
+                          ({"fusion_mode": "fitted", "tau": "0", "priors": "[0, 0, 0]"}, "tau must be > 0"),
+                          ({"fusion_mode": "fitted", "tau": "1", "priors": "[0, 0]"}, "2 entries but the model has 3"),
+                          ({"fusion_mode": "fitted", "tau": "1", "priors": "[0, 0, 0]", "space": "odds"}, "space"),
+                          ({"fusion_mode": "fitted", "tau": "1", "priors": "[0, NaN, 0]"}, "finite"),
+                          ({"fusion_mode": "vote"}, "unknown fusion mode"),
+                          ({"fusion_mode": "mean", "tau": "x"}, "tau must be a number")]:
+        with pytest.raises(ValueError, match=match):
+            FusionRule.from_params(params, members=3)
+    with pytest.raises(ValueError, match="belong to the 'fitted'"):
+        fuse(torch.rand(4, 2), "negation_entropy", 1.0, space="logit")
+    with pytest.raises(ValueError, match="needs priors"):
+        fuse(torch.rand(4, 2), "fitted", 1.0)

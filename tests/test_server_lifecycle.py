@@ -9,29 +9,38 @@ import torch
 from ctr_ensemble.errors import CtrError
 from ctr_ensemble.export import onnx_export
 from ctr_ensemble.export.repository import RepoOptions, write_repository
-from ctr_ensemble.layers.fusion import fuse
+from ctr_ensemble.layers.fusion import FusionRule
 from ctr_ensemble.serving.client import TritonScorer
 from ctr_ensemble.serving.server import TritonServer, free_ports
 
 pytestmark = pytest.mark.integration
 
 
-def _reference(repo, names, cat, num, mode, tau):
+def _reference(repo, names, cat, num, rule):
     probs = [onnx_export.run_onnx(onnx_export.session(repo / n / "1" / "model.onnx"), {"cat_ids": cat, "num": num})[0] for n in names]
-    return fuse(torch.from_numpy(np.stack(probs, 1)), mode, tau)
+    return rule.fuse(torch.from_numpy(np.stack(probs, 1)))
 
 
-@pytest.mark.parametrize("mode,tau", [("mean", 1.0), ("negation_entropy", 0.05)])
-def test_fusion_parameters_come_from_the_config(tmp_path, tiny_checkpoints, tiny_arrays, mode, tau):
+def _options(rule, **kw):
+    return RepoOptions(fusion_mode=rule.mode, tau=rule.tau, priors=None if rule.priors is None else list(rule.priors),
+                       space=rule.space, **kw)
+
+
+RULES = {"mean": FusionRule("mean"), "ne_0.05": FusionRule("negation_entropy", 0.05),
+         "fitted_logit": FusionRule("fitted", 0.7, [0.4, -0.3], "logit")}
+
+
+@pytest.mark.parametrize("rule", list(RULES.values()), ids=list(RULES))
+def test_fusion_parameters_come_from_the_config(tmp_path, tiny_checkpoints, tiny_arrays, rule):
     repo = tmp_path / "repo"
-    write_repository(tiny_checkpoints, repo, RepoOptions(fusion_mode=mode, tau=tau, fusion_kind="cpu"))
+    write_repository(tiny_checkpoints, repo, _options(rule, fusion_kind="cpu"))
     te = tiny_arrays["test"]
     cat, num = te.cat_ids[:300], te.num[:300]
     server = TritonServer(repo).start()
     try:
         for protocol, url in (("http", server.http_url), ("grpc", server.grpc_url)):
             out = TritonScorer(url, protocol).infer("ctr_ensemble", {"cat_ids": cat, "num": num}, outputs=("prob", "weights"))
-            fused, w = _reference(repo, ["deepfm", "dcnv2"], cat, num, mode, tau)
+            fused, w = _reference(repo, ["deepfm", "dcnv2"], cat, num, rule)
             np.testing.assert_allclose(out["prob"], fused.numpy(), atol=1e-6, rtol=0)
             np.testing.assert_allclose(out["weights"], w.numpy(), atol=1e-6, rtol=0)
     finally:
@@ -62,12 +71,14 @@ def test_free_ports_are_distinct():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (fusion on KIND_GPU)")
-def test_fusion_on_gpu_matches_reference(tmp_path, tiny_checkpoints, tiny_arrays):
+@pytest.mark.parametrize("rule", [FusionRule("negation_entropy", 1.0), RULES["fitted_logit"],
+                                  FusionRule("fitted", 0.3, [0.0, -0.8], "prob")], ids=["ne", "fitted_logit", "fitted_prob"])
+def test_fusion_on_gpu_matches_reference(tmp_path, tiny_checkpoints, tiny_arrays, rule):
     repo = tmp_path / "repo"
-    write_repository(tiny_checkpoints, repo, RepoOptions(fusion_kind="gpu"))
+    write_repository(tiny_checkpoints, repo, _options(rule, fusion_kind="gpu"))
     assert "KIND_GPU" in (repo / "fusion" / "config.pbtxt").read_text()
     te = tiny_arrays["test"]
     with TritonServer(repo) as server:
         out = TritonScorer(server.http_url, "http").infer("ctr_ensemble", te.feeds(slice(0, 500)))
-    fused, _ = _reference(repo, ["deepfm", "dcnv2"], te.cat_ids[:500], te.num[:500], "negation_entropy", 1.0)
+    fused, _ = _reference(repo, ["deepfm", "dcnv2"], te.cat_ids[:500], te.num[:500], rule)
     np.testing.assert_allclose(out["prob"], fused.numpy(), atol=1e-5, rtol=0)

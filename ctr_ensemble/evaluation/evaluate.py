@@ -20,8 +20,8 @@ import torch
 from ctr_ensemble import metrics
 from ctr_ensemble.errors import CtrError
 from ctr_ensemble.export import onnx_export
-from ctr_ensemble.export.repository import COLLABORATIVE, ENSEMBLE_NAME, fuse_collaborative, read_manifest, repository_spec
-from ctr_ensemble.layers.fusion import fuse
+from ctr_ensemble.export.repository import (COLLABORATIVE, ENSEMBLE_NAME, fuse_collaborative, manifest_rule, read_manifest,
+                                            repository_spec)
 from ctr_ensemble.serving.client import TritonScorer
 from ctr_ensemble.training import checkpoint, collab
 from ctr_ensemble.training.trainer import encode_file, predict_outputs
@@ -45,13 +45,12 @@ def _timed(fn):
 class _Reference:
     """The members' PyTorch models and the fusion the repository serves, as numpy functions.
 
-    mean / negation_entropy: the reference fusion of member probabilities; collaborative: the
+    mean / negation_entropy / fitted: the reference fusion of member probabilities; collaborative: the
     collaborative checkpoint's head applied to member probabilities and representations."""
 
     def __init__(self, manifest: dict, names: list[str], overrides: dict[str, str]):
         fusion = manifest["fusion"]
-        self.mode, self.tau = fusion["mode"], float(fusion["tau"])
-        self.needs_repr = self.mode == COLLABORATIVE
+        self.needs_repr = fusion["mode"] == COLLABORATIVE
         if self.needs_repr:
             path = overrides.get("collab", fusion.get("checkpoint"))
             if not path:
@@ -62,6 +61,7 @@ class _Reference:
             self.head = cc.build().head
             self.members = {m.name: m.build() for m in cc.members}
             return
+        self.rule = manifest_rule(manifest)
         paths = {n: overrides.get(n, manifest["members"][n].get("checkpoint")) for n in names}
         for n, path in paths.items():
             if not path:
@@ -72,7 +72,7 @@ class _Reference:
         if self.needs_repr:
             return fuse_collaborative(self.head, [probs[n] for n in names], [reprs[n] for n in names])[0]
         stacked = torch.from_numpy(np.stack([probs[n] for n in names], axis=1).astype(np.float32))
-        return fuse(stacked, self.mode, self.tau)[0][:, 0].numpy()
+        return self.rule.fuse(stacked)[0][:, 0].numpy()
 
 
 def _row(y: np.ndarray, p: np.ndarray, ref: np.ndarray | None, seconds: float | None, base_rate: float | None) -> dict:
@@ -107,7 +107,8 @@ def evaluate(
     base = spec.fitted_on.get("label_mean")  # the training CTR; older specs do not record it
     summary: dict = {"data": str(data), "rows": int(len(y)), "skipped_rows": arr.skipped, "oracle_auc": None,
                      "base_rate": {"train": base, "self": float(y.mean()) if len(y) else None},
-                     "fusion": {"mode": mode, "tau": tau}, "members": {n: {} for n in names}, "ensemble": {}}
+                     "fusion": {"mode": mode, "tau": tau, **{k: manifest["fusion"][k] for k in ("priors", "space") if k in manifest["fusion"]}},
+                     "members": {n: {} for n in names}, "ensemble": {}}
     if truth is not None:
         p_true = np.load(truth)
         if len(p_true) != len(y):

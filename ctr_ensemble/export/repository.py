@@ -7,7 +7,8 @@ Layout written (Triton's standard repository layout)::
       <member>/config.pbtxt           backend "onnxruntime", dynamic batching, explicit instances
       <member>/feature_spec.json      how raw rows become cat_ids / num / seq_ids + seq_len
       <member>/1/model.onnx
-      fusion/config.pbtxt             backend "python", parameters fusion_mode and tau (or head_file)
+      fusion/config.pbtxt             backend "python", parameters fusion_mode and tau (fitted: + priors, space;
+                                      collaborative: head_file instead)
       fusion/1/model.py, ctr_fusion.py
       fusion/1/head.pt (+ .sha256)    collaborative mode only: the trained head's config and weights
       ctr_ensemble/config.pbtxt       platform "ensemble": members → fusion (prob, plus repr when collaborative)
@@ -23,7 +24,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,9 +36,11 @@ from ctr_ensemble.errors import CtrError
 from ctr_ensemble.export import onnx_export, validate
 from ctr_ensemble.features import INPUT_DTYPES, FeatureSpec
 from ctr_ensemble.layers import fusion as fusion_math
+from ctr_ensemble.layers.fusion import FITTED, FusionRule
 from ctr_ensemble.training import checkpoint as ckpt_io
 from ctr_ensemble.training.checkpoint import Checkpoint
 from ctr_ensemble.training.collab import CollabCheckpoint
+from ctr_ensemble.training.trainer import predict
 
 ENSEMBLE_NAME = "ctr_ensemble"
 FUSION_NAME = "fusion"
@@ -61,8 +64,10 @@ class RepoOptions:
     intra_op_threads: int = 1  # ONNX Runtime threads per member instance
     dynamic_batching: bool = True  # per member; the ensemble has no batcher of its own
     max_queue_delay_us: int = 200
-    fusion_mode: str = "negation_entropy"  # negation_entropy | mean | collaborative (needs a collaborative checkpoint)
-    tau: float = 1.0  # mean / negation_entropy only; the collaborative head carries its own τ
+    fusion_mode: str = "negation_entropy"  # negation_entropy | mean | fitted | collaborative (needs a collaborative checkpoint)
+    tau: float = 1.0  # mean / negation_entropy / fitted only; the collaborative head carries its own τ
+    priors: list[float] | None = None  # fitted only: a_i per member in ensemble order (export --fit-fusion)
+    space: str = "prob"  # fitted only: prob | logit averaging
     fusion_kind: str = "auto"  # auto | cpu | gpu
     fusion_instances: int = 1
     production: bool = False
@@ -77,7 +82,34 @@ class RepoOptions:
             raise CtrError("max_queue_delay_us and intra_op_threads must be >= 0")
         if not self.tau >= 0:
             raise CtrError(f"tau must be >= 0, got {self.tau}")
+        if self.fusion_mode != COLLABORATIVE:
+            fusion_rule(self)
         resolve_fusion_kind(self.fusion_kind)
+
+
+def fusion_rule(opt: RepoOptions, members: int | None = None) -> FusionRule:
+    """The fusion rule ``opt`` deploys (not collaborative); priors and space count only in the fitted mode."""
+    if opt.fusion_mode == FITTED and opt.priors is None:
+        raise CtrError(f"fusion mode {FITTED!r} needs fitted parameters: export with --fit-fusion VAL_FILE")
+    fitted = opt.fusion_mode == FITTED
+    try:
+        rule = FusionRule(opt.fusion_mode, opt.tau, opt.priors if fitted else None, opt.space if fitted else "prob")
+    except ValueError as e:
+        raise CtrError(f"fusion rule: {e}") from None
+    if fitted and members is not None and len(rule.priors) != members:
+        raise CtrError(f"fusion rule: {len(rule.priors)} priors for {members} members")
+    return rule
+
+
+def manifest_rule(manifest: dict) -> FusionRule:
+    """The (not collaborative) rule a repository's fusion model serves, from repository.json."""
+    f = manifest["fusion"]
+    return FusionRule(f["mode"], float(f["tau"]), f.get("priors"), f.get("space", "prob"))
+
+
+def _rule_entry(rule: FusionRule) -> dict:
+    """repository.json's fusion fields of ``rule`` (priors and space only when fitted)."""
+    return {"mode": rule.mode, "tau": rule.tau, **({"priors": list(rule.priors), "space": rule.space} if rule.mode == FITTED else {})}
 
 
 # Native onnxruntime backend on KIND_GPU: the CUDA execution provider, one stream for copies and compute.
@@ -132,15 +164,13 @@ def apply_fusion_deployment(cfg: mc.ModelConfig, opt: RepoOptions, kind: str) ->
         count=opt.fusion_instances,
         kind=mc.ModelInstanceGroup.KIND_GPU if kind == "gpu" else mc.ModelInstanceGroup.KIND_CPU,
     ))
-    params = {"fusion_mode": opt.fusion_mode}
     if opt.fusion_mode == COLLABORATIVE:  # the trained head carries its own τ
-        params["head_file"] = HEAD_FILE
-        if "tau" in cfg.parameters:
-            del cfg.parameters["tau"]
+        params = {"fusion_mode": opt.fusion_mode, "head_file": HEAD_FILE}
     else:
-        params["tau"] = opt.tau
-        if "head_file" in cfg.parameters:
-            del cfg.parameters["head_file"]
+        params = fusion_rule(opt).params()
+    for stale in {"tau", "head_file", "priors", "space"} - set(params):
+        if stale in cfg.parameters:
+            del cfg.parameters[stale]
     # GPU inputs stay on the GPU instead of being copied to host first.
     for k, v in _params(**params, FORCE_CPU_ONLY_INPUT_TENSORS="no").items():
         cfg.parameters[k].CopyFrom(v)
@@ -213,6 +243,7 @@ def write_repository(
     opt: RepoOptions,
     parity_rows: dict[str, np.ndarray] | None = None,
     collab: CollabCheckpoint | None = None,
+    fusion_fit: dict | None = None,
 ) -> dict:
     """Export every member to ONNX, check parity on ``parity_rows`` (model inputs by name, as
     ``Arrays.feeds()``; plus OOV/NaN/sequence-length stress rows),
@@ -220,7 +251,9 @@ def write_repository(
 
     With ``collab`` (and ``opt.fusion_mode == "collaborative"``) the members are the collaborative
     checkpoint's, the fusion model gets the trained head in ``fusion/1/head.pt`` and every member's
-    ``repr`` is routed to it; parity then also covers the fused prediction against PyTorch."""
+    ``repr`` is routed to it; parity then also covers the fused prediction against PyTorch, as it does for
+    the other fusion rules (the rule over ONNX members against the rule over PyTorch members).
+    ``fusion_fit``: how a fitted rule was fitted (``fusion_fit.fit_for_export``), kept in repository.json."""
     if collab is not None:
         if opt.fusion_mode != COLLABORATIVE:
             raise CtrError(f"a collaborative checkpoint is served with fusion mode {COLLABORATIVE!r}, not {opt.fusion_mode!r}")
@@ -243,11 +276,14 @@ def write_repository(
             raise CtrError(f"members {checkpoints[0].name} and {c.name} were trained with different feature specs; "
                            "an ensemble needs one encoding for all members")
     kind = resolve_fusion_kind(opt.fusion_kind, opt.production)
+    rule = fusion_rule(opt, len(names)) if collab is None else None
     repo = Path(repo).resolve()
     repo.parent.mkdir(parents=True, exist_ok=True)
     staging = repo.with_name(f"{repo.name}.staging-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     fusion_entry = {"model": FUSION_NAME, "mode": opt.fusion_mode, "tau": opt.tau, "kind": kind}
+    if rule is not None:
+        fusion_entry.update(_rule_entry(rule), **({"fit": fusion_fit} if fusion_fit is not None else {}))
     if collab is not None:
         fusion_entry.update(tau=collab.head_config["tau"], checkpoint=collab.source, head=HEAD_FILE,
                             variant=collab.head_config["variant"], learn_tau=collab.head_config["learn_tau"])
@@ -255,6 +291,7 @@ def write_repository(
                 "ensemble": ENSEMBLE_NAME, "fusion": fusion_entry,
                 "options": asdict(opt), "members": {}, "feature_spec_fingerprint": spec0.fingerprint()}
     onnx_out: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # member → (prob, repr) on the parity rows
+    torch_probs: dict[str, np.ndarray] = {}
     repr_dims: dict[str, int] = {}
     try:
         for ck in checkpoints:
@@ -272,6 +309,7 @@ def write_repository(
                 if not worst <= onnx_export.PARITY_TOL:
                     raise CtrError(f"{ck.name}: ONNX Runtime differs from PyTorch by {worst:.3g} (> {onnx_export.PARITY_TOL})")
                 onnx_out[ck.name] = onnx_export.run_onnx(sess, parity_rows)
+                torch_probs[ck.name] = predict(model, parity_rows)
             _write_config(member_config(ck.name, ck.spec, model.repr_dim, opt), mdir)
             ck.spec.save(mdir / "feature_spec.json")
             manifest["members"][ck.name] = entry
@@ -284,6 +322,8 @@ def write_repository(
             ckpt_io.write_atomic(collab.head_payload(), fdir / "1" / HEAD_FILE)
             if parity_rows is not None:
                 fusion_entry["parity"] = collab_fusion_parity(collab, fdir / "1" / HEAD_FILE, onnx_out, parity_rows)
+        elif parity_rows is not None:
+            fusion_entry["parity"] = fusion_parity(rule, [torch_probs[n] for n in names], [onnx_out[n][0] for n in names])
         edir = staging / ENSEMBLE_NAME
         _write_config(ensemble_config(names, spec0, opt, with_repr=collab is not None), edir)
         (edir / "1").mkdir(parents=True)
@@ -327,6 +367,29 @@ def collab_fusion_parity(collab: CollabCheckpoint, head_path: Path, onnx_out: di
     return {"rows": int(len(ref)), "prob_max_abs_diff": diff}
 
 
+def fusion_parity(rule: FusionRule, torch_probs: list[np.ndarray], onnx_probs: list[np.ndarray]) -> dict:
+    """Max |Δ| between ``rule`` over the ONNX members and over the PyTorch members (float32, as served)."""
+    def fused(probs):
+        with torch.no_grad():
+            return rule.fuse(torch.from_numpy(np.stack(probs, axis=1).astype(np.float32)))[0][:, 0].numpy()
+
+    ref, served = fused(torch_probs), fused(onnx_probs)
+    diff = float(np.max(np.abs(served - ref))) if len(ref) else 0.0
+    if not diff <= onnx_export.PARITY_TOL:
+        raise CtrError(f"fusion {rule.describe()}: over the ONNX members it differs from PyTorch by {diff:.3g} "
+                       f"(> {onnx_export.PARITY_TOL})")
+    return {"rows": int(len(ref)), "prob_max_abs_diff": diff}
+
+
+def fitted_rule(manifest: dict) -> FusionRule | None:
+    """The fitted rule of repository.json: the one served, else the one fitted at export (kept when a
+    reconfigure switched to another rule); None if it has neither."""
+    if manifest["fusion"]["mode"] == FITTED:
+        return manifest_rule(manifest)
+    rule = (manifest["fusion"].get("fit") or {}).get("rule")
+    return FusionRule(FITTED, rule["tau"], rule["priors"], rule["space"]) if rule else None
+
+
 def swap_in(staging: Path, repo: Path) -> None:
     """Replace ``repo`` by ``staging`` with two renames; the old tree is removed only afterwards."""
     old = repo.with_name(f"{repo.name}.old-{os.getpid()}")
@@ -348,15 +411,21 @@ def reconfigure_repository(src: str | Path, dst: str | Path, opt: RepoOptions) -
     """Copy repository ``src`` to ``dst`` with the deployment settings of ``opt`` (instances, batching,
     fusion rule, device, production); model files are hard-linked where possible, never re-exported.
     Inputs and outputs of every config stay as exported. Returns the new manifest."""
-    opt.validate()
     src, dst = Path(src).resolve(), Path(dst).resolve()
     manifest = read_manifest(src)
+    if opt.fusion_mode == FITTED and opt.priors is None:  # the fitted parameters the source was exported with
+        fitted = fitted_rule(manifest)
+        if fitted is None:
+            raise CtrError(f"{src}: has no fitted fusion to deploy; export it with --fit-fusion VAL_FILE")
+        opt = replace(opt, tau=fitted.tau, priors=list(fitted.priors), space=fitted.space)
+    opt.validate()
     was_collab = manifest["fusion"]["mode"] == COLLABORATIVE
     if was_collab != (opt.fusion_mode == COLLABORATIVE):
         raise CtrError(f"{src}: fusion mode {manifest['fusion']['mode']!r} cannot become {opt.fusion_mode!r} without a re-export: "
                        + ("pass --fusion-mode collaborative to keep its trained head" if was_collab else
                           "a collaborative fusion needs a trained head (`ctr-ensemble export --collab PATH`)"))
     kind = resolve_fusion_kind(opt.fusion_kind, opt.production)
+    rule = None if was_collab else fusion_rule(opt, len(manifest["members"]))
     staging = dst.with_name(f"{dst.name}.staging-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
 
@@ -379,7 +448,11 @@ def reconfigure_repository(src: str | Path, dst: str | Path, opt: RepoOptions) -
         ens = read_config(staging / ENSEMBLE_NAME)
         ens.max_batch_size = opt.max_batch_size
         _write_config(ens, staging / ENSEMBLE_NAME)
-        manifest["fusion"].update(mode=opt.fusion_mode, kind=kind, **({} if was_collab else {"tau": opt.tau}))
+        if rule is not None:  # a parity figure of another rule does not hold for this one
+            for k in ("priors", "space") + (("parity",) if manifest_rule(manifest) != rule else ()):
+                manifest["fusion"].pop(k, None)
+            manifest["fusion"].update(_rule_entry(rule))
+        manifest["fusion"].update(mode=opt.fusion_mode, kind=kind)
         manifest["options"] = asdict(opt)
         manifest["derived_from"] = str(src)
         (staging / "repository.json").write_text(json.dumps(manifest, indent=2))

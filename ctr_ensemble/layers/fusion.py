@@ -5,6 +5,13 @@ Negation entropy NE(p) = p·log p + (1 − p)·log(1 − p) is 0 for a certain p
 Prediction"). Per sample, w = softmax(NE(p_1)/τ, …, NE(p_N)/τ) and p = Σ_i w_i·p_i.
 τ → ∞ gives the mean; τ → 0 picks the most confident member (ties share equally).
 
+The ``fitted`` rule adds a prior per member, w = softmax(a_i + NE(p_i)/τ), and averages in
+probability space (p = Σ w_i·p_i) or logit space (p = σ(Σ w_i·logit p_i), p clamped to
+[EPS, 1 − EPS] first); τ, the priors and the space are fitted on validation data
+(``export --fit-fusion``, ``ctr_ensemble.export.fusion_fit``). A prior of −1e4 against 0 makes
+the weight one-hot: a single member is a fitted rule too. ``FusionRule`` is one rule with its
+parameters, as the fusion model's config.pbtxt carries them.
+
 This file depends on torch only: the exporter copies it next to the Triton fusion
 model, so the server runs exactly this code on CPU or GPU. It also holds the
 collaborative ensemble's head (below), which weights member representations the same way.
@@ -12,43 +19,143 @@ collaborative ensemble's head (below), which weights member representations the 
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-MODES = ("negation_entropy", "mean")
+MODES = ("negation_entropy", "mean", "fitted")
+FITTED = "fitted"
+SPACES = ("prob", "logit")
+EPS = 1e-7  # logit space: p is clamped to [EPS, 1 - EPS] before the logit (float32 holds 1 - 1e-7 as 1 - 2^-23)
 
 
 def negation_entropy(p: torch.Tensor) -> torch.Tensor:
-    """NE(p), elementwise; exact 0 at p = 0 and p = 1 (xlogy(0, 0) = 0)."""
+    """NE(p), elementwise; exact 0 at p = 0 and p = 1 (xlogy(0, 0) = 0), with a finite gradient everywhere.
+
+    xlogy's gradient log(p) + 1 is −inf at p = 0 (and at 1 − p = 0), and −inf · σ'(z) = −inf · 0 is NaN
+    through a sigmoid: a member with |logit| ≥ 17 in float32 (sooner in bfloat16) gave NaN gradients.
+    Saturated entries take NE = 0 from ``where`` instead, whose gradient there is 0 (the limit of
+    dNE/dz = z·σ(z)·σ(−z)); every other entry is computed exactly as before, bit for bit."""
     p = p.clamp(0.0, 1.0)
-    q = 1.0 - p
-    return torch.special.xlogy(p, p) + torch.special.xlogy(q, q)
+    inside = (p > 0.0) & (p < 1.0)
+    s = torch.where(inside, p, 0.5)  # never 0 or 1 inside xlogy: no inf in its backward
+    q = 1.0 - s
+    return torch.where(inside, torch.special.xlogy(s, s) + torch.special.xlogy(q, q), 0.0)
 
 
-def fusion_weights(probs: torch.Tensor, mode: str = "negation_entropy", tau: float = 1.0) -> torch.Tensor:
-    """Member weights (B, N) for member probabilities ``probs`` (B, N); rows sum to 1."""
+def _check_fitted(n: int, mode: str, priors, space: str) -> None:
+    if space not in SPACES:
+        raise ValueError(f"fusion space must be one of {SPACES}, got {space!r}")
+    if mode != FITTED:
+        if priors is not None or space != "prob":
+            raise ValueError(f"priors and space belong to the {FITTED!r} fusion mode, not {mode!r}")
+        return
+    if priors is None:
+        raise ValueError(f"fusion mode {FITTED!r} needs priors (one per member)")
+    if len(priors) != n:
+        raise ValueError(f"fusion mode {FITTED!r}: {len(priors)} priors for {n} members")
+
+
+def fusion_weights(probs: torch.Tensor, mode: str = "negation_entropy", tau: float = 1.0,
+                   priors: torch.Tensor | list[float] | None = None) -> torch.Tensor:
+    """Member weights (B, N) for member probabilities ``probs`` (B, N); rows sum to 1.
+
+    ``priors`` (``fitted`` only): a_i, one per member (a sequence or a tensor on ``probs``' device)."""
     if probs.dim() != 2:
         raise ValueError(f"probs must be (batch, members), got shape {tuple(probs.shape)}")
+    if mode not in MODES:
+        raise ValueError(f"unknown fusion mode {mode!r}; expected one of {MODES}")
+    _check_fitted(probs.shape[1], mode, priors, "prob")
     if mode == "mean":
         return torch.full_like(probs, 1.0 / probs.shape[1])
-    if mode != "negation_entropy":
-        raise ValueError(f"unknown fusion mode {mode!r}; expected one of {MODES}")
-    if not tau >= 0.0:
-        raise ValueError(f"tau must be >= 0, got {tau}")
+    if not tau >= 0.0 or (mode == FITTED and tau == 0.0):
+        raise ValueError(f"tau must be {'> 0' if mode == FITTED else '>= 0'}, got {tau}")
     conf = negation_entropy(probs)
+    if mode == FITTED:
+        return torch.softmax(torch.as_tensor(priors, dtype=probs.dtype, device=probs.device) + conf / tau, dim=1)
     if tau == 0.0:
         top = conf == conf.max(dim=1, keepdim=True).values
         return top.to(probs.dtype) / top.sum(dim=1, keepdim=True).to(probs.dtype)
     return torch.softmax(conf / tau, dim=1)
 
 
-def fuse(probs: torch.Tensor, mode: str = "negation_entropy", tau: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused probability (B, 1) and weights (B, N) for member probabilities (B, N)."""
-    w = fusion_weights(probs, mode, tau)
+def fuse(probs: torch.Tensor, mode: str = "negation_entropy", tau: float = 1.0,
+         priors: torch.Tensor | list[float] | None = None, space: str = "prob") -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused probability (B, 1) and weights (B, N) for member probabilities (B, N).
+
+    ``space`` (``fitted`` only): ``prob`` averages probabilities, ``logit`` averages logit(p) and
+    returns the sigmoid of that."""
+    _check_fitted(probs.shape[1] if probs.dim() == 2 else 0, mode, priors, space)
+    w = fusion_weights(probs, mode, tau, priors)
+    if space == "logit":
+        z = torch.logit(probs.clamp(EPS, 1.0 - EPS))
+        return torch.sigmoid((w * z).sum(dim=1, keepdim=True)), w
     fused = (w * probs.clamp(0.0, 1.0)).sum(dim=1, keepdim=True)
     return fused.clamp(0.0, 1.0), w
+
+
+@dataclass(frozen=True)
+class FusionRule:
+    """One fusion rule with its parameters: what the fusion model's config.pbtxt says (``params``)."""
+
+    mode: str = "negation_entropy"
+    tau: float = 1.0
+    priors: tuple[float, ...] | None = None  # fitted only, one per member in ensemble order
+    space: str = "prob"  # fitted only
+
+    def __post_init__(self):
+        if self.priors is not None:
+            object.__setattr__(self, "priors", tuple(float(a) for a in self.priors))
+        if self.mode not in MODES:
+            raise ValueError(f"unknown fusion mode {self.mode!r}; expected one of {MODES}")
+        if self.mode == FITTED and self.priors is None:
+            raise ValueError(f"fusion mode {FITTED!r} needs priors (one per member)")
+        _check_fitted(len(self.priors or ()), self.mode, self.priors, self.space)
+        if not (self.tau > 0.0 if self.mode == FITTED else self.tau >= 0.0):
+            raise ValueError(f"tau must be {'> 0' if self.mode == FITTED else '>= 0'}, got {self.tau}")
+        if self.priors is not None and not all(math.isfinite(a) for a in self.priors):
+            raise ValueError(f"priors must be finite numbers, got {list(self.priors)}")
+
+    def fuse(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return fuse(probs, self.mode, self.tau, self.priors, self.space)
+
+    def params(self) -> dict[str, str]:
+        """The fusion model's config parameters (strings; floats as their shortest exact repr)."""
+        out = {"fusion_mode": self.mode, "tau": repr(float(self.tau))}
+        if self.mode == FITTED:
+            out.update(priors=json.dumps(list(self.priors)), space=self.space)
+        return out
+
+    def describe(self) -> str:
+        if self.mode == FITTED:
+            return f"{FITTED} (τ={self.tau:.4g}, priors [{', '.join(f'{a:.4g}' for a in self.priors)}], {self.space} space)"
+        return self.mode if self.mode == "mean" else f"{self.mode} (τ={self.tau:g})"
+
+    @classmethod
+    def from_params(cls, params: dict[str, str], members: int | None = None) -> "FusionRule":
+        """Parse config parameters (``params``' inverse); ValueError names the parameter that is wrong.
+        ``members``: the number of member inputs the priors must match."""
+        mode = params.get("fusion_mode", "negation_entropy")
+        raw_tau = params.get("tau") or "1.0"
+        try:
+            tau = float(raw_tau)
+        except ValueError:
+            raise ValueError(f"tau must be a number, got {raw_tau!r}") from None
+        priors = None
+        if mode == FITTED:
+            raw = params.get("priors", "")
+            try:
+                priors = json.loads(raw)
+            except json.JSONDecodeError:
+                raise ValueError(f"priors must be a JSON list of numbers, got {raw!r}") from None
+            if not isinstance(priors, list) or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in priors):
+                raise ValueError(f"priors must be a JSON list of numbers, got {raw!r}")
+            if members is not None and len(priors) != members:
+                raise ValueError(f"priors has {len(priors)} entries but the model has {members} member inputs")
+        return cls(mode, tau, priors, params.get("space", "prob") if mode == FITTED else "prob")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from tritonclient.utils import triton_to_np_dtype
 from ctr_ensemble.errors import CtrError
 from ctr_ensemble.export.repository import ENSEMBLE_NAME, read_config
 from ctr_ensemble.features import FeatureSpec
-from ctr_ensemble.layers.fusion import fuse
+from ctr_ensemble.layers.fusion import MODES, FusionRule
 from ctr_ensemble.training.trainer import encode_file
 
 LABEL = "label"
@@ -140,11 +140,16 @@ def _fusion_ensemble(repo: Path, model: str, cfg: mc.ModelConfig, rows, cache: _
         cols = [produced[fstep.input_map[i.name]] for i in fcfg.input]
     except KeyError:
         return None
-    mode = fcfg.parameters["fusion_mode"].string_value
-    tau = float(fcfg.parameters["tau"].string_value or 1.0) if "tau" in fcfg.parameters else 1.0
+    params = {k: v.string_value for k, v in fcfg.parameters.items()}
+    if params.get("fusion_mode") not in MODES:  # the collaborative head: not a rule over member probabilities
+        return None
+    try:  # parsed as the served fusion model parses its config
+        rule = FusionRule.from_params(params, members=len(cols))
+    except ValueError as e:
+        raise CtrError(f"{repo / fstep.model_name / 'config.pbtxt'}: fusion parameters: {e}") from None
     # float32 like the server: the fusion model computes on the members' float32 outputs.
     probs = torch.from_numpy(np.stack(cols, axis=1).astype(np.float32))
-    return fuse(probs, mode, tau)[0][:, 0].numpy().astype(np.float64)
+    return rule.fuse(probs)[0][:, 0].numpy().astype(np.float64)
 
 
 # A reference returns None when the model is not of its kind; the first that answers wins.

@@ -3,9 +3,12 @@
 A variant is a model to call plus deployment options (``RepoOptions`` fields: fusion rule,
 dynamic batching, instances, ...). Variants with the same options share one repository,
 derived from the base one by rewriting configs only (``reconfigure_repository``), and one
-server. For each variant × protocol × user count: scrape Triton's metrics, run Locust headless
-in a subprocess (gevent never touches this process), scrape again, summarise what the users
-recorded against the offline reference, then perf_analyzer at the same concurrency.
+server; options that change nothing of the base repository's share the base's server. The
+fitted fusion (``fusion_mode: fitted``) is the one the base repository was fitted with
+(``export --fit-fusion``); a base without one skips that variant. For each variant × protocol ×
+user count: scrape Triton's metrics, run Locust headless in a subprocess (gevent never touches this
+process), scrape again, summarise what the users recorded against the offline reference, then
+perf_analyzer at the same concurrency.
 
 A variant whose model the repository lacks (the collaborative ensemble before it is exported)
 is skipped with the reason; one that fails to load is reported with Triton's error and the
@@ -32,7 +35,8 @@ import yaml
 from rich.console import Console
 
 from ctr_ensemble.errors import CtrError
-from ctr_ensemble.export.repository import ENSEMBLE_NAME, RepoOptions, reconfigure_repository
+from ctr_ensemble.export.repository import ENSEMBLE_NAME, RepoOptions, fitted_rule, read_manifest, reconfigure_repository
+from ctr_ensemble.layers.fusion import FITTED
 from ctr_ensemble.loadtest import perf, stats
 from ctr_ensemble.loadtest.rows import (InputSpec, NoReference, OfflineReference, inputs_from_config, inputs_from_metadata,
                                         load_rows, model_spec)
@@ -92,17 +96,19 @@ class SweepConfig:
             raise CtrError("need rows_per_request >= 1, duration_s > 0 and 0 <= warmup_s < duration_s")
 
 
-# The default sweep of `make loadtest`: each member alone, both fusion rules, batching off, two member
-# instances, two fusion instances.
+# The default sweep of `make loadtest`: each member alone, the fusion rules (τ = 1, fitted, mean), batching off,
+# two member instances, two fusion instances (the last three with τ = 1, whatever the base was exported with).
+NE_TAU1 = {"fusion_mode": "negation_entropy", "tau": 1.0}
 DEFAULT_VARIANTS = [
     Variant("deepfm", "deepfm"),
     Variant("dcnv2", "dcnv2"),
-    Variant("ensemble_ne", ENSEMBLE_NAME),
+    Variant("ensemble_ne", ENSEMBLE_NAME, NE_TAU1),
+    Variant("ensemble_fitted", ENSEMBLE_NAME, {"fusion_mode": FITTED}),
     Variant("ensemble_mean", ENSEMBLE_NAME, {"fusion_mode": "mean"}),
-    Variant("ensemble_ne_no_batching", ENSEMBLE_NAME, {"dynamic_batching": False}),
-    Variant("ensemble_ne_2_instances", ENSEMBLE_NAME, {"instances": 2}),
+    Variant("ensemble_ne_no_batching", ENSEMBLE_NAME, {**NE_TAU1, "dynamic_batching": False}),
+    Variant("ensemble_ne_2_instances", ENSEMBLE_NAME, {**NE_TAU1, "instances": 2}),
     # Two fusion instances: under concurrent load the single Python fusion instance is where requests queue.
-    Variant("ensemble_ne_2_fusion", ENSEMBLE_NAME, {"fusion_instances": 2}),
+    Variant("ensemble_ne_2_fusion", ENSEMBLE_NAME, {**NE_TAU1, "fusion_instances": 2}),
     # Hook for the collaborative ensemble (issue 4): skipped with the reason while the repository has none.
     Variant("collaborative", "ctr_collaborative"),
 ]
@@ -249,14 +255,20 @@ def run_sweep(cfg: SweepConfig, base_repo: Path, data: Path, out: Path, *, targe
     if cfg.perf_analyzer and perf_reason:
         console.print(f"[yellow]perf_analyzer skipped: {perf_reason}[/]")
     groups: dict[str, list[Variant]] = {}
+    base = base_options(base_repo) if (Path(base_repo) / "repository.json").is_file() else None
     for v in cfg.variants:
-        groups.setdefault(v.key(), []).append(v)
+        groups.setdefault("{}" if changes_nothing(v.options, base) else v.key(), []).append(v)
     for gi, (key, variants) in enumerate(groups.items()):
-        if target is not None and variants[0].options:
+        opts = {} if key == "{}" else variants[0].options
+        if target is not None and opts:
             for v in variants:
                 result.rows.append(_note_row(v, "skipped", "deployment options need a server started by the sweep (not --url)"))
             continue
-        opts = variants[0].options
+        if opts.get("fusion_mode") == FITTED and (base is None or fitted_rule(read_manifest(base_repo)) is None):
+            for v in variants:
+                result.rows.append(_note_row(v, "skipped", f"repository {base_repo} has no fitted fusion (export --fit-fusion VAL_FILE)"))
+            console.print(f"[yellow]{', '.join(v.name for v in variants)}: skipped (no fitted fusion in {base_repo})[/]")
+            continue
         repo = Path(base_repo)
         # Skip before building anything when no variant of the group can run on this repository.
         runnable = []
@@ -271,7 +283,7 @@ def run_sweep(cfg: SweepConfig, base_repo: Path, data: Path, out: Path, *, targe
         tgt = target
         try:
             if opts:
-                base_opts = RepoOptions(**_base_options(repo))
+                base_opts = RepoOptions(**base_options(repo))
                 repo = work / f"repo-{gi}"
                 reconfigure_repository(base_repo, repo, dataclasses.replace(base_opts, **opts))
             if tgt is None:
@@ -292,7 +304,16 @@ def run_sweep(cfg: SweepConfig, base_repo: Path, data: Path, out: Path, *, targe
     return result
 
 
-def _base_options(repo: Path) -> dict:
+def changes_nothing(options: dict, base: dict | None) -> bool:
+    """Whether a variant's options leave the base repository's deployment as it is (then it shares the base's server)."""
+    if not options:
+        return True
+    if base is None:
+        return False
+    return RepoOptions(**{**base, **options}) == RepoOptions(**base)
+
+
+def base_options(repo: Path) -> dict:
     """The options the base repository was exported with (manifest), to change only what a variant says."""
     manifest = json.loads((Path(repo) / "repository.json").read_text())
     known = {f.name for f in dataclasses.fields(RepoOptions)}

@@ -4,6 +4,8 @@ Config parameters: ``fusion_mode``:
 
 - ``negation_entropy`` | ``mean`` (with ``tau``): inputs are the members' ``<m>_prob`` (B, 1) in config
   order; fused p = Σ w_i·p_i with w = softmax(NE(p)/τ) (or 1/N).
+- ``fitted`` (with ``tau``, ``priors`` a JSON list, one per member in input order, and ``space`` prob |
+  logit): w = softmax(a_i + NE(p_i)/τ); p = Σ w_i·p_i, or σ(Σ w_i·logit p_i) in logit space.
 - ``collaborative`` (with ``head_file``, default ``head.pt`` in this version folder): inputs are every
   member's ``<m>_prob`` (B, 1), then every member's ``<m>_repr`` (B, H_m); the trained CETNet head
   (arXiv 2411.13700) predicts from [w_1·h_1 ‖ … ‖ w_N·h_N] (or the weighted sum). The head file is
@@ -26,7 +28,7 @@ from torch.utils.dlpack import from_dlpack, to_dlpack
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from ctr_fusion import MODES, fuse, head_from_payload  # noqa: E402
+from ctr_fusion import MODES, FusionRule, fuse, head_from_payload  # noqa: E402
 
 COLLABORATIVE = "collaborative"
 
@@ -54,12 +56,12 @@ class TritonPythonModel:
         if self.mode == COLLABORATIVE:
             self.head = self._load_head(os.path.join(HERE, params.get("head_file", "head.pt")))
             return
-        try:
-            self.tau = float(params.get("tau", "1.0"))
-        except ValueError:
-            raise pb_utils.TritonModelException(f"model '{self.name}': tau must be a number, got {params.get('tau')!r}")
-        if not self.tau >= 0:
-            raise pb_utils.TritonModelException(f"model '{self.name}': tau must be >= 0, got {self.tau}")
+        try:  # parsed once; the priors live on the instance's device as the tensor fuse() would build
+            rule = FusionRule.from_params(params, members=len(self.inputs))
+        except ValueError as e:
+            raise pb_utils.TritonModelException(f"model '{self.name}': fusion parameters: {e}")
+        self.tau, self.space = rule.tau, rule.space
+        self.priors = None if rule.priors is None else torch.tensor(rule.priors, dtype=torch.float32, device=self.device)
 
     def _load_head(self, path):
         def fail(msg):
@@ -100,7 +102,7 @@ class TritonPythonModel:
                         logit, weights = self.head(probs, reprs)
                     fused = torch.sigmoid(logit)
                 else:
-                    fused, weights = fuse(probs, self.mode, self.tau)
+                    fused, weights = fuse(probs, self.mode, self.tau, self.priors, self.space)
                 out = [
                     pb_utils.Tensor.from_dlpack("prob", to_dlpack(fused.contiguous())),
                     pb_utils.Tensor.from_dlpack("weights", to_dlpack(weights.contiguous())),
