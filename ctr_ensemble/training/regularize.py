@@ -13,6 +13,8 @@ Two ways to apply the embedding term (``TrainConfig.embedding_reg_rows``):
 * ``batch``: only the distinct rows the batch looked up (a forward hook on each table records them),
   through ``F.embedding`` with the table's own sparse flag, so a sparse optimizer still gets sparse
   gradients and a step touches only those rows: the variant for sparse optimizers and Criteo-size tables.
+  Under DDP every rank penalises the union of all ranks' rows (gathered each step), so that the averaged
+  gradient equals one process's on the global batch.
 
 ``auto`` picks ``all`` with dense Adam and ``batch`` with a sparse optimizer.
 """
@@ -25,6 +27,7 @@ from torch import nn
 
 from ctr_ensemble.errors import CtrError
 from ctr_ensemble.models.base import Member
+from ctr_ensemble.training.distributed import Dist, gather_rows
 
 ROWS = ("auto", "all", "batch")
 
@@ -40,7 +43,8 @@ class Regularizer:
 
     In ``batch`` mode call it after the forward pass of the batch (the hooks have then seen its ids)."""
 
-    def __init__(self, module: nn.Module, rows: str, sparse_optimizer: bool):
+    def __init__(self, module: nn.Module, rows: str, sparse_optimizer: bool, dist: Dist | None = None):
+        self.dist = dist
         if rows not in ROWS:
             raise CtrError(f"embedding_reg_rows must be one of {', '.join(ROWS)}, got {rows!r}")
         self.rows = ("batch" if sparse_optimizer else "all") if rows == "auto" else rows
@@ -93,6 +97,8 @@ class Regularizer:
             if not ids:
                 continue
             rows = torch.unique(torch.cat([i.reshape(-1) for i in ids]))
+            if self.dist is not None and self.dist.active:  # the global batch's rows on every rank
+                rows = torch.unique(gather_rows(rows, self.dist).to(rows.device))
             terms.append(lam / p * _norm_p(F.embedding(rows, table.weight, sparse=table.sparse), p))
         for param, lam, p in self.net:
             terms.append(lam / p * _norm_p(param, p))

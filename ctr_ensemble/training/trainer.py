@@ -235,7 +235,7 @@ class TrainStep:
         self.forward = torch.compile(forward) if cfg.compile else forward
         self.amp = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16")
         self.feed = Feed(train, spec, cfg, dist)
-        self.reg = Regularizer(model, cfg.embedding_reg_rows, sparse_optimizer=cfg.optimizer != "adam")
+        self.reg = Regularizer(model, cfg.embedding_reg_rows, sparse_optimizer=cfg.optimizer != "adam", dist=dist)
 
     def __call__(self, batch):
         x, y = self.feed(batch)
