@@ -179,21 +179,23 @@ class Check:
 
     # ----------------------------------------------------------------------------------- 1. environment
     def environment(self, sec: Section, end: float) -> None:
+        try:
+            self.check_modules(sec)
+        finally:
+            self.stamp()
+
+    def check_modules(self, sec: Section) -> None:
+        import importlib.metadata as md
+
         rows = []
-        if self.dry:
+        if self.dry and not self.args.install:
             sec.md.append(f"- wheels: not installed ({SKIP_DRY}: this Python's own packages are used)")
         else:
             rows += self.install_wheels(sec)
         missing = []
-        import importlib.metadata as md
-        import importlib.util
-
         for dist, module, where in ([(d, m, "carried") for d, (_, m) in gpu_wheels.WHEELS.items()]
                                     + [(d, m, "machine") for d, m in gpu_wheels.MACHINE_HAS.items()]):
-            try:
-                found = importlib.util.find_spec(module) is not None
-            except ModuleNotFoundError:
-                found = False
+            found = importable(module)
             try:
                 version = md.version(dist)
             except md.PackageNotFoundError:
@@ -206,11 +208,10 @@ class Check:
         sec.md += ["", md_table(rows, ["what", "name", "distribution", "expected from", "version", "status"])]
         if missing:
             sec.fail(f"not importable: {', '.join(missing)}")
-        self.stamp()
 
     def install_wheels(self, sec: Section) -> list[dict]:
         """pip install --no-deps --no-index --target (or unzip) the carried wheels whose module is not there yet."""
-        import importlib.util
+        import importlib
 
         folder = self.args.wheels
         index = json.loads((folder / "wheels.json").read_text()) if (folder / "wheels.json").is_file() else {"wheels": []}
@@ -219,14 +220,18 @@ class Check:
         site.mkdir(parents=True)
         todo, rows = [], []
         for w in index["wheels"]:
-            have = importlib.util.find_spec(w["module"]) is not None
+            have = importable(w["module"])
             rows.append({"what": "wheel", "name": w["wheel"], "distribution": w["distribution"],
                          "expected from": "carried", "version": "", "status": "already on the machine" if have else "installed"})
             if not have:
                 todo.append(folder / w["wheel"])
+        py = f"{sys.version_info.major}.{sys.version_info.minor}"
         if not index["wheels"]:
             sec.fail(f"{folder}/wheels.json not found: run `make gpu-wheels` here and carry {folder}")
-        if todo:
+        elif index.get("python") != py:
+            sec.fail(f"the wheels in {folder} are for Python {index.get('python')}, this is {py}")
+            todo = []
+        if todo and sec.status == "pass":
             t = time.monotonic()
             cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", "--target", str(site),
                    *map(str, todo)]
@@ -251,8 +256,11 @@ class Check:
         if commit:
             dirty = git(["status", "--porcelain", "--untracked-files=no"])
             commit += " (with uncommitted changes)" if dirty else ""
-        else:
-            commit = os.environ.get("GPU_CHECK_COMMIT") or "unknown (no git here; pass GPU_CHECK_COMMIT=<sha>)"
+        else:  # the device's copy of the tree has no .git
+            wheels = self.args.wheels / "wheels.json"
+            built = json.loads(wheels.read_text()).get("commit") if wheels.is_file() else None
+            commit = (os.environ.get("GPU_CHECK_COMMIT") or (f"{built} (no git here: the commit `make gpu-wheels` ran at)"
+                                                            if built else "unknown (no git here; pass GPU_CHECK_COMMIT=<sha>)"))
         cuda = torch.cuda.is_available()
         smi = shutil.which("nvidia-smi")
         gpu = run_text([smi, "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"]) if smi else ""
@@ -309,7 +317,6 @@ class Check:
     # ------------------------------------------------------------------------------------- 4. serving
     def serving(self, sec: Section, end: float) -> None:
         from ctr_ensemble.export import repository as R
-        from ctr_ensemble.serving.server import TritonServer
 
         work = self.work / "serving"
         shutil.rmtree(work, ignore_errors=True)
@@ -318,45 +325,60 @@ class Check:
         sec.md.append(f"Fusion modes of this version (`repository.FUSION_MODES`): {', '.join(modes)}."
                       + ("" if "fitted" in modes else " The fitted fusion is not in this version: skipped."))
         parity, timing = [], []
-        kinds = [self.kind] if self.dry else ["gpu", "cpu"]
-        for mode in modes:
-            self.check_time(end, f"mode {mode}")
-            repo = work / "repos" / f"{mode}-{self.kind}"
-            opt = R.RepoOptions(max_batch_size=max(FUSION_BATCHES), fusion_mode=mode, fusion_kind=self.kind)
-            va = data["val"]
-            if mode == R.COLLABORATIVE:
-                R.write_repository([], repo, opt, parity_rows=va.feeds(slice(0, 256)), collab=collab_ck)
-            else:
-                R.write_repository(cks, repo, opt, parity_rows=va.feeds(slice(0, 256)))
-            kind_in_config = "KIND_GPU" if "KIND_GPU" in (repo / R.FUSION_NAME / "config.pbtxt").read_text() else "KIND_CPU"
-            repos = {self.kind: repo}
-            if "cpu" in kinds and self.kind != "cpu":  # the same repository with the fusion on CPU, for the timing
-                repos["cpu"] = work / "repos" / f"{mode}-cpu"
-                R.reconfigure_repository(repo, repos["cpu"], R.RepoOptions(**{**R.read_manifest(repo)["options"],
-                                                                               "fusion_kind": "cpu"}))
-            with ExitStack() as stack:
-                servers = self.start_servers(TritonServer, repos, end)
-                for s in servers.values():
-                    stack.callback(self.stop_server, s)
-                parity += self.served_parity(mode, kind_in_config, data["test_file"], repo, servers[self.kind])
-                for kind, s in servers.items():
-                    self.check_time(end, f"fusion timing {mode}/{kind}")
-                    timing += fusion_timing(mode, kind, s, repos[kind], self.args.requests)
-        self.csv("served_parity.csv", parity)
-        self.csv("fusion_timing.csv", timing)
-        sec.md += ["", f"### Served outputs against the CPU reference (PyTorch members + reference fusion), ≤ {PARITY_TOL:g}", "",
-                   f"{len(parity) // 2 if parity else 0} repositories, {parity[0]['rows'] if parity else 0} test rows each, "
-                   "HTTP and gRPC; `max_abs_diff`: the ensemble's prob vs the reference, `fusion_max_abs_diff`: the served fusion "
-                   "vs the reference fusion of what the same server's members returned.", "",
-                   md_table(parity, ["mode", "fusion_kind", "protocol", "rows", "max_abs_diff", "fusion_max_abs_diff", "pass"]),
-                   "", "### Fusion compute time per request (Triton's nv_inference_compute_*_duration_us of model `fusion`)", "",
+        try:
+            for mode in modes:
+                self.check_time(end, f"mode {mode}")
+                try:
+                    self.serve_mode(mode, work, data, cks if mode != R.COLLABORATIVE else None, collab_ck, end,
+                                    parity, timing)
+                except DeadlineReached:
+                    raise
+                except Exception as e:  # one mode's failure is recorded; the other modes still run
+                    parity.append({"mode": mode, "pass": "NO", "error": f"{type(e).__name__}: {str(e).strip()[:300]}"})
+        finally:
+            self.serving_report(sec, parity, timing)
+
+    def serve_mode(self, mode: str, work: Path, data: dict, cks, collab_ck, end: float, parity: list, timing: list) -> None:
+        """Export ``mode`` with the fusion on this run's kind, serve it, check parity; time the fusion there and,
+        on the GPU, on the same repository reconfigured to KIND_CPU (both servers started together)."""
+        from ctr_ensemble.export import repository as R
+        from ctr_ensemble.serving.server import TritonServer
+
+        repo = work / "repos" / f"{mode}-{self.kind}"
+        opt = R.RepoOptions(max_batch_size=max(FUSION_BATCHES), fusion_mode=mode, fusion_kind=self.kind)
+        rows = data["val"].feeds(slice(0, 256))
+        R.write_repository(cks or [], repo, opt, parity_rows=rows, collab=None if cks else collab_ck)
+        kind_in_config = "KIND_GPU" if "KIND_GPU" in (repo / R.FUSION_NAME / "config.pbtxt").read_text() else "KIND_CPU"
+        repos = {self.kind: repo}
+        if self.kind != "cpu":
+            repos["cpu"] = work / "repos" / f"{mode}-cpu"
+            R.reconfigure_repository(repo, repos["cpu"], R.RepoOptions(**{**R.read_manifest(repo)["options"],
+                                                                           "fusion_kind": "cpu"}))
+        with ExitStack() as stack:
+            servers = self.start_servers(TritonServer, repos, end)
+            for s in servers.values():
+                stack.callback(self.stop_server, s)
+            parity += self.served_parity(mode, kind_in_config, data["test_file"], repo, servers[self.kind])
+            for kind, s in servers.items():
+                self.check_time(end, f"fusion timing {mode}/{kind}")
+                timing += fusion_timing(mode, kind, s, repos[kind], self.args.requests)
+
+    def serving_report(self, sec: Section, parity: list[dict], timing: list[dict]) -> None:
+        pcols = ["mode", "fusion_kind", "protocol", "rows", "max_abs_diff", "fusion_max_abs_diff", "pass", "error"]
+        tcols = ["mode", "fusion_kind", "batch", "requests", "compute_ms", "infer_ms", "rows_per_s"]
+        self.csv("served_parity.csv", parity, pcols)
+        self.csv("fusion_timing.csv", timing, tcols)
+        sec.md += ["", f"### Served outputs against the CPU reference (PyTorch members + reference fusion), ≤ {PARITY_TOL:g}",
+                   "", f"{self.args.parity_rows} test rows per repository, HTTP and gRPC; `max_abs_diff`: the ensemble's "
+                   "prob vs the reference, `fusion_max_abs_diff`: the served fusion vs the reference fusion of what the same "
+                   "server's members returned.", "", md_table(parity, pcols), "",
+                   "### Fusion compute time per request (Triton's nv_inference_compute_*_duration_us of model `fusion`)", "",
                    "Requests sent to the fusion model itself (member outputs as inputs), one request at a time; compute = "
-                   "input + infer + output per request.", "",
-                   md_table(timing, ["mode", "fusion_kind", "batch", "requests", "compute_ms", "infer_ms", "rows_per_s"])]
-        bad = [f"{r['mode']}/{r['protocol']}" for r in parity if r["pass"] != "yes"]
+                   "input + infer + output per request; rows/s = batch / compute.", "", md_table(timing, tcols)]
+        bad = [f"{r['mode']}/{r.get('protocol', '-')}" for r in parity if r["pass"] != "yes"]
         if bad:
-            sec.fail(f"served parity > {PARITY_TOL:g}: {', '.join(bad)}")
-        if not self.dry and any(r["fusion_kind"] != "KIND_GPU" for r in parity):
+            sec.fail(f"served parity > {PARITY_TOL:g} or failed: {', '.join(bad)}")
+        if not self.dry and any(r.get("fusion_kind") not in ("KIND_GPU", None) for r in parity):
             sec.fail("a fusion config is not KIND_GPU")
         self.fusion_targets(sec, timing)
 
@@ -551,6 +573,15 @@ def md_table(rows: list[dict], cols: list[str]) -> str:
     return table(rows, cols) if rows else "(none)"
 
 
+def importable(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a dotted name whose parent package is missing
+        return False
+
+
 def git(args: list[str]) -> str:
     try:
         r = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=20)
@@ -739,6 +770,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--wheels", type=Path, default=ROOT / "artifacts" / "gpu-wheels")
     p.add_argument("--site", type=Path, default=ROOT / "artifacts" / "gpu-site", help="--target folder of the wheels")
     p.add_argument("--dry-run", action="store_true", default=bool(os.environ.get("GPU_CHECK_DRY")))
+    p.add_argument("--install", action="store_true", help="install the carried wheels in a dry run too (a rehearsal "
+                   "on a Python without them: `gpu_wheels.py --python` of this Python)")
     p.add_argument("--deadline", type=float, default=DEADLINE_S)
     p.add_argument("--budget-scale", type=float, default=1.0, help="multiplies every section's budget")
     p.add_argument("--sections", default="environment,dlpack,cuda_tests,serving,train,quality")

@@ -85,17 +85,18 @@ def pinned() -> list[str]:
     return out
 
 
-def download(cache: Path) -> None:
+def download(cache: Path, python: str = PYTHON) -> None:
     cache.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", PYTHON,
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", python,
            "--implementation", "cp", *[a for p in PLATFORMS for a in ("--platform", p)], "-d", str(cache), *pinned()]
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
 
 
-def _wheel_for(folder: Path, dist: str, version: str) -> Path:
-    stem = re.sub(r"[-_.]+", "_", dist).lower()
-    hits = [p for p in folder.glob("*.whl") if p.name.lower().startswith(f"{stem}-{version.lower()}-")]
+def _wheel_for(folder: Path, dist: str, version: str, python: str = PYTHON) -> Path:
+    stem, tag = re.sub(r"[-_.]+", "_", dist).lower(), f"-cp{python.replace('.', '')}-"
+    hits = [p for p in folder.glob("*.whl") if p.name.lower().startswith(f"{stem}-{version.lower()}-")
+            and ("-cp" not in p.name or tag in p.name)]
     if len(hits) != 1:
         raise SystemExit(f"{folder}: expected one wheel of {dist}=={version}, found {[p.name for p in hits]}")
     return hits[0]
@@ -203,16 +204,17 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=ROOT / "artifacts" / "gpu-wheels", help="the folder carried to the GPU machine")
     p.add_argument("--cache", type=Path, default=ROOT / "artifacts" / "gpu-wheels-cache", help="downloads (not carried)")
+    p.add_argument("--python", default=PYTHON, help="the GPU machine's Python (another one only to rehearse elsewhere)")
     args = p.parse_args()
-    download(args.cache)
+    download(args.cache, args.python)
     shutil.rmtree(args.out, ignore_errors=True)
     args.out.mkdir(parents=True)
     entries = []
     req = requirement_pins()
     for name, (version, module) in WHEELS.items():
-        src = _wheel_for(args.cache, name, req.get(name.lower(), version))
+        src = _wheel_for(args.cache, name, req.get(name.lower(), version), args.python)
         if name == "nvidia-pytriton":
-            dst, dropped = slim_pytriton(src, args.out)
+            dst, dropped = slim_pytriton(src, args.out, args.python)
             print(f"{src.name} ({mib(src.stat().st_size)}) -> {dst.name} ({mib(dst.stat().st_size)}); dropped "
                   f"{len(dropped)} files, {mib(sum(b for _, b in dropped))} unpacked: "
                   + ", ".join(sorted({f.split("/")[-1] if "libs/" in f else f"stub {f.split('/')[3]}" for f, _ in dropped})))
@@ -221,7 +223,9 @@ def main() -> int:
             shutil.copy(src, dst)
         entries.append({"distribution": name, "module": module, "wheel": dst.name, "bytes": dst.stat().st_size,
                         "sha256": hashlib.sha256(dst.read_bytes()).hexdigest()})
-    (args.out / "wheels.json").write_text(json.dumps({"python": PYTHON, "platforms": PLATFORMS, "wheels": entries}, indent=2))
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    (args.out / "wheels.json").write_text(json.dumps({"python": args.python, "platforms": PLATFORMS, "commit": commit,
+                                                      "wheels": entries}, indent=2))
     rep = size_report(args.out)
     for w in rep["wheels"]:
         print(f"  {w['bytes']:>11,}  {w['wheel']}")
