@@ -157,8 +157,8 @@ class Check:
                 pass
 
     def write_report(self, note: str = "") -> None:
-        ok = all(s.status == "pass" or s.status.startswith("skipped") for s in self.sections)
-        md = ["# GPU check", "", *self.header, f"- wall time so far: {time.monotonic() - self.t0:.0f} s "
+        ok = self.passed()
+        md = ["# GPU check", "", *self.header, f"- wall time: {time.monotonic() - self.t0:.0f} s "
               f"(deadline {self.args.deadline:.0f} s)", f"- result: {'all sections passed' if ok else 'NOT all passed'}"
               + (" (dry run: nothing on CUDA was run or measured)" if self.dry else ""), *([f"- {note}"] if note else []),
               "", "## Summary", "", md_table([{"section": s.name, "status": s.status, "seconds": f"{s.seconds:.0f}",
@@ -303,6 +303,7 @@ class Check:
             sec.fail("pytest ran past the section's budget")
         rows = junit_rows(xml) if xml.is_file() else []
         self.csv("cuda_tests.csv", rows, ["test", "outcome", "seconds", "message"])
+        (self.out / "cuda_tests.log").write_text(log or "")  # pytest's own output, for the failures
         tail = (log or "").strip().splitlines()[-1:] or ["(no output)"]
         sec.md += [f"`{' '.join(['pytest', *ids])}` → {tail[0]}", "", md_table(rows, ["test", "outcome", "seconds", "message"])]
         bad = [r["test"] for r in rows if r["outcome"] in ("failed", "error")]
@@ -324,7 +325,7 @@ class Check:
         modes = list(R.FUSION_MODES)
         sec.md.append(f"Fusion modes of this version (`repository.FUSION_MODES`): {', '.join(modes)}."
                       + ("" if "fitted" in modes else " The fitted fusion is not in this version: skipped."))
-        parity, timing = [], []
+        parity, timing, errors = [], [], []
         try:
             for mode in modes:
                 self.check_time(end, f"mode {mode}")
@@ -335,8 +336,10 @@ class Check:
                     raise
                 except Exception as e:  # one mode's failure is recorded; the other modes still run
                     parity.append({"mode": mode, "pass": "NO", "error": f"{type(e).__name__}: {str(e).strip()[:300]}"})
+                    errors.append(f"{mode}: {traceback.format_exc()[-3000:]}")
         finally:
             self.serving_report(sec, parity, timing)
+            sec.md += [f"```\n{e}\n```" for e in errors]
 
     def serve_mode(self, mode: str, work: Path, data: dict, cks, collab_ck, end: float, parity: list, timing: list) -> None:
         """Export ``mode`` with the fusion on this run's kind, serve it, check parity; time the fusion there and,
@@ -515,8 +518,10 @@ class Check:
             timer.cancel()
             p.wait()
         log.seek(0)
+        lines = log.read().strip().splitlines()
+        (self.out / "train_child.log").write_text("\n".join(lines[-200:]) + "\n")  # warnings, compile errors
         if p.returncode != 0 and len(got) < n:
-            err = (log.read().strip().splitlines() or [f"exit {p.returncode}"])[-1][:200]
+            err = (lines or [f"exit {p.returncode}"])[-1][:200]
             got.append({"error": f"child ended: {err}" if p.returncode > 0 else "killed at the time budget"})
         return got
 
@@ -548,6 +553,8 @@ class Check:
             lines = [ln for ln in out.splitlines() if ln.startswith("{")]
             r = json.loads(lines[-1]) if p.returncode == 0 and lines else {
                 "error": (err.strip().splitlines() or [f"exit {p.returncode} (time budget?)"])[-1][:200]}
+            if "error" in r:
+                sec.md += [f"{k}: the end of its stderr", "```", "\n".join(err.strip().splitlines()[-30:]), "```"]
             rows.append({"device": k, **{c: r.get(c, "") for c in ("val_auc", "best_epoch", "samples_per_s", "error")}})
         self.csv("quality.csv", rows, ["device", "val_auc", "best_epoch", "samples_per_s", "error"])
         sec.md += [f"DeepFM (default config), {a.quality_rows:,} train / {a.quality_val_rows:,} val synthetic rows prepared "
@@ -570,7 +577,8 @@ class Check:
 def md_table(rows: list[dict], cols: list[str]) -> str:
     from common import md_table as table
 
-    return table(rows, cols) if rows else "(none)"
+    cells = [{k: v.replace("|", "\\|") if isinstance(v, str) else v for k, v in r.items()} for r in rows]
+    return table(cells, cols) if rows else "(none)"
 
 
 def importable(module: str) -> bool:
