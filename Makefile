@@ -21,7 +21,7 @@ LT_REPO := $(if $(LT_DEMO),model_repository,artifacts/loadtest/demo/model_reposi
 LT_DATA := $(if $(LT_DEMO),artifacts/demo/data/test.tsv,artifacts/loadtest/demo/data/test.tsv)
 LT_SMALL := artifacts/loadtest/demo
 
-.PHONY: venv perf-venv demo test bench-serve bench-quality bench-data bench-train bench-reg bench-defaults loadtest loadtest-demo soak experiments clean
+.PHONY: venv perf-venv demo test bench-serve bench-quality bench-data bench-train bench-reg bench-defaults loadtest loadtest-demo soak experiments gpu-wheels gpu-check clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -102,6 +102,19 @@ $(FX_STAMP): benchmarks/requirements-fuxictr.txt
 # The full setting: make bench-quality BENCH_QUALITY_ARGS=--full
 bench-quality: venv $(FX_STAMP)
 	$(BIN)/python benchmarks/bench_quality.py --fuxictr-python $(FX_VENV)/bin/python --docs docs/bench/quality $(BENCH_QUALITY_ARGS)
+
+# The GPU check (README, "GPU check"). gpu-wheels, here: the cp312 wheels the GPU machine lacks, into an ignored
+# folder carried there, and whether they fit a device call with the working tree. gpu-check, there: no venv,
+# no network; the machine's python3 with the carried wheels in a --target folder (GPU_CHECK_DRY=1: CPU only).
+GPU_WHEELS ?= artifacts/gpu-wheels
+GPU_CHECK_OUT ?= artifacts/gpu
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+GPU_CHECK_ARGS ?=
+gpu-wheels: venv
+	$(BIN)/python benchmarks/gpu_wheels.py --out $(GPU_WHEELS)
+
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu_check.py --out $(GPU_CHECK_OUT) --wheels $(GPU_WHEELS) $(if $(GPU_CHECK_DRY),--dry-run) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf artifacts model_repository

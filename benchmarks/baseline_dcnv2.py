@@ -37,10 +37,10 @@ class PlainDCNv2(nn.Module):
 
 
 def run(batch: int, seconds: float = 20.0, max_steps: int = 60, device: str = "cpu", fields: int = 26,
-        ids: int = 100_000) -> dict:
+        ids: int = 100_000, hidden=(400, 400, 400)) -> dict:
     dev = torch.device(device)
     torch.manual_seed(0)
-    model = PlainDCNv2(fields, ids).to(dev)
+    model = PlainDCNv2(fields, ids, hidden=tuple(hidden)).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     loss_fn = nn.BCEWithLogitsLoss()
     n_batches = 8

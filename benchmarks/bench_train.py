@@ -97,10 +97,10 @@ def child(job: dict) -> dict:
     return out
 
 
-def _reference_spec():
+def _reference_spec(ids: int = 100_000, fields: int = 26):
     from ctr_ensemble.features import CategoricalField, FeatureSpec
 
-    return FeatureSpec(categorical=[CategoricalField(f"C{i + 1}", [str(k) for k in range(99_999)]) for i in range(26)],
+    return FeatureSpec(categorical=[CategoricalField(f"C{i + 1}", [str(k) for k in range(ids - 1)]) for i in range(fields)],
                        numeric=[])
 
 
@@ -124,13 +124,16 @@ def member_run(job: dict, torch) -> dict:
         data = Prepared(job["data"])
         spec = data.spec
         shuffle = "block"
-    model = models.build(job["arch"], models.make_config(job["arch"], job.get("config")), spec)
+    # device "cuda": batches pinned and copied ahead by the loader's thread (``prefetch``), as ``train`` does there
+    dev = torch.device(job.get("device", "cpu"))
+    model = models.build(job["arch"], models.make_config(job["arch"], job.get("config")), spec).to(dev)
     cfg = TrainConfig(batch_size=job["batch"], **job["train"])
     opts = Optimizers(model, cfg)
     reg = Regularizer(model, cfg.embedding_reg_rows, cfg.optimizer != "adam")  # the members' penalty, as trainers add it
     step_module = torch.compile(Logits(model)) if cfg.compile else Logits(model)
-    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.amp == "bf16")
-    batches = loader.Batches(data, spec.input_names, loader.LoaderConfig(batch_size=job["batch"], shuffle=shuffle))
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16")
+    batches = loader.Batches(data, spec.input_names, loader.LoaderConfig(
+        batch_size=job["batch"], shuffle=shuffle, prefetch=job.get("prefetch", 0)), device=dev)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     state = {"it": batches.epoch(1), "epoch": 1}
 
@@ -151,7 +154,8 @@ def member_run(job: dict, torch) -> dict:
         loss.backward()
         opts.step()
 
-    out = _time_steps(step, job["batch"], job["seconds"])
+    sync = torch.cuda.synchronize if dev.type == "cuda" else lambda: None
+    out = _time_steps(step, job["batch"], job["seconds"], job.get("max_steps", 60), sync)
     out["params"] = sum(p.numel() for p in model.parameters())
     return out
 
@@ -201,14 +205,14 @@ def ensure_bench_data(args) -> tuple[Path, Path]:
     return d / "train", d / "val"
 
 
-def ensure_quality_data(args) -> tuple[Path, Path]:
+def ensure_quality_data(args, val_rows: int = 50_000, workers: int = 1) -> tuple[Path, Path]:
     from ctr_ensemble.data.prepare import PrepareOptions, prepare
     from ctr_ensemble.data.synth import SynthConfig, generate
 
-    d = args.data / f"quality_{args.quality_rows}"
+    d = args.data / (f"quality_{args.quality_rows}" + (f"_{val_rows}" if val_rows != 50_000 else ""))
     if not (d / "prepared" / "val" / "manifest.json").is_file():
-        generate(d / "raw", SynthConfig(seed=11, splits={"train": args.quality_rows, "val": 50_000}))
-        opts = PrepareOptions(min_count=2, workers=1)
+        generate(d / "raw", SynthConfig(seed=11, splits={"train": args.quality_rows, "val": val_rows}))
+        opts = PrepareOptions(min_count=2, workers=workers)
         prepare([d / "raw" / "train.tsv"], d / "prepared" / "train", opts)
         prepare([d / "raw" / "val.tsv"], d / "prepared" / "val", opts, spec=d / "prepared" / "train" / "feature_spec.json")
     return d / "prepared" / "train", d / "prepared" / "val"

@@ -4,6 +4,7 @@ configs parse with Triton's model_config protobuf and put members and fusion on 
 
 import ast
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,12 +28,10 @@ def compose():
 
 
 def _pins(path: Path) -> dict[str, str]:
-    out = {}
-    for line in path.read_text().splitlines():
-        m = re.match(r"^([A-Za-z0-9_.\-]+)(\[[^\]]*\])?==([^\s#]+)", line)
-        if m:
-            out[m.group(1).lower()] = m.group(3)
-    return out
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_wheels import requirement_pins  # stdlib only; `make gpu-wheels` reads the same pins
+
+    return requirement_pins(path)
 
 
 def test_compose_has_the_services_and_triton_runs_the_tested_flags(compose):

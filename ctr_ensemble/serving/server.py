@@ -9,6 +9,7 @@ showing the end of the server log if it never comes.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -16,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -30,11 +32,12 @@ from ctr_ensemble.export.repository import TRITON_SRC
 
 
 def pytriton_root() -> Path:
-    try:
-        import pytriton
-    except ImportError as e:
-        raise CtrError("nvidia-pytriton is not installed; it ships the tritonserver binary (pip install nvidia-pytriton)") from e
-    return Path(pytriton.__file__).parent
+    """The installed ``pytriton`` folder, found without importing it: only its ``tritonserver/`` is used, so
+    its own Python dependencies need not be there (a ``pip install --no-deps --target`` of the wheel works)."""
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.origin:
+        raise CtrError("nvidia-pytriton is not installed; it ships the tritonserver binary (pip install nvidia-pytriton)")
+    return Path(spec.origin).parent
 
 
 def free_ports(n: int) -> list[int]:
@@ -95,6 +98,13 @@ def production_command() -> list[str]:
     0.0.0.0 (defaults 8000/8001/8002), the key taken from the environment by compose."""
     return ["tritonserver", f"--model-repository={PRODUCTION_REPOSITORY}", *SERVER_FLAGS,
             *restriction_flags(f"${{{ADMIN_KEY_ENV}:?set {ADMIN_KEY_ENV} (see README)}}", check=False)]
+
+
+def libpython_dir() -> list[str]:
+    """The folder of this Python's shared libpython (the stub links ``libpython3.X.so.1.0``), where it has one:
+    a Python outside the system library paths (pyenv, a --target install on another machine) still starts it."""
+    libdir, soname = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME")
+    return [libdir] if libdir and soname and (Path(libdir) / soname).is_file() else []
 
 
 def make_backend_dir(dest: Path) -> Path:
@@ -193,8 +203,8 @@ class TritonServer(Endpoints):
         env = dict(os.environ)
         # The Python backend stub imports packages from the first python on PATH: ours.
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-        libs = pytriton_root().parent / "nvidia_pytriton.libs"
-        env["LD_LIBRARY_PATH"] = f"{libs}{os.pathsep}{env.get('LD_LIBRARY_PATH', '')}"
+        libs = [str(pytriton_root().parent / "nvidia_pytriton.libs"), *libpython_dir()]
+        env["LD_LIBRARY_PATH"] = os.pathsep.join([*libs, env.get("LD_LIBRARY_PATH", "")])
         log = open(self.log_path, "wb")
         self._proc = subprocess.Popen(self.command(backend_dir), stdout=log, stderr=subprocess.STDOUT, env=env,
                                       start_new_session=True)

@@ -5,6 +5,11 @@ backend. Triton falls back to ``<backend-directory>/onnxruntime/model.py`` for a
 whose config says ``backend: "onnxruntime"``, so the same repository runs unchanged here
 and on the NGC container, whose native backend wins there. Installed by
 ``ctr-ensemble serve`` into its backend directory; it is not part of the repository.
+
+Tensors: inputs are read by DLPack (``np.from_dlpack``), never ``as_numpy()``, which returns
+wrong values when the serving Python has numpy 2 (the stub is built against numpy 1). Outputs go
+back by DLPack under numpy 2; under numpy 1, whose DLPack capsules the stub cannot release,
+as ``pb_utils.Tensor(name, ndarray)``, which is correct there.
 """
 
 import json
@@ -13,6 +18,21 @@ import os
 import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
+
+NUMPY_2 = int(np.__version__.split(".")[0]) >= 2
+
+
+def _to_numpy(tensor):
+    """A CPU input tensor as a numpy array, by DLPack (the members' inputs are on the host)."""
+    return np.from_dlpack(tensor)
+
+
+def _to_triton(name, array):
+    """An output tensor: by DLPack under numpy 2; ``Tensor(name, ndarray)`` is right only under numpy 1."""
+    array = np.ascontiguousarray(array)
+    if NUMPY_2:
+        return pb_utils.Tensor.from_dlpack(name, array)
+    return pb_utils.Tensor(name, array)
 
 
 class TritonPythonModel:
@@ -48,7 +68,7 @@ class TritonPythonModel:
         sizes = []
         for request in requests:
             for name, dtype in self.inputs:
-                feeds[name].append(pb_utils.get_input_tensor_by_name(request, name).as_numpy().astype(dtype, copy=False))
+                feeds[name].append(_to_numpy(pb_utils.get_input_tensor_by_name(request, name)).astype(dtype, copy=False))
             sizes.append(feeds[self.inputs[0][0]][-1].shape[0])
         try:
             merged = {name: np.concatenate(parts) for name, parts in feeds.items()}
@@ -59,7 +79,7 @@ class TritonPythonModel:
         responses = []
         start = 0
         for n in sizes:
-            tensors = [pb_utils.Tensor(name, np.ascontiguousarray(r[start : start + n])) for name, r in zip(self.outputs, results)]
+            tensors = [_to_triton(name, r[start : start + n]) for name, r in zip(self.outputs, results)]
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
             start += n
         return responses
