@@ -21,7 +21,7 @@ LT_REPO := $(if $(LT_DEMO),model_repository,artifacts/loadtest/demo/model_reposi
 LT_DATA := $(if $(LT_DEMO),artifacts/demo/data/test.tsv,artifacts/loadtest/demo/data/test.tsv)
 LT_SMALL := artifacts/loadtest/demo
 
-.PHONY: venv perf-venv demo test bench-serve bench-quality bench-data bench-train bench-reg bench-defaults loadtest loadtest-demo soak experiments gpu-wheels gpu-check clean
+.PHONY: venv perf-venv demo test bench-serve bench-quality bench-data bench-train bench-reg bench-defaults bench-ensemble loadtest loadtest-demo soak experiments gpu-wheels gpu-check clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -66,6 +66,11 @@ bench-reg: venv
 # How the members' defaults were chosen: one default changed at a time on bench-quality's data (docs/bench/defaults/).
 bench-defaults: venv
 	$(BIN)/python benchmarks/bench_defaults.py --docs docs/bench/defaults
+
+# Fitted fusion vs tau = 1 vs mean vs the best member, on bench-quality's data (its quality_runs.csv picks the two
+# best members of each dataset by validation AUC); writes docs/bench/ensemble/.
+bench-ensemble: venv
+	$(BIN)/python benchmarks/bench_ensemble.py --docs docs/bench/ensemble
 
 # Independent vs mutual vs collaborative training (quick default; EXPERIMENTS_ARGS="--full" or "--dataset criteo").
 experiments: venv
