@@ -199,6 +199,11 @@ def load_data(args, s: Setting, out: Path) -> tuple[features.FeatureSpec, Arrays
     return spec, *arrays, info
 
 
+def _curve(row: dict) -> dict:
+    """A training-history row's validation metrics and lr (what the training-curve plot reads)."""
+    return {k: v for k, v in row.items() if k == "epoch" or k == "lr" or k.startswith("val_")}
+
+
 class Experiment:
     """All runs of one seed; ``records`` gets one entry per (run, member) scored on test."""
 
@@ -224,6 +229,10 @@ class Experiment:
         cfg = TrainConfig(epochs=self.s.epochs, batch_size=self.s.batch_size, lr=self.s.lr, patience=self.s.patience,
                           seed=1000 * seed + 37 * k + 1)
         ck = train_member(f"{arch}_{k + 1}", arch, self.cfg(arch), self.spec, self.train, self.val, cfg)
+        if k == 0 and arch in self.s.collab_members:  # the collaborative pair's independent counterparts
+            self.details.setdefault("independent_epochs", []).append(
+                {"seed": seed, "arch": arch, "best_epoch": ck.metrics["best_epoch"], "epochs": len(ck.metrics["history"]),
+                 "history": [_curve(h) for h in ck.metrics["history"]]})
         return ck, self.score(predict(ck.build(), self.test.feeds()))[0]
 
     def cotrain(self, seed, regime, inits: list[mutual.MemberInit], cfg: mutual.MutualConfig, bases: list[float]):
@@ -362,7 +371,8 @@ class Experiment:
     def collab_epochs(self, seed: int, regime: str, cc: collab.CollabCheckpoint) -> None:
         self.details.setdefault("collab_epochs", []).append(
             {"seed": seed, "regime": regime, "best_epoch": cc.metrics["best_epoch"], "epochs": len(cc.metrics["history"]),
-             "val_auc": cc.metrics["val_auc"], "val_logloss": cc.metrics["val_logloss"]})
+             "val_auc": cc.metrics["val_auc"], "val_logloss": cc.metrics["val_logloss"],
+             "history": [_curve(h) for h in cc.metrics["history"]]})
 
     def served(self, seed: int, cks: list[Checkpoint], cc: collab.CollabCheckpoint):
         """Both ensembles exported and served by the real tritonserver; returns what Triton answered over HTTP."""
@@ -442,7 +452,7 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def plots(rows: list[dict], s: Setting, out: Path, title: str) -> list[Path]:
+def plots(rows: list[dict], s: Setting, out: Path, title: str, details: dict) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -451,7 +461,8 @@ def plots(rows: list[dict], s: Setting, out: Path, title: str) -> list[Path]:
         paths += rq_plots(rows, s, out, title)
     paths.append(ensemble_plot(rows, s, out, title))
     paths.append(collab_plot(rows, s, out, title))
-    return paths
+    curves = curves_plot(details, s, out, title)
+    return paths + ([curves] if curves is not None else [])
 
 
 def rq_plots(rows: list[dict], s: Setting, out: Path, title: str) -> list[Path]:
@@ -545,6 +556,39 @@ def collab_items(s: Setting, members: bool = True) -> list[tuple[str, str, list[
         if members or not v:
             out += [(f"collaborative{tag} member {n}", f"collaborative-member{suffix}", names, n) for n in unique_names(names)]
     return out
+
+
+def curves_plot(details: dict, s: Setting, out: Path, title: str) -> Path | None:
+    """Validation AUC per epoch, every seed: the default collaborative run (fused and its members) against the
+    independently trained members; a marker where the lr was cut (reduce-LR-on-plateau)."""
+    import matplotlib.pyplot as plt
+
+    runs = [e for e in details.get("collab_epochs", []) if e["regime"] == "ensemble-collaborative" and e.get("history")]
+    ind = [e for e in details.get("independent_epochs", []) if e.get("history")]
+    if not runs:
+        return None
+    seeds = [e["seed"] for e in runs]
+    fig, axes = plt.subplots(1, len(seeds), figsize=(4.2 * len(seeds), 3.4), squeeze=False)
+    names = unique_names(s.collab_members)
+    for ax, run in zip(axes[0], runs):
+        h = run["history"]
+        ep = [r["epoch"] for r in h]
+        ax.plot(ep, [r["val_auc"] for r in h], "o-", color="tab:green", label="collaborative (fused)")
+        for n, style in zip(names, ("s--", "^:", "v-.", "d--")):
+            ax.plot(ep, [r[f"val_auc_{n}"] for r in h], style, color="tab:olive", ms=4, label=f"collaborative member {n}")
+        for e, style in zip([e for e in ind if e["seed"] == run["seed"]], ("s--", "^:", "v-.", "d--")):
+            hi = e["history"]
+            ax.plot([r["epoch"] for r in hi], [r["val_auc"] for r in hi], style, color="tab:blue", ms=4,
+                    label=f"independent {e['arch']}")
+        for curve, color in [(h, "tab:green"), *((e["history"], "tab:blue") for e in ind if e["seed"] == run["seed"])]:
+            cuts = [b["epoch"] for a, b in zip(curve, curve[1:]) if b["lr"] < a["lr"]]
+            ax.plot(cuts, [next(r["val_auc"] for r in curve if r["epoch"] == c) for c in cuts], "x", color=color, ms=9)
+        ax.set_title(f"seed {run['seed']}", fontsize=8)
+        ax.set_xlabel("epoch (x: first epoch at a cut lr)", fontsize=7)
+    axes[0][0].set_ylabel("val AUC")
+    axes[0][-1].legend(fontsize=6)
+    fig.suptitle(f"Validation AUC per epoch: collaborative vs independent ({title})", fontsize=9)
+    return _save(fig, out / "collab_curves.png")
 
 
 def collab_plot(rows: list[dict], s: Setting, out: Path, title: str) -> Path:
@@ -646,6 +690,10 @@ def collab_section(records: list[dict], s: Setting, seeds: list[int], details: d
         lines += ["", "Fitted rule per seed (chosen on validation logloss): " + "; ".join(
             f"seed {f['seed']}: {f['chosen']} (τ {f['rule']['tau']:.3g}, priors "
             f"{', '.join(f'{a:.3g}' for a in f['rule']['priors'])}, {f['rule']['space']} space)" for f in details["fitted"])]
+    if details.get("independent_epochs"):
+        lines += ["", "Independent members, best epoch / epochs run (per seed): " + "; ".join(
+            f"{a}: " + ", ".join(f"{e['best_epoch']}/{e['epochs']}" for e in details["independent_epochs"] if e["arch"] == a)
+            for a in names)]
     if details.get("collab_epochs"):
         lines += ["", "Collaborative runs, best epoch / epochs run (per seed): " + "; ".join(
             f"{reg.replace('ensemble-collaborative', 'collaborative')}: "
@@ -729,13 +777,13 @@ def main() -> int:
             w.writerows({**r, "members": ",".join(r["members"])} for r in records)
         details = {"dataset": dataset, "setting": asdict(s), "data": info, "seconds_total": time.perf_counter() - t0,
                    "seconds_per_seed": timings, "served": exp.details["served"], "full": args.full, "threads": args.threads,
-                   "fitted": exp.details.get("fitted", []), "collab_epochs": exp.details.get("collab_epochs", []),
+                   **{k: exp.details.get(k, []) for k in ("fitted", "independent_epochs", "collab_epochs")},
                    "command": " ".join(["benchmarks/experiments.py", *sys.argv[1:]]), **stamp}
         (out / "details.json").write_text(json.dumps(details, indent=2))
     rows = aggregate(records)
     (out / "results.json").write_text(json.dumps({"dataset": dataset, "seeds": seeds, "commit": details.get("commit"),
                                                   "date": details.get("date"), "rows": rows}, indent=2))
-    pngs = plots(rows, s, out, f"{dataset}, {len(seeds)} seeds")
+    pngs = plots(rows, s, out, f"{dataset}, {len(seeds)} seeds", details)
     seconds = details["seconds_total"]
     (out / "results.md").write_text(markdown(rows, dataset, seeds, details, pngs, paired_checks(records, s),
                                              collab_section(records, s, seeds, details),
