@@ -113,7 +113,7 @@ COLLAB_VARIANTS = {
     "kl0": ({"kl_weight": 0.0}, "KL weight λ = 0"),
     "kl1": ({"kl_weight": 1.0}, "KL weight λ = 1"),
     "mw0": ({"member_weight": 0.0}, "member-loss weight μ = 0 (fused BCE + KL only)"),
-    "mw0.3": ({"member_weight": 0.3}, "member-loss weight μ = 0.3"),
+    "mw1": ({"member_weight": 1.0}, "member-loss weight μ = 1 (the paper's; the default before)"),
     "mw3": ({"member_weight": 3.0}, "member-loss weight μ = 3"),
     "linear-head": ({"head": {"hidden": []}}, "linear head (no hidden layer)"),
     "detach": ({"detach_head": True}, "the head's loss does not reach the members (they learn from their BCE + KL)"),

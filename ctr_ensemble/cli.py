@@ -456,7 +456,7 @@ def train_collab_cmd(
     spec: Optional[Path] = typer.Option(None, help="Feature spec JSON from `ctr-ensemble data fit`; prepared data brings its own."),
     out: Path = typer.Option(..., help="Collaborative checkpoint to write (.pt + .sha256)."),
     kl_weight: float = typer.Option(0.1, help="λ of the symmetric-KL term between member predictions."),
-    member_weight: float = typer.Option(1.0, help="μ: weight of the members' own BCE terms (1 = the paper's)."),
+    member_weight: float = typer.Option(0.3, help="μ: weight of the members' own BCE terms (the paper's: 1)."),
     select: str = typer.Option("auc", help="Model selection / early stopping on the fused val auc or the fused val logloss."),
     detach_head: bool = typer.Option(False, help="The head reads the members' outputs detached: its loss trains the head "
                                                  "only, the members learn from their own BCE + KL."),

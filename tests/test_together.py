@@ -73,7 +73,7 @@ def test_symmetric_kl_and_collab_loss_terms():
         assert collab.symmetric_kl(z)[b].item() == pytest.approx(want, rel=1e-5)
     fused = torch.tensor([[0.2], [-0.3]])
     y = torch.tensor([1.0, 0.0])
-    total, parts = collab.collab_losses(fused, z, y, kl_weight=0.25)
+    total, parts = collab.collab_losses(fused, z, y, kl_weight=0.25, member_weight=1.0)
     want_fused = (_bce(1, 1 / (1 + math.exp(-0.2))) + _bce(0, 1 / (1 + math.exp(0.3)))) / 2
     want_members = sum(_bce(y[b].item(), p[b][i]) for b in range(2) for i in range(3)) / 2
     assert parts["fused_bce"].item() == pytest.approx(want_fused, rel=1e-6)
@@ -257,7 +257,7 @@ def test_collab_member_weight_scales_the_member_terms_only():
     z = torch.tensor([[0.4, -2.0], [3.0, 2.5], [-1.0, 0.2]])
     fused = torch.tensor([[0.2], [-0.3], [1.5]])
     y = torch.tensor([1.0, 0.0, 1.0])
-    one, p1 = collab.collab_losses(fused, z, y, kl_weight=0.3)
+    one, p1 = collab.collab_losses(fused, z, y, kl_weight=0.3, member_weight=1.0)
     for mu in (0.0, 0.25, 3.0):
         total, parts = collab.collab_losses(fused, z, y, kl_weight=0.3, member_weight=mu)
         assert parts["member_bce"].item() == pytest.approx(p1["member_bce"].item())  # reported unweighted
@@ -277,6 +277,7 @@ def test_collab_selection_on_fused_logloss(tiny_spec, tiny_arrays):
                             collab.CollabConfig(member_weight=-1.0))
     # a high lr over-fits within a few epochs: the epoch kept is the one with the lowest fused val logloss
     cfg = collab.CollabConfig(epochs=4, batch_size=512, lr=2e-2, patience=4, plateau_factor=1.0, seed=2, select="logloss",
+                              member_weight=1.0,
                               head=collab.HeadConfig(hidden=[8]))
     ck = collab.train_collab(_tiny_members(["deepfm", "dcnv2"]), tiny_spec, tiny_arrays["train"], tiny_arrays["val"], cfg)
     hist = ck.metrics["history"]
