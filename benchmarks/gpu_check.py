@@ -349,6 +349,13 @@ class Check:
 
         repo = work / "repos" / f"{mode}-{self.kind}"
         opt = R.RepoOptions(max_batch_size=max(FUSION_BATCHES), fusion_mode=mode, fusion_kind=self.kind)
+        if mode == "fitted":  # as `export --fit-fusion`: τ, priors and space fitted on the validation rows
+            from dataclasses import replace
+
+            from ctr_ensemble.export import fusion_fit
+
+            rule, _ = fusion_fit.fit_for_export(cks, data["val"])
+            opt = replace(opt, tau=rule.tau, priors=list(rule.priors), space=rule.space)
         rows = data["val"].feeds(slice(0, 256))
         R.write_repository(cks or [], repo, opt, parity_rows=rows, collab=None if cks else collab_ck)
         kind_in_config = "KIND_GPU" if "KIND_GPU" in (repo / R.FUSION_NAME / "config.pbtxt").read_text() else "KIND_CPU"
@@ -633,7 +640,7 @@ def cuda_test_ids(tests: Path = ROOT / "tests") -> list[str]:
             elif marked and (m := re.match(r"\s*def (test_\w+)", line)):
                 ids.append(f"{f.relative_to(ROOT)}::{m.group(1)}")
                 marked = False
-            elif marked and line.strip() and not line.lstrip().startswith("@"):
+            elif marked and re.match(r"\s*(async\s+)?(def|class)\s", line):  # decorators may span lines
                 marked = False
     return ids
 
