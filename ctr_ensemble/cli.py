@@ -451,10 +451,15 @@ def train_mutual_cmd(
 def train_collab_cmd(
     model: list[str] = typer.Option(..., help="A member architecture; repeat (N >= 2; the paper's pair: dhen, interformer)."),
     train: Path = typer.Option(..., help=TRAIN_DATA_HELP),
-    val: Path = typer.Option(..., help="Validation data (raw file or prepared folder); model selection on the fused AUC."),
+    val: Path = typer.Option(..., help="Validation data (raw file or prepared folder); model selection on the fused AUC "
+                                       "(--select)."),
     spec: Optional[Path] = typer.Option(None, help="Feature spec JSON from `ctr-ensemble data fit`; prepared data brings its own."),
     out: Path = typer.Option(..., help="Collaborative checkpoint to write (.pt + .sha256)."),
     kl_weight: float = typer.Option(0.1, help="λ of the symmetric-KL term between member predictions."),
+    member_weight: float = typer.Option(0.3, help="μ: weight of the members' own BCE terms (the paper's: 1)."),
+    select: str = typer.Option("auc", help="Model selection / early stopping on the fused val auc or the fused val logloss."),
+    detach_head: bool = typer.Option(False, help="The head reads the members' outputs detached: its loss trains the head "
+                                                 "only, the members learn from their own BCE + KL."),
     tau: float = typer.Option(1.0, help="Temperature τ of softmax(NE(p)/τ) (the initial value with --learn-tau)."),
     learn_tau: bool = typer.Option(False, help="Learn τ (as exp(log τ)) with the rest."),
     variant: str = typer.Option("concat", help="Head input: concat [w_i·h_i] or sum Σ w_i·P_i h_i."),
@@ -502,6 +507,7 @@ def train_collab_cmd(
                               patience=patience, plateau_factor=plateau_factor, embedding_reg_rows=embedding_reg_rows,
                               seed=seed, save_every=save_every, optimizer=optimizer, emb_lr=emb_lr,
                               device=device, streams=streams, prefetch=prefetch, amp=amp, compile=compile_, kl_weight=kl_weight,
+                              member_weight=member_weight, select=select, detach_head=detach_head,
                               head=collab.HeadConfig(variant=variant, hidden=hidden, proj_dim=proj_dim, tau=tau, learn_tau=learn_tau))
 
     def write(ck: collab.CollabCheckpoint) -> None:

@@ -73,7 +73,7 @@ def test_symmetric_kl_and_collab_loss_terms():
         assert collab.symmetric_kl(z)[b].item() == pytest.approx(want, rel=1e-5)
     fused = torch.tensor([[0.2], [-0.3]])
     y = torch.tensor([1.0, 0.0])
-    total, parts = collab.collab_losses(fused, z, y, kl_weight=0.25)
+    total, parts = collab.collab_losses(fused, z, y, kl_weight=0.25, member_weight=1.0)
     want_fused = (_bce(1, 1 / (1 + math.exp(-0.2))) + _bce(0, 1 / (1 + math.exp(0.3)))) / 2
     want_members = sum(_bce(y[b].item(), p[b][i]) for b in range(2) for i in range(3)) / 2
     assert parts["fused_bce"].item() == pytest.approx(want_fused, rel=1e-6)
@@ -251,3 +251,98 @@ def _kill_and_resume(tmp_path, tiny_data):
         assert a.metrics["best_epoch"] == b.metrics["best_epoch"]
         for k in a.state_dict:
             assert torch.equal(a.state_dict[k], b.state_dict[k]), (name, k)
+
+
+def test_collab_member_weight_scales_the_member_terms_only():
+    z = torch.tensor([[0.4, -2.0], [3.0, 2.5], [-1.0, 0.2]])
+    fused = torch.tensor([[0.2], [-0.3], [1.5]])
+    y = torch.tensor([1.0, 0.0, 1.0])
+    one, p1 = collab.collab_losses(fused, z, y, kl_weight=0.3, member_weight=1.0)
+    for mu in (0.0, 0.25, 3.0):
+        total, parts = collab.collab_losses(fused, z, y, kl_weight=0.3, member_weight=mu)
+        assert parts["member_bce"].item() == pytest.approx(p1["member_bce"].item())  # reported unweighted
+        want = p1["fused_bce"] + mu * p1["member_bce"] + 0.3 * p1["sym_kl"]
+        assert total.item() == pytest.approx(want.item(), rel=1e-6)
+    assert one.item() == pytest.approx((p1["fused_bce"] + p1["member_bce"] + 0.3 * p1["sym_kl"]).item(), rel=1e-6)
+
+
+def test_collab_selection_on_fused_logloss(tiny_spec, tiny_arrays):
+    m = {"val_auc": 0.7, "val_logloss": 0.45}
+    assert collab.selection_score(m, "auc") == 0.7 and collab.selection_score(m, "logloss") == -0.45
+    with pytest.raises(CtrError, match="select must be one of auc, logloss"):
+        collab.train_collab(_tiny_members(["deepfm", "dcnv2"]), tiny_spec, tiny_arrays["train"], tiny_arrays["val"],
+                            collab.CollabConfig(select="ne"))
+    with pytest.raises(CtrError, match="member weight"):
+        collab.train_collab(_tiny_members(["deepfm", "dcnv2"]), tiny_spec, tiny_arrays["train"], tiny_arrays["val"],
+                            collab.CollabConfig(member_weight=-1.0))
+    # a high lr over-fits within a few epochs: the epoch kept is the one with the lowest fused val logloss
+    cfg = collab.CollabConfig(epochs=4, batch_size=512, lr=2e-2, patience=4, plateau_factor=1.0, seed=2, select="logloss",
+                              member_weight=1.0,
+                              head=collab.HeadConfig(hidden=[8]))
+    ck = collab.train_collab(_tiny_members(["deepfm", "dcnv2"]), tiny_spec, tiny_arrays["train"], tiny_arrays["val"], cfg)
+    hist = ck.metrics["history"]
+    lls, aucs = [h["val_logloss"] for h in hist], [h["val_auc"] for h in hist]
+    assert aucs.index(max(aucs)) != lls.index(min(lls)), "this run no longer tells the two selection rules apart"
+    assert len(hist) == 4 and ck.metrics["best_epoch"] == 1 + lls.index(min(lls))
+    assert ck.metrics["select"] == "logloss" and ck.metrics["val_logloss"] == min(lls)
+    fused, _, _ = collab.predict_collab(ck.build(), tiny_arrays["val"].feeds())
+    from ctr_ensemble import metrics
+    assert metrics.logloss(tiny_arrays["val"].label, fused) == pytest.approx(min(lls), abs=1e-6)
+
+
+def test_collab_detached_head_does_not_train_the_members(tiny_spec, tiny_arrays):
+    torch.manual_seed(0)
+    nets = mutual.build_members(_tiny_members(["deepfm", "dcnv2"]), tiny_spec, seed=1)
+    feeds = {k: torch.from_numpy(v) for k, v in tiny_arrays["val"].feeds(slice(0, 64)).items()}
+    grads = {}
+    for detach in (False, True):
+        model = collab.CollaborativeModel(nets, CollaborativeHead([n.repr_dim for n in nets], hidden=[8]), detach_head=detach)
+        model.zero_grad()
+        fused, member_logits, _ = model.logits(feeds["cat_ids"], feeds["num"])
+        fused.sum().backward()  # the fused output alone
+        grads[detach] = [p.grad for p in model.members.parameters()]
+        assert all(p.grad is not None for p in model.head.parameters())
+    assert any(g is not None and g.abs().sum() > 0 for g in grads[False])  # joint: the head's loss trains the members
+    assert all(g is None or g.abs().sum() == 0 for g in grads[True])  # detached: it does not
+
+
+def test_collab_frozen_members_keep_their_weights(tiny_spec, tiny_arrays, tiny_checkpoints):
+    members = [mutual.MemberInit(c.name, c.arch, c.config, c.state_dict) for c in tiny_checkpoints]
+    cfg = collab.CollabConfig(epochs=1, batch_size=256, max_steps=5, freeze_members=True, head=collab.HeadConfig(hidden=[8]))
+    ck = collab.train_collab(members, tiny_spec, tiny_arrays["train"], tiny_arrays["val"], cfg)
+    for before, after in zip(tiny_checkpoints, ck.members):
+        assert before.state_dict.keys() == after.state_dict.keys()
+        for k in before.state_dict:  # weights and buffers (BatchNorm statistics too) untouched
+            assert torch.equal(before.state_dict[k], after.state_dict[k]), (before.name, k)
+    _, _, member_p = collab.predict_collab(ck.build(), tiny_arrays["val"].feeds())
+    np.testing.assert_allclose(member_p[:, 0], predict(tiny_checkpoints[0].build(), tiny_arrays["val"].feeds()), atol=1e-6)
+    # training mode: the head trains, the frozen members run as served (eval: no dropout, no BatchNorm update)
+    model = collab.CollaborativeModel([c.build() for c in tiny_checkpoints], CollaborativeHead([4, 4]), freeze_members=True)
+    model.train()
+    assert model.head.training and not any(m.training for m in model.members.modules())
+    assert not any(p.requires_grad for p in model.members.parameters())
+    assert all(p.requires_grad for p in model.head.parameters())
+
+
+def test_train_collab_cli_passes_the_new_options(tmp_path, tiny_data, tiny_spec):
+    from ctr_ensemble.cli import app
+
+    tiny_spec.save(tmp_path / "spec.json")
+    threads = torch.get_num_threads()
+    try:
+        res = CliRunner().invoke(app, [
+            "train-collab", "--train", str(tiny_data / "train.tsv"), "--val", str(tiny_data / "val.tsv"),
+            "--spec", str(tmp_path / "spec.json"), "--out", str(tmp_path / "c.pt"), "--model", "deepfm", "--model", "dcnv2",
+            "--set", "deepfm.embedding_dim=4", "--set", "dcnv2.embedding_dim=4", "--set", "dcnv2.cross_layers=1",
+            "--head-hidden", "8", "--epochs", "1", "--batch-size", "512", "--threads", "1",
+            "--select", "logloss", "--member-weight", "0.5", "--detach-head"], env={**os.environ, "TQDM_DISABLE": "1"})
+    finally:
+        torch.set_num_threads(threads)
+    assert res.exit_code == 0, res.output
+    cfg = collab.load(tmp_path / "c.pt").train_config
+    assert (cfg["select"], cfg["member_weight"], cfg["detach_head"]) == ("logloss", 0.5, True)
+    bad = CliRunner().invoke(app, ["train-collab", "--train", str(tiny_data / "train.tsv"), "--val", str(tiny_data / "val.tsv"),
+                                   "--spec", str(tmp_path / "spec.json"), "--out", str(tmp_path / "d.pt"),
+                                   "--model", "deepfm", "--model", "dcnv2", "--select", "ne"])
+    assert bad.exit_code != 0 and "select must be one of auc, logloss" in str(bad.exception)
+    assert not (tmp_path / "d.pt").exists()
