@@ -79,7 +79,10 @@ def test_collab_on_two_gloo_processes_matches_one_process(prepared, tmp_path):
     assert _max_diff(a.head_state, b.head_state) < 1e-5
     assert a.head_state["log_tau"].item() != 0.0  # τ was learned (and all-reduced like the rest)
     for x, y in zip(a.members, b.members):
-        assert _max_diff(x.state_dict, y.state_dict) < 1e-5
+        # sparse Adam normalises each row's step by its own tiny second moment, so the summation-order noise of
+        # gloo's sparse all-reduce grows to ~1.5e-5 over the run (μ = 0.3 scales the member gradients down);
+        # a reduction that drops or double-counts a rank changes each step by half its gradient, far above that
+        assert _max_diff(x.state_dict, y.state_dict) < 5e-5
         # --members-out: the ordinary member checkpoints, written once with the rest
         assert torch.equal(checkpoint.load(tmp_path / "ddp" / "m" / f"{x.name}.pt").state_dict["head.weight"],
                            x.state_dict["head.weight"])
