@@ -50,6 +50,8 @@ MIN_COUNT_HELP = ("Tokens seen fewer times in train map to the OOV id 0 (which a
 EPOCHS_HELP = "The most epochs; early stopping on val AUC normally ends training first."
 WEIGHT_DECAY_HELP = ("Adam's coupled L2 on every parameter (0 = off; the members' embedding_regularizer / net_regularizer, "
                      "set with --set, are the usual regularizers).")
+SELECT_HELP = ("Validation metric for model selection, early stopping and reduce-LR-on-plateau: auc (highest) "
+               "or logloss (lowest).")
 PATIENCE_HELP = "Epochs in a row without a better val AUC that stop training (the best epoch's weights are kept)."
 PLATEAU_HELP = "Learning-rate factor after each epoch without a better val AUC (reduce-LR-on-plateau; 1 = off)."
 REG_ROWS_HELP = ("Embedding regularizer over: all (every table row each step, FuxiCTR's semantics), batch (the rows the "
@@ -204,6 +206,7 @@ def train_cmd(
     weight_decay: float = typer.Option(0.0, help=WEIGHT_DECAY_HELP),
     patience: int = typer.Option(2, help=PATIENCE_HELP),
     plateau_factor: float = typer.Option(0.1, help=PLATEAU_HELP),
+    select: str = typer.Option("auc", help=SELECT_HELP),
     embedding_reg_rows: str = typer.Option("auto", help=REG_ROWS_HELP),
     seed: int = typer.Option(42),
     threads: int = typer.Option(0, help="torch CPU threads (0 = torch default)."),
@@ -240,7 +243,8 @@ def train_cmd(
     with _torchrun(device, dist_timeout) as dist:
         fs, tr, va = _training_data(train, val, spec, skip_bad_rows, fmt, verify_shards)
         cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, patience=patience,
-                          plateau_factor=plateau_factor, embedding_reg_rows=embedding_reg_rows, seed=seed, save_every=save_every, optimizer=optimizer, emb_lr=emb_lr, amp=amp,
+                          plateau_factor=plateau_factor, select=select, embedding_reg_rows=embedding_reg_rows, seed=seed,
+                          save_every=save_every, optimizer=optimizer, emb_lr=emb_lr, amp=amp,
                           compile=compile_, device=device, streams=streams, prefetch=prefetch)
         cfg = dataclasses.replace(cfg, **train_over)
         state = out.with_suffix(".state.pt")
@@ -248,7 +252,8 @@ def train_cmd(
                           state_path=state, resume=resume, dist=dist)
         _write_once(dist, state, lambda: checkpoint.save(ck, out))
     if dist.is_main:
-        typer.echo(f"{out}: {ck.name} ({model}) best val AUC {ck.metrics['val_auc']:.4f} at epoch {ck.metrics['best_epoch']}"
+        typer.echo(f"{out}: {ck.name} ({model}) best val AUC {ck.metrics['val_auc']:.4f}, logloss "
+                   f"{ck.metrics['val_logloss']:.4f} at epoch {ck.metrics['best_epoch']} (selected on {select})"
                    f"{_processes(dist)}")
 
 
@@ -324,7 +329,8 @@ def _training_data(train: Path, val: Path, spec, skip_bad_rows: bool, fmt: str, 
 def tune_cmd(
     model: str = typer.Option(..., help="Architecture from the registry (see `ctr-ensemble models`)."),
     train: Path = typer.Option(..., help=TRAIN_DATA_HELP),
-    val: Path = typer.Option(..., help="Validation data: each trial's best val AUC is its score, each epoch's goes to the pruner."),
+    val: Path = typer.Option(..., help="Validation data: each trial's best val AUC (or logloss, --select) is its score, "
+                                          "each epoch's goes to the pruner."),
     out: Path = typer.Option(..., help="Folder for best.yaml, best.pt, trials.csv, history.png, importance.png, summary.json."),
     spec: Optional[Path] = typer.Option(None, help="Feature spec JSON (`data fit`); prepared data brings its own."),
     test: Optional[Path] = typer.Option(None, help="Test data: summary.json gets the test AUC/logloss of the best trial "
@@ -338,6 +344,8 @@ def tune_cmd(
                                                     "default: the shipped space of MODEL."),
     seed: int = typer.Option(42, help="Seed of the TPE sampler and of every trial's training."),
     epochs: int = typer.Option(100, help="Most epochs per trial (early stopping and pruning end most sooner)."),
+    select: str = typer.Option("auc", help="The objective: each trial's best val auc (maximised) or val logloss "
+                                           "(minimised); the same metric early-stops the trial and goes to the pruner."),
     prune_startup_trials: int = typer.Option(5, help="Trials that run unpruned before the median pruner starts."),
     prune_from_epoch: int = typer.Option(3, help="The first epoch at which a trial can be pruned."),
     enqueue_default: bool = typer.Option(True, help="A new study's first trial is the member's defaults."),
@@ -361,9 +369,10 @@ def tune_cmd(
     opts = tune.TuneOptions(trials=trials, timeout=timeout, storage=storage, study_name=study_name, seed=seed,
                             prune_startup_trials=prune_startup_trials, prune_from_epoch=prune_from_epoch,
                             enqueue_default=enqueue_default)
-    res = tune.run(model, fs, tr, va, TrainConfig(epochs=epochs, seed=seed, device=device), out, sp, opts, test=te)
+    res = tune.run(model, fs, tr, va, TrainConfig(epochs=epochs, seed=seed, device=device, select=select), out, sp,
+                   opts, test=te)
     if res.best is not None:
-        typer.echo(f"best: trial {res.best.number}, val AUC {res.best.value:.4f}; "
+        typer.echo(f"best: trial {res.best.number}, val {select} {res.best.value:.4f}; "
                    f"{json.dumps(res.summary['trials'])}")
     for p in res.paths.values():
         typer.echo(f"wrote {p}")

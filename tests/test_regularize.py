@@ -143,6 +143,21 @@ def test_schedule_patience_plateau_and_best_weights():
         loop.run(_Scripted([0.5]).task(), 8, loop.LoopConfig(plateau_factor=0.0))
 
 
+@pytest.mark.parametrize("select", ["auc", "logloss"])
+def test_select_picks_the_best_epoch_by_its_metric(select, tiny_spec, tiny_arrays):
+    # lr 0.05 over-fits the tiny data within a few epochs, so the two metrics can disagree on the best epoch
+    cfg = TrainConfig(epochs=4, batch_size=256, lr=0.05, patience=4, plateau_factor=1.0, seed=3, select=select)
+    ck = train_member("deepfm", "deepfm", models.make_config("deepfm", TINY_MODEL["deepfm"]), tiny_spec,
+                      tiny_arrays["train"].take(slice(0, 3000)), tiny_arrays["val"], cfg)
+    h = ck.metrics["history"]
+    pick = max(h, key=lambda r: r["val_auc"]) if select == "auc" else min(h, key=lambda r: r["val_logloss"])
+    assert len(h) == 4 and ck.metrics["best_epoch"] == pick["epoch"] and ck.metrics["select"] == select
+    assert (ck.metrics["val_auc"], ck.metrics["val_logloss"]) == (pick["val_auc"], pick["val_logloss"])
+    with pytest.raises(CtrError, match="select must be one of auc, logloss"):
+        train_member("deepfm", "deepfm", models.make_config("deepfm", TINY_MODEL["deepfm"]), tiny_spec,
+                     tiny_arrays["train"], tiny_arrays["val"], dataclasses.replace(cfg, select="ne"))
+
+
 def test_pruning_exception_from_on_epoch_stops_the_run():
     class Pruned(Exception):
         pass

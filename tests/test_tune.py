@@ -96,6 +96,22 @@ def test_study_writes_outputs_and_resumes(tmp_path, tiny_spec, rows):
         _tune(tmp_path, tiny_spec, rows, 6, space=other)
 
 
+def test_select_logloss_minimises_the_val_logloss_and_refuses_a_maximising_study(tmp_path, tiny_spec, rows):
+    res = _tune(tmp_path, tiny_spec, rows, 3, base=dataclasses.replace(BASE, select="logloss"))
+    trials = res.study.trials
+    assert res.study.direction == optuna.study.StudyDirection.MINIMIZE
+    assert res.best.value == min(t.value for t in trials) == res.best.user_attrs["val_logloss"]
+    # the value is the best epoch's val logloss: the lowest of the trial's per-epoch reports
+    assert all(t.value == pytest.approx(min(t.intermediate_values.values())) for t in trials)
+    best = json.loads((tmp_path / "out" / "summary.json").read_text())["best"]
+    assert best["select"] == "logloss" and best["val_logloss"] == res.best.value and 0.5 < best["val_auc"] < 1
+    ck = checkpoint.load(tmp_path / "out" / "best.pt")
+    assert ck.metrics["select"] == "logloss" and ck.metrics["val_logloss"] == pytest.approx(res.best.value)
+    assert run_config.read(tmp_path / "out" / "best.yaml", "deepfm")[1]["select"] == "logloss"
+    with pytest.raises(CtrError, match="minimizes its objective.*maximize the val auc"):
+        _tune(tmp_path, tiny_spec, rows, 4)
+
+
 class AlwaysPrune(optuna.pruners.BasePruner):
     def prune(self, study, trial) -> bool:
         return True

@@ -34,8 +34,8 @@ from ctr_ensemble.models.base import Member, MemberConfig
 from ctr_ensemble.training import checkpoint, distributed, loop
 from ctr_ensemble.training.checkpoint import Checkpoint
 from ctr_ensemble.training.distributed import Dist
-from ctr_ensemble.training.trainer import (TrainConfig, TrainStep, check_options, run_identity, score_rows, unique_names,
-                                           val_metrics, write_history)
+from ctr_ensemble.training.trainer import (TrainConfig, TrainStep, check_options, run_identity, score_rows,
+                                           selection_score, unique_names, val_metrics, write_history)
 
 MODES = ("scratch", "finetune")
 FINETUNE_LR = 7e-4
@@ -179,8 +179,9 @@ def train_mutual(
         out = {}
         for k, name in enumerate(names):
             out.update(val_metrics(y, p[:, k], f"_{name}"))
-        mean_auc = sum(out[f"val_auc_{n}"] for n in names) / len(names)
-        return mean_auc, {"val_auc": mean_auc, **out}
+        mean = {"val_auc": sum(out[f"val_auc_{n}"] for n in names) / len(names),
+                "val_logloss": sum(out[f"val_logloss_{n}"] for n in names) / len(names)}
+        return selection_score(mean, cfg.select), {**mean, **out}
 
     task_name = f"mutual[{cfg.mode}]({', '.join(names)})"
     run_id = run_identity("mutual", spec, train, cfg, dist,
@@ -196,7 +197,8 @@ def train_mutual(
         state = {key[len(prefix):]: v for key, v in res.best.items() if key.startswith(prefix)}
         out.append(Checkpoint(
             name=m.name, arch=m.arch, config=m.config, spec=spec, state_dict=state,
-            metrics={"best_epoch": res.best_epoch, "val_auc": best_row[f"val_auc_{m.name}"], "history": res.history,
+            metrics={"best_epoch": res.best_epoch, "val_auc": best_row[f"val_auc_{m.name}"],
+                     "val_logloss": best_row[f"val_logloss_{m.name}"], "select": cfg.select, "history": res.history,
                      "train_config": asdict(cfg), "processes": dist.world,
                      "mutual": {"mode": cfg.mode, "weight": cfg.mutual_weight, "peers": [p for p in names if p != m.name],
                                 "init_from": m.source}},

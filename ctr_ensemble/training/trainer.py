@@ -58,7 +58,7 @@ class Arrays:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 100  # the most epochs: early stopping on val AUC ends the run first (see loop.py)
+    epochs: int = 100  # the most epochs: early stopping on the val metric (`select`) ends the run first (loop.py)
     batch_size: int = 512
     lr: float = 2e-3
     weight_decay: float = 0.0  # Adam's coupled L2 on every parameter (the members' regularizers are the usual way)
@@ -81,6 +81,9 @@ class TrainConfig:
     buffer_rows: int = 262144  # block shuffle: rows shuffled together
     streams: int = 0  # row streams (0 = one per DDP process); equal streams give equal global batches
     prefetch: int = 0  # batches built ahead by a thread (always >= 1 on CUDA)
+    # model selection, early stopping and reduce-LR-on-plateau on the val auc (higher is better) or the val
+    # logloss (lower is better; the loop maximises its negative): `train --select`, `tune --select`
+    select: str = "auc"
 
     def loop(self) -> LoopConfig:
         return LoopConfig(epochs=self.epochs, batch_size=self.batch_size, patience=self.patience, seed=self.seed,
@@ -113,10 +116,21 @@ class Logits(nn.Module):
         return out[0] if self.first else out
 
 
+SELECT = ("auc", "logloss")
+
+
+def selection_score(metrics_: dict, select: str, suffix: str = "") -> float:
+    """The loop's score (higher is better) of validation ``metrics_`` (``val_metrics``): AUC or −logloss."""
+    return metrics_[f"val_auc{suffix}"] if select == "auc" else -metrics_[f"val_logloss{suffix}"]
+
+
 def check_options(cfg: TrainConfig, dist: Dist) -> None:
     """Refuse option combinations that cannot work, before anything is built (every trainer)."""
     if cfg.amp not in AMP:
         raise CtrError(f"amp must be one of {', '.join(AMP)}, got {cfg.amp!r}")
+    if cfg.select not in SELECT:
+        raise CtrError(f"select must be one of {', '.join(SELECT)} (the validation metric that picks the best epoch), "
+                       f"got {cfg.select!r}")
     if dist.backend == "nccl" and cfg.optimizer != "adam":
         raise CtrError(f"--optimizer {cfg.optimizer}: NCCL cannot all-reduce sparse gradients "
                        "(pytorch/pytorch#22400); use --optimizer adam for multi-GPU runs")
@@ -349,16 +363,18 @@ def train_member(
 
     def evaluate():
         m = val_metrics(*evaluate_rows(model, val, spec, cfg.eval_batch_size, dist))
-        return m["val_auc"], m
+        return selection_score(m, cfg.select), m
 
     run_id = run_identity("member", spec, train, cfg, dist, name=name, arch=arch, model_config=asdict(model_cfg))
     res = loop.run(loop.Task(name, model, step.opt, loss, evaluate), len(train), cfg.loop(), state_path, resume, run_id,
                    batches=step.feed.batches, dist=dist, on_epoch=on_epoch)
     if history_csv is not None and dist.is_main:
         write_history(res.history, history_csv, name)
+    best_row = res.history[res.best_epoch - 1]
     return Checkpoint(
         name=name, arch=arch, config=model_cfg, spec=spec, state_dict=res.best,
-        metrics={"best_epoch": res.best_epoch, "val_auc": res.best_score, "history": res.history,
+        metrics={"best_epoch": res.best_epoch, "val_auc": best_row["val_auc"], "val_logloss": best_row["val_logloss"],
+                 "select": cfg.select, "history": res.history,
                  "train_config": asdict(cfg), "processes": dist.world},
     )
 

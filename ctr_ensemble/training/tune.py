@@ -3,7 +3,8 @@
 Each trial samples a model config and TrainConfig values from the search space (``search_space.py``),
 trains the member with ``train_member`` and reports every epoch's validation AUC to the pruner
 (``on_epoch``); a pruned trial stops there (``optuna.TrialPruned`` propagates out of the training loop).
-The objective is the trial's best validation AUC (early stopping as in ``train``).
+The objective is the trial's best validation AUC, or with ``select="logloss"`` (``--select``) its lowest validation
+logloss (early stopping as in ``train``, on the same metric).
 
 The study lives in an Optuna storage (default ``sqlite:///OUT/study.db``): running the same command
 again continues it, and the trials already complete or pruned count toward ``trials``. A trial that
@@ -22,7 +23,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -41,8 +41,10 @@ from ctr_ensemble.training.trainer import TrainConfig, evaluate_rows, train_memb
 
 # TrainConfig fields that decide the trained model (best.yaml's `train:` section); the rest is the machine's.
 RESULT_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "patience", "plateau_factor", "min_lr", "lr_decay",
-               "seed", "optimizer", "emb_lr", "embedding_reg_rows")
+               "seed", "optimizer", "emb_lr", "embedding_reg_rows", "select")
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
+DIRECTION = {"auc": "maximize", "logloss": "minimize"}  # Optuna's direction per TrainConfig.select
+METRIC_LABEL = {"auc": "AUC", "logloss": "logloss"}
 
 
 @dataclass
@@ -82,16 +84,18 @@ def _setup(arch: str, space: SearchSpace, spec: FeatureSpec, train, val, base: T
             "val_rows": len(val), "train": {k: v for k, v in asdict(base).items() if k in RESULT_KEYS}}
 
 
-def open_study(arch: str, setup: dict, out: Path, opts: TuneOptions, pruner=None) -> optuna.Study:
+def open_study(arch: str, setup: dict, out: Path, opts: TuneOptions, pruner=None, select: str = "auc") -> optuna.Study:
     out.mkdir(parents=True, exist_ok=True)
     url = opts.storage or f"sqlite:///{(out / 'study.db').resolve()}"
     name = opts.study_name or f"tune-{arch}"
     pruner = pruner or optuna.pruners.MedianPruner(n_startup_trials=opts.prune_startup_trials,
                                                    n_warmup_steps=opts.prune_from_epoch)
-    study = optuna.create_study(storage=_storage(url), study_name=name, direction="maximize", pruner=pruner,
+    direction = DIRECTION[select]
+    study = optuna.create_study(storage=_storage(url), study_name=name, direction=direction, pruner=pruner,
                                 load_if_exists=True)
-    if study.direction != optuna.study.StudyDirection.MAXIMIZE:
-        raise CtrError(f"study {name!r} in {url} minimises; use another --study-name")
+    if study.direction.name.lower() != direction:
+        raise CtrError(f"study {name!r} in {url} {study.direction.name.lower()}s its objective, this run would "
+                       f"{direction} the val {select} (--select); use another --study-name")
     old = study.user_attrs.get("setup")
     if old is None:
         study.set_user_attr("setup", setup)
@@ -104,8 +108,17 @@ def open_study(arch: str, setup: dict, out: Path, opts: TuneOptions, pruner=None
     return study
 
 
-def _best_value(study: optuna.Study) -> float:
-    return max((t.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))), default=-math.inf)
+def _best_value(study: optuna.Study) -> float | None:
+    """The best complete trial's value (AUC or logloss, by the study's direction), None before any."""
+    values = [t.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    if not values:
+        return None
+    return max(values) if study.direction == optuna.study.StudyDirection.MAXIMIZE else min(values)
+
+
+def _better(study: optuna.Study, value: float) -> bool:
+    best = _best_value(study)
+    return best is None or (value > best if study.direction == optuna.study.StudyDirection.MAXIMIZE else value < best)
 
 
 def _describe(values: dict) -> str:
@@ -116,7 +129,8 @@ def run(arch: str, spec: FeatureSpec, train, val, base: TrainConfig, out: Path, 
         opts: TuneOptions, test=None, pruner=None, echo=tqdm.write) -> TuneResult:
     """Run (or continue) the study and write the outputs; ``test``: rows for the summary's test metrics."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is ours (progress below)
-    study = open_study(arch, _setup(arch, space, spec, train, val, base), out, opts, pruner)
+    study = open_study(arch, _setup(arch, space, spec, train, val, base), out, opts, pruner, base.select)
+    key, label = f"val_{base.select}", f"val {METRIC_LABEL[base.select]}"
     if opts.enqueue_default and not study.trials:
         # The defaults are trial 0: the search starts from a known-good point, and the best trial is then at
         # least the defaults on validation.
@@ -136,9 +150,9 @@ def run(arch: str, spec: FeatureSpec, train, val, base: TrainConfig, out: Path, 
 
         def on_epoch(epoch: int, row: dict) -> None:
             trial.set_user_attr("epochs", epoch)
-            trial.report(row["val_auc"], epoch)
+            trial.report(row[key], epoch)
             if trial.should_prune():
-                raise optuna.TrialPruned(f"epoch {epoch}: val AUC {row['val_auc']:.4f} below the median")
+                raise optuna.TrialPruned(f"epoch {epoch}: {label} {row[key]:.4f} worse than the median")
 
         try:
             ck = train_member(arch, arch, models.make_config(arch, model_over), spec, train, val,
@@ -146,19 +160,21 @@ def run(arch: str, spec: FeatureSpec, train, val, base: TrainConfig, out: Path, 
         except CtrError as e:
             trial.set_user_attr("error", str(e))
             raise
-        value = ck.metrics["val_auc"]
+        value = ck.metrics[key]
         trial.set_user_attr("best_epoch", ck.metrics["best_epoch"])
-        if value > _best_value(study):  # the best so far: keep its checkpoint
+        trial.set_user_attr("val_auc", ck.metrics["val_auc"])
+        trial.set_user_attr("val_logloss", ck.metrics["val_logloss"])
+        if _better(study, value):  # the best so far: keep its checkpoint
             ck.metrics["tune"] = {"study": study.study_name, "trial": trial.number}
             checkpoint.save(ck, best_pt)
         return value
 
     def progress(study: optuna.Study, t: optuna.trial.FrozenTrial) -> None:
         a = t.user_attrs
-        what = (f"val AUC {t.value:.4f} (best epoch {a.get('best_epoch')})" if t.state == TrialState.COMPLETE else
+        what = (f"{label} {t.value:.4f} (best epoch {a.get('best_epoch')})" if t.state == TrialState.COMPLETE else
                 f"failed: {a.get('error', 'see the log above')}" if t.state == TrialState.FAIL else t.state.name.lower())
         best = _best_value(study)
-        best_desc = f"; best so far {best:.4f} (trial {study.best_trial.number})" if best > -math.inf else ""
+        best_desc = f"; best so far {best:.4f} (trial {study.best_trial.number})" if best is not None else ""
         secs = t.duration.total_seconds() if t.duration else 0.0
         echo(f"trial {t.number} {what} after {a.get('epochs', 0)} epoch(s), "
              f"{secs:.1f}s{best_desc} [{len(study.get_trials(deepcopy=False, states=DONE))}/{opts.trials}]")
@@ -203,9 +219,14 @@ def write_outputs(study: optuna.Study, arch: str, space: SearchSpace, base: Trai
         model_over, train_vals = best_config(best, space, base)
         res.paths["best_yaml"] = run_config.write(
             out / "best.yaml", arch, model_over, train_vals,
-            f"ctr-ensemble tune: best trial {best.number} of study {study.study_name!r}, val AUC {best.value:.6f}\n"
+            f"ctr-ensemble tune: best trial {best.number} of study {study.study_name!r}, "
+            f"val {METRIC_LABEL[base.select]} {best.value:.6f}\n"
             f"reproduce: ctr-ensemble train --model {arch} --config best.yaml --train ... --val ... --out ...")
-        res.summary["best"] = {"trial": best.number, "val_auc": best.value, "best_epoch": best.user_attrs.get("best_epoch"),
+        # val_auc/val_logloss of the best epoch (trials of older runs stored only their value: the AUC)
+        res.summary["best"] = {"trial": best.number, "select": base.select,
+                               "val_auc": best.user_attrs.get("val_auc", best.value if base.select == "auc" else None),
+                               "val_logloss": best.user_attrs.get("val_logloss"),
+                               "best_epoch": best.user_attrs.get("best_epoch"),
                                "epochs": best.user_attrs.get("epochs"), "model": model_over, "train": train_vals}
         if test is not None:
             res.summary["test"] = test_summary(study, best, arch, space, base, out, spec, train, val, test, echo)
@@ -273,7 +294,8 @@ def _save(fig, path: Path) -> None:
 
 def _test_metrics(ck: checkpoint.Checkpoint, test, spec: FeatureSpec, batch_size: int) -> dict:
     y, p = evaluate_rows(ck.build(), test, spec, batch_size, Dist())
-    return {"test_auc": metrics.auc(y, p), "test_logloss": metrics.logloss(y, p), "val_auc": ck.metrics["val_auc"]}
+    return {"test_auc": metrics.auc(y, p), "test_logloss": metrics.logloss(y, p), "val_auc": ck.metrics["val_auc"],
+            "val_logloss": ck.metrics.get("val_logloss")}
 
 
 def _trained(path: Path, tag: dict, arch: str, model_over: dict, cfg: TrainConfig, spec, train, val,
@@ -305,7 +327,8 @@ def test_summary(study, best, arch: str, space: SearchSpace, base: TrainConfig, 
     b = _test_metrics(best_ck, test, spec, base.eval_batch_size)
     d = _test_metrics(default_ck, test, spec, base.eval_batch_size)
     gain = b["test_auc"] - d["test_auc"] if b["test_auc"] is not None and d["test_auc"] is not None else None
-    echo(f"test AUC: best trial {b['test_auc']:.4f}, default config {d['test_auc']:.4f}" if gain is not None else
+    echo(f"test AUC / logloss: best trial {b['test_auc']:.4f} / {b['test_logloss']:.4f}, default config "
+         f"{d['test_auc']:.4f} / {d['test_logloss']:.4f}" if gain is not None else
          "test AUC undefined (one class in the test rows)")
     return {"best": {**b, "checkpoint": "best.pt", "source": f"trial {best.number}" if kept else "retrained"},
             "default": {**d, "checkpoint": "default.pt", "model": fixed_model,
