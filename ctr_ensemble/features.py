@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
-from ctr_ensemble.data.criteo import RawBatch
+from ctr_ensemble.data.readers.base import RawBatch
 from ctr_ensemble.data.readers import open_reader
 from ctr_ensemble.errors import CtrError
 

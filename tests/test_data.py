@@ -4,9 +4,8 @@ import numpy as np
 import pytest
 
 from ctr_ensemble import features
-from ctr_ensemble.data.criteo import CriteoReader
 from ctr_ensemble.data.readers import read_all
-from ctr_ensemble.data.schema import CAT_COLS, N_CAT, N_NUM
+from ctr_ensemble.data.readers.criteo import CAT_COLS, N_CAT, N_NUM, CriteoReader
 from ctr_ensemble.data.synth import SynthWorld, generate
 from ctr_ensemble.errors import CtrError
 from tests.conftest import tiny_synth

@@ -51,8 +51,8 @@ import pyarrow.ipc as ipc
 from tqdm.auto import tqdm
 
 from ctr_ensemble import features
-from ctr_ensemble.data.criteo import Span
-from ctr_ensemble.data.readers import concat_batches, field_names, open_reader
+from ctr_ensemble.data.readers import open_reader
+from ctr_ensemble.data.readers.base import Span, concat_batches, count_lines_before, field_names
 from ctr_ensemble.errors import CtrError
 from ctr_ensemble.features import OOV_ID, ChunkCounts, FeatureSpec, FitAccumulator
 
@@ -112,60 +112,8 @@ def plan_chunks(inputs: list[Path], fmt: str, chunk_bytes: int,
         elif reader.format != fmt0 or names != names0:
             raise CtrError(f"{path}: format/fields ({reader.format}: {names}) differ from {inputs[0]} "
                            f"({fmt0}: {names0}); all inputs of one prepare must share them")
-        if reader.format == "parquet":
-            for f in reader.files:
-                rows = reader.row_groups(f)
-                sizes = _row_group_bytes(f)
-                group, acc, first = [], 0, 1
-                for g, (n, b) in enumerate(zip(rows, sizes)):
-                    group.append(g)
-                    acc += b
-                    if acc >= chunk_bytes or g == len(rows) - 1:
-                        spans.append((Span(str(f), first_line=first, row_groups=tuple(group)), path, acc))
-                        first += sum(rows[k] for k in group)
-                        group, acc = [], 0
-        elif path.name.lower().endswith(".gz"):
-            spans.append((Span(str(path)), path, path.stat().st_size))
-        else:
-            spans += [(sp, path, sp.stop - sp.start) for sp in _text_spans(path, chunk_bytes)]
+        spans += [(sp, path, b) for sp, b in reader.spans(chunk_bytes)]
     return fmt0, names0, spans
-
-
-def _row_group_bytes(f: Path) -> list[int]:
-    import pyarrow.parquet as pq
-
-    md = pq.ParquetFile(f).metadata
-    return [md.row_group(i).total_byte_size for i in range(md.num_row_groups)]
-
-
-def _text_spans(path: Path, chunk_bytes: int) -> list[Span]:
-    """Byte ranges of about ``chunk_bytes`` ending at line ends. Only the first one's first line is known
-    here (0 = not known yet; counted when a later chunk needs it for an error message)."""
-    size = path.stat().st_size
-    spans, start = [], 0
-    with open(path, "rb") as f:
-        while start < size:
-            stop = min(start + chunk_bytes, size)
-            if stop < size:
-                f.seek(stop)
-                f.readline()
-                stop = f.tell()
-            spans.append(Span(str(path), start, stop, first_line=1 if start == 0 else 0))
-            start = stop
-    return spans
-
-
-def count_lines_before(path: str, offset: int) -> int:
-    n = 0
-    with open(path, "rb") as f:
-        left = offset
-        while left > 0:
-            b = f.read(min(left, 64 << 20))
-            if not b:
-                break
-            n += b.count(b"\n")
-            left -= len(b)
-    return n
 
 
 # ---------------------------------------------------------------------------------------------- files
