@@ -394,15 +394,17 @@ class Check:
 
     def serving_members(self, work: Path):
         """Small synthetic data, two tiny members and a collaborative checkpoint of the same two."""
-        from ctr_ensemble import features, models
+        from ctr_ensemble import models
+        from ctr_ensemble.data.encode import encode_file
+        from ctr_ensemble.data.fit import fit
         from ctr_ensemble.data.synth import DEFAULT_CARDINALITIES, SynthConfig, generate
         from ctr_ensemble.training import checkpoint, collab, mutual
-        from ctr_ensemble.training.trainer import TrainConfig, encode_file, train_member
+        from ctr_ensemble.training.trainer import TrainConfig, train_member
 
         d = work / "data"
         generate(d, SynthConfig(seed=3, cardinalities=tuple(min(c, 300) for c in DEFAULT_CARDINALITIES),
                                 splits={"train": 6000, "val": 1500, "test": self.args.parity_rows}))
-        spec = features.fit(d / "train.tsv", min_count=2)
+        spec = fit(d / "train.tsv", min_count=2)
         data = {s: encode_file(d / f"{s}.tsv", spec) for s in ("train", "val")}
         data["test_file"] = d / "test.tsv"
         cfg = TrainConfig(epochs=1, batch_size=256, seed=1, device="cpu", max_steps=8)  # parity needs no good model

@@ -125,9 +125,9 @@ def data_fit(
     sequence: bool = typer.Option(True, help="Use the file's behaviour-sequence column (Parquet list column) if it has one."),
 ) -> None:
     """Fit per-field vocabularies and numeric statistics on the train file only."""
-    from ctr_ensemble import features
+    from ctr_ensemble.data.fit import fit, parse_min_count
 
-    spec = features.fit(train, min_count=features.parse_min_count(min_count), skip_bad_rows=skip_bad_rows, fmt=fmt,
+    spec = fit(train, min_count=parse_min_count(min_count), skip_bad_rows=skip_bad_rows, fmt=fmt,
                         seq_max_len=seq_max_len,
                         use_sequence=sequence)
     spec.save(out)
@@ -155,7 +155,7 @@ def data_prepare(
     """Encode raw data into shards for training, in bounded memory; resumable (run the same command again)."""
     from ctr_ensemble.data.prepare import PrepareOptions, prepare
 
-    from ctr_ensemble.features import parse_min_count
+    from ctr_ensemble.data.fit import parse_min_count
 
     opts = PrepareOptions(fmt=fmt, skip_bad_rows=skip_bad_rows, chunk_mb=chunk_mb, workers=workers,
                           min_count=parse_min_count(min_count),
@@ -302,9 +302,9 @@ def _processes(dist) -> str:
 def _training_data(train: Path, val: Path, spec, skip_bad_rows: bool, fmt: str, verify: str, spec_from: str = ""):
     """(spec, train, val): prepared folders are opened (memmaps), raw files encoded into memory. ``spec`` is a
     spec file, a loaded spec (``spec_from`` names where it came from) or None (the prepared folder's own)."""
+    from ctr_ensemble.data.encode import encode_file
     from ctr_ensemble.data.shards import Prepared, is_prepared
-    from ctr_ensemble.features import FeatureSpec
-    from ctr_ensemble.training.trainer import encode_file
+    from ctr_ensemble.data.spec import FeatureSpec
 
     tr = Prepared(train, verify=verify) if is_prepared(train) else None
     va = Prepared(val, verify=verify) if is_prepared(val) else None
@@ -415,7 +415,7 @@ def train_mutual_cmd(
     under torchrun, data-parallel over processes."""
     import torch
 
-    from ctr_ensemble.features import FeatureSpec
+    from ctr_ensemble.data.spec import FeatureSpec
     from ctr_ensemble.training import checkpoint, mutual
 
     if threads:
@@ -567,9 +567,9 @@ def export_cmd(
     """Export members to ONNX (parity-checked) and write the Triton model repository."""
     from dataclasses import replace
 
+    from ctr_ensemble.data.encode import encode_file
     from ctr_ensemble.export.repository import RepoOptions, manifest_rule, reconfigure_repository, write_repository
     from ctr_ensemble.training import checkpoint
-    from ctr_ensemble.training.trainer import encode_file
 
     opt = RepoOptions(max_batch_size=max_batch_size, instances=instances, intra_op_threads=intra_op_threads,
                       dynamic_batching=dynamic_batching, max_queue_delay_us=max_queue_delay_us, fusion_mode=fusion_mode,

@@ -8,11 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from ctr_ensemble import features, models
+from ctr_ensemble import models
+from ctr_ensemble.data.encode import encode_file
+from ctr_ensemble.data.fit import fit
+from ctr_ensemble.data.spec import FeatureSpec
 from ctr_ensemble.data.synth import DEFAULT_CARDINALITIES, SynthConfig, generate
 from ctr_ensemble.export.repository import RepoOptions, write_repository
 from ctr_ensemble.training import checkpoint
-from ctr_ensemble.training.trainer import TrainConfig, encode_file, train_member
+from ctr_ensemble.training.trainer import TrainConfig, train_member
 
 torch.set_num_threads(2)
 
@@ -44,8 +47,8 @@ def tiny_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_spec(tiny_data) -> features.FeatureSpec:
-    return features.fit(tiny_data / "train.tsv", min_count=2)
+def tiny_spec(tiny_data) -> FeatureSpec:
+    return fit(tiny_data / "train.tsv", min_count=2)
 
 
 @pytest.fixture(scope="session")

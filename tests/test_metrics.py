@@ -8,7 +8,8 @@ import pytest
 from sklearn.calibration import calibration_curve
 
 from ctr_ensemble import metrics
-from ctr_ensemble.features import FeatureSpec, FitAccumulator
+from ctr_ensemble.data.fit import FitAccumulator
+from ctr_ensemble.data.spec import FeatureSpec
 
 Y = np.array([1, 0, 0, 0])
 P = np.array([0.5, 0.25, 0.25, 0.25])
@@ -88,7 +89,7 @@ def test_quality_keys_and_ne_base():
 
 
 def test_fit_records_the_training_base_rate(tiny_data, tiny_spec, tmp_path):
-    from ctr_ensemble.training.trainer import encode_file
+    from ctr_ensemble.data.encode import encode_file
 
     labels = encode_file(tiny_data / "train.tsv", tiny_spec).label
     assert tiny_spec.fitted_on["label_mean"] == pytest.approx(float(np.mean(labels, dtype=np.float64)), abs=1e-12)

@@ -1,6 +1,6 @@
 """``data prepare``: raw files of any size → encoded NumPy shards + a manifest, in bounded memory, resumable.
 
-The inputs (one or more files of one format, read by the readers in ``readers.py``) are cut into
+The inputs (one or more files of one format, read by the readers of ``data.readers``) are cut into
 chunks: byte ranges of about ``chunk_mb`` ending at line ends for plain text (Criteo, Avazu, libSVM),
 groups of row groups for Parquet, and one chunk per file for gzip (a compressed stream cannot be
 entered half-way). Each chunk becomes one shard, ``shards/part-NNNNN.<column>.npy``:
@@ -12,9 +12,9 @@ int32/uint8 on disk halve the size; the training loader widens each batch to the
 
 Raw data is read **once**. Pass 1 (parallel over chunks) parses a chunk, dictionary-encodes every
 categorical column (local ids into the chunk's distinct tokens, whose counts are the vocabulary
-statistics, ``features.ChunkCounts``) and writes the shard with local ids plus the chunk's counts.
-Then the vocabularies are fitted from the chunk counts one field at a time (``features.CountMerger``;
-same result as ``features.fit`` on the whole input), and pass 2 maps every shard's local ids to
+statistics, ``fit.ChunkCounts``) and writes the shard with local ids plus the chunk's counts.
+Then the vocabularies are fitted from the chunk counts one field at a time (``fit.CountMerger``;
+same result as ``fit.fit`` on the whole input), and pass 2 maps every shard's local ids to
 vocabulary ids through a per-chunk lookup table (no raw data involved). With ``spec`` given (val/test
 files encoded with the train vocabulary) pass 1 writes final ids directly.
 
@@ -50,11 +50,13 @@ import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 from tqdm.auto import tqdm
 
-from ctr_ensemble import features
+from ctr_ensemble.data.encode import Encoder, window_sequence
+from ctr_ensemble.data.fit import (DEFAULT_SEQ_MAX_LEN, ChunkCounts, CountMerger, FitAccumulator, check_fit_options,
+                                   resolve_min_count, token_partition)
 from ctr_ensemble.data.readers import open_reader
 from ctr_ensemble.data.readers.base import Span, concat_batches, count_lines_before, field_names
+from ctr_ensemble.data.spec import OOV_ID, FeatureSpec
 from ctr_ensemble.errors import CtrError
-from ctr_ensemble.features import OOV_ID, ChunkCounts, FeatureSpec, FitAccumulator
 
 PREPARED_FORMAT = "ctr-ensemble/prepared"
 PREPARED_VERSION = 1
@@ -63,7 +65,7 @@ SPEC_FILE = "feature_spec.json"
 WORK = "_work"
 PROGRESS = "progress.json"
 SHARDS = "shards"
-# Storage dtype per column (the model dtype is features.INPUT_DTYPES; label → float32).
+# Storage dtype per column (the model dtype is spec.INPUT_DTYPES; label → float32).
 # Count entries (token, chunk) one merge takes in before a field is merged in hash partitions instead:
 # ~240 B per distinct token at a merge's peak (bench-data's probe) keeps the parent near 1 GB.
 PARTITION_ENTRIES = 4_000_000
@@ -76,8 +78,8 @@ class PrepareOptions:
     skip_bad_rows: bool = False
     chunk_mb: float = 64  # raw MB per chunk (text formats); Parquet row groups are grouped to about this size
     workers: int = 1  # processes for the per-chunk work (1 = in this process)
-    min_count: int | str = "auto"  # features.DEFAULT_MIN_COUNT: resolved on the rows counted in pass 1
-    seq_max_len: int = features.DEFAULT_SEQ_MAX_LEN
+    min_count: int | str = "auto"  # fit.DEFAULT_MIN_COUNT: resolved on the rows counted in pass 1
+    seq_max_len: int = DEFAULT_SEQ_MAX_LEN
     use_sequence: bool = True
     max_distinct: int = 0  # cap on distinct tokens counted per field (0 = exact)
 
@@ -166,13 +168,13 @@ class ChunkTask:
     spec_path: str | None  # given: write final ids; None: write local ids + the chunk's counts (fitting)
 
 
-_ENCODERS: dict[str, features.Encoder] = {}
+_ENCODERS: dict[str, Encoder] = {}
 
 
-def _encoder(spec_path: str) -> features.Encoder:
+def _encoder(spec_path: str) -> Encoder:
     if spec_path not in _ENCODERS:
         _ENCODERS.clear()
-        _ENCODERS[spec_path] = features.Encoder(FeatureSpec.load(spec_path))
+        _ENCODERS[spec_path] = Encoder(FeatureSpec.load(spec_path))
     return _ENCODERS[spec_path]
 
 
@@ -204,7 +206,7 @@ class _NeedLineNumbers(Exception):
 
 def _local_sequence(batch, cc: ChunkCounts, max_len: int) -> tuple[np.ndarray, np.ndarray]:
     """(B, max_len) int32 of local item ids + 1 (0 = padding), (B, 1) int32 lengths."""
-    ids, length = features.window_sequence(cc.seq_items.astype(np.int32) + 1, cc.seq_lengths, max_len)
+    ids, length = window_sequence(cc.seq_items.astype(np.int32) + 1, cc.seq_lengths, max_len)
     return ids, length.astype(np.int32)
 
 
@@ -257,7 +259,7 @@ def run_chunk(task: ChunkTask) -> dict:
 
 
 def _write_final_ids(out: Path, index: int, local: np.ndarray, counts: list[pa.Table], seq, seq_counts,
-                     enc: features.Encoder) -> dict:
+                     enc: Encoder) -> dict:
     files = {}
     ids = np.empty_like(local)
     for f, (table, vocab) in enumerate(zip(counts, enc.vocab_arrays)):
@@ -381,7 +383,7 @@ def prepare(inputs: list[str | Path], out: str | Path, opts: PrepareOptions, spe
     if not inputs:
         raise CtrError("data prepare: give at least one input file")
     out = Path(out)
-    features.check_fit_options(opts.min_count, opts.seq_max_len)
+    check_fit_options(opts.min_count, opts.seq_max_len)
     if opts.chunk_mb <= 0:
         raise CtrError(f"chunk_mb must be > 0, got {opts.chunk_mb}")
     given = FeatureSpec.load(spec) if spec is not None else None
@@ -405,7 +407,7 @@ def prepare(inputs: list[str | Path], out: str | Path, opts: PrepareOptions, spe
         seq_name = names["sequence"] if opts.use_sequence else None
         seq_len = opts.seq_max_len
         if given is not None:
-            features.Encoder(given).check_fields(open_reader(inputs[0], fmt, opts.skip_bad_rows), str(inputs[0]))
+            Encoder(given).check_fields(open_reader(inputs[0], fmt, opts.skip_bad_rows), str(inputs[0]))
             seq_name = given.sequence.name if given.sequence else None
             seq_len = given.sequence.max_len if given.sequence else seq_len
         (out / SHARDS).mkdir(parents=True, exist_ok=True)
@@ -502,7 +504,7 @@ def _fit_from_chunks(out: Path, state: dict, opts: PrepareOptions, inputs: list[
                      np.asarray(info["seq_hist"], np.int64) if "seq_hist" in info else None,
                      info.get("positives"))  # absent in a chunk read before label_mean was recorded
     n_fields = len(names["categorical"]) + (1 if state["sequence"] else 0)
-    min_count = features.resolve_min_count(opts.min_count, acc.rows)  # every chunk is counted: rows are known
+    min_count = resolve_min_count(opts.min_count, acc.rows)  # every chunk is counted: rows are known
     paths = [out / _draft(i, "counts.arrow") for i in with_rows]
     entries = _count_entries(paths, n_fields)
     for f in tqdm(range(n_fields), desc=f"prepare {out.name}: fit vocabularies", unit="field", leave=False):
@@ -517,10 +519,10 @@ def _fit_from_chunks(out: Path, state: dict, opts: PrepareOptions, inputs: list[
         # min_count; memory is bounded by PARTITION_ENTRIES whatever the number of distinct tokens.
         kept, distinct = [], 0
         for part in range(parts):
-            merger = features.CountMerger()
+            merger = CountMerger()
             for p in paths:
                 t = read_counts(p, [f])[0]
-                merger.add(t.filter(pa.array(features.token_partition(t["value"].combine_chunks(), parts) == part)))
+                merger.add(t.filter(pa.array(token_partition(t["value"].combine_chunks(), parts) == part)))
             counts = merger.result()
             distinct += counts.num_rows
             kept.append(counts.filter(pc.greater_equal(counts["count"], min_count)))

@@ -16,8 +16,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ctr_ensemble.data.prepare import MANIFEST, PREPARED_FORMAT, PREPARED_VERSION, SPEC_FILE, file_crc32
+from ctr_ensemble.data.spec import INPUT_DTYPES, FeatureSpec
 from ctr_ensemble.errors import CtrError
-from ctr_ensemble.features import INPUT_DTYPES, FeatureSpec
 
 VERIFY_MODES = ("size", "full")
 

@@ -34,6 +34,11 @@ class RawBatch:
     seq: pa.Array | None = None  # (B,) list<string>: the behaviour sequence, oldest first; None if the data has none
 
 
+def list_lengths(seq: pa.Array) -> np.ndarray:
+    """Items per row (B,) int64 of a list array (``RawBatch.seq``); a null list has none."""
+    return pc.fill_null(pc.list_value_length(seq), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
 @dataclass
 class ReadStats:
     rows: int = 0
