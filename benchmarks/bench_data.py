@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import TreeMemory, load_average, machine, md_table  # noqa: E402
 
-from ctr_ensemble.data.prepare import PARTITION_ENTRIES  # noqa: E402
+from ctr_ensemble.data.prepared.prepare import PARTITION_ENTRIES  # noqa: E402
 
 CRITEO_ROWS = 45_840_617
 # Distinct values per categorical field of Criteo Kaggle (the counts DLRM's preprocessing reports).
@@ -73,7 +73,7 @@ def child(spec_json: str) -> None:
     if job["kind"] == "probe":
         print(json.dumps(probe_counting(job["tokens"])))
         return
-    from ctr_ensemble.data.prepare import PrepareOptions, prepare
+    from ctr_ensemble.data.prepared.prepare import PrepareOptions, prepare
 
     r = prepare([job["input"]], job["out"], PrepareOptions(**job["options"]), spec=job.get("spec"))
     print(json.dumps({"rows": r.rows, "seconds": r.seconds, "shards": r.shards, "phases": r.phases}))

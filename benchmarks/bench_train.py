@@ -109,7 +109,7 @@ def member_run(job: dict, torch) -> dict:
 
     from ctr_ensemble import models
     from ctr_ensemble.data.encode import Arrays
-    from ctr_ensemble.data.shards import Prepared
+    from ctr_ensemble.data.prepared.shards import Prepared
     from ctr_ensemble.training import loader
     from ctr_ensemble.training.regularize import Regularizer
     from ctr_ensemble.training.trainer import Logits, Optimizers, TrainConfig
@@ -163,7 +163,7 @@ def member_run(job: dict, torch) -> dict:
 
 def quality_run(job: dict) -> dict:
     from ctr_ensemble import models
-    from ctr_ensemble.data.shards import Prepared
+    from ctr_ensemble.data.prepared.shards import Prepared
     from ctr_ensemble.training.trainer import TrainConfig, train_member
 
     tr, va = Prepared(job["train_dir"]), Prepared(job["val_dir"])
@@ -209,7 +209,7 @@ def ensure_bench_data(args) -> tuple[Path, Path]:
 
 
 def ensure_quality_data(args, val_rows: int = 50_000, workers: int = 1) -> tuple[Path, Path]:
-    from ctr_ensemble.data.prepare import PrepareOptions, prepare
+    from ctr_ensemble.data.prepared.prepare import PrepareOptions, prepare
     from ctr_ensemble.data.synth import SynthConfig, generate
 
     d = args.data / (f"quality_{args.quality_rows}" + (f"_{val_rows}" if val_rows != 50_000 else ""))

@@ -705,26 +705,27 @@ def write_random_shards(out: Path, ids: int, rows: int, fields: int = 26, shard_
     import numpy as np
 
     from bench_train import _reference_spec
-    from ctr_ensemble.data import prepare as prep
+    from ctr_ensemble.data.prepared.manifest import (MANIFEST, PREPARED_FORMAT, PREPARED_VERSION, SHARDS, SPEC_FILE,
+                                                     STORAGE_DTYPES, shard_file, write_json_atomic, write_npy)
 
-    if (out / prep.MANIFEST).is_file() and json.loads((out / prep.MANIFEST).read_text()).get("rows") == rows:
+    if (out / MANIFEST).is_file() and json.loads((out / MANIFEST).read_text()).get("rows") == rows:
         return rows
     shutil.rmtree(out, ignore_errors=True)
-    (out / prep.SHARDS).mkdir(parents=True)
+    (out / SHARDS).mkdir(parents=True)
     spec = _reference_spec(ids, fields)
-    spec.save(out / prep.SPEC_FILE)
+    spec.save(out / SPEC_FILE)
     rng = np.random.default_rng(seed)
     shards = []
     for i, lo in enumerate(range(0, rows, shard_rows)):
         n = min(shard_rows, rows - lo)
         cols = {"cat_ids": rng.integers(1, ids, (n, fields), dtype=np.int32), "num": np.zeros((n, 0), np.float32),
                 "label": rng.integers(0, 2, n, dtype=np.uint8)}
-        shards.append({"index": i, "rows": n, "files": {c: prep.write_npy(out, prep.shard_file(i, c), a) for c, a in cols.items()}})
+        shards.append({"index": i, "rows": n, "files": {c: write_npy(out, shard_file(i, c), a) for c, a in cols.items()}})
     columns = {"cat_ids": [fields], "num": [0], "label": []}
-    prep.write_json_atomic(out / prep.MANIFEST, {
-        "format": prep.PREPARED_FORMAT, "version": prep.PREPARED_VERSION, "spec_file": prep.SPEC_FILE,
+    write_json_atomic(out / MANIFEST, {
+        "format": PREPARED_FORMAT, "version": PREPARED_VERSION, "spec_file": SPEC_FILE,
         "spec_fingerprint": spec.fingerprint(), "rows": rows, "shards": shards,
-        "columns": {c: {"dtype": np.dtype(prep.STORAGE_DTYPES[c]).str, "shape": s} for c, s in columns.items()}})
+        "columns": {c: {"dtype": np.dtype(STORAGE_DTYPES[c]).str, "shape": s} for c, s in columns.items()}})
     return rows
 
 

@@ -153,7 +153,7 @@ def data_prepare(
     fmt: str = typer.Option("auto", "--format", help="Data format: auto, criteo, avazu, libsvm, parquet."),
 ) -> None:
     """Encode raw data into shards for training, in bounded memory; resumable (run the same command again)."""
-    from ctr_ensemble.data.prepare import PrepareOptions, prepare
+    from ctr_ensemble.data.prepared.prepare import PrepareOptions, prepare
 
     from ctr_ensemble.data.fit import parse_min_count
 
@@ -303,7 +303,7 @@ def _training_data(train: Path, val: Path, spec, skip_bad_rows: bool, fmt: str, 
     """(spec, train, val): prepared folders are opened (memmaps), raw files encoded into memory. ``spec`` is a
     spec file, a loaded spec (``spec_from`` names where it came from) or None (the prepared folder's own)."""
     from ctr_ensemble.data.encode import encode_file
-    from ctr_ensemble.data.shards import Prepared, is_prepared
+    from ctr_ensemble.data.prepared.shards import Prepared, is_prepared
     from ctr_ensemble.data.spec import FeatureSpec
 
     tr = Prepared(train, verify=verify) if is_prepared(train) else None

@@ -59,13 +59,14 @@ def tiny_arrays(tiny_data, tiny_spec):
 @pytest.fixture(scope="session")
 def prepared(tiny_data, tmp_path_factory) -> Path:
     """The tiny train split prepared (``data prepare``) in several chunks by 2 worker processes, and val with its spec."""
-    from ctr_ensemble.data import prepare as prep
+    from ctr_ensemble.data.prepared import prepare as prep
+    from ctr_ensemble.data.prepared.manifest import SPEC_FILE
 
     out = tmp_path_factory.mktemp("prepared")
     opts = prep.PrepareOptions(min_count=2, chunk_mb=0.25, workers=2)
     r = prep.prepare([tiny_data / "train.tsv"], out / "train", opts, progress=False)
     assert r.shards >= 4 and r.rows == 6000
-    prep.prepare([tiny_data / "val.tsv"], out / "val", replace(opts, workers=1), spec=out / "train" / prep.SPEC_FILE,
+    prep.prepare([tiny_data / "val.tsv"], out / "val", replace(opts, workers=1), spec=out / "train" / SPEC_FILE,
                  progress=False)
     return out
 

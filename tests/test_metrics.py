@@ -114,9 +114,9 @@ def test_accumulator_drops_the_base_rate_when_a_chunk_did_not_count_labels():
 
 
 def test_prepare_records_the_same_base_rate_as_fit(prepared, tiny_spec):
-    from ctr_ensemble.data import prepare as prep
+    from ctr_ensemble.data.prepared.manifest import SPEC_FILE
 
-    spec = FeatureSpec.load(prepared / "train" / prep.SPEC_FILE)
+    spec = FeatureSpec.load(prepared / "train" / SPEC_FILE)
     assert spec.fitted_on["label_mean"] == pytest.approx(tiny_spec.fitted_on["label_mean"], abs=1e-12)
 
 

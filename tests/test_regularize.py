@@ -226,7 +226,7 @@ def test_cli_training_defaults_are_the_train_config_defaults():
     for name in ("batch_size", "weight_decay", "patience", "plateau_factor", "embedding_reg_rows"):
         assert params[name].default.default == getattr(d, name), name
     from ctr_ensemble.data.fit import DEFAULT_MIN_COUNT
-    from ctr_ensemble.data.prepare import PrepareOptions
+    from ctr_ensemble.data.prepared.prepare import PrepareOptions
 
     assert inspect.signature(cli.data_fit).parameters["min_count"].default.default == DEFAULT_MIN_COUNT
     assert PrepareOptions().min_count == DEFAULT_MIN_COUNT

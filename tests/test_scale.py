@@ -15,10 +15,11 @@ import pytest
 import torch
 
 from ctr_ensemble import models
-from ctr_ensemble.data import prepare as prep
+from ctr_ensemble.data.prepared import prepare as prep
+from ctr_ensemble.data.prepared.manifest import MANIFEST, shard_file
 from ctr_ensemble.data.encode import Arrays, encode_file
 from ctr_ensemble.data.fit import fit, token_partition
-from ctr_ensemble.data.shards import Prepared
+from ctr_ensemble.data.prepared.shards import Prepared
 from ctr_ensemble.data.spec import FeatureSpec
 from ctr_ensemble.data.synth import SynthConfig, generate
 from ctr_ensemble.errors import CtrError
@@ -92,17 +93,17 @@ def test_resume_does_not_reread_finished_chunks(tiny_data, tmp_path, monkeypatch
     monkeypatch.setattr(prep, "run_chunk", interrupted)
     with pytest.raises(KeyboardInterrupt):
         _prep(tiny_data / "train.tsv", tmp_path / "out")
-    assert not (tmp_path / "out" / prep.MANIFEST).exists()
+    assert not (tmp_path / "out" / MANIFEST).exists()
     # A file of a finished chunk lost as well: that chunk alone is read again.
-    lost = tmp_path / "out" / prep.shard_file(seen[1], "num")
+    lost = tmp_path / "out" / shard_file(seen[1], "num")
     lost.unlink()
     again: list[int] = []
     monkeypatch.setattr(prep, "run_chunk", lambda task: again.append(task.index) or real(task))
     r = _prep(tiny_data / "train.tsv", tmp_path / "out")
     assert sorted(again) == sorted({seen[1]} | set(range(clean.shards)) - set(seen))
     assert r.chunks_resumed == 2 and r.chunks_run == len(again)
-    a = json.loads((tmp_path / "clean" / prep.MANIFEST).read_text())["shards"]
-    b = json.loads((tmp_path / "out" / prep.MANIFEST).read_text())["shards"]
+    a = json.loads((tmp_path / "clean" / MANIFEST).read_text())["shards"]
+    b = json.loads((tmp_path / "out" / MANIFEST).read_text())["shards"]
     assert [s["files"] for s in a] == [{k: {**v} for k, v in s["files"].items()} for s in b]  # same bytes (CRC-32)
     assert not (tmp_path / "out" / prep.WORK).exists()
 
@@ -128,7 +129,7 @@ def test_bad_row_in_a_later_chunk_names_its_line_in_the_file(tiny_data, tmp_path
         _prep(bad, tmp_path / "out", workers=1)
     r = _prep(bad, tmp_path / "skip", skip_bad_rows=True)
     assert r.rows == 5999 and r.skipped == 1
-    m = json.loads((tmp_path / "skip" / prep.MANIFEST).read_text())
+    m = json.loads((tmp_path / "skip" / MANIFEST).read_text())
     assert m["skipped"] == 1 and "line 4322" in m["skipped_examples"][0]
 
 
@@ -150,18 +151,18 @@ def test_missing_or_corrupt_shard_is_named_and_repaired(prepared, tiny_data, tmp
     d = tmp_path / "train"
     shutil.copytree(prepared / "train", d)
     ref = Prepared(d).feeds()
-    missing = d / prep.shard_file(1, "cat_ids")
+    missing = d / shard_file(1, "cat_ids")
     missing.unlink()
     with pytest.raises(CtrError, match=f"{missing}: shard file missing"):
         Prepared(d)
     _prep(tiny_data / "train.tsv", d, workers=2)  # same command again: re-encodes shard 1 only
     _same_feeds(Prepared(d, verify="full").feeds(), ref)
-    trunc = d / prep.shard_file(2, "num")
+    trunc = d / shard_file(2, "num")
     trunc.write_bytes(trunc.read_bytes()[:-40])
     with pytest.raises(CtrError, match=f"{trunc}: shard file is corrupt"):
         Prepared(d)
     _prep(tiny_data / "train.tsv", d, workers=2)
-    flip = d / prep.shard_file(0, "cat_ids")
+    flip = d / shard_file(0, "cat_ids")
     raw = bytearray(flip.read_bytes())
     raw[-3] ^= 0xFF  # same size, wrong content: only the CRC-32 sees it
     flip.write_bytes(bytes(raw))

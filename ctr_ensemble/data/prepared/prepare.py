@@ -1,9 +1,10 @@
 """``data prepare``: raw files of any size → encoded NumPy shards + a manifest, in bounded memory, resumable.
 
 The inputs (one or more files of one format, read by the readers of ``data.readers``) are cut into
-chunks: byte ranges of about ``chunk_mb`` ending at line ends for plain text (Criteo, Avazu, libSVM),
-groups of row groups for Parquet, and one chunk per file for gzip (a compressed stream cannot be
-entered half-way). Each chunk becomes one shard, ``shards/part-NNNNN.<column>.npy``:
+chunks by the reader (``Reader.spans``): byte ranges of about ``chunk_mb`` ending at line ends for plain
+text (Criteo, Avazu, libSVM), groups of row groups for Parquet, and one chunk per file for gzip (a
+compressed stream cannot be entered half-way). Each chunk becomes one shard,
+``shards/part-NNNNN.<column>.npy`` (the folder's layout and file entries: ``manifest.py``):
 
     cat_ids  (n, n_cat) int32      num      (n, n_num) float32 (raw, NaN = missing)
     label    (n,)       uint8      seq_ids  (n, max_len) int32   seq_len (n, 1) int32   (with a sequence)
@@ -33,10 +34,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 import time
-import zlib
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -53,23 +52,19 @@ from tqdm.auto import tqdm
 from ctr_ensemble.data.encode import Encoder, window_sequence
 from ctr_ensemble.data.fit import (DEFAULT_SEQ_MAX_LEN, ChunkCounts, CountMerger, FitAccumulator, check_fit_options,
                                    resolve_min_count, token_partition)
+from ctr_ensemble.data.prepared.manifest import (MANIFEST, PREPARED_FORMAT, PREPARED_VERSION, SHARDS, SPEC_FILE,
+                                                 STORAGE_DTYPES, shard_file, verify_files, write_atomic,
+                                                 write_json_atomic, write_npy)
 from ctr_ensemble.data.readers import open_reader
 from ctr_ensemble.data.readers.base import Span, concat_batches, count_lines_before, field_names
 from ctr_ensemble.data.spec import OOV_ID, FeatureSpec
 from ctr_ensemble.errors import CtrError
 
-PREPARED_FORMAT = "ctr-ensemble/prepared"
-PREPARED_VERSION = 1
-MANIFEST = "manifest.json"
-SPEC_FILE = "feature_spec.json"
 WORK = "_work"
 PROGRESS = "progress.json"
-SHARDS = "shards"
-# Storage dtype per column (the model dtype is spec.INPUT_DTYPES; label → float32).
 # Count entries (token, chunk) one merge takes in before a field is merged in hash partitions instead:
 # ~240 B per distinct token at a merge's peak (bench-data's probe) keeps the parent near 1 GB.
 PARTITION_ENTRIES = 4_000_000
-STORAGE_DTYPES = {"cat_ids": np.int32, "num": np.float32, "label": np.uint8, "seq_ids": np.int32, "seq_len": np.int32}
 
 
 @dataclass
@@ -88,10 +83,6 @@ class PrepareOptions:
         d = asdict(self)
         d.pop("workers")
         return d
-
-
-def shard_file(i: int, column: str) -> str:
-    return f"{SHARDS}/part-{i:05d}.{column}.npy"
 
 
 # ---------------------------------------------------------------------------------------------- plan
@@ -116,40 +107,6 @@ def plan_chunks(inputs: list[Path], fmt: str, chunk_bytes: int,
                            f"({fmt0}: {names0}); all inputs of one prepare must share them")
         spans += [(sp, path, b) for sp, b in reader.spans(chunk_bytes)]
     return fmt0, names0, spans
-
-
-# ---------------------------------------------------------------------------------------------- files
-def _npy_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
-    return buf.getvalue()
-
-
-def write_atomic(path: Path, data: bytes) -> dict:
-    """Write ``data`` under a temporary name and rename it into place; return its size and CRC-32."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    tmp.replace(path)
-    return {"bytes": len(data), "crc32": zlib.crc32(data)}
-
-
-def write_npy(out: Path, rel: str, arr: np.ndarray) -> dict:
-    """Write ``out/rel`` atomically; its manifest entry (path relative to ``out``, size, CRC-32, shape, dtype)."""
-    return {"file": rel, **write_atomic(out / rel, _npy_bytes(arr)), "shape": list(arr.shape),
-            "dtype": np.dtype(arr.dtype).str}
-
-
-def file_crc32(path: Path) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        while b := f.read(16 << 20):
-            crc = zlib.crc32(b, crc)
-    return crc
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    write_atomic(path, json.dumps(obj, indent=1).encode())
 
 
 # ---------------------------------------------------------------------------------------------- chunk work
@@ -572,8 +529,6 @@ def _write_manifest(out: Path, state: dict) -> dict:
 def _repair(out: Path, ident: dict, opts: PrepareOptions, progress: bool, t_start: float) -> PrepareResult:
     """A finished folder: check every shard file (size and CRC-32); re-encode the damaged shards from the
     raw input with the folder's own spec (deterministic, so the files come out identical)."""
-    from ctr_ensemble.data.shards import verify_files
-
     manifest = json.loads((out / MANIFEST).read_text())
     want = {"inputs": manifest["inputs"], "options": manifest["options"], "spec": manifest.get("given_spec")}
     if want["options"] != ident["options"] or [i["path"] for i in want["inputs"]] != [i["path"] for i in ident["inputs"]]:
