@@ -25,7 +25,7 @@ from ctr_ensemble.data.readers.base import RawBatch, list_lengths
 from ctr_ensemble.data.spec import CategoricalField, FeatureSpec, NumericField, SequenceField
 from ctr_ensemble.errors import CtrError
 
-DEFAULT_SEQ_MAX_LEN = 50
+DEFAULT_SEQ_MAX_LEN = 50  # most recent items of a behaviour sequence kept per row
 # Tokens seen fewer times in train map to OOV. "auto" (the default) resolves on the number of training rows:
 # 2 below AUTO_LARGE_ROWS (not 1, so that the OOV embedding is trained on the train singletons and means "rare
 # or unseen" at serving time), 10 from there on (Criteo-size: ~1 M kept tokens instead of ~34 M at 1, the
