@@ -17,7 +17,7 @@ MIN_COUNT_HELP = ("Tokens seen fewer times in train map to the OOV id 0 (which a
 
 @data_app.command("synth")
 def data_synth(
-    out: Path = typer.Option(Path("artifacts/data/synth"), help="Output folder for train/val/test TSV + p files."),
+    out: Path = typer.Option(Path("artifacts/data/synth"), help="Output folder for train/val/test (TSV, or Parquet with --seq-max-len) and the true p per row."),
     train_rows: int = typer.Option(160_000, help="Rows in the train split."),
     val_rows: int = typer.Option(20_000, help="Rows in the validation split."),
     test_rows: int = typer.Option(20_000, help="Rows in the test split."),
@@ -40,7 +40,8 @@ def data_movielens(
     movies: Path = typer.Option(..., help="MovieLens movies.csv (movieId,title,genres)."),
     out: Path = typer.Option(Path("artifacts/data/movielens"), help="Output folder for train/val/test Parquet."),
     max_history: int = typer.Option(50, help="Keep the user's most recent N earlier movies as the history."),
-    val_frac: float = typer.Option(0.1), test_frac: float = typer.Option(0.1),
+    val_frac: float = typer.Option(0.1, help="Share of the ratings, by time, in the validation split."),
+    test_frac: float = typer.Option(0.1, help="Share of the ratings, by time (the latest), in the test split."),
 ) -> None:
     """Build a sequential CTR task from MovieLens: click = rating >= 4, history = earlier movies, split by time."""
     from ctr_ensemble.data.movielens import build_movielens
@@ -51,7 +52,7 @@ def data_movielens(
 
 @data_app.command("fit")
 def data_fit(
-    train: Path = typer.Option(..., help="Training file (Criteo TSV layout)."),
+    train: Path = typer.Option(..., help="Training file (any supported format, see --format)."),
     out: Path = typer.Option(Path("artifacts/feature_spec.json"), help="Where to write the feature spec JSON."),
     min_count: str = typer.Option("auto", help=MIN_COUNT_HELP),
     skip_bad_rows: bool = typer.Option(False, help="Skip and count malformed rows instead of stopping."),

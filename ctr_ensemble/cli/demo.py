@@ -14,7 +14,9 @@ def demo_cmd(
     members: str = typer.Option("deepfm,dcnv2", help="Comma list of architectures to train and serve."),
     out: Path = typer.Option(Path("artifacts/demo"), help="Folder for data, checkpoints and summary.json."),
     repository: Path = typer.Option(Path("model_repository"), help="Where to write the Triton repository."),
-    train_rows: int = typer.Option(300_000), epochs: int = typer.Option(8), seed: int = typer.Option(42),
+    train_rows: int = typer.Option(300_000, help="Rows of the synthetic training split."),
+    epochs: int = typer.Option(8, help="The most epochs per member (early stopping may end sooner)."),
+    seed: int = typer.Option(42, help="Seed of the data and of the training."),
     seq_max_len: int = typer.Option(0, help="> 0: the synthetic data carries a behaviour sequence of this many "
                                              "recent items (Parquet), fed to every member."),
 ) -> None:

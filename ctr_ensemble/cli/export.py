@@ -110,11 +110,11 @@ def check_repo_cmd(
 def check_export_cmd(
     model: Optional[str] = typer.Option(None, help="Architecture: build from its default config, train a few steps on generated data."),
     checkpoint_: Optional[Path] = typer.Option(None, "--checkpoint", help="Check your own checkpoint instead of --model."),
-    data: Optional[Path] = typer.Option(None, help="Rows to compare on (Criteo TSV layout); default: generated."),
+    data: Optional[Path] = typer.Option(None, help="Rows to compare on (any supported format, detected); default: generated."),
     set_: list[str] = typer.Option([], "--set", help="Config override KEY=VALUE for --model; repeatable."),
     rows: int = typer.Option(4096, help="Rows to compare (each also as an OOV/NaN copy)."),
     steps: int = typer.Option(30, help="Training steps before export (with --model)."),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="Seed of the generated data and of the few training steps."),
     sequence: bool = typer.Option(True, help="With --model: generated data has a behaviour sequence (checks lengths 0, 1, max)."),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
 ) -> None:

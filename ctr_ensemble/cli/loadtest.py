@@ -9,10 +9,11 @@ from typing import Optional
 import typer
 
 from ctr_ensemble.cli.app import app, split_list
-from ctr_ensemble.cli.options import format_option
+from ctr_ensemble.cli.options import Ports, config_options, format_option
 
 
 @app.command("loadtest")
+@config_options(Ports, dest="ports")
 def loadtest_cmd(
     repository: Path = typer.Option(Path("model_repository"), help="Model repository (served, or the base of the sweep's variants)."),
     data: Path = typer.Option(Path("artifacts/demo/data/test.tsv"), help="Held-out labelled file whose rows are sent."),
@@ -25,7 +26,6 @@ def loadtest_cmd(
     rows_per_request: Optional[int] = typer.Option(None, help="Rows per request (default 64)."),
     max_rows: Optional[int] = typer.Option(None, help="Held-out rows cycled through (default 8192)."),
     url: Optional[str] = typer.Option(None, help="Host of a running Triton (no server is started); needs --repository for the offline reference."),
-    http_port: int = typer.Option(8000), grpc_port: int = typer.Option(8001), metrics_port: int = typer.Option(8002),
     admin_key: Optional[str] = typer.Option(None, envvar="TRITON_ADMIN_KEY", help="Admin key of the running server (perf_analyzer reads the model config)."),
     sweep: bool = typer.Option(False, "--sweep", help="Run the default list of deployment variants (or --sweep-config)."),
     sweep_config: Optional[Path] = typer.Option(None, help="YAML sweep: variants and settings (implies --sweep)."),
@@ -36,6 +36,7 @@ def loadtest_cmd(
     prepare_only: Optional[Path] = typer.Option(None, help="Only write rows.npz + config.json for the docker-compose "
                                                 "locust services into this folder (URLs triton:8000/8001) and exit."),
     fmt: str = format_option(),
+    ports: dict = None,
 ) -> None:
     """Locust (headless) against Triton: throughput, p50/p95/p99, errors, served vs offline AUC; --sweep over variants."""
     import dataclasses
@@ -60,7 +61,7 @@ def loadtest_cmd(
         cfg.perf_analyzer = False
     target = None
     if url is not None:
-        target = lt.Target(url, http_port, grpc_port, metrics_port, repository, admin_key)
+        target = lt.Target(url, **ports, repository=repository, admin_key=admin_key)
     console = Console(width=None if sys.stdout.isatty() else 200)
     binary = perf.find_binary(perf_analyzer_bin)
     res = lt.run_sweep(cfg, repository, data, out, target=target, perf_binary=binary,
@@ -81,6 +82,7 @@ def loadtest_cmd(
 
 
 @app.command("soak")
+@config_options(Ports, dest="ports")
 def soak_cmd(
     repository: Path = typer.Option(Path("model_repository"), help="Model repository (served, and the offline reference)."),
     data: Path = typer.Option(Path("artifacts/demo/data/test.tsv"), help="Held-out labelled file whose rows are sent."),
@@ -89,16 +91,16 @@ def soak_cmd(
     max_requests: int = typer.Option(2_000_000, help="Bound on requests over all protocols; the run stops when reached."),
     protocol: str = typer.Option("grpc,http", help="Comma list; one concurrent Locust process per protocol."),
     users: int = typer.Option(2, help="Concurrent users per protocol."),
-    rows_per_request: int = typer.Option(64),
+    rows_per_request: int = typer.Option(64, help="Rows in each request."),
     max_rows: int = typer.Option(8192, help="Held-out rows cycled through."),
     window: float = typer.Option(60.0, help="Seconds per window; p99 drift = last window's p99 - first window's."),
     sample: float = typer.Option(5.0, help="Seconds between server RSS samples."),
     rss_warn_mb: float = typer.Option(100.0, help="RSS growth after the first window flagged as a suspected leak."),
     url: Optional[str] = typer.Option(None, help="Host of a running Triton (no server is started)."),
-    http_port: int = typer.Option(8000), grpc_port: int = typer.Option(8001), metrics_port: int = typer.Option(8002),
     server_pid: Optional[int] = typer.Option(None, help="With --url on this machine: tritonserver's pid, for the RSS leak check."),
     out: Path = typer.Option(Path("artifacts/soak"), help="Output folder for soak.{json,md,png}, soak_windows.csv, rss.csv."),
     fmt: str = format_option(),
+    ports: dict = None,
 ) -> None:
     """Long Locust load on one model: requests, errors (must be 0), p99 drift first vs last window, server RSS start/end."""
     from rich.console import Console
@@ -109,7 +111,7 @@ def soak_cmd(
     cfg = sk.SoakConfig(model=model, duration_s=duration, protocols=split_list(protocol), users=users,
                         rows_per_request=rows_per_request, max_rows=max_rows, max_requests=max_requests, window_s=window,
                         sample_s=sample, rss_warn_mb=rss_warn_mb)
-    target = lt.Target(url, http_port, grpc_port, metrics_port, repository) if url is not None else None
+    target = lt.Target(url, **ports, repository=repository) if url is not None else None
     console = Console(width=None if sys.stdout.isatty() else 200)
     s = sk.run_soak(cfg, repository, data, out, target=target, server_pid=server_pid, fmt=fmt, console=console)
     typer.echo((out / "soak.md").read_text())

@@ -44,6 +44,15 @@ class DataOptions:
 
 
 @dataclass
+class Ports:
+    """Triton's three ports: what ``serve`` starts and what ``loadtest``/``soak`` talk to (with ``--url``)."""
+
+    http_port: int = setting(8000, "Triton HTTP/REST port (KServe v2).")
+    grpc_port: int = setting(8001, "Triton gRPC port.")
+    metrics_port: int = setting(8002, "Triton Prometheus metrics port.")
+
+
+@dataclass
 class RunOptions:
     """How a training command runs: CPU threads and the torchrun process group."""
 

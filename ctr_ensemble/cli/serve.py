@@ -10,15 +10,15 @@ from typing import Optional
 import typer
 
 from ctr_ensemble.cli.app import app, split_list
-from ctr_ensemble.cli.options import format_option
+from ctr_ensemble.cli.options import Ports, config_options, format_option
 from ctr_ensemble.errors import CtrError
 
 
 @app.command("serve")
+@config_options(Ports, dest="ports")
 def serve_cmd(
     repository: Path = typer.Option(Path("model_repository"), help="Triton model repository."),
     host: str = typer.Option("127.0.0.1", help="Address to bind (HTTP, gRPC, metrics)."),
-    http_port: int = typer.Option(8000), grpc_port: int = typer.Option(8001), metrics_port: int = typer.Option(8002),
     startup_timeout: float = typer.Option(180.0, help="Seconds to wait for readiness."),
     log_verbose: int = typer.Option(0, help="tritonserver --log-verbose level."),
     admin_key: Optional[str] = typer.Option(None, envvar="TRITON_ADMIN_KEY", show_default=False,
@@ -28,11 +28,12 @@ def serve_cmd(
     supervise: bool = typer.Option(True, help="Restart the server when it dies or a backend stub dies "
                                               "(Triton does not recover a killed stub by itself)."),
     max_restarts: int = typer.Option(5, help="Give up after this many restarts."),
+    ports: dict = None,
 ) -> None:
     """Run the local tritonserver (from nvidia-pytriton) until Ctrl-C."""
     from ctr_ensemble.serving.server import TritonServer, default_admin_key
 
-    server = TritonServer(repository, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+    server = TritonServer(repository, host=host, **ports,
                           startup_timeout=startup_timeout, log_verbose=log_verbose,
                           log_path=Path("artifacts/tritonserver.log").resolve(),
                           admin_key=None if open_admin else (admin_key or default_admin_key()))
@@ -70,7 +71,7 @@ def serve_cmd(
 
 @app.command("evaluate")
 def evaluate_cmd(
-    data: Path = typer.Option(..., help="Labelled file (Criteo TSV layout) to score."),
+    data: Path = typer.Option(..., help="Labelled file to score (any supported format, see --format)."),
     repository: Path = typer.Option(Path("model_repository"), help="Model repository written by `export`."),
     backends: str = typer.Option("torch,onnx,triton_http,triton_grpc", help="Comma list of backends."),
     truth: Optional[Path] = typer.Option(None, help="True click probabilities (.p.npy) for the oracle AUC."),
@@ -80,7 +81,7 @@ def evaluate_cmd(
     start_server: bool = typer.Option(False, help="Start a local server on free ports for the run."),
     batch_size: int = typer.Option(1024, help="Rows per Triton request."),
     out: Optional[Path] = typer.Option(None, help="Write the summary JSON here."),
-    skip_bad_rows: bool = typer.Option(False),
+    skip_bad_rows: bool = typer.Option(False, help="Skip and count malformed rows instead of stopping."),
     fmt: str = format_option(),
 ) -> None:
     """Score a labelled file through each backend; AUC, logloss, NE, calibration, ECE, rows/s, max |Δ| vs PyTorch."""
