@@ -260,20 +260,16 @@ def soak(root: Path) -> list[Row]:
 
 
 def tune(root: Path) -> list[Row]:
-    path = root / "docs/tune/summary.json"
-    if not path.is_file():
-        raise FileNotFoundError(path)
-    s = json.loads(path.read_text(encoding="utf-8"))
-    if not all(s.get(k) for k in ("commit", "date", "machine")):
-        raise Unstamped(f"{path}: no commit/date/machine keys")
-    stamp = Stamp(str(s["commit"]), str(s["date"])[:10], str(s["machine"]))
-    t = s.get("test", {})
-    b, d = t.get("best", {}), t.get("default", {})
-    if not (b and d):
-        return []
-    return [Row(f"tune {s.get('arch', '')}: val / test AUC, best trial vs defaults",
-                f"{b['val_auc']:.4f} / {b['test_auc']:.4f} vs {d['val_auc']:.4f} / {d['test_auc']:.4f}",
-                "ctr-ensemble tune", stamp, _rel(root, path))]
+    md = root / "docs/tune/tune.md"
+    stamp = bench_md_stamp(md)
+    rows = []
+    for r in read_csv(md.with_name("tune.csv")):
+        rows.append(Row(f"bench-tune, MovieLens: test AUC of the best trial vs the defaults ({r['variant']}, "
+                        f"--select {r['select']})",
+                        f"{float(r['best_test_auc']):.4f} vs {float(r['default_test_auc']):.4f} "
+                        f"(val {float(r['best_val_auc']):.4f} vs {float(r['default_val_auc']):.4f})",
+                        "make bench-tune", stamp, _rel(root, md)))
+    return rows
 
 
 SOURCES = (quality, ensemble, defaults, regularizer, experiments, tune, loadtest, soak, gpu)

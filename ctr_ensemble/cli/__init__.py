@@ -7,6 +7,7 @@ commands on import, in the pipeline's order (the order ``--help`` lists them in)
 # isort: off
 from ctr_ensemble.cli import data, train, export, serve, loadtest, demo  # noqa: F401  (register the commands)
 # isort: on
-from ctr_ensemble.cli.app import app, main
+from ctr_ensemble.cli.app import app
+from ctr_ensemble.cli.app import run as main
 
 __all__ = ["app", "main"]

@@ -1,5 +1,5 @@
 """``python -m ctr_ensemble.cli``: what torchrun and the tests start."""
 
-from ctr_ensemble.cli.app import main
+from ctr_ensemble.cli import main
 
 main()

@@ -50,9 +50,10 @@ def arch_overrides(sets: list[str]) -> dict[str, dict]:
     return out
 
 
-def main() -> None:
-    import ctr_ensemble.cli  # noqa: F401  (registers every command group on app)
-
+def run() -> None:
+    """Run ``app`` with the errors users see: one ``error:`` line and exit 2 for a ``CtrError`` (naming the rank
+    under torchrun), the traceback only with ``--debug``; 130 on Ctrl-C. ``ctr_ensemble.cli.main`` is this, once
+    every command group has registered."""
     try:
         app()
     except CtrError as e:
