@@ -21,7 +21,7 @@ LT_REPO := $(if $(LT_DEMO),model_repository,artifacts/loadtest/demo/model_reposi
 LT_DATA := $(if $(LT_DEMO),artifacts/demo/data/test.tsv,artifacts/loadtest/demo/data/test.tsv)
 LT_SMALL := artifacts/loadtest/demo
 
-.PHONY: venv perf-venv demo test bench-serve bench-quality bench-data bench-train bench-reg bench-defaults bench-ensemble loadtest loadtest-demo soak experiments gpu-wheels gpu-check clean
+.PHONY: venv perf-venv demo test bench-serve bench-quality bench-data bench-train bench-reg bench-defaults bench-ensemble loadtest loadtest-demo soak experiments gpu-wheels gpu-check results docs-cli clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -120,6 +120,15 @@ gpu-wheels: venv
 
 gpu-check:
 	$(GPU_PYTHON) benchmarks/gpu_check.py --out $(GPU_CHECK_OUT) --wheels $(GPU_WHEELS) $(if $(GPU_CHECK_DRY),--dry-run) $(GPU_CHECK_ARGS)
+
+# The README's "Results at a glance" table and the member table's AUC column, from the stamped files under docs/
+# (a file without a commit, date and machine stamp is left out). Run after any target above that writes docs/.
+results: venv
+	$(BIN)/python benchmarks/results_table.py
+
+# docs/cli.md from every command's --help (tests/test_docs_tools.py fails when it is out of date).
+docs-cli: venv
+	$(BIN)/python benchmarks/cli_docs.py --out docs/cli.md
 
 clean:
 	rm -rf artifacts model_repository

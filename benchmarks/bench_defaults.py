@@ -9,15 +9,14 @@ averaged over the members, and the mean over datasets. Writes ``<docs>/defaults.
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_quality as bq  # noqa: E402
+from common import write_report  # noqa: E402
 
 # (label, bench_quality arguments): the product's defaults first, then one change each.
 VARIANTS = [
@@ -58,10 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         rec["mean_auc"] = statistics.fmean(aucs) if aucs else None
         table.append(rec)
     datasets = a.datasets.split(",")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     env = bq.environment(bq.BenchConfig(fuxictr=False))
     md = ["# How the defaults were chosen (`make bench-defaults`)", "",
-          f"- commit {commit or 'unknown'}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: "
+          f"- commit {env['commit']}, {env['date']}; machine: "
           f"{env['cpu']}, {env['cores']} cores, 1 torch thread per run; {(time.perf_counter() - t0) / 60:.1f} min",
           f"- bench-quality's split files (quick default sizes), ours only; members {a.members}; seeds {a.seeds}; "
           "each cell: test AUC averaged over the members (NE below it); one default changed per row",
@@ -71,13 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                  for ds in datasets]
         md.append(f"| {rec['variant']} | " + " | ".join(cells) + f" | {rec['mean_auc']:.4f} |")
     text = "\n".join(md) + "\n"
-    for folder in [a.out] + ([a.docs] if a.docs else []):
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "defaults.md").write_text(text)
-        with open(folder / "defaults.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(table[0]))
-            w.writeheader()
-            w.writerows(table)
+    write_report([a.out, a.docs], {"defaults.md": text}, {"defaults.csv": table})
     bq.console.print(text)
     return 0
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import csv
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_quality as bq  # noqa: E402
+from common import write_report  # noqa: E402
 
 from ctr_ensemble import metrics, models  # noqa: E402
 from ctr_ensemble.data.encode import encode_file  # noqa: E402
@@ -121,10 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         rows, verdict = summarise(runs, names)
         all_runs += runs
         tables.append((ds, names, rows, verdict))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     env = bq.environment(cfg)
     md = ["# Fitted fusion vs τ = 1 vs mean vs the best member (`make bench-ensemble`)", "",
-          f"- commit {commit or 'unknown'}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {env['cpu']}, "
+          f"- commit {env['commit']}, {env['date']}; machine: {env['cpu']}, "
           f"{env['cores']} cores, 1 torch thread; {(time.perf_counter() - t0) / 60:.1f} min",
           f"- per dataset the two members of ours with the highest mean validation AUC in {a.quality_runs}; product "
           f"defaults; seeds {a.seeds}; fusions fitted / chosen on the validation split, scored on the test split; "
@@ -144,14 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     md += ["## The bar", "", f"- fitted ≥ best member − 1 std on {sum(s['holds'] for s in summary)}/{len(summary)} "
            f"datasets; beats the best member by > 2 std on {n2}/{len(summary)} (needed: at least half)"]
     text = "\n".join(md) + "\n"
-    for folder in [a.out] + ([a.docs] if a.docs else []):
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "ensemble.md").write_text(text)
-        for name, rows in (("ensemble.csv", summary), ("ensemble_runs.csv", all_runs)):
-            with open(folder / name, "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=list(rows[0]))
-                w.writeheader()
-                w.writerows(rows)
+    write_report([a.out, a.docs], {"ensemble.md": text}, {"ensemble.csv": summary, "ensemble_runs.csv": all_runs})
     bq.console.print(text)
     return 0
 

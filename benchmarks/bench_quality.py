@@ -48,6 +48,9 @@ import torch
 from rich.console import Console
 from tqdm.auto import tqdm
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_name, stamp  # noqa: E402
+
 from ctr_ensemble import metrics, models
 from ctr_ensemble.data.encode import encode_file
 from ctr_ensemble.data.fit import DEFAULT_MIN_COUNT, fit, resolve_min_count
@@ -638,20 +641,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def environment(cfg: BenchConfig) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                           text=True).stdout.strip()
-    env = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-           "sequence_use": {}, "commit": (commit or "unknown") + ("+uncommitted changes" if dirty else ""),
-           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    env = {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+           "sequence_use": {}, **stamp()}
     if cfg.fuxictr and cfg.fuxictr_python.exists():
         r = subprocess.run([str(cfg.fuxictr_python), "-c", "import importlib.metadata as m; print(m.version('fuxictr'))"],
                            capture_output=True, text=True)

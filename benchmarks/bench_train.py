@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import load_average, machine, md_table  # noqa: E402
+from common import load_average, machine, md_table, stamp  # noqa: E402
 
 MEMBERS = ("deepfm", "dcnv2", "dcn", "pnn", "fibinet", "dhen", "emofm", "interformer")
 REF = {"cross_layers": 3, "hidden": [400, 400, 400], "embedding_dim": 16}  # the DCNv2 shape
@@ -361,8 +361,8 @@ def report(args, rows, quality, fuxi, mach, load0, load1, cuda: bool) -> None:
     gpu = ("GPU rows: not measured. No GPU was lent to this task (torch.cuda.is_available() is False here); "
            "the CUDA path (pinned memory, prefetch thread, non_blocking copies) is exercised only by a test that "
            "skips without CUDA." if not cuda else "GPU present: see rows with device cuda.")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    md = ["# bench-train", "", f"- commit {commit or 'unknown'}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+    st = stamp()
+    md = ["# bench-train", "", f"- commit {st['commit']}, {st['date']}; "
           f"command: `{' '.join(['python', *sys.argv])}`", f"- machine: {mach}", f"- torch threads: {args.threads}; load average "
           f"{load0} at start, {load1} at the end (the 2 cores are shared with other jobs: samples per CPU-second "
           "is the steadier figure)", f"- timed window: {args.seconds:g}s per row after 3 warm-up steps; each row in "

@@ -1,12 +1,44 @@
-"""Small helpers shared by the scale benchmarks: machine description, process-tree memory, Markdown tables."""
+"""Small helpers shared by the benchmarks: the stamp (commit, date, machine) of a measured page, writing a
+report to its output folders, process-tree memory, Markdown tables."""
 
 from __future__ import annotations
 
+import csv
 import os
 import platform
+import subprocess
 import threading
 import time
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def stamp() -> dict:
+    """What every measured page carries: the commit the code is at (``-dirty``: tracked files differ from it)
+    and the UTC date; ``machine`` separately (``machine()`` or ``cpu_name()``)."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                    capture_output=True, text=True, check=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        sha, dirty = "unknown", False
+    return {"commit": sha + ("-dirty" if dirty else ""), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def write_report(folders: list[Path | None], texts: dict[str, str], tables: dict[str, list[dict]]) -> None:
+    """Write the same report (``texts``: file name → text, ``tables``: file name → rows as CSV) into each
+    folder (``None`` entries skipped: an optional ``--docs``)."""
+    for folder in (f for f in folders if f is not None):
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, text in texts.items():
+            (folder / name).write_text(text)
+        for name, rows in tables.items():
+            with open(folder / name, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
+                w.writeheader()
+                w.writerows(rows)
 
 
 def cpu_name() -> str:

@@ -41,7 +41,6 @@ import csv
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -53,6 +52,9 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # per-batch bars off; the outer prog
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 
 from ctr_ensemble import metrics, models  # noqa: E402
 from ctr_ensemble.data.encode import Arrays, encode_file  # noqa: E402
@@ -705,17 +707,6 @@ def collab_section(records: list[dict], s: Setting, seeds: list[int], details: d
     return lines
 
 
-def provenance() -> dict:
-    """The commit the run's code is at (``-dirty``: tracked files differ from it) and the date, for the reports."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                                    capture_output=True, text=True, check=True).stdout.strip())
-    except (OSError, subprocess.CalledProcessError):
-        sha, dirty = "unknown", False
-    return {"commit": sha + ("-dirty" if dirty else ""), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
 def markdown(rows: list[dict], dataset: str, seeds: list[int], details: dict, pngs, paired: list[str],
@@ -762,7 +753,7 @@ def main() -> int:
     else:
         s, dataset = setting_from(args), args.dataset
         seeds = [int(x) for x in args.seeds.split(",")]
-        stamp = provenance()
+        stamp = common.stamp()
         t0 = time.perf_counter()
         spec, train, val, test, info = load_data(args, s, out)
         exp = Experiment(s, spec, train, val, test, serve=not args.no_serve, workdir=out / "work")

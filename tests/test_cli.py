@@ -79,3 +79,43 @@ def test_stages_end_to_end_from_the_command_line(tmp_path):
     assert all(r["max_abs_diff"] <= 1e-5 for rows in [*s["members"].values(), s["ensemble"]] for r in rows.values())
     assert all(r["ne_base"] == "train" and r["ne"] > 0 and r["calibration"] > 0 and r["ece"] is not None
                for rows in [*s["members"].values(), s["ensemble"]] for r in rows.values())
+
+
+def test_config_options_generate_each_setting_once():
+    """cli/options.py: a dataclass's fields become options (default, help, --x/--no-x), stacked decorators fill
+    their own dicts, and a setting declared by hand as well is refused."""
+    import dataclasses as dc
+
+    import typer
+    from typer.testing import CliRunner
+
+    from ctr_ensemble.cli.options import config_options
+    from ctr_ensemble.training.trainer import setting
+
+    @dc.dataclass
+    class A:
+        width: int = setting(3, "How wide.")
+        fast: bool = setting(False, "Go fast.")
+
+    @dc.dataclass
+    class B:
+        name: str = setting("x", "A name.")
+
+    got = {}
+    app = typer.Typer()
+
+    @app.command()
+    @config_options(A)
+    @config_options(B, dest="b")
+    def cmd(out: str = typer.Option("o"), settings: dict = None, b: dict = None) -> None:
+        got.update(out=out, settings=settings, b=b)
+
+    r = CliRunner().invoke(app, ["--width", "5", "--fast", "--name", "y"])
+    assert r.exit_code == 0, r.output
+    assert got == {"out": "o", "settings": {"width": 5, "fast": True}, "b": {"name": "y"}}
+    r = CliRunner().invoke(app, ["--help"])
+    assert "How wide." in r.output and "--no-fast" in r.output and "A name." in r.output
+    with pytest.raises(TypeError, match="declared by hand and by A"):
+        config_options(A)(lambda width=1, settings=None: None)
+    with pytest.raises(TypeError, match="has no field"):
+        config_options(A, only=("height",))

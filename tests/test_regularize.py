@@ -213,24 +213,33 @@ def test_fuxictr_keys_we_cannot_honour_are_named():
         fuxictr.experiment({"a": {"model": "DeepFM"}, "b": {"model": "DCN"}})
 
 
-def test_cli_training_defaults_are_the_train_config_defaults():
-    """The commands' option defaults cannot drift from TrainConfig (the one place the defaults are chosen)."""
-    from ctr_ensemble import cli
+def test_cli_training_options_are_the_config_fields():
+    """Every TrainConfig field is an option of each training command, with the dataclass's default and help
+    (generated once, cli/options.py): the commands cannot drift from the one place the defaults are chosen."""
+    from typer.main import get_command
 
+    from ctr_ensemble.cli import app
+    from ctr_ensemble.cli.data import data_fit
+    from ctr_ensemble.training.collab import CollabConfig, HeadConfig
+
+    commands = get_command(app).commands
     d = TrainConfig()
-    for fn in (cli.train_cmd, cli.train_collab_cmd):
-        params = inspect.signature(fn).parameters
-        for name in ("epochs", "batch_size", "lr", "weight_decay", "patience", "plateau_factor", "embedding_reg_rows"):
-            assert params[name].default.default == getattr(d, name), (fn.__name__, name)
-    params = inspect.signature(cli.train_mutual_cmd).parameters
-    for name in ("batch_size", "weight_decay", "patience", "plateau_factor", "embedding_reg_rows"):
-        assert params[name].default.default == getattr(d, name), name
+    for name in ("train", "train-mutual", "train-collab"):
+        params = {p.name: p for p in commands[name].params}
+        for f in dataclasses.fields(TrainConfig):
+            p = params[f.name]
+            assert p.help == f.metadata["help"] and p.help, (name, f.name)
+            mode_default = name == "train-mutual" and f.name in ("epochs", "lr", "lr_decay")
+            assert p.default == (None if mode_default else getattr(d, f.name)), (name, f.name)
+    tune = {p.name: p for p in commands["tune"].params}
+    assert {"epochs", "seed", "device", "select"} <= set(tune) and "lr" not in tune
+    collab = {p.name: p.default for p in commands["train-collab"].params}
+    assert collab["member_weight"] == CollabConfig().member_weight and collab["tau"] == HeadConfig().tau
     from ctr_ensemble.data.fit import DEFAULT_MIN_COUNT
     from ctr_ensemble.data.prepared.prepare import PrepareOptions
 
-    assert inspect.signature(cli.data_fit).parameters["min_count"].default.default == DEFAULT_MIN_COUNT
+    assert inspect.signature(data_fit).parameters["min_count"].default.default == DEFAULT_MIN_COUNT
     assert PrepareOptions().min_count == DEFAULT_MIN_COUNT
-    assert dataclasses.fields(TrainConfig)  # sanity: a dataclass
 
 
 def test_train_takes_a_fuxictr_config(tiny_data, tmp_path):

@@ -43,8 +43,8 @@ from ctr_ensemble.training import checkpoint, distributed, loop
 from ctr_ensemble.training.checkpoint import Checkpoint
 from ctr_ensemble.training.distributed import Dist
 from ctr_ensemble.training.mutual import MemberInit, build_members
-from ctr_ensemble.training.trainer import (TrainConfig, TrainStep, check_options, run_identity, score_rows, val_metrics,
-                                           write_history)
+from ctr_ensemble.training.trainer import (TrainConfig, TrainStep, check_options, run_identity, score_rows, setting,
+                                           val_metrics, write_history)
 
 COLLAB_FORMAT = "ctr-ensemble/collab-checkpoint"
 COLLAB_VERSION = 1
@@ -52,11 +52,11 @@ COLLAB_VERSION = 1
 
 @dataclass
 class HeadConfig:
-    variant: str = "concat"  # concat | sum
+    variant: str = setting("concat", "Head input: concat [w_i·h_i] or sum Σ w_i·P_i h_i.")
     hidden: list[int] = field(default_factory=lambda: [64])
-    proj_dim: int = 64  # sum variant: common width the members' h_i are projected to
-    tau: float = 1.0  # temperature of softmax(NE(p)/τ); the initial value when learned
-    learn_tau: bool = False
+    proj_dim: int = setting(64, "sum variant: the width the members' h_i are projected to.")
+    tau: float = setting(1.0, "Temperature τ of softmax(NE(p)/τ) (the initial value with --learn-tau).")
+    learn_tau: bool = setting(False, "Learn τ (as exp(log τ)) with the rest.")
 
 
 SELECT = ("auc", "logloss")
@@ -64,11 +64,12 @@ SELECT = ("auc", "logloss")
 
 @dataclass
 class CollabConfig(TrainConfig):
-    kl_weight: float = 0.1  # λ of the symmetric-KL term
-    member_weight: float = 0.3  # μ: weight of the members' own BCE terms (the paper: 1)
-    select: str = "auc"  # model selection on the fused val AUC (auc) or the fused val logloss (logloss)
-    freeze_members: bool = False  # train the head only; the members keep their starting weights
-    detach_head: bool = False  # the head reads the members' outputs detached: its loss does not reach the members
+    kl_weight: float = setting(0.1, "λ of the symmetric-KL term between member predictions.")
+    member_weight: float = setting(0.3, "μ: weight of the members' own BCE terms (the paper's: 1).")
+    # (TrainConfig.select: model selection on the fused val AUC or the fused val logloss)
+    freeze_members: bool = setting(False, "Train the head only; the members keep their starting weights.")
+    detach_head: bool = setting(False, "The head reads the members' outputs detached: its loss trains the head only, "
+                                       "the members learn from their own BCE + KL.")
     head: HeadConfig = field(default_factory=HeadConfig)
 
 

@@ -149,6 +149,24 @@ def teardown(d: Dist) -> None:
         tdist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def process_group(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S, on_start=None):
+    """The torchrun process group of a training command (one plain process without torchrun), torn down at
+    the end; ``on_start(dist)`` runs once it exists (the CLI keeps it so errors name the rank)."""
+    d = setup(device, timeout_s=timeout_s)
+    if on_start is not None:
+        on_start(d)
+    try:
+        yield d
+    finally:
+        teardown(d)
+
+
+def on_processes(d: Dist) -> str:
+    """`` on N processes`` for a report line, empty for one process."""
+    return f" on {d.world} processes" if d.world > 1 else ""
+
+
 def split_range(n: int, d: Dist) -> tuple[int, int]:
     """This rank's contiguous share [start, stop) of ``n`` rows (sizes differ by at most one)."""
     return n * d.rank // d.world, n * (d.rank + 1) // d.world

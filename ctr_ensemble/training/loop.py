@@ -297,3 +297,12 @@ def clear_state(state_path: str | Path | None) -> None:
     """Remove the resume state once the run's outputs are safely written."""
     if state_path is not None:
         checkpoint.remove(state_path)
+
+
+def write_once(dist: Dist, state_path: str | Path | None, write) -> None:
+    """A run's outputs written once, by rank 0 (``write()``), then its resume state removed; the other ranks
+    wait for it, so none exits before the files exist."""
+    if dist.is_main:
+        write()
+        clear_state(state_path)
+    distributed.barrier(dist, "waiting for rank 0 to write the outputs")

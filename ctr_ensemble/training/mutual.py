@@ -35,7 +35,8 @@ from ctr_ensemble.training import checkpoint, distributed, loop
 from ctr_ensemble.training.checkpoint import Checkpoint
 from ctr_ensemble.training.distributed import Dist
 from ctr_ensemble.training.trainer import (TrainConfig, TrainStep, check_options, run_identity, score_rows,
-                                           selection_score, unique_names, val_metrics, write_history)
+                                           selection_score, setting, unique_names, val_metrics,
+                                           write_history)
 
 MODES = ("scratch", "finetune")
 FINETUNE_LR = 7e-4
@@ -45,7 +46,8 @@ FINETUNE_DECAY = 0.1 ** (1 / 3)  # the paper's schedule: one tenth of the lr aft
 @dataclass
 class MutualConfig(TrainConfig):
     mode: str = "scratch"  # scratch | finetune
-    mutual_weight: float = 1.0  # w above; 0 makes it N independent trainings run side by side
+    mutual_weight: float = setting(1.0, "Weight w of the mutual term (1 = the paper's; 0 = N independent trainings "
+                                        "side by side).")
 
     @classmethod
     def finetune(cls, **overrides) -> MutualConfig:

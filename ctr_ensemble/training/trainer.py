@@ -7,7 +7,7 @@ data parallelism over torchrun processes (``distributed``)."""
 from __future__ import annotations
 
 import csv
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,34 +26,54 @@ from ctr_ensemble.training.distributed import Dist
 from ctr_ensemble.training.loop import LoopConfig
 
 
+def setting(default, help: str):
+    """A config dataclass field with its help text: the one declaration the command-line options are generated
+    from (``cli/options.py``)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
-    epochs: int = 100  # the most epochs: early stopping on the val metric (`select`) ends the run first (loop.py)
-    batch_size: int = 512
-    lr: float = 2e-3
-    weight_decay: float = 0.0  # Adam's coupled L2 on every parameter (the members' regularizers are the usual way)
-    patience: int = 2  # epochs in a row without a better val AUC that stop the run (FuxiCTR early_stop_patience)
-    plateau_factor: float = 0.1  # lr factor after an epoch without a better val AUC (1 = off), FuxiCTR's default
-    min_lr: float = 1e-6
-    seed: int = 42
-    eval_batch_size: int = 16384
-    max_steps: int = 0  # stop after this many optimiser steps (0 = no limit); for smoke checks
-    lr_decay: float = 1.0  # learning-rate factor per epoch, applied every step (1 = constant)
-    save_every: int = 0  # optimiser steps between resume states (0 = at epoch ends only)
-    optimizer: str = "adam"  # adam (dense, every row each step) | sparse_adam | sparse_adagrad (see OPTIMIZERS)
-    emb_lr: float = 0.0  # learning rate of the embedding tables with a sparse optimizer (0 = 5 × lr, see Optimizers)
-    embedding_reg_rows: str = "auto"  # the members' embedding regularizer over: all | batch rows | auto (regularize.py)
-    amp: str = "none"  # none | bf16 (autocast of the forward pass)
-    compile: bool = False  # torch.compile the training step's forward
-    device: str = "auto"  # auto (CUDA if torch sees it) | cpu | cuda
-    shuffle: str = "auto"  # auto: full permutation for in-memory rows, block shuffle for prepared shards
-    block_rows: int = 8192  # block shuffle: rows read contiguously
-    buffer_rows: int = 262144  # block shuffle: rows shuffled together
-    streams: int = 0  # row streams (0 = one per DDP process); equal streams give equal global batches
-    prefetch: int = 0  # batches built ahead by a thread (always >= 1 on CUDA)
-    # model selection, early stopping and reduce-LR-on-plateau on the val auc (higher is better) or the val
-    # logloss (lower is better; the loop maximises its negative): `train --select`, `tune --select`
-    select: str = "auc"
+    """How a member (or a set of members) is trained; every trainer takes it whole, every training command
+    offers each field as ``--field-name``."""
+
+    epochs: int = setting(100, "The most epochs; early stopping on the val metric (--select) normally ends training "
+                               "first (loop.py).")
+    batch_size: int = setting(512, "Global batch size (split over torchrun processes).")
+    lr: float = setting(2e-3, "Adam learning rate.")
+    weight_decay: float = setting(0.0, "Adam's coupled L2 on every parameter (0 = off; the members' "
+                                       "embedding_regularizer / net_regularizer, set with --set, are the usual "
+                                       "regularizers).")
+    patience: int = setting(2, "Epochs in a row without a better val metric that stop training (FuxiCTR's "
+                               "early_stop_patience; the best epoch's weights are kept).")
+    plateau_factor: float = setting(0.1, "Learning-rate factor after each epoch without a better val metric "
+                                         "(reduce-LR-on-plateau, FuxiCTR's default; 1 = off).")
+    min_lr: float = setting(1e-6, "Reduce-LR-on-plateau never goes below this.")
+    seed: int = setting(42, "Seed of the weights' initialisation and of the row order.")
+    eval_batch_size: int = setting(16384, "Rows per batch when scoring the validation data.")
+    max_steps: int = setting(0, "Stop after this many optimiser steps (0 = no limit); for smoke checks.")
+    lr_decay: float = setting(1.0, "Learning-rate factor per epoch, applied every step (1 = constant).")
+    save_every: int = setting(0, "Optimiser steps between saved training states (0 = at the end of each epoch only).")
+    optimizer: str = setting("adam", "adam (dense, every row each step) | sparse_adam | sparse_adagrad (sparse "
+                                     "embedding updates; not on NCCL; see Optimizers).")
+    emb_lr: float = setting(0.0, "Learning rate of the embedding tables with a sparse optimizer (0 = 5 x --lr).")
+    embedding_reg_rows: str = setting("auto", "Embedding regularizer over: all (every table row each step, "
+                                              "FuxiCTR's semantics), batch (the rows the batch looked up; for sparse "
+                                              "optimizers and huge tables), auto (all with adam, batch with sparse "
+                                              "ones) (regularize.py).")
+    amp: str = setting("none", "none | bf16: autocast the training forward to bfloat16 (for GPUs; slow on CPUs "
+                               "without bf16 units).")
+    compile: bool = setting(False, "torch.compile the training forward (dense --optimizer adam only).")
+    device: str = setting("auto", "auto (CUDA if torch sees it) | cpu | cuda.")
+    shuffle: str = setting("auto", "auto (a full permutation for in-memory rows, block shuffle for prepared shards) "
+                                   "| full | block.")
+    block_rows: int = setting(8192, "Block shuffle: rows read contiguously.")
+    buffer_rows: int = setting(262144, "Block shuffle: rows shuffled together.")
+    streams: int = setting(0, "Row streams (0 = one per process); --streams N on one process reproduces an "
+                              "N-process run's batches.")
+    prefetch: int = setting(0, "Batches built ahead by a thread (>= 1 on CUDA).")
+    select: str = setting("auc", "Validation metric for model selection, early stopping and reduce-LR-on-plateau: "
+                                 "auc (highest) or logloss (lowest; the loop maximises its negative).")
 
     def loop(self) -> LoopConfig:
         return LoopConfig(epochs=self.epochs, batch_size=self.batch_size, patience=self.patience, seed=self.seed,
