@@ -21,7 +21,7 @@ LT_REPO := $(if $(LT_DEMO),model_repository,artifacts/loadtest/demo/model_reposi
 LT_DATA := $(if $(LT_DEMO),artifacts/demo/data/test.tsv,artifacts/loadtest/demo/data/test.tsv)
 LT_SMALL := artifacts/loadtest/demo
 
-.PHONY: venv perf-venv demo test bench-serve bench-quality bench-data bench-train bench-reg bench-defaults bench-ensemble loadtest loadtest-demo soak experiments gpu-wheels gpu-check results docs-cli clean
+.PHONY: venv perf-venv demo test bench-serve bench-quality bench-data bench-train bench-reg bench-defaults bench-ensemble loadtest loadtest-demo soak experiments gpu-wheels gpu-check results docs-cli bench-tune clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -123,6 +123,10 @@ gpu-check:
 
 # The README's "Results at a glance" table and the member table's AUC column, from the stamped files under docs/
 # (a file without a commit, date and machine stamp is left out). Run after any target above that writes docs/.
+# tune --model deepfm --trials 20 on the MovieLens task: best trial vs the defaults on test (docs/tune/)
+bench-tune: venv
+	$(BIN)/python benchmarks/bench_tune.py --docs docs/tune
+
 results: venv
 	$(BIN)/python benchmarks/results_table.py
 
