@@ -6,7 +6,7 @@
    the train spec), each in a fresh child process with ``--workers`` processes; the whole process
    tree's memory is sampled every 0.25 s from /proc (sum of PSS: shared pages counted once; and the
    largest single RSS), CPU time from the children's rusage.
-3. A counting probe: the per-field token counter (``features.CountMerger``) on N distinct random
+3. A counting probe: the per-field token counter (``data.fit.CountMerger``) on N distinct random
    8-hex tokens, for the bytes per distinct token and the merge rate, because the synthetic data has
    far fewer distinct tokens than Criteo (its fields have at most 60 k values; Criteo's C3 has 10.1 M).
 4. The extrapolation to Criteo Kaggle (45,840,617 rows, 33.8 M distinct tokens, 10.1 M in C3).
@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import TreeMemory, load_average, machine, md_table  # noqa: E402
 
-from ctr_ensemble.data.prepare import PARTITION_ENTRIES  # noqa: E402
+from ctr_ensemble.data.prepared.prepare import PARTITION_ENTRIES  # noqa: E402
 
 CRITEO_ROWS = 45_840_617
 # Distinct values per categorical field of Criteo Kaggle (the counts DLRM's preprocessing reports).
@@ -73,7 +73,7 @@ def child(spec_json: str) -> None:
     if job["kind"] == "probe":
         print(json.dumps(probe_counting(job["tokens"])))
         return
-    from ctr_ensemble.data.prepare import PrepareOptions, prepare
+    from ctr_ensemble.data.prepared.prepare import PrepareOptions, prepare
 
     r = prepare([job["input"]], job["out"], PrepareOptions(**job["options"]), spec=job.get("spec"))
     print(json.dumps({"rows": r.rows, "seconds": r.seconds, "shards": r.shards, "phases": r.phases}))
@@ -97,7 +97,7 @@ def probe_counting(n: int) -> dict:
     import numpy as np
     import pyarrow as pa
 
-    from ctr_ensemble.features import CountMerger
+    from ctr_ensemble.data.fit import CountMerger
 
     base = _status_mb("VmRSS:")
     rng = np.random.default_rng(0)
@@ -120,7 +120,7 @@ def probe_counting(n: int) -> dict:
     seconds = time.perf_counter() - t0
     peak = _status_mb("VmHWM:")
     entries = sum(t.num_rows for t in tables)
-    from ctr_ensemble.features import token_partition
+    from ctr_ensemble.data.fit import token_partition
 
     t0 = time.perf_counter()
     for t in tables:

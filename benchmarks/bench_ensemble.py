@@ -29,9 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_quality as bq  # noqa: E402
 from common import write_report  # noqa: E402
 
-from ctr_ensemble import features, metrics, models  # noqa: E402
+from ctr_ensemble import metrics, models  # noqa: E402
+from ctr_ensemble.data.encode import encode_file  # noqa: E402
+from ctr_ensemble.data.fit import fit  # noqa: E402
 from ctr_ensemble.export import fusion_fit  # noqa: E402
-from ctr_ensemble.training.trainer import encode_file, predict, train_member  # noqa: E402
+from ctr_ensemble.training.trainer import predict, train_member  # noqa: E402
 
 ROWS = ("fitted", "negation_entropy τ=1", "mean")
 
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         names = two_best(a.quality_runs, ds)
         bq.console.rule(f"{ds}: {' + '.join(names)}")
         prep = bq.prepare(ds, cfg)
-        spec = features.fit(prep.dir / "train.parquet")
+        spec = fit(prep.dir / "train.parquet")
         arrays = {s: encode_file(prep.dir / f"{s}.parquet", spec) for s in ("train", "val", "test")}
         runs = []
         for seed in cfg.seeds:

@@ -13,7 +13,7 @@ see the same rows in the same order.
   split is optionally cut to its most recent ``--movielens-train-rows`` rows (val/test untouched).
 * ``tinysynth``: a seconds-long synthetic smoke set (tests, ``--datasets tinysynth``).
 
-Ours: ``features.fit`` on train → ``encode_file`` → ``train_member`` (Adam, BCE, early stopping on
+Ours: ``data.fit.fit`` on train → ``encode_file`` → ``train_member`` (Adam, BCE, early stopping on
 val AUC, best epoch restored) → ``predict`` on test → ``metrics``. FuxiCTR (``.venv-fuxictr``,
 ``benchmarks/fuxictr_runner.py``, a subprocess) trains its DeepFM/DCN/DCNv2/PNN/FiBiNET with each
 member's own sizes and the same epochs / batch / lr / L2 / early stopping / min_count / seeds.
@@ -51,12 +51,15 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cpu_name, stamp  # noqa: E402
 
-from ctr_ensemble import features, metrics, models
+from ctr_ensemble import metrics, models
+from ctr_ensemble.data.encode import encode_file
+from ctr_ensemble.data.fit import DEFAULT_MIN_COUNT, fit, resolve_min_count
 from ctr_ensemble.data.movielens import build_movielens
 from ctr_ensemble.data.readers import open_reader, read_all
+from ctr_ensemble.data.spec import FeatureSpec
 from ctr_ensemble.data.synth import DEFAULT_CARDINALITIES, SynthConfig, generate
 from ctr_ensemble.errors import CtrError
-from ctr_ensemble.training.trainer import TrainConfig, encode_file, predict, train_member
+from ctr_ensemble.training.trainer import TrainConfig, predict, train_member
 
 DATASETS = ("synth", "criteo", "avazu", "movielens")
 EXTRA_DATASETS = ("tinysynth",)
@@ -88,7 +91,7 @@ def ours_recipe() -> dict:
     return {"embedding_dim": None, "hidden": None, "batch_norm": None, "dropout": None, "embedding_regularizer": None,
             "net_regularizer": None, "lr": d.lr, "batch_size": d.batch_size, "epochs": d.epochs,
             "early_stop_patience": d.patience, "reduce_lr_on_plateau": d.plateau_factor < 1, "min_steps": 0,
-            "min_count": features.resolve_min_count(features.DEFAULT_MIN_COUNT, 0), "name": "our defaults"}
+            "min_count": resolve_min_count(DEFAULT_MIN_COUNT, 0), "name": "our defaults"}
 
 
 RECIPES = {"bars": lambda: {**FUXICTR_RECIPE, "min_steps": FUXICTR_MIN_STEPS, "name": "its BARS recipe"},
@@ -100,11 +103,11 @@ class BenchConfig:
     members: list[str] = field(default_factory=lambda: list(models.REGISTRY))
     datasets: list[str] = field(default_factory=lambda: list(DATASETS))
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
-    # Ours runs with the product's defaults (TrainConfig(), each member's default config, features.fit's
+    # Ours runs with the product's defaults (TrainConfig(), each member's default config, data.fit's
     # min_count); these override them, for the measurements that chose the defaults.
     model_set: dict = field(default_factory=dict)
     train_set: dict = field(default_factory=dict)
-    min_count: int | None = None  # None: features.fit's default
+    min_count: int | None = None  # None: data.fit's default
     fuxictr_recipe: dict = field(default_factory=lambda: RECIPES["bars"]())
     threads: int = 1
     synth_rows: int = 20_000  # train rows; val and test get a quarter each
@@ -262,7 +265,7 @@ def fuxictr_batch(batch: int, train_rows: int, min_steps: int = FUXICTR_MIN_STEP
     return batch
 
 
-def warm_up(spec: features.FeatureSpec, arrays: dict, cfg: BenchConfig) -> None:
+def warm_up(spec: FeatureSpec, arrays: dict, cfg: BenchConfig) -> None:
     """Two untimed steps of every member first: the first training in a process pays seconds of one-time setup."""
     small = arrays["val"].take(slice(0, 256))
     for m in cfg.members:
@@ -270,7 +273,7 @@ def warm_up(spec: features.FeatureSpec, arrays: dict, cfg: BenchConfig) -> None:
                      dataclasses.replace(train_config(cfg, 0), epochs=1, max_steps=2))
 
 
-def run_ours(prep: Prepared, spec: features.FeatureSpec, arrays: dict, member: str, seed: int,
+def run_ours(prep: Prepared, spec: FeatureSpec, arrays: dict, member: str, seed: int,
              cfg: BenchConfig) -> dict:
     """Train one member with one seed through the project's API; score the test split."""
     rec = {"dataset": prep.name, "member": member, "framework": "ours", "seed": seed, "error": None}
@@ -546,7 +549,7 @@ def render_md(rows: list[dict], preps: dict[str, Prepared], cfg: BenchConfig, en
             f"Adam lr {d_tr.lr:g}, batch {d_tr.batch_size}, up to {d_tr.epochs} epochs, early stop after "
             f"{d_tr.patience} epochs without a better val AUC (best epoch restored), lr × {d_tr.plateau_factor:g} "
             f"on each such epoch; vocabulary min_count "
-            f"{cfg.min_count if cfg.min_count is not None else features.DEFAULT_MIN_COUNT}",
+            f"{cfg.min_count if cfg.min_count is not None else DEFAULT_MIN_COUNT}",
             (f"- **FuxiCTR: its BARS recipe** (DeepFM_frappe_x1): embedding_dim {r['embedding_dim']}, MLP {r['hidden']} "
              f"(FiBiNET: our tower), batch_norm {r['batch_norm']}, net_dropout {r['dropout']}, embedding_regularizer "
              f"{r['embedding_regularizer']:g}, net_regularizer {r['net_regularizer']:g}, Adam lr {r['lr']:g}, batch "
@@ -667,7 +670,7 @@ def run(cfg: BenchConfig) -> list[dict]:
         prep = prepare(ds, cfg)
         preps[ds] = prep
         fit_args = {} if cfg.min_count is None else {"min_count": cfg.min_count}
-        spec = features.fit(prep.dir / "train.parquet", **fit_args)
+        spec = fit(prep.dir / "train.parquet", **fit_args)
         arrays = {s: encode_file(prep.dir / f"{s}.parquet", spec) for s in ("train", "val", "test")}
         use_seq = spec.sequence is not None
         if prep.fields.get("sequence"):

@@ -52,14 +52,14 @@ from rich.table import Table
 from tritonclient.grpc import model_config_pb2 as mc
 
 from ctr_ensemble import metrics
+from ctr_ensemble.data.spec import feed_rows, slice_feeds
 from ctr_ensemble.export import onnx_export
-from ctr_ensemble.features import feed_rows, slice_feeds
 from ctr_ensemble.export.repository import (ENSEMBLE_NAME, RepoOptions, fitted_rule, manifest_rule, read_manifest,
                                             reconfigure_repository, repository_spec)
+from ctr_ensemble.data.encode import encode_file
 from ctr_ensemble.loadtest.sweep import NE_TAU1, base_options, changes_nothing
 from ctr_ensemble.serving.client import TritonScorer
 from ctr_ensemble.serving.server import TritonServer
-from ctr_ensemble.training.trainer import encode_file
 
 COLUMNS = ["target", "path", "batch", "requests", "rows_per_s", "p50_ms", "p95_ms", "p99_ms"]
 console = Console(width=None if sys.stdout.isatty() else 140)

@@ -98,7 +98,7 @@ def child(job: dict) -> dict:
 
 
 def _reference_spec(ids: int = 100_000, fields: int = 26):
-    from ctr_ensemble.features import CategoricalField, FeatureSpec
+    from ctr_ensemble.data.spec import CategoricalField, FeatureSpec
 
     return FeatureSpec(categorical=[CategoricalField(f"C{i + 1}", [str(k) for k in range(ids - 1)]) for i in range(fields)],
                        numeric=[])
@@ -108,10 +108,11 @@ def member_run(job: dict, torch) -> dict:
     import numpy as np
 
     from ctr_ensemble import models
-    from ctr_ensemble.data.shards import Prepared
+    from ctr_ensemble.data.encode import Arrays
+    from ctr_ensemble.data.prepared.shards import Prepared
     from ctr_ensemble.training import loader
     from ctr_ensemble.training.regularize import Regularizer
-    from ctr_ensemble.training.trainer import Arrays, Logits, Optimizers, TrainConfig
+    from ctr_ensemble.training.trainer import Logits, Optimizers, TrainConfig
 
     if job["data"] == "memory":  # the reference shape, random rows already in memory
         spec = _reference_spec()
@@ -162,7 +163,7 @@ def member_run(job: dict, torch) -> dict:
 
 def quality_run(job: dict) -> dict:
     from ctr_ensemble import models
-    from ctr_ensemble.data.shards import Prepared
+    from ctr_ensemble.data.prepared.shards import Prepared
     from ctr_ensemble.training.trainer import TrainConfig, train_member
 
     tr, va = Prepared(job["train_dir"]), Prepared(job["val_dir"])
@@ -177,11 +178,13 @@ def quality_run(job: dict) -> dict:
 
 def parquet_run(job: dict) -> dict:
     """Ours on the FuxiCTR comparison's Parquet files, timed as the FuxiCTR runner times its fit."""
-    from ctr_ensemble import features, models
-    from ctr_ensemble.training.trainer import TrainConfig, encode_file, train_member
+    from ctr_ensemble import models
+    from ctr_ensemble.data.encode import encode_file
+    from ctr_ensemble.data.fit import fit
+    from ctr_ensemble.training.trainer import TrainConfig, train_member
 
     d = Path(job["dir"])
-    spec = features.fit(d / "train.parquet", min_count=job["min_count"])
+    spec = fit(d / "train.parquet", min_count=job["min_count"])
     tr, va = encode_file(d / "train.parquet", spec), encode_file(d / "val.parquet", spec)
     cfg = TrainConfig(epochs=job["epochs"], batch_size=job["batch"], seed=job["seed"], patience=job["epochs"],
                       **job["train"])
@@ -206,7 +209,7 @@ def ensure_bench_data(args) -> tuple[Path, Path]:
 
 
 def ensure_quality_data(args, val_rows: int = 50_000, workers: int = 1) -> tuple[Path, Path]:
-    from ctr_ensemble.data.prepare import PrepareOptions, prepare
+    from ctr_ensemble.data.prepared.prepare import PrepareOptions, prepare
     from ctr_ensemble.data.synth import SynthConfig, generate
 
     d = args.data / (f"quality_{args.quality_rows}" + (f"_{val_rows}" if val_rows != 50_000 else ""))

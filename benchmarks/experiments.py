@@ -56,14 +56,17 @@ from tqdm.auto import tqdm  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from ctr_ensemble import features, metrics, models  # noqa: E402
+from ctr_ensemble import metrics, models  # noqa: E402
+from ctr_ensemble.data.encode import Arrays, encode_file  # noqa: E402
+from ctr_ensemble.data.fit import fit  # noqa: E402
+from ctr_ensemble.data.spec import FeatureSpec  # noqa: E402
 from ctr_ensemble.data.synth import SynthConfig, generate  # noqa: E402
 from ctr_ensemble.errors import CtrError  # noqa: E402
 from ctr_ensemble.export import fusion_fit  # noqa: E402
 from ctr_ensemble.layers.fusion import fuse  # noqa: E402
 from ctr_ensemble.training import collab, mutual  # noqa: E402
 from ctr_ensemble.training.checkpoint import Checkpoint  # noqa: E402
-from ctr_ensemble.training.trainer import Arrays, TrainConfig, encode_file, predict, train_member, unique_names  # noqa: E402
+from ctr_ensemble.training.trainer import TrainConfig, predict, train_member, unique_names  # noqa: E402
 
 # Small members for the quick default (2 CPU cores, < 20 minutes for everything); --full uses the registry defaults.
 QUICK_MODELS = {
@@ -179,7 +182,7 @@ def setting_from(args) -> Setting:
     return s
 
 
-def load_data(args, s: Setting, out: Path) -> tuple[features.FeatureSpec, Arrays, Arrays, Arrays, dict]:
+def load_data(args, s: Setting, out: Path) -> tuple[FeatureSpec, Arrays, Arrays, Arrays, dict]:
     if args.dataset == "synthetic":
         d = out / "data"
         if not (d / "meta.json").is_file():
@@ -195,7 +198,7 @@ def load_data(args, s: Setting, out: Path) -> tuple[features.FeatureSpec, Arrays
             if not f.is_file():
                 raise CtrError(f"{f}: not found; --data-root must point at the shared data folder")
         info = {"source": str(d.resolve())}
-    spec = features.fit(files["train"], min_count=s.min_count, fmt=fmt)
+    spec = fit(files["train"], min_count=s.min_count, fmt=fmt)
     arrays = [encode_file(files[k], spec, fmt=fmt) for k in ("train", "val", "test")]
     info.update({k: len(a) for k, a in zip(("train_rows", "val_rows", "test_rows"), arrays)})
     return spec, *arrays, info

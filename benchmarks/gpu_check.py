@@ -394,15 +394,17 @@ class Check:
 
     def serving_members(self, work: Path):
         """Small synthetic data, two tiny members and a collaborative checkpoint of the same two."""
-        from ctr_ensemble import features, models
+        from ctr_ensemble import models
+        from ctr_ensemble.data.encode import encode_file
+        from ctr_ensemble.data.fit import fit
         from ctr_ensemble.data.synth import DEFAULT_CARDINALITIES, SynthConfig, generate
         from ctr_ensemble.training import checkpoint, collab, mutual
-        from ctr_ensemble.training.trainer import TrainConfig, encode_file, train_member
+        from ctr_ensemble.training.trainer import TrainConfig, train_member
 
         d = work / "data"
         generate(d, SynthConfig(seed=3, cardinalities=tuple(min(c, 300) for c in DEFAULT_CARDINALITIES),
                                 splits={"train": 6000, "val": 1500, "test": self.args.parity_rows}))
-        spec = features.fit(d / "train.tsv", min_count=2)
+        spec = fit(d / "train.tsv", min_count=2)
         data = {s: encode_file(d / f"{s}.tsv", spec) for s in ("train", "val")}
         data["test_file"] = d / "test.tsv"
         cfg = TrainConfig(epochs=1, batch_size=256, seed=1, device="cpu", max_steps=8)  # parity needs no good model
@@ -703,26 +705,27 @@ def write_random_shards(out: Path, ids: int, rows: int, fields: int = 26, shard_
     import numpy as np
 
     from bench_train import _reference_spec
-    from ctr_ensemble.data import prepare as prep
+    from ctr_ensemble.data.prepared.manifest import (MANIFEST, PREPARED_FORMAT, PREPARED_VERSION, SHARDS, SPEC_FILE,
+                                                     STORAGE_DTYPES, shard_file, write_json_atomic, write_npy)
 
-    if (out / prep.MANIFEST).is_file() and json.loads((out / prep.MANIFEST).read_text()).get("rows") == rows:
+    if (out / MANIFEST).is_file() and json.loads((out / MANIFEST).read_text()).get("rows") == rows:
         return rows
     shutil.rmtree(out, ignore_errors=True)
-    (out / prep.SHARDS).mkdir(parents=True)
+    (out / SHARDS).mkdir(parents=True)
     spec = _reference_spec(ids, fields)
-    spec.save(out / prep.SPEC_FILE)
+    spec.save(out / SPEC_FILE)
     rng = np.random.default_rng(seed)
     shards = []
     for i, lo in enumerate(range(0, rows, shard_rows)):
         n = min(shard_rows, rows - lo)
         cols = {"cat_ids": rng.integers(1, ids, (n, fields), dtype=np.int32), "num": np.zeros((n, 0), np.float32),
                 "label": rng.integers(0, 2, n, dtype=np.uint8)}
-        shards.append({"index": i, "rows": n, "files": {c: prep.write_npy(out, prep.shard_file(i, c), a) for c, a in cols.items()}})
+        shards.append({"index": i, "rows": n, "files": {c: write_npy(out, shard_file(i, c), a) for c, a in cols.items()}})
     columns = {"cat_ids": [fields], "num": [0], "label": []}
-    prep.write_json_atomic(out / prep.MANIFEST, {
-        "format": prep.PREPARED_FORMAT, "version": prep.PREPARED_VERSION, "spec_file": prep.SPEC_FILE,
+    write_json_atomic(out / MANIFEST, {
+        "format": PREPARED_FORMAT, "version": PREPARED_VERSION, "spec_file": SPEC_FILE,
         "spec_fingerprint": spec.fingerprint(), "rows": rows, "shards": shards,
-        "columns": {c: {"dtype": np.dtype(prep.STORAGE_DTYPES[c]).str, "shape": s} for c, s in columns.items()}})
+        "columns": {c: {"dtype": np.dtype(STORAGE_DTYPES[c]).str, "shape": s} for c, s in columns.items()}})
     return rows
 
 

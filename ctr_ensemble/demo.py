@@ -15,14 +15,16 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from ctr_ensemble import features, models
+from ctr_ensemble import models
+from ctr_ensemble.data.encode import encode_file
+from ctr_ensemble.data.fit import fit as fit_spec
 from ctr_ensemble.data.synth import SynthConfig, generate
 from ctr_ensemble.evaluation.evaluate import EvalTargets, evaluate, render_table
 from ctr_ensemble.export import fusion_fit
 from ctr_ensemble.export.repository import RepoOptions, write_repository
 from ctr_ensemble.serving.server import TritonServer
 from ctr_ensemble.training import checkpoint
-from ctr_ensemble.training.trainer import TrainConfig, encode_file, train_member, unique_names
+from ctr_ensemble.training.trainer import TrainConfig, train_member, unique_names
 
 PARITY_TOL = 1e-5
 ENSEMBLE_SLACK = 0.0005
@@ -65,7 +67,7 @@ def run_demo(members: list[str], out: Path, repository: Path, train_rows: int = 
     files = {split: data_dir / m["file"] for split, m in meta["splits"].items()}
 
     console.rule("2/6 feature encoding (fitted on train only)")
-    spec = features.fit(files["train"], seq_max_len=max(seq_max_len, 1))
+    spec = fit_spec(files["train"], seq_max_len=max(seq_max_len, 1))
     spec.save(out / "feature_spec.json")
     train = encode_file(files["train"], spec)
     val = encode_file(files["val"], spec)

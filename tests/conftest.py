@@ -8,11 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from ctr_ensemble import features, models
+from ctr_ensemble import models
+from ctr_ensemble.data.encode import encode_file
+from ctr_ensemble.data.fit import fit
+from ctr_ensemble.data.spec import FeatureSpec
 from ctr_ensemble.data.synth import DEFAULT_CARDINALITIES, SynthConfig, generate
 from ctr_ensemble.export.repository import RepoOptions, write_repository
 from ctr_ensemble.training import checkpoint
-from ctr_ensemble.training.trainer import TrainConfig, encode_file, train_member
+from ctr_ensemble.training.trainer import TrainConfig, train_member
 
 torch.set_num_threads(2)
 
@@ -44,8 +47,8 @@ def tiny_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_spec(tiny_data) -> features.FeatureSpec:
-    return features.fit(tiny_data / "train.tsv", min_count=2)
+def tiny_spec(tiny_data) -> FeatureSpec:
+    return fit(tiny_data / "train.tsv", min_count=2)
 
 
 @pytest.fixture(scope="session")
@@ -56,13 +59,14 @@ def tiny_arrays(tiny_data, tiny_spec):
 @pytest.fixture(scope="session")
 def prepared(tiny_data, tmp_path_factory) -> Path:
     """The tiny train split prepared (``data prepare``) in several chunks by 2 worker processes, and val with its spec."""
-    from ctr_ensemble.data import prepare as prep
+    from ctr_ensemble.data.prepared import prepare as prep
+    from ctr_ensemble.data.prepared.manifest import SPEC_FILE
 
     out = tmp_path_factory.mktemp("prepared")
     opts = prep.PrepareOptions(min_count=2, chunk_mb=0.25, workers=2)
     r = prep.prepare([tiny_data / "train.tsv"], out / "train", opts, progress=False)
     assert r.shards >= 4 and r.rows == 6000
-    prep.prepare([tiny_data / "val.tsv"], out / "val", replace(opts, workers=1), spec=out / "train" / prep.SPEC_FILE,
+    prep.prepare([tiny_data / "val.tsv"], out / "val", replace(opts, workers=1), spec=out / "train" / SPEC_FILE,
                  progress=False)
     return out
 

@@ -12,9 +12,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from ctr_ensemble import features
+from ctr_ensemble.data.encode import encode_file
+from ctr_ensemble.data.fit import fit
 from ctr_ensemble.data.synth import generate
-from ctr_ensemble.training.trainer import encode_file
 from tests.conftest import tiny_synth
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,8 +35,8 @@ def test_export_parquet_keeps_rows_and_values(bq, tmp_path):
     n, fields = bq.export_parquet(raw / "train.tsv", tmp_path / "train.parquet")
     assert n == 800 and len(fields["categorical"]) == 26 and len(fields["numeric"]) == 13 and fields["sequence"] is None
     # Same spec and the same encoded arrays from the original TSV and from the split file both frameworks read.
-    spec_tsv = features.fit(raw / "train.tsv", min_count=2)
-    spec_pq = features.fit(tmp_path / "train.parquet", min_count=2)
+    spec_tsv = fit(raw / "train.tsv", min_count=2)
+    spec_pq = fit(tmp_path / "train.parquet", min_count=2)
     assert spec_pq.fingerprint() == spec_tsv.fingerprint()
     a, b = encode_file(raw / "train.tsv", spec_tsv), encode_file(tmp_path / "train.parquet", spec_tsv)
     np.testing.assert_array_equal(a.cat_ids, b.cat_ids)

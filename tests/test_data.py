@@ -3,10 +3,11 @@ import gzip
 import numpy as np
 import pytest
 
-from ctr_ensemble import features
-from ctr_ensemble.data.criteo import CriteoReader
+from ctr_ensemble.data.encode import Encoder
+from ctr_ensemble.data.fit import fit
 from ctr_ensemble.data.readers import read_all
-from ctr_ensemble.data.schema import CAT_COLS, N_CAT, N_NUM
+from ctr_ensemble.data.readers.criteo import CAT_COLS, N_CAT, N_NUM, CriteoReader
+from ctr_ensemble.data.spec import FeatureSpec
 from ctr_ensemble.data.synth import SynthWorld, generate
 from ctr_ensemble.errors import CtrError
 from tests.conftest import tiny_synth
@@ -127,13 +128,13 @@ def test_spec_min_count_oov_and_missing(tmp_path):
         cat[0] = "rare" if i == 0 else ("" if i < 5 else "frequent")
         num = ["" if i % 2 else str(i) for _ in range(N_NUM)]
         rows.append(_row(label=str(i % 2), num=num, cat=cat))
-    spec = features.fit(_write(tmp_path, rows), min_count=2)
+    spec = fit(_write(tmp_path, rows), min_count=2)
     c0 = spec.categorical[0]
     assert c0.vocab == ["frequent", ""]  # by count, "rare" (1 < min_count) dropped
     assert spec.numeric[0].mean == pytest.approx(np.mean(np.log1p([0, 2, 4, 6, 8])))
     test_rows = [_row(cat=["rare"] + ["unseen"] * (N_CAT - 1)), _row(cat=[""] + ["frequent"] * (N_CAT - 1))]
     batch, _ = read_all(_write(tmp_path, test_rows, name="t.tsv"))
-    ids, num = features.Encoder(spec).encode(batch)
+    ids, num = Encoder(spec).encode(batch)
     assert ids[0].tolist() == [0] * N_CAT  # rare and unseen → OOV 0
     assert ids[1, 0] == 2 and ids[1, 1] == 1
     assert num.dtype == np.float32 and ids.dtype == np.int64
@@ -141,19 +142,19 @@ def test_spec_min_count_oov_and_missing(tmp_path):
 
 def test_spec_roundtrip_and_rejects_foreign_json(tmp_path, tiny_spec):
     tiny_spec.save(tmp_path / "s.json")
-    back = features.FeatureSpec.load(tmp_path / "s.json")
+    back = FeatureSpec.load(tmp_path / "s.json")
     assert back.fingerprint() == tiny_spec.fingerprint() and back.cat_sizes == tiny_spec.cat_sizes
     (tmp_path / "x.json").write_text('{"format": "something else"}')
     with pytest.raises(CtrError, match="not a ctr-ensemble feature spec"):
-        features.FeatureSpec.load(tmp_path / "x.json")
+        FeatureSpec.load(tmp_path / "x.json")
     (tmp_path / "y.json").write_text("{not json")
     with pytest.raises(CtrError, match="not valid JSON"):
-        features.FeatureSpec.load(tmp_path / "y.json")
+        FeatureSpec.load(tmp_path / "y.json")
 
 
 def test_vocab_is_fitted_on_train_only(tiny_data, tiny_spec):
     test_batch, _ = read_all(tiny_data / "test.tsv")
-    ids, _ = features.Encoder(tiny_spec).encode(test_batch)
+    ids, _ = Encoder(tiny_spec).encode(test_batch)
     train_tokens = set(tiny_spec.categorical[2].vocab)
     unseen = [t for t in test_batch.cat[2].to_pylist() if t not in train_tokens]
     assert (ids[:, 2] == 0).sum() == len(unseen)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ctr_ensemble.data.shards import Prepared
+from ctr_ensemble.data.prepared.shards import Prepared
 from ctr_ensemble.errors import CtrError
 from ctr_ensemble.serving.server import free_port
 from ctr_ensemble.training import checkpoint, collab, mutual

@@ -131,7 +131,7 @@ def test_slim_pytriton_keeps_the_312_stub_and_what_it_links(tmp_path):
 
 
 def test_random_reference_shards_feed_the_real_loader(tmp_path):
-    from ctr_ensemble.data.shards import Prepared
+    from ctr_ensemble.data.prepared.shards import Prepared
     from ctr_ensemble.training import loader
 
     assert gpu_check.write_random_shards(tmp_path / "s", ids=50, rows=1000, fields=3, shard_rows=384) == 1000

@@ -8,7 +8,8 @@ import pytest
 from sklearn.calibration import calibration_curve
 
 from ctr_ensemble import metrics
-from ctr_ensemble.features import FeatureSpec, FitAccumulator
+from ctr_ensemble.data.fit import FitAccumulator
+from ctr_ensemble.data.spec import FeatureSpec
 
 Y = np.array([1, 0, 0, 0])
 P = np.array([0.5, 0.25, 0.25, 0.25])
@@ -88,7 +89,7 @@ def test_quality_keys_and_ne_base():
 
 
 def test_fit_records_the_training_base_rate(tiny_data, tiny_spec, tmp_path):
-    from ctr_ensemble.training.trainer import encode_file
+    from ctr_ensemble.data.encode import encode_file
 
     labels = encode_file(tiny_data / "train.tsv", tiny_spec).label
     assert tiny_spec.fitted_on["label_mean"] == pytest.approx(float(np.mean(labels, dtype=np.float64)), abs=1e-12)
@@ -113,9 +114,9 @@ def test_accumulator_drops_the_base_rate_when_a_chunk_did_not_count_labels():
 
 
 def test_prepare_records_the_same_base_rate_as_fit(prepared, tiny_spec):
-    from ctr_ensemble.data import prepare as prep
+    from ctr_ensemble.data.prepared.manifest import SPEC_FILE
 
-    spec = FeatureSpec.load(prepared / "train" / prep.SPEC_FILE)
+    spec = FeatureSpec.load(prepared / "train" / SPEC_FILE)
     assert spec.fitted_on["label_mean"] == pytest.approx(tiny_spec.fitted_on["label_mean"], abs=1e-12)
 
 

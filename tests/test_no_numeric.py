@@ -4,12 +4,13 @@ import numpy as np
 import pytest
 
 from ctr_ensemble import models
+from ctr_ensemble.data.encode import Arrays
+from ctr_ensemble.data.spec import CategoricalField, FeatureSpec
 from ctr_ensemble.export import onnx_export
 from ctr_ensemble.export.repository import RepoOptions, write_repository
-from ctr_ensemble.features import CategoricalField, FeatureSpec
 from ctr_ensemble.serving.client import TritonScorer
 from ctr_ensemble.serving.server import TritonServer
-from ctr_ensemble.training.trainer import Arrays, TrainConfig, train_member
+from ctr_ensemble.training.trainer import TrainConfig, train_member
 from tests.conftest import TINY_MODEL
 
 

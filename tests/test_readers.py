@@ -8,12 +8,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ctr_ensemble.data.avazu import AVAZU_CAT_COLS, AVAZU_COLUMNS, AvazuReader
-from ctr_ensemble.data.criteo import CriteoReader
-from ctr_ensemble.data.libsvm import LibSVMReader
 from ctr_ensemble.data.movielens import build_movielens
-from ctr_ensemble.data.parquet import ParquetReader
-from ctr_ensemble.data.readers import READERS, detect_format, field_names, open_reader, read_all
+from ctr_ensemble.data.readers import READERS, detect_format, open_reader, read_all
+from ctr_ensemble.data.readers.avazu import AVAZU_CAT_COLS, AVAZU_COLUMNS, AvazuReader
+from ctr_ensemble.data.readers.base import field_names
+from ctr_ensemble.data.readers.criteo import CriteoReader
+from ctr_ensemble.data.readers.libsvm import LibSVMReader
+from ctr_ensemble.data.readers.parquet import ParquetReader
 from ctr_ensemble.errors import CtrError
 
 

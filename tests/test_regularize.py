@@ -235,11 +235,11 @@ def test_cli_training_options_are_the_config_fields():
     assert {"epochs", "seed", "device", "select"} <= set(tune) and "lr" not in tune
     collab = {p.name: p.default for p in commands["train-collab"].params}
     assert collab["member_weight"] == CollabConfig().member_weight and collab["tau"] == HeadConfig().tau
-    from ctr_ensemble import features
-    from ctr_ensemble.data.prepare import PrepareOptions
+    from ctr_ensemble.data.fit import DEFAULT_MIN_COUNT
+    from ctr_ensemble.data.prepared.prepare import PrepareOptions
 
-    assert inspect.signature(data_fit).parameters["min_count"].default.default == features.DEFAULT_MIN_COUNT
-    assert PrepareOptions().min_count == features.DEFAULT_MIN_COUNT
+    assert inspect.signature(data_fit).parameters["min_count"].default.default == DEFAULT_MIN_COUNT
+    assert PrepareOptions().min_count == DEFAULT_MIN_COUNT
 
 
 def test_train_takes_a_fuxictr_config(tiny_data, tmp_path):
@@ -270,14 +270,14 @@ def test_train_takes_a_fuxictr_config(tiny_data, tmp_path):
 
 
 def test_min_count_auto_resolves_on_the_training_rows(tiny_data):
-    from ctr_ensemble import features
+    from ctr_ensemble.data.fit import fit, parse_min_count, resolve_min_count
 
-    assert features.resolve_min_count("auto", 50_000) == 2 and features.resolve_min_count("auto", 45_000_000) == 10
-    assert features.resolve_min_count(5, 45_000_000) == 5
-    assert features.parse_min_count("auto") == "auto" and features.parse_min_count("3") == 3
+    assert resolve_min_count("auto", 50_000) == 2 and resolve_min_count("auto", 45_000_000) == 10
+    assert resolve_min_count(5, 45_000_000) == 5
+    assert parse_min_count("auto") == "auto" and parse_min_count("3") == 3
     for bad in ("0", "many", "-1"):
         with pytest.raises(CtrError, match="min"):
-            features.parse_min_count(bad)
-    spec = features.fit(tiny_data / "train.tsv")
+            parse_min_count(bad)
+    spec = fit(tiny_data / "train.tsv")
     assert spec.min_count == 2 and spec.fitted_on["min_count_rule"] == "auto"
-    assert features.fit(tiny_data / "train.tsv", min_count=3).fitted_on.get("min_count_rule") is None
+    assert fit(tiny_data / "train.tsv", min_count=3).fitted_on.get("min_count_rule") is None

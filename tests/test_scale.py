@@ -14,13 +14,17 @@ import numpy as np
 import pytest
 import torch
 
-from ctr_ensemble import features, models
-from ctr_ensemble.data import prepare as prep
-from ctr_ensemble.data.shards import Prepared
+from ctr_ensemble import models
+from ctr_ensemble.data.prepared import prepare as prep
+from ctr_ensemble.data.prepared.manifest import MANIFEST, shard_file
+from ctr_ensemble.data.encode import Arrays, encode_file
+from ctr_ensemble.data.fit import fit, token_partition
+from ctr_ensemble.data.prepared.shards import Prepared
+from ctr_ensemble.data.spec import FeatureSpec
 from ctr_ensemble.data.synth import SynthConfig, generate
 from ctr_ensemble.errors import CtrError
 from ctr_ensemble.training import loader
-from ctr_ensemble.training.trainer import Arrays, Optimizers, TrainConfig, encode_file, train_member
+from ctr_ensemble.training.trainer import Optimizers, TrainConfig, train_member
 from ctr_ensemble.serving.server import free_port
 from tests.conftest import TINY_CARDS, TINY_MODEL
 
@@ -40,7 +44,7 @@ def _same_feeds(a: dict, b: dict) -> None:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
-def _same_spec(a: features.FeatureSpec, b: features.FeatureSpec) -> None:
+def _same_spec(a: FeatureSpec, b: FeatureSpec) -> None:
     assert [f.vocab for f in a.categorical] == [f.vocab for f in b.categorical]
     assert a.sequence == b.sequence
     for x, y in zip(a.numeric, b.numeric):  # sums in another order: equal to rounding
@@ -68,7 +72,7 @@ def test_prepare_sequence_parquet_round_trip(tmp_path):
     r = _prep(src, tmp_path / "p", chunk_mb=0.05, seq_max_len=8)
     assert r.shards > 1
     p = Prepared(tmp_path / "p", verify="full")
-    spec = features.fit(src, min_count=2, seq_max_len=8)
+    spec = fit(src, min_count=2, seq_max_len=8)
     _same_spec(p.spec, spec)
     assert p.spec.fitted_on["sequence"] == spec.fitted_on["sequence"]
     assert set(p.spec.input_names) == {"cat_ids", "num", "seq_ids", "seq_len"}
@@ -89,17 +93,17 @@ def test_resume_does_not_reread_finished_chunks(tiny_data, tmp_path, monkeypatch
     monkeypatch.setattr(prep, "run_chunk", interrupted)
     with pytest.raises(KeyboardInterrupt):
         _prep(tiny_data / "train.tsv", tmp_path / "out")
-    assert not (tmp_path / "out" / prep.MANIFEST).exists()
+    assert not (tmp_path / "out" / MANIFEST).exists()
     # A file of a finished chunk lost as well: that chunk alone is read again.
-    lost = tmp_path / "out" / prep.shard_file(seen[1], "num")
+    lost = tmp_path / "out" / shard_file(seen[1], "num")
     lost.unlink()
     again: list[int] = []
     monkeypatch.setattr(prep, "run_chunk", lambda task: again.append(task.index) or real(task))
     r = _prep(tiny_data / "train.tsv", tmp_path / "out")
     assert sorted(again) == sorted({seen[1]} | set(range(clean.shards)) - set(seen))
     assert r.chunks_resumed == 2 and r.chunks_run == len(again)
-    a = json.loads((tmp_path / "clean" / prep.MANIFEST).read_text())["shards"]
-    b = json.loads((tmp_path / "out" / prep.MANIFEST).read_text())["shards"]
+    a = json.loads((tmp_path / "clean" / MANIFEST).read_text())["shards"]
+    b = json.loads((tmp_path / "out" / MANIFEST).read_text())["shards"]
     assert [s["files"] for s in a] == [{k: {**v} for k, v in s["files"].items()} for s in b]  # same bytes (CRC-32)
     assert not (tmp_path / "out" / prep.WORK).exists()
 
@@ -107,8 +111,8 @@ def test_resume_does_not_reread_finished_chunks(tiny_data, tmp_path, monkeypatch
 def test_large_fields_merge_in_hash_partitions_with_the_same_result(tiny_data, tmp_path, monkeypatch):
     whole = _prep(tiny_data / "train.tsv", tmp_path / "whole")
     monkeypatch.setattr(prep, "PARTITION_ENTRIES", 200)  # fields with > 200 (token, chunk) entries: partitioned
-    calls, real = [], features.token_partition
-    monkeypatch.setattr(features, "token_partition", lambda v, parts: calls.append(parts) or real(v, parts))
+    calls, real = [], token_partition
+    monkeypatch.setattr(prep, "token_partition", lambda v, parts: calls.append(parts) or real(v, parts))
     parts = _prep(tiny_data / "train.tsv", tmp_path / "parts")
     assert calls and max(calls) >= 5
     a, b = Prepared(whole.out), Prepared(parts.out)
@@ -125,7 +129,7 @@ def test_bad_row_in_a_later_chunk_names_its_line_in_the_file(tiny_data, tmp_path
         _prep(bad, tmp_path / "out", workers=1)
     r = _prep(bad, tmp_path / "skip", skip_bad_rows=True)
     assert r.rows == 5999 and r.skipped == 1
-    m = json.loads((tmp_path / "skip" / prep.MANIFEST).read_text())
+    m = json.loads((tmp_path / "skip" / MANIFEST).read_text())
     assert m["skipped"] == 1 and "line 4322" in m["skipped_examples"][0]
 
 
@@ -147,18 +151,18 @@ def test_missing_or_corrupt_shard_is_named_and_repaired(prepared, tiny_data, tmp
     d = tmp_path / "train"
     shutil.copytree(prepared / "train", d)
     ref = Prepared(d).feeds()
-    missing = d / prep.shard_file(1, "cat_ids")
+    missing = d / shard_file(1, "cat_ids")
     missing.unlink()
     with pytest.raises(CtrError, match=f"{missing}: shard file missing"):
         Prepared(d)
     _prep(tiny_data / "train.tsv", d, workers=2)  # same command again: re-encodes shard 1 only
     _same_feeds(Prepared(d, verify="full").feeds(), ref)
-    trunc = d / prep.shard_file(2, "num")
+    trunc = d / shard_file(2, "num")
     trunc.write_bytes(trunc.read_bytes()[:-40])
     with pytest.raises(CtrError, match=f"{trunc}: shard file is corrupt"):
         Prepared(d)
     _prep(tiny_data / "train.tsv", d, workers=2)
-    flip = d / prep.shard_file(0, "cat_ids")
+    flip = d / shard_file(0, "cat_ids")
     raw = bytearray(flip.read_bytes())
     raw[-3] ^= 0xFF  # same size, wrong content: only the CRC-32 sees it
     flip.write_bytes(bytes(raw))
@@ -294,10 +298,10 @@ def test_cuda_training_from_shards_with_pinned_prefetch(prepared):
 
 
 def test_fit_cap_on_distinct_tokens(tiny_data):
-    exact = features.fit(tiny_data / "train.tsv", min_count=1)
-    same = features.fit(tiny_data / "train.tsv", min_count=1, max_distinct=10_000)  # above every field's count
+    exact = fit(tiny_data / "train.tsv", min_count=1)
+    same = fit(tiny_data / "train.tsv", min_count=1, max_distinct=10_000)  # above every field's count
     assert same.to_dict() == exact.to_dict()
-    capped = features.fit(tiny_data / "train.tsv", min_count=1, max_distinct=20)
+    capped = fit(tiny_data / "train.tsv", min_count=1, max_distinct=20)
     assert all(f.size <= 21 for f in capped.categorical)
     big = max(range(exact.n_cat), key=lambda f: exact.cat_sizes[f])
     assert capped.categorical[big].vocab[:5] == exact.categorical[big].vocab[:5]  # the frequent ones survive

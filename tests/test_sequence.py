@@ -12,8 +12,13 @@ import torch
 import tritonclient.http as thttp
 from tritonclient.utils import InferenceServerException
 
-from ctr_ensemble import features, models
+from ctr_ensemble import models
+from ctr_ensemble.data.encode import Encoder
+from ctr_ensemble.data.encode import encode_file
+from ctr_ensemble.data.fit import fit
+from ctr_ensemble.data.spec import FeatureSpec
 from ctr_ensemble.data.synth import SynthConfig, SynthWorld, generate
+from ctr_ensemble.errors import CtrError
 from ctr_ensemble.export import check, onnx_export
 from ctr_ensemble.export.repository import RepoOptions, write_repository
 from ctr_ensemble.layers.embedding import FeatureEmbedding
@@ -21,7 +26,7 @@ from ctr_ensemble.layers.fusion import fuse
 from ctr_ensemble.serving.client import TritonScorer
 from ctr_ensemble.serving.server import TritonServer
 from ctr_ensemble.training import checkpoint
-from ctr_ensemble.training.trainer import TrainConfig, encode_file, train_member
+from ctr_ensemble.training.trainer import TrainConfig, train_member
 from tests.conftest import TINY_CARDS, TINY_MODEL
 
 MAX_LEN = 8
@@ -33,7 +38,7 @@ def seq_data(tmp_path_factory):
     cfg = SynthConfig(seed=5, cardinalities=TINY_CARDS, seq_max_len=MAX_LEN, seq_items=300,
                       splits={"train": 4000, "val": 1000, "test": 600})
     meta = generate(out, cfg)
-    spec = features.fit(out / "train.parquet", min_count=2, seq_max_len=MAX_LEN)
+    spec = fit(out / "train.parquet", min_count=2, seq_max_len=MAX_LEN)
     arrays = {s: encode_file(out / f"{s}.parquet", spec) for s in ("train", "val", "test")}
     return out, meta, spec, arrays
 
@@ -44,7 +49,7 @@ def _spec_with_history(tmp_path, histories, max_len=3, min_count=1):
                       "x": pa.array([1.0] * n), "hist": pa.array(histories, pa.list_(pa.string()))})
     path = tmp_path / "h.parquet"
     pq.write_table(table, path)
-    return features.fit(path, min_count=min_count, seq_max_len=max_len), path
+    return fit(path, min_count=min_count, seq_max_len=max_len), path
 
 
 def test_encoder_keeps_the_most_recent_items_left_aligned(tmp_path):
@@ -53,13 +58,13 @@ def test_encoder_keeps_the_most_recent_items_left_aligned(tmp_path):
     assert spec.sequence.name == "hist" and spec.input_names == ("cat_ids", "num", "seq_ids", "seq_len")
     assert spec.input_dims["seq_ids"] == [-1] and spec.input_dims["seq_len"] == [1]
     vocab = {t: i + 1 for i, t in enumerate(spec.sequence.vocab)}
-    ids, length = features.Encoder(spec).encode_sequence(pa.array(hist, pa.list_(pa.string())))
+    ids, length = Encoder(spec).encode_sequence(pa.array(hist, pa.list_(pa.string())))
     assert ids.shape == (5, 3) and length[:, 0].tolist() == [3, 0, 0, 1, 2]
     assert ids[0].tolist() == [vocab["c"], vocab["d"], vocab["e"]]  # the oldest two dropped
     assert ids[1].tolist() == [0, 0, 0] and ids[3].tolist() == [vocab["b"], 0, 0]
     assert ids[4].tolist() == [0, vocab["a"], 0]  # "zzz" was never seen: OOV id 0, still counted
     # A sliced Arrow array (offset != 0) encodes the same rows.
-    ids2, length2 = features.Encoder(spec).encode_sequence(pa.array(hist, pa.list_(pa.string())).slice(3))
+    ids2, length2 = Encoder(spec).encode_sequence(pa.array(hist, pa.list_(pa.string())).slice(3))
     np.testing.assert_array_equal(ids2, ids[3:])
     np.testing.assert_array_equal(length2, length[3:])
 
@@ -67,21 +72,21 @@ def test_encoder_keeps_the_most_recent_items_left_aligned(tmp_path):
 def test_spec_v2_round_trip_and_v1_files_still_load(tmp_path):
     spec, _ = _spec_with_history(tmp_path, [["a"], ["a", "b"]])
     spec.save(tmp_path / "s.json")
-    back = features.FeatureSpec.load(tmp_path / "s.json")
+    back = FeatureSpec.load(tmp_path / "s.json")
     assert back.sequence == spec.sequence and back.fingerprint() == spec.fingerprint()
     d = json.loads((tmp_path / "s.json").read_text())
     d.pop("sequence")
     d["version"] = 1
     (tmp_path / "v1.json").write_text(json.dumps(d))
-    assert features.FeatureSpec.load(tmp_path / "v1.json").sequence is None
-    no_seq = features.fit(tmp_path / "h.parquet", min_count=1, use_sequence=False)
+    assert FeatureSpec.load(tmp_path / "v1.json").sequence is None
+    no_seq = fit(tmp_path / "h.parquet", min_count=1, use_sequence=False)
     assert no_seq.sequence is None and no_seq.input_names == ("cat_ids", "num")
 
 
 def test_file_without_the_specs_sequence_is_rejected(tmp_path):
     spec, path = _spec_with_history(tmp_path, [["a"], ["b"]])
     pq.write_table(pq.read_table(path).drop(["hist"]), tmp_path / "nohist.parquet")
-    with pytest.raises(features.CtrError, match="behaviour sequence 'hist'.*no sequence column"):
+    with pytest.raises(CtrError, match="behaviour sequence 'hist'.*no sequence column"):
         encode_file(tmp_path / "nohist.parquet", spec)
 
 

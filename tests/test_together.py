@@ -20,7 +20,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ctr_ensemble import features
+from ctr_ensemble.data.fit import fit
 from ctr_ensemble.errors import CtrError
 from ctr_ensemble.export.repository import COLLABORATIVE, RepoOptions, load_head, reconfigure_repository, write_repository
 from ctr_ensemble.layers.fusion import CollaborativeHead, fusion_weights, negation_entropy
@@ -136,7 +136,7 @@ def test_mutual_scratch_and_finetune_give_ordinary_checkpoints(tmp_path, tiny_sp
 
 def test_finetune_refuses_incompatible_checkpoints_before_training(tmp_path, tiny_data, tiny_checkpoints):
     good = checkpoint.save(tiny_checkpoints[0], tmp_path / "good.pt")
-    other_spec = features.fit(tiny_data / "train.tsv", min_count=5)  # another encoding of the same data
+    other_spec = fit(tiny_data / "train.tsv", min_count=5)  # another encoding of the same data
     assert other_spec.fingerprint() != tiny_checkpoints[1].spec.fingerprint()
     odd = tiny_checkpoints[1]
     bad_spec = checkpoint.save(checkpoint.Checkpoint(odd.name, odd.arch, odd.config, other_spec, odd.state_dict), tmp_path / "odd.pt")

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from ctr_ensemble import models
+from ctr_ensemble.data.spec import slice_feeds
 from ctr_ensemble.errors import CtrError
 from ctr_ensemble.export import onnx_export
-from ctr_ensemble.features import slice_feeds
 from ctr_ensemble.layers.interaction import BILINEAR_TYPES, Bilinear, CrossNetV1, InnerProduct, SENet
 from tests.conftest import TINY_MODEL
 

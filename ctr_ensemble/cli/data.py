@@ -61,9 +61,9 @@ def data_fit(
     sequence: bool = typer.Option(True, help="Use the file's behaviour-sequence column (Parquet list column) if it has one."),
 ) -> None:
     """Fit per-field vocabularies and numeric statistics on the train file only."""
-    from ctr_ensemble import features
+    from ctr_ensemble.data.fit import fit, parse_min_count
 
-    spec = features.fit(train, min_count=features.parse_min_count(min_count), skip_bad_rows=skip_bad_rows, fmt=fmt,
+    spec = fit(train, min_count=parse_min_count(min_count), skip_bad_rows=skip_bad_rows, fmt=fmt,
                         seq_max_len=seq_max_len,
                         use_sequence=sequence)
     spec.save(out)
@@ -89,9 +89,9 @@ def data_prepare(
     fmt: str = format_option(),
 ) -> None:
     """Encode raw data into shards for training, in bounded memory; resumable (run the same command again)."""
-    from ctr_ensemble.data.prepare import PrepareOptions, prepare
+    from ctr_ensemble.data.prepared.prepare import PrepareOptions, prepare
 
-    from ctr_ensemble.features import parse_min_count
+    from ctr_ensemble.data.fit import parse_min_count
 
     opts = PrepareOptions(fmt=fmt, skip_bad_rows=skip_bad_rows, chunk_mb=chunk_mb, workers=workers,
                           min_count=parse_min_count(min_count),

@@ -44,9 +44,9 @@ def export_cmd(
     """Export members to ONNX (parity-checked) and write the Triton model repository."""
     from dataclasses import replace
 
+    from ctr_ensemble.data.encode import encode_file
     from ctr_ensemble.export.repository import RepoOptions, manifest_rule, reconfigure_repository, write_repository
     from ctr_ensemble.training import checkpoint
-    from ctr_ensemble.training.trainer import encode_file
 
     opt = RepoOptions(max_batch_size=max_batch_size, instances=instances, intra_op_threads=intra_op_threads,
                       dynamic_batching=dynamic_batching, max_queue_delay_us=max_queue_delay_us, fusion_mode=fusion_mode,

@@ -120,9 +120,9 @@ def _fuxictr_overrides(path: Path, exp_id: str | None, model: str) -> tuple[dict
 def _training_data(train: Path, val: Path, spec, skip_bad_rows: bool, fmt: str, verify: str, spec_from: str = ""):
     """(spec, train, val): prepared folders are opened (memmaps), raw files encoded into memory. ``spec`` is a
     spec file, a loaded spec (``spec_from`` names where it came from) or None (the prepared folder's own)."""
-    from ctr_ensemble.data.shards import Prepared, is_prepared
-    from ctr_ensemble.features import FeatureSpec
-    from ctr_ensemble.training.trainer import encode_file
+    from ctr_ensemble.data.encode import encode_file
+    from ctr_ensemble.data.prepared.shards import Prepared, is_prepared
+    from ctr_ensemble.data.spec import FeatureSpec
 
     tr = Prepared(train, verify=verify) if is_prepared(train) else None
     va = Prepared(val, verify=verify) if is_prepared(val) else None
@@ -209,7 +209,7 @@ def train_mutual_cmd(
 ) -> None:
     """Deep mutual learning (arXiv 2406.12087): co-train N >= 2 members, each on BCE + w·mean squared gap to its peers;
     under torchrun, data-parallel over processes."""
-    from ctr_ensemble.features import FeatureSpec
+    from ctr_ensemble.data.spec import FeatureSpec
     from ctr_ensemble.training import checkpoint
     from ctr_ensemble.training import mutual as dml
     from ctr_ensemble.training.distributed import on_processes

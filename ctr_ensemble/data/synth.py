@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
-from ctr_ensemble.data.schema import CAT_COLS, LABEL, N_CAT, N_NUM, NUM_COLS
+from ctr_ensemble.data.readers.criteo import CAT_COLS, LABEL, N_CAT, N_NUM, NUM_COLS
 
 # Criteo-like cardinalities, scaled to data sets of 10^5..10^6 rows.
 DEFAULT_CARDINALITIES = (

@@ -22,9 +22,10 @@ from ctr_ensemble.errors import CtrError
 from ctr_ensemble.export import onnx_export
 from ctr_ensemble.export.repository import (COLLABORATIVE, ENSEMBLE_NAME, fuse_collaborative, manifest_rule, read_manifest,
                                             repository_spec)
+from ctr_ensemble.data.encode import encode_file
 from ctr_ensemble.serving.client import TritonScorer
 from ctr_ensemble.training import checkpoint, collab
-from ctr_ensemble.training.trainer import encode_file, predict_outputs
+from ctr_ensemble.training.trainer import predict_outputs
 
 BACKENDS = ("torch", "onnx", "triton_http", "triton_grpc")
 

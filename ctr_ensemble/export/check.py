@@ -17,12 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ctr_ensemble import features, models
-from ctr_ensemble.features import feed_rows, slice_feeds
+from ctr_ensemble import models
+from ctr_ensemble.data.encode import encode_file
+from ctr_ensemble.data.fit import fit
+from ctr_ensemble.data.spec import feed_rows, slice_feeds
 from ctr_ensemble.data.synth import DEFAULT_CARDINALITIES, SynthConfig, generate
 from ctr_ensemble.export import onnx_export
 from ctr_ensemble.training.checkpoint import Checkpoint
-from ctr_ensemble.training.trainer import TrainConfig, encode_file, train_member
+from ctr_ensemble.training.trainer import TrainConfig, train_member
 
 # Smaller vocabularies than the demo keep the check quick; the layout is the full Criteo one.
 CHECK_CARDINALITIES = tuple(min(c, 2000) for c in DEFAULT_CARDINALITIES)
@@ -42,7 +44,7 @@ def smoke_checkpoint(arch: str, overrides: dict | None, workdir: Path, rows: int
     cfg = models.make_config(arch, overrides)
     files = _synth(workdir, seed, {"train": max(steps * 256, 5000), "val": 1000, "test": rows},
                    CHECK_SEQ_LEN if sequence else 0)
-    spec = features.fit(files["train"], min_count=2, seq_max_len=CHECK_SEQ_LEN)
+    spec = fit(files["train"], min_count=2, seq_max_len=CHECK_SEQ_LEN)
     train, val = encode_file(files["train"], spec), encode_file(files["val"], spec)
     ck = train_member(arch, arch, cfg, spec, train, val, TrainConfig(epochs=1, batch_size=256, max_steps=steps, seed=seed))
     return ck, files["test"]

@@ -179,7 +179,7 @@ def fit_for_export(checkpoints, val, test=None, space: str = "auto", sources: di
 
 def fit_files(checkpoints, val_path, test_path=None, space: str = "auto", fmt: str = "auto") -> tuple[FusionRule, dict]:
     """``fit_for_export`` on raw labelled files, encoded with the members' feature spec."""
-    from ctr_ensemble.training.trainer import encode_file
+    from ctr_ensemble.data.encode import encode_file
 
     spaces_for(space)  # a wrong --fusion-space fails before any file is read
     spec = checkpoints[0].spec

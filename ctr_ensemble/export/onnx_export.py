@@ -11,8 +11,8 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from ctr_ensemble.data.spec import INPUT_DTYPES, FeatureSpec, feed_rows, slice_feeds
 from ctr_ensemble.errors import CtrError
-from ctr_ensemble.features import INPUT_DTYPES, FeatureSpec, feed_rows, slice_feeds
 from ctr_ensemble.models.base import OUTPUT_NAMES, Member
 
 OPSET = 17

@@ -32,9 +32,9 @@ import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from ctr_ensemble.data.spec import INPUT_DTYPES, FeatureSpec
 from ctr_ensemble.errors import CtrError
 from ctr_ensemble.export import onnx_export, validate
-from ctr_ensemble.features import INPUT_DTYPES, FeatureSpec
 from ctr_ensemble.layers import fusion as fusion_math
 from ctr_ensemble.layers.fusion import FITTED, FusionRule
 from ctr_ensemble.training import checkpoint as ckpt_io

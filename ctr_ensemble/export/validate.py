@@ -25,8 +25,8 @@ import onnx
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from ctr_ensemble.data.spec import FeatureSpec
 from ctr_ensemble.errors import CtrError
-from ctr_ensemble.features import FeatureSpec
 
 _ONNX_TYPES = {onnx.TensorProto.INT64: mc.TYPE_INT64, onnx.TensorProto.FLOAT: mc.TYPE_FP32,
                onnx.TensorProto.INT32: mc.TYPE_INT32, onnx.TensorProto.DOUBLE: mc.TYPE_FP64}

@@ -24,11 +24,11 @@ import torch
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.utils import triton_to_np_dtype
 
+from ctr_ensemble.data.encode import encode_file
+from ctr_ensemble.data.spec import FeatureSpec
 from ctr_ensemble.errors import CtrError
 from ctr_ensemble.export.repository import ENSEMBLE_NAME, read_config
-from ctr_ensemble.features import FeatureSpec
 from ctr_ensemble.layers.fusion import MODES, FusionRule
-from ctr_ensemble.training.trainer import encode_file
 
 LABEL = "label"
 

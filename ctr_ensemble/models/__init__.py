@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ctr_ensemble.data.spec import FeatureSpec
 from ctr_ensemble.errors import CtrError
-from ctr_ensemble.features import FeatureSpec
 from ctr_ensemble.models.base import Member, MemberConfig
 from ctr_ensemble.models.dcn import DCN, DCNConfig
 from ctr_ensemble.models.dcnv2 import DCNv2, DCNv2Config

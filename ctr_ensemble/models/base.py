@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ctr_ensemble.features import FeatureSpec
+from ctr_ensemble.data.spec import FeatureSpec
 from ctr_ensemble.layers.embedding import FeatureEmbedding
 from ctr_ensemble.layers.head import MLP
 

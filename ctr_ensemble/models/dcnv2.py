@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ctr_ensemble.features import FeatureSpec
+from ctr_ensemble.data.spec import FeatureSpec
 from ctr_ensemble.layers.interaction import CrossNetV2
 from ctr_ensemble.models.base import CrossDeepMember, MemberConfig
 

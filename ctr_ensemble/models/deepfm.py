@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ctr_ensemble.features import FeatureSpec
+from ctr_ensemble.data.spec import FeatureSpec
 from ctr_ensemble.layers.head import MLP
 from ctr_ensemble.layers.interaction import FactorizationMachine
 from ctr_ensemble.models.base import Member, MemberConfig, Tensor

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ctr_ensemble.data.spec import FeatureSpec
 from ctr_ensemble.errors import CtrError
-from ctr_ensemble.features import FeatureSpec
 from ctr_ensemble.layers.attention import FieldCompression
 from ctr_ensemble.layers.dhen_layer import MODULES, DHENLayer
 from ctr_ensemble.layers.head import MLP

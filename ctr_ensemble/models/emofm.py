@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ctr_ensemble.data.spec import FeatureSpec
 from ctr_ensemble.errors import CtrError
-from ctr_ensemble.features import FeatureSpec
 from ctr_ensemble.layers.head import MLP
 from ctr_ensemble.layers.mixer import CrossFieldMixer, FieldwiseMLP, TypeWisePredictor
 from ctr_ensemble.models.base import Member, MemberConfig, Tensor

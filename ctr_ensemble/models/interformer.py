@@ -15,7 +15,7 @@ setting, a DHEN layer (``interaction_modules``, default dot + DCN cross) over
 cross-attention to the non-sequence summary, then a feed-forward step. The head reads
 [flatten(X_L) ‖ flatten(sequence summary of S_L)].
 
-The behaviour sequence (``seq_ids`` (B, L), ``seq_len`` (B, 1), see ``features.SequenceField``)
+The behaviour sequence (``seq_ids`` (B, L), ``seq_len`` (B, 1), see ``data.spec.SequenceField``)
 is embedded with its own table plus a learned *recency* position (0 = the most recent item),
 and the sequence arch always starts with ``n_empty_tokens`` learned tokens that are never
 masked. They make an empty history (seq_len 0) well defined, and they are the whole sequence
@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ctr_ensemble.data.spec import FeatureSpec
 from ctr_ensemble.errors import CtrError
-from ctr_ensemble.features import FeatureSpec
 from ctr_ensemble.layers.attention import AttentionPooling, FieldCompression, MultiHeadAttention, SelfGating, TokenFFN
 from ctr_ensemble.layers.dhen_layer import MODULES, DHENLayer
 from ctr_ensemble.layers.head import MLP

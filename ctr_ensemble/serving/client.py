@@ -9,8 +9,8 @@ import numpy as np
 
 from tritonclient.utils import np_to_triton_dtype
 
+from ctr_ensemble.data.spec import INPUT_DTYPES, feed_rows, slice_feeds
 from ctr_ensemble.errors import CtrError
-from ctr_ensemble.features import INPUT_DTYPES, feed_rows, slice_feeds
 
 PROTOCOLS = ("http", "grpc")
 
@@ -54,7 +54,7 @@ class TritonScorer:
 
     def infer(self, model: str, feeds: dict[str, np.ndarray], outputs: tuple[str, ...] = ("prob",)) -> dict[str, np.ndarray]:
         """One request with the model inputs by name (as ``Arrays.feeds()``, dtypes as
-        ``features.INPUT_DTYPES``); returns the requested outputs as numpy arrays."""
+        ``data.spec.INPUT_DTYPES``); returns the requested outputs as numpy arrays."""
         mod = self._mod
         inputs = []
         for name, value in feeds.items():

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from ctr_ensemble import models
+from ctr_ensemble.data.spec import FeatureSpec
 from ctr_ensemble.errors import CtrError
-from ctr_ensemble.features import FeatureSpec
 from ctr_ensemble.models.base import Member, MemberConfig
 
 CKPT_FORMAT = "ctr-ensemble/checkpoint"

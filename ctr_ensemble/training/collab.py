@@ -35,8 +35,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ctr_ensemble.data.spec import FeatureSpec, feed_rows
 from ctr_ensemble.errors import CtrError
-from ctr_ensemble.features import FeatureSpec, feed_rows
 from ctr_ensemble.layers.fusion import HEAD_VARIANTS, CollaborativeHead, head_payload
 from ctr_ensemble.models.base import Member
 from ctr_ensemble.training import checkpoint, distributed, loop

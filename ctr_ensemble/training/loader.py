@@ -29,15 +29,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ctr_ensemble.data.spec import INPUT_DTYPES
 from ctr_ensemble.errors import CtrError
-from ctr_ensemble.features import INPUT_DTYPES
 
 SHUFFLES = ("block", "full")
 Batch = tuple[dict[str, torch.Tensor], torch.Tensor]  # model inputs by name, labels (B,) float32
 
 
 class ArraySource:
-    """In-memory ``trainer.Arrays`` behind the same ``read(column, start, stop)`` as ``shards.Prepared``."""
+    """In-memory ``data.encode.Arrays`` behind the same ``read(column, start, stop)`` as ``shards.Prepared``."""
 
     def __init__(self, arrays):
         self.arrays = arrays

@@ -28,8 +28,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from ctr_ensemble import models
+from ctr_ensemble.data.spec import FeatureSpec
 from ctr_ensemble.errors import CtrError
-from ctr_ensemble.features import FeatureSpec
 from ctr_ensemble.models.base import Member, MemberConfig
 from ctr_ensemble.training import checkpoint, distributed, loop
 from ctr_ensemble.training.checkpoint import Checkpoint

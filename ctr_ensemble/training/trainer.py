@@ -15,45 +15,15 @@ import torch
 from torch import nn
 
 from ctr_ensemble import metrics, models
+from ctr_ensemble.data.encode import Arrays
+from ctr_ensemble.data.spec import FeatureSpec, feed_rows
 from ctr_ensemble.errors import CtrError
-from ctr_ensemble.features import FeatureSpec, feed_rows
 from ctr_ensemble.models.base import Member, MemberConfig
 from ctr_ensemble.training import distributed, loader, loop
 from ctr_ensemble.training.regularize import Regularizer
 from ctr_ensemble.training.checkpoint import Checkpoint
 from ctr_ensemble.training.distributed import Dist
 from ctr_ensemble.training.loop import LoopConfig
-
-
-@dataclass
-class Arrays:
-    """Encoded rows held in memory: cat_ids (N, n_cat) int64, num (N, n_num) float32, label (N,) float32,
-    and with a sequence field seq_ids (N, L) int64 + seq_len (N, 1) int64."""
-
-    cat_ids: np.ndarray
-    num: np.ndarray
-    label: np.ndarray
-    skipped: int = 0  # malformed rows skipped while reading (skip_bad_rows)
-    seq_ids: np.ndarray | None = None
-    seq_len: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return len(self.label)
-
-    def feeds(self, rows: slice | np.ndarray = slice(None)) -> dict[str, np.ndarray]:
-        """Model inputs by name for ``rows`` (what ONNX Runtime, Triton and ``predict`` take): ``num`` is
-        left out without numeric fields, ``seq_ids``/``seq_len`` without a sequence field."""
-        out = {"cat_ids": self.cat_ids[rows]}
-        if self.num.shape[1]:
-            out["num"] = self.num[rows]
-        if self.seq_ids is not None:
-            out["seq_ids"], out["seq_len"] = self.seq_ids[rows], self.seq_len[rows]
-        return out
-
-    def take(self, rows: slice | np.ndarray) -> "Arrays":
-        """A subset of the rows (a view for a slice)."""
-        seq = (None, None) if self.seq_ids is None else (self.seq_ids[rows], self.seq_len[rows])
-        return Arrays(self.cat_ids[rows], self.num[rows], self.label[rows], self.skipped, *seq)
 
 
 def setting(default, help: str):
@@ -430,22 +400,3 @@ def write_history(history: list[dict], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path.with_suffix(".png"), dpi=110)
     plt.close(fig)
-
-
-def encode_file(path: str | Path, spec: FeatureSpec, skip_bad_rows: bool = False, fmt: str = "auto") -> Arrays:
-    """Read and encode a whole file (any supported format) into memory."""
-    from ctr_ensemble.data.readers import open_reader
-    from ctr_ensemble.features import Encoder
-
-    reader = open_reader(path, fmt, skip_bad_rows)
-    enc = Encoder(spec)
-    enc.check_fields(reader, str(path))
-    parts = []
-    for b in reader:
-        seq = enc.encode_sequence(b.seq) if spec.sequence is not None else ()
-        parts.append((*enc.encode(b), b.label, *seq))
-    if not parts:
-        raise CtrError(f"{path}: no valid rows")
-    cols = [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
-    cols[2] = cols[2].astype(np.float32)
-    return Arrays(*cols[:3], reader.stats.skipped, *cols[3:])

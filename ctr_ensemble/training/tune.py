@@ -32,8 +32,8 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from ctr_ensemble import metrics, models
+from ctr_ensemble.data.spec import FeatureSpec
 from ctr_ensemble.errors import CtrError
-from ctr_ensemble.features import FeatureSpec
 from ctr_ensemble.training import checkpoint, run_config
 from ctr_ensemble.training.distributed import Dist
 from ctr_ensemble.training.search_space import SearchSpace
@@ -337,8 +337,8 @@ def test_summary(study, best, arch: str, space: SearchSpace, base: TrainConfig, 
 
 def open_rows(path: Path, spec: FeatureSpec, skip_bad_rows: bool = False, fmt: str = "auto", verify: str = "size"):
     """Rows scored with ``spec``: a prepared folder (same spec required) or a raw file encoded into memory."""
-    from ctr_ensemble.data.shards import Prepared, is_prepared
-    from ctr_ensemble.training.trainer import encode_file
+    from ctr_ensemble.data.encode import encode_file
+    from ctr_ensemble.data.prepared.shards import Prepared, is_prepared
 
     if not is_prepared(path):
         return encode_file(path, spec, skip_bad_rows, fmt)

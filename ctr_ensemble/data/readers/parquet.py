@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ctr_ensemble.data.criteo import RawBatch, ReadStats, Span
+from ctr_ensemble.data.readers.base import RawBatch, Reader, ReadStats, Span, error_line
 from ctr_ensemble.errors import CtrError
 
 _READ_ERRORS = (pa.ArrowException, OSError, EOFError)
@@ -45,10 +45,13 @@ def _is_numeric(t: pa.DataType) -> bool:
     return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
 
 
-class ParquetReader:
+class ParquetReader(Reader):
     """Iterate a Parquet file or folder of Parquet files in batches of ``batch_size`` rows."""
 
     format = "parquet"
+    folders = True
+    suffixes = (".parquet",)
+    magic = b"PAR1"
     _span: Span | None = None  # set by ``part``: some row groups of one file
 
     def __init__(self, path: str | Path, skip_bad_rows: bool = False, label: str | None = None,
@@ -82,7 +85,7 @@ class ParquetReader:
         try:
             return pq.read_schema(f)
         except _READ_ERRORS as e:
-            raise CtrError(f"{f}: cannot read as Parquet: {_first_line(e)}") from e
+            raise CtrError(f"{f}: cannot read as Parquet: {error_line(e)}") from e
 
     def _roles(self, schema: pa.Schema, label: str | None, categorical: list[str], sequence: str | None,
                exclude: list[str]) -> None:
@@ -150,12 +153,29 @@ class ParquetReader:
         other._span = span
         return other
 
+    def spans(self, chunk_bytes: int) -> list[tuple[Span, int]]:
+        """Per file, runs of row groups of about ``chunk_bytes`` (uncompressed row-group bytes)."""
+        spans = []
+        for f in self.files:
+            rows = self.row_groups(f)
+            md = pq.ParquetFile(f).metadata
+            sizes = [md.row_group(i).total_byte_size for i in range(md.num_row_groups)]
+            group, acc, first = [], 0, 1
+            for g, (n, b) in enumerate(zip(rows, sizes)):
+                group.append(g)
+                acc += b
+                if acc >= chunk_bytes or g == len(rows) - 1:
+                    spans.append((Span(str(f), first_line=first, row_groups=tuple(group)), acc))
+                    first += sum(rows[k] for k in group)
+                    group, acc = [], 0
+        return spans
+
     def row_groups(self, f: Path) -> list[int]:
         """Rows per row group of file ``f``."""
         try:
             md = pq.ParquetFile(f).metadata
         except _READ_ERRORS as e:
-            raise CtrError(f"{f}: cannot read as Parquet: {_first_line(e)}") from e
+            raise CtrError(f"{f}: cannot read as Parquet: {error_line(e)}") from e
         return [md.row_group(i).num_rows for i in range(md.num_row_groups)]
 
     def __iter__(self) -> Iterator[RawBatch]:
@@ -163,7 +183,7 @@ class ParquetReader:
             try:
                 pf = pq.ParquetFile(f)
             except _READ_ERRORS as e:
-                raise CtrError(f"{f}: cannot read as Parquet: {_first_line(e)}") from e
+                raise CtrError(f"{f}: cannot read as Parquet: {error_line(e)}") from e
             row = 1 if self._span is None else self._span.first_line
             groups = list(self._span.row_groups) if self._span is not None else None
             it = pf.iter_batches(batch_size=self.batch_size, columns=self._columns, use_threads=False,
@@ -174,7 +194,7 @@ class ParquetReader:
                 except StopIteration:
                     break
                 except _READ_ERRORS as e:
-                    raise CtrError(f"{f}: near row {row}: cannot read: {_first_line(e)}") from e
+                    raise CtrError(f"{f}: near row {row}: cannot read: {error_line(e)}") from e
                 out = self._convert(f, batch, row)
                 row += batch.num_rows
                 if out is not None:
@@ -233,6 +253,3 @@ def _to_string_lists(col: pa.Array) -> pa.Array:
 def _schema_str(s: pa.Schema) -> str:
     return ", ".join(f"{f.name}: {f.type}" for f in s)
 
-
-def _first_line(e: Exception) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -11,7 +11,6 @@ YYMMDDHH. With ``skip_bad_rows`` such rows are dropped and counted instead.
 
 from __future__ import annotations
 
-import gzip
 from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
@@ -21,7 +20,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from ctr_ensemble.data.criteo import RawBatch, ReadStats, TextParts, check_data_file, drop_bad_utf8, parsed_lines
+from ctr_ensemble.data.readers.base import (RawBatch, ReadStats, TextParts, check_data_file, drop_bad_utf8, error_line,
+                                            parsed_lines, read_head)
 from ctr_ensemble.errors import CtrError
 
 AVAZU_COLUMNS = [
@@ -34,13 +34,6 @@ AVAZU_COLUMNS = [
 # Categorical fields in file order, with hour replaced in place by its two derived fields.
 AVAZU_CAT_COLS = ["hour_of_day", "weekday"] + AVAZU_COLUMNS[3:]
 _READ_ERRORS = (pa.ArrowInvalid, OSError, EOFError, UnicodeDecodeError)
-
-
-def read_head(path: Path, n: int = 4096) -> bytes:
-    """The first line (at most ``n`` bytes) of a plain or gzip-compressed file."""
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rb") as f:
-        return f.readline(n)
 
 
 def has_avazu_header(first_line: bytes) -> bool:
@@ -56,6 +49,11 @@ class AvazuReader(TextParts):
     cat_names = AVAZU_CAT_COLS
     seq_name = None
 
+    @staticmethod
+    def sniff(head: bytes) -> bool:
+        """The Avazu header, or 23 commas and no tab (a headerless split file)."""
+        return has_avazu_header(head) or (head.count(b",") == 23 and b"\t" not in head)
+
     def __init__(self, path: str | Path, skip_bad_rows: bool = False, block_size: int = 8 << 20):
         self.path = Path(path)
         self.block_size = block_size
@@ -67,7 +65,7 @@ class AvazuReader(TextParts):
         try:
             head = read_head(self.path)
         except _READ_ERRORS as e:
-            raise CtrError(f"{self.path}: cannot read as Avazu CSV: {_first_line(e)}") from e
+            raise CtrError(f"{self.path}: cannot read as Avazu CSV: {error_line(e)}") from e
         self.has_header = has_avazu_header(head)
         if self.has_header:
             cols = head.decode("utf-8", "replace").strip().lstrip("\ufeff").split(",")
@@ -114,7 +112,7 @@ class AvazuReader(TextParts):
         except CtrError:
             raise
         except _READ_ERRORS as e:
-            raise CtrError(f"{self.path}: cannot read as Avazu CSV: {_first_line(e)}") from e
+            raise CtrError(f"{self.path}: cannot read as Avazu CSV: {error_line(e)}") from e
         # open_csv already parsed the first chunk: its dropped rows (and errors) belong to the first batch.
         line = 1 + skip + self._line_offset
         while True:
@@ -126,7 +124,7 @@ class AvazuReader(TextParts):
             except CtrError:
                 raise
             except _READ_ERRORS as e:
-                raise CtrError(f"{self.path}: near line {line}: cannot parse: {_first_line(e)}") from e
+                raise CtrError(f"{self.path}: near line {line}: cannot parse: {error_line(e)}") from e
             pending, self._pending = self._pending, None
             invalid, self._invalid_lines = self._invalid_lines, []
             n_rows = batch.num_rows
@@ -204,6 +202,3 @@ def _parse_hour(s: str) -> date | None:
         return None
     return d if int(s[6:8]) < 24 else None
 
-
-def _first_line(e: Exception) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

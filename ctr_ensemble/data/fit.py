@@ -1,27 +1,18 @@
-"""Feature encoding: per-field vocabularies and numeric statistics, fitted on train only.
+"""Fitting a feature spec on training data: the one home of vocabulary counting, the min-count rule and the
+numeric statistics.
 
-Categorical field f maps its tokens to ids ``1..V_f-1`` by descending train frequency;
-tokens seen fewer than ``min_count`` times, and tokens never seen, map to the OOV id 0.
-The empty token (a missing value) is a token like any other, so a frequent "missing"
-gets its own id. Numeric fields stay raw floats (NaN = missing): the model applies
-``t = sign(x)·log1p(|x|)`` standardised by the train mean/std stored here, inside the
-exported graph, so a served model takes the same raw numbers as the file.
-
-A behaviour-sequence field (a list of item tokens per row, oldest first, e.g. MovieLens
-``history``) gets its own vocabulary (same min-count/OOV rule) and a ``max_len``: the encoder
-keeps the ``max_len`` most recent items, left-aligned and zero-padded, as ``seq_ids`` (B, L)
-plus their count ``seq_len`` (B, 1). Rows with an empty history have ``seq_len`` 0.
-
-The spec is saved as versioned JSON beside every model (``feature_spec.json``). Its ``fitted_on``
-says what it was fitted on (file, rows, ...) and, since this was added, the training base rate
-``label_mean`` (share of label-1 rows), the reference of normalised entropy; older specs lack it.
-``fitted_on`` is not part of the fingerprint.
+Categorical field f maps its tokens to ids ``1..V_f-1`` by descending train frequency (ties by token);
+tokens seen fewer than ``min_count`` times, and tokens never seen, map to the OOV id 0 (``spec.OOV_ID``).
+``min_count`` "auto" resolves on the training rows (``resolve_min_count``). Numeric fields get the mean and
+std of ``t = sign(x)·log1p(|x|)`` over their non-missing train values; a behaviour sequence gets its own
+vocabulary (same rule) and ``max_len`` (default ``DEFAULT_SEQ_MAX_LEN``). ``fit`` does it in one streaming
+pass over a file; ``data prepare`` (``prepared/prepare.py``) uses the same pieces (``ChunkCounts``,
+``FitAccumulator``, ``CountMerger``) over its chunks, with the same result.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,29 +20,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
-from ctr_ensemble.data.criteo import RawBatch
 from ctr_ensemble.data.readers import open_reader
+from ctr_ensemble.data.readers.base import RawBatch, list_lengths
+from ctr_ensemble.data.spec import CategoricalField, FeatureSpec, NumericField, SequenceField
 from ctr_ensemble.errors import CtrError
 
-SPEC_FORMAT = "ctr-ensemble/feature-spec"
-SPEC_VERSION = 2  # 2 added the optional ``sequence`` field; version-1 files still load
-OOV_ID = 0
-DEFAULT_SEQ_MAX_LEN = 50
-
-# Every model input: name → numpy dtype. Which of them a model takes depends on the spec
-# (``FeatureSpec.input_names``); the batch axis is always first.
-INPUT_DTYPES = {"cat_ids": np.int64, "num": np.float32, "seq_ids": np.int64, "seq_len": np.int64}
-
-
-def feed_rows(feeds: dict[str, np.ndarray]) -> int:
-    """Rows in a dict of model inputs (every input has the batch axis first)."""
-    return len(next(iter(feeds.values())))
-
-
-def slice_feeds(feeds: dict[str, np.ndarray], start: int, stop: int) -> dict[str, np.ndarray]:
-    return {k: v[start:stop] for k, v in feeds.items()}
-
-
+DEFAULT_SEQ_MAX_LEN = 50  # most recent items of a behaviour sequence kept per row
 # Tokens seen fewer times in train map to OOV. "auto" (the default) resolves on the number of training rows:
 # 2 below AUTO_LARGE_ROWS (not 1, so that the OOV embedding is trained on the train singletons and means "rare
 # or unseen" at serving time), 10 from there on (Criteo-size: ~1 M kept tokens instead of ~34 M at 1, the
@@ -77,120 +51,6 @@ def parse_min_count(value: str) -> int | str:
         raise CtrError(f"--min-count must be 'auto' or an integer >= 1, got {value!r}") from None
     check_fit_options(n, 1)
     return n
-
-@dataclass
-class CategoricalField:
-    name: str
-    vocab: list[str]  # vocab[i] has id i + 1; id 0 is OOV
-
-    @property
-    def size(self) -> int:
-        return len(self.vocab) + 1
-
-
-@dataclass
-class NumericField:
-    name: str
-    mean: float  # of sign(x)·log1p(|x|) over non-missing train values
-    std: float
-
-
-@dataclass
-class SequenceField:
-    name: str
-    vocab: list[str]  # vocab[i] has id i + 1; id 0 is OOV (and the padding, masked by seq_len)
-    max_len: int  # most recent items kept per row
-
-    @property
-    def size(self) -> int:
-        return len(self.vocab) + 1
-
-
-@dataclass
-class FeatureSpec:
-    categorical: list[CategoricalField]
-    numeric: list[NumericField]
-    min_count: int = 10
-    fitted_on: dict = field(default_factory=dict)
-    sequence: SequenceField | None = None
-
-    @property
-    def input_names(self) -> tuple[str, ...]:
-        """Inputs of a member built on this spec. ``num`` is left out when the data has no numeric
-        field (Avazu, libSVM) because Triton forbids a zero-sized dimension in a model config;
-        ``seq_ids``/``seq_len`` exist only with a sequence field."""
-        return ("cat_ids", *(("num",) if self.n_num else ()), *(("seq_ids", "seq_len") if self.sequence else ()))
-
-    @property
-    def input_dims(self) -> dict[str, list[int]]:
-        """Per-row shape of each input (-1: dynamic sequence length)."""
-        dims = {"cat_ids": [self.n_cat], "num": [self.n_num], "seq_ids": [-1], "seq_len": [1]}
-        return {n: dims[n] for n in self.input_names}
-
-    @property
-    def cat_sizes(self) -> list[int]:
-        return [f.size for f in self.categorical]
-
-    @property
-    def n_cat(self) -> int:
-        return len(self.categorical)
-
-    @property
-    def n_num(self) -> int:
-        return len(self.numeric)
-
-    def to_dict(self) -> dict:
-        # Built by hand: dataclasses.asdict deep-copies every vocabulary token (seconds for 10^6 tokens).
-        return {"format": SPEC_FORMAT, "version": SPEC_VERSION,
-                "categorical": [{"name": f.name, "vocab": list(f.vocab)} for f in self.categorical],
-                "numeric": [asdict(n) for n in self.numeric], "min_count": self.min_count,
-                "fitted_on": json.loads(json.dumps(self.fitted_on)),
-                "sequence": None if self.sequence is None else
-                {"name": self.sequence.name, "vocab": list(self.sequence.vocab), "max_len": self.sequence.max_len}}
-
-    @classmethod
-    def from_dict(cls, d: dict, source: str = "feature spec") -> FeatureSpec:
-        if d.get("format") != SPEC_FORMAT:
-            raise CtrError(f"{source}: not a ctr-ensemble feature spec (format={d.get('format')!r})")
-        if d.get("version") not in (1, SPEC_VERSION):
-            raise CtrError(f"{source}: feature spec version {d.get('version')} is not supported (expected 1..{SPEC_VERSION})")
-        try:
-            seq = d.get("sequence")
-            return cls(
-                categorical=[CategoricalField(**c) for c in d["categorical"]],
-                numeric=[NumericField(**n) for n in d["numeric"]],
-                min_count=int(d["min_count"]),
-                fitted_on=d.get("fitted_on", {}),
-                sequence=SequenceField(**seq) if seq else None,
-            )
-        except (KeyError, TypeError) as e:
-            raise CtrError(f"{source}: malformed feature spec: {e}") from e
-
-    def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict()))
-        tmp.replace(path)
-
-    @classmethod
-    def load(cls, path: str | Path) -> FeatureSpec:
-        path = Path(path)
-        if not path.is_file():
-            raise CtrError(f"{path}: feature spec not found")
-        try:
-            d = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CtrError(f"{path}: feature spec is not valid JSON: {e}") from e
-        return cls.from_dict(d, source=str(path))
-
-    def fingerprint(self) -> str:
-        """A short hash of what the model depends on (vocabularies and numeric stats)."""
-        import hashlib
-
-        d = self.to_dict()
-        d.pop("fitted_on", None)
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def fit(path: str | Path, min_count: int = DEFAULT_MIN_COUNT, skip_bad_rows: bool = False, fmt: str = "auto",
@@ -448,73 +308,3 @@ def sequence_info(name: str, hist: np.ndarray, max_len: int) -> dict:
 
 def signed_log1p(x: np.ndarray) -> np.ndarray:
     return np.sign(x) * np.log1p(np.abs(x))
-
-
-def list_lengths(seq: pa.Array) -> np.ndarray:
-    """Items per row (B,) int64 of a list array; a null list has none."""
-    return pc.fill_null(pc.list_value_length(seq), 0).to_numpy(zero_copy_only=False).astype(np.int64)
-
-
-def window_sequence(flat: np.ndarray, lengths: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rows' items laid end to end (``flat``, rows in order, each oldest first) with their ``lengths`` (B,) →
-    (B, max_len) of the ``max_len`` most recent items of each row, left-aligned and zero-padded (dtype of
-    ``flat``), and the kept lengths (B, 1) int64."""
-    lengths = lengths.astype(np.int64)
-    off = np.concatenate([[0], np.cumsum(lengths)])
-    keep = np.minimum(lengths, max_len)
-    start = off[:-1] + lengths - keep  # drop the oldest items beyond max_len
-    pos = np.arange(max_len)
-    valid = pos[None, :] < keep[:, None]
-    src = np.where(valid, start[:, None] + pos[None, :], 0)
-    ids = np.where(valid, flat[src] if len(flat) else 0, 0).astype(flat.dtype)
-    return ids, keep[:, None]
-
-
-class Encoder:
-    """Turns raw batches into model inputs: ``cat_ids`` (B, n_cat) int64, ``num`` (B, n_num) float32,
-    and with a sequence field ``seq_ids`` (B, max_len) int64 + ``seq_len`` (B, 1) int64."""
-
-    def __init__(self, spec: FeatureSpec):
-        self.spec = spec
-        self._vocab = [pa.array(f.vocab, type=pa.string()) for f in spec.categorical]
-        self._seq_vocab = pa.array(spec.sequence.vocab, type=pa.string()) if spec.sequence else None
-
-    @property
-    def vocab_arrays(self) -> list[pa.Array]:
-        """Per categorical field, its vocabulary as an Arrow string array (token at position i has id i + 1)."""
-        return self._vocab
-
-    @property
-    def seq_vocab_array(self) -> pa.Array | None:
-        return self._seq_vocab
-
-    def check_fields(self, reader, source: str) -> None:
-        """The file's fields must be the spec's, in the same order."""
-        got = (list(reader.cat_names), list(reader.num_names))
-        want = ([f.name for f in self.spec.categorical], [f.name for f in self.spec.numeric])
-        if got != want:
-            raise CtrError(f"{source}: fields do not match the feature spec: file has categorical {got[0]} and "
-                           f"numeric {got[1]}, the spec expects categorical {want[0]} and numeric {want[1]}")
-        if self.spec.sequence is not None and reader.seq_name != self.spec.sequence.name:
-            raise CtrError(f"{source}: the feature spec has the behaviour sequence {self.spec.sequence.name!r}, "
-                           f"the file has {'no sequence column' if reader.seq_name is None else repr(reader.seq_name)}")
-
-    def encode_sequence(self, seq: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-        """list<string> (B,) → seq_ids (B, max_len) int64 (most recent ``max_len`` items, oldest first,
-        zero-padded on the right), seq_len (B, 1) int64."""
-        values = seq.flatten()  # honours a sliced array's offset
-        idx = pc.index_in(values, value_set=self._seq_vocab)
-        flat = pc.fill_null(pc.add(idx, 1), OOV_ID).to_numpy(zero_copy_only=False).astype(np.int64)
-        return window_sequence(flat, list_lengths(seq), self.spec.sequence.max_len)
-
-    def encode(self, batch: RawBatch) -> tuple[np.ndarray, np.ndarray]:
-        if len(batch.cat) != self.spec.n_cat or batch.num.shape[1] != self.spec.n_num:
-            raise CtrError(
-                f"data has {len(batch.cat)} categorical and {batch.num.shape[1]} numeric fields, "
-                f"the feature spec expects {self.spec.n_cat} and {self.spec.n_num}"
-            )
-        ids = np.empty((len(batch.label), self.spec.n_cat), dtype=np.int64)
-        for f, (col, vocab) in enumerate(zip(batch.cat, self._vocab)):
-            idx = pc.index_in(col, value_set=vocab)
-            ids[:, f] = pc.fill_null(pc.add(idx, 1), OOV_ID).to_numpy(zero_copy_only=False)
-        return ids, batch.num.astype(np.float32)

@@ -1,4 +1,4 @@
-"""Streaming reader for Criteo-layout TSV (label, I1..I13, C1..C26; no header).
+"""Streaming reader for Criteo-layout TSV (label, I1..I13, C1..C26; no header), and the home of that layout.
 
 Files of any size are read in chunks with pyarrow's streaming CSV reader. Every
 problem names the file and the 1-based line: a row with the wrong number of
@@ -9,9 +9,7 @@ instead of raising.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,85 +17,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from ctr_ensemble.data.schema import CAT_COLS, COLUMNS, LABEL, NUM_COLS
+from ctr_ensemble.data.readers.base import (RawBatch, ReadStats, TextParts, check_data_file, drop_bad_utf8, error_line,
+                                            parsed_lines)
 from ctr_ensemble.errors import CtrError
 
-
-@dataclass
-class RawBatch:
-    """One chunk of raw rows, whatever the format: labels, numerics (NaN = missing), categoricals as strings."""
-
-    label: np.ndarray  # (B,) int64 in {0, 1}
-    num: np.ndarray  # (B, n_num) float64, NaN where missing; n_num may be 0
-    cat: list[pa.Array]  # n_cat arrays of (B,) strings, "" where missing
-    first_line: int  # 1-based line (or row) number of the first row in its file
-    seq: pa.Array | None = None  # (B,) list<string>: the behaviour sequence, oldest first; None if the data has none
-
-
-@dataclass
-class ReadStats:
-    rows: int = 0
-    skipped: int = 0
-    skipped_examples: list[str] = field(default_factory=list)
-
-    def bad_row(self, msg: str, skip: bool) -> None:
-        """Raise ``msg`` as a CtrError, or with ``skip`` (--skip-bad-rows) count it, keeping a few examples."""
-        if not skip:
-            raise CtrError(msg)
-        self.skipped += 1
-        if len(self.skipped_examples) < 5:
-            self.skipped_examples.append(msg)
-
-
-@dataclass(frozen=True)
-class Span:
-    """A piece of one input file that a reader can read on its own (``data prepare`` works in such pieces).
-
-    Text formats: bytes ``[start, stop)`` (``stop`` -1 = to the end) beginning at a line start, whose first
-    line is line ``first_line`` of the file. Parquet: ``row_groups`` of ``file``, whose first row is row
-    ``first_line`` of the file.
-    """
-
-    file: str
-    start: int = 0
-    stop: int = -1
-    first_line: int = 1
-    row_groups: tuple[int, ...] = ()
-
-
-class TextParts:
-    """Reading one byte range of a plain text file with the file-level facts (header, field count) of the
-    whole-file reader. A reader over a part reads only those bytes and numbers lines from ``first_line``."""
-
-    path: Path
-    stats: ReadStats
-    _span: Span | None = None
-
-    def part(self, span: Span):
-        if Path(span.file) != self.path:
-            raise ValueError(f"span of {span.file} given to the reader of {self.path}")
-        other = copy.copy(self)
-        other.stats = ReadStats()
-        other._span = span
-        return other
-
-    @property
-    def _line_offset(self) -> int:
-        """Added to a line number counted from the start of what is read."""
-        return self._span.first_line - 1 if self._span is not None else 0
-
-    def _read_span(self) -> bytes:
-        with open(self.path, "rb") as f:
-            f.seek(self._span.start)
-            return f.read() if self._span.stop < 0 else f.read(self._span.stop - self._span.start)
-
-
-def check_data_file(path: Path, expected: str) -> None:
-    """A missing or empty input is named with what was expected in it."""
-    if not path.is_file():
-        raise CtrError(f"{path}: data file not found")
-    if path.stat().st_size == 0:
-        raise CtrError(f"{path}: data file is empty (expected {expected})")
+# The Criteo display-advertising layout (also what ``data synth`` writes): label, I1..I13 numeric, C1..C26 categorical.
+N_NUM = 13
+N_CAT = 26
+LABEL = "label"
+NUM_COLS = [f"I{i}" for i in range(1, N_NUM + 1)]
+CAT_COLS = [f"C{i}" for i in range(1, N_CAT + 1)]
+COLUMNS = [LABEL, *NUM_COLS, *CAT_COLS]
 
 
 class CriteoReader(TextParts):
@@ -153,7 +83,7 @@ class CriteoReader(TextParts):
         except CtrError:
             raise
         except (pa.ArrowInvalid, OSError, EOFError, UnicodeDecodeError) as e:
-            raise CtrError(f"{self.path}: cannot read as Criteo TSV: {_first_line(e)}") from e
+            raise CtrError(f"{self.path}: cannot read as Criteo TSV: {error_line(e)}") from e
         self._raise_pending()
         line = 1 + self._line_offset
         while True:
@@ -164,7 +94,7 @@ class CriteoReader(TextParts):
             except CtrError:
                 raise
             except (pa.ArrowInvalid, OSError, EOFError, UnicodeDecodeError) as e:
-                raise CtrError(f"{self.path}: near line {line}: cannot parse: {_first_line(e)}") from e
+                raise CtrError(f"{self.path}: near line {line}: cannot parse: {error_line(e)}") from e
             self._raise_pending()
             n = batch.num_rows
             invalid, self._invalid_lines = self._invalid_lines, []
@@ -216,38 +146,3 @@ class CriteoReader(TextParts):
             if not keep.any():
                 return None
         return RawBatch(label=label, num=num, cat=cats, first_line=int(lines[0]))
-
-
-def parsed_lines(first: int, n: int, dropped: list[int]) -> np.ndarray:
-    """1-based file line of each of the ``n`` rows a CSV chunk starting at line ``first`` parsed: the chunk's
-    lines less those its invalid-row handler ``dropped`` (-1 = line unknown: then counted from ``first``)."""
-    span = np.arange(first, first + n + len(dropped))
-    return span[~np.isin(span, dropped)][:n] if -1 not in dropped else span[:n]
-
-
-def drop_bad_utf8(batch: pa.RecordBatch, lines: np.ndarray, bad) -> tuple[pa.RecordBatch, np.ndarray]:
-    """Rows of ``batch`` (string columns read without a UTF-8 check) with a field that is not UTF-8 text:
-    each is reported through ``bad(line, column, why)``, which raises or counts (--skip-bad-rows), and removed.
-    ``lines``: the file line of each row; returns the batch and lines that are left."""
-    rows: dict[int, tuple[str, str]] = {}
-    for name, col in zip(batch.schema.names, batch.columns):
-        try:  # the cast validates UTF-8 in one vectorised pass; rows are decoded one by one only when it fails
-            pc.cast(col.view(pa.binary()), pa.string())
-        except pa.ArrowInvalid:
-            for i, v in enumerate(col.view(pa.binary()).to_pylist()):
-                if i not in rows:
-                    try:
-                        v.decode("utf-8")
-                    except UnicodeDecodeError as e:
-                        rows[i] = (name, f"not UTF-8 text: {e.reason} at byte {e.start} of {v[:40]!r}")
-    if not rows:
-        return batch, lines
-    for i in sorted(rows):
-        bad(int(lines[i]), *rows[i])
-    keep = np.ones(batch.num_rows, dtype=bool)
-    keep[list(rows)] = False
-    return batch.filter(pa.array(keep)), lines[keep]
-
-
-def _first_line(e: Exception) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

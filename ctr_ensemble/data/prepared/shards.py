@@ -13,11 +13,10 @@ import json
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
-from ctr_ensemble.data.prepare import MANIFEST, PREPARED_FORMAT, PREPARED_VERSION, SPEC_FILE, file_crc32
+from ctr_ensemble.data.prepared.manifest import MANIFEST, PREPARED_FORMAT, PREPARED_VERSION, SPEC_FILE, verify_files
+from ctr_ensemble.data.spec import INPUT_DTYPES, FeatureSpec
 from ctr_ensemble.errors import CtrError
-from ctr_ensemble.features import INPUT_DTYPES, FeatureSpec
 
 VERIFY_MODES = ("size", "full")
 
@@ -29,17 +28,6 @@ def is_prepared(path: str | Path) -> bool:
 
 def _damage_hint(out: Path) -> str:
     return f"run the same `ctr-ensemble data prepare` again to re-encode it from the raw input, or prepare {out} anew"
-
-
-def verify_files(out: Path, manifest: dict, progress: bool = False) -> set[str]:
-    """Relative paths of the shard files that are missing, of the wrong size, or fail their CRC-32."""
-    bad = set()
-    files = [f for s in manifest["shards"] for f in s["files"].values()]
-    for f in tqdm(files, desc=f"verify {out.name}", unit="file", disable=not progress, leave=False):
-        p = out / f["file"]
-        if not p.is_file() or p.stat().st_size != f["bytes"] or file_crc32(p) != f["crc32"]:
-            bad.add(f["file"])
-    return bad
 
 
 class Prepared:

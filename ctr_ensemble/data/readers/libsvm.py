@@ -24,12 +24,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ctr_ensemble.data.criteo import RawBatch, ReadStats, TextParts, check_data_file
+from ctr_ensemble.data.readers.base import RawBatch, ReadStats, TextParts, check_data_file, error_line
 from ctr_ensemble.errors import CtrError
 
 _NUM = r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
 _LABEL_RE = r"^(?:\+?1|-1|[+-]?0)(?:\.0*)?$"
 _TOKEN_RE = {2: rf"^[^:]+:{_NUM}$", 3: rf"^[^:]+:[^:]+:{_NUM}$"}  # libSVM idx:val / FFM field:idx:val
+_HEAD_TOKEN = re.compile(rb"^[^:\s]+(:[^:\s]+){1,2}$")  # a token's shape, for format detection
 _WS = re.compile(r"[ \t\n\r\f\v]+")  # ASCII whitespace, as pyarrow's ascii_split_whitespace
 _PEEK_LINES = 1000  # lines scanned at open for the first valid one
 _READ_ERRORS = (OSError, EOFError, UnicodeDecodeError, zlib.error)
@@ -39,9 +40,17 @@ class LibSVMReader(TextParts):
     """Iterate a libSVM/libFM/FFM file (plain or .gz) in chunks of about ``block_size`` bytes."""
 
     format = "libsvm"
+    suffixes = (".svm", ".libsvm", ".libfm", ".ffm")
     label_name = "label"
     num_names: list[str] = []
     seq_name = None
+
+    @staticmethod
+    def sniff(head: bytes) -> bool:
+        """``label idx:val ...`` (or ``field:idx:val``) with a 0/1 label and no tab."""
+        toks = head.split()
+        return (len(toks) >= 2 and b"\t" not in head.strip() and re.match(rb"^[+-]?[01](\.0*)?$", toks[0]) is not None
+                and all(_HEAD_TOKEN.match(t) for t in toks[1:]))
 
     def __init__(self, path: str | Path, skip_bad_rows: bool = False, block_size: int = 8 << 20):
         self.path = Path(path)
@@ -81,7 +90,7 @@ class LibSVMReader(TextParts):
                         return len(toks) - 1, parts
                     first_err = first_err or f"{self.path}:line {lineno}: {err}"
         except _READ_ERRORS as e:
-            raise CtrError(f"{self.path}: cannot read as libSVM text: {_first_line(e)}") from e
+            raise CtrError(f"{self.path}: cannot read as libSVM text: {error_line(e)}") from e
         if first_err is None:
             raise CtrError(f"{self.path}: no data lines (expected libSVM lines: label idx:val idx:val ...)")
         raise CtrError(f"no valid line among the first {_PEEK_LINES} lines; first problem: {first_err}")
@@ -96,7 +105,7 @@ class LibSVMReader(TextParts):
                 try:
                     lines = f.readlines(self.block_size)
                 except _READ_ERRORS as e:
-                    raise CtrError(f"{self.path}: near line {line}: cannot read: {_first_line(e)}") from e
+                    raise CtrError(f"{self.path}: near line {line}: cannot read: {error_line(e)}") from e
                 if not lines:
                     break
                 try:
@@ -107,7 +116,7 @@ class LibSVMReader(TextParts):
                         try:
                             text.append(raw.decode("utf-8"))
                         except UnicodeDecodeError as e:
-                            self._bad(f"line {line + i}", f"not UTF-8 text: {_first_line(e)}")
+                            self._bad(f"line {line + i}", f"not UTF-8 text: {error_line(e)}")
                             text.append("")
                 out = self._convert(text, line)
                 line += len(lines)
@@ -168,6 +177,3 @@ def _check_tokens(toks: list[str], parts: int) -> str | None:
             return f"token {k} (field f{k}) must be {form} with a numeric val, got {t!r}"
     return None
 
-
-def _first_line(e: Exception) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -1,9 +1,10 @@
 """``data prepare``: raw files of any size → encoded NumPy shards + a manifest, in bounded memory, resumable.
 
-The inputs (one or more files of one format, read by the readers in ``readers.py``) are cut into
-chunks: byte ranges of about ``chunk_mb`` ending at line ends for plain text (Criteo, Avazu, libSVM),
-groups of row groups for Parquet, and one chunk per file for gzip (a compressed stream cannot be
-entered half-way). Each chunk becomes one shard, ``shards/part-NNNNN.<column>.npy``:
+The inputs (one or more files of one format, read by the readers of ``data.readers``) are cut into
+chunks by the reader (``Reader.spans``): byte ranges of about ``chunk_mb`` ending at line ends for plain
+text (Criteo, Avazu, libSVM), groups of row groups for Parquet, and one chunk per file for gzip (a
+compressed stream cannot be entered half-way). Each chunk becomes one shard,
+``shards/part-NNNNN.<column>.npy`` (the folder's layout and file entries: ``manifest.py``):
 
     cat_ids  (n, n_cat) int32      num      (n, n_num) float32 (raw, NaN = missing)
     label    (n,)       uint8      seq_ids  (n, max_len) int32   seq_len (n, 1) int32   (with a sequence)
@@ -12,9 +13,9 @@ int32/uint8 on disk halve the size; the training loader widens each batch to the
 
 Raw data is read **once**. Pass 1 (parallel over chunks) parses a chunk, dictionary-encodes every
 categorical column (local ids into the chunk's distinct tokens, whose counts are the vocabulary
-statistics, ``features.ChunkCounts``) and writes the shard with local ids plus the chunk's counts.
-Then the vocabularies are fitted from the chunk counts one field at a time (``features.CountMerger``;
-same result as ``features.fit`` on the whole input), and pass 2 maps every shard's local ids to
+statistics, ``fit.ChunkCounts``) and writes the shard with local ids plus the chunk's counts.
+Then the vocabularies are fitted from the chunk counts one field at a time (``fit.CountMerger``;
+same result as ``fit.fit`` on the whole input), and pass 2 maps every shard's local ids to
 vocabulary ids through a per-chunk lookup table (no raw data involved). With ``spec`` given (val/test
 files encoded with the train vocabulary) pass 1 writes final ids directly.
 
@@ -33,10 +34,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 import time
-import zlib
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -50,24 +49,22 @@ import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 from tqdm.auto import tqdm
 
-from ctr_ensemble import features
-from ctr_ensemble.data.criteo import Span
-from ctr_ensemble.data.readers import concat_batches, field_names, open_reader
+from ctr_ensemble.data.encode import Encoder, window_sequence
+from ctr_ensemble.data.fit import (DEFAULT_SEQ_MAX_LEN, ChunkCounts, CountMerger, FitAccumulator, check_fit_options,
+                                   resolve_min_count, token_partition)
+from ctr_ensemble.data.prepared.manifest import (MANIFEST, PREPARED_FORMAT, PREPARED_VERSION, SHARDS, SPEC_FILE,
+                                                 STORAGE_DTYPES, shard_file, verify_files, write_atomic,
+                                                 write_json_atomic, write_npy)
+from ctr_ensemble.data.readers import open_reader
+from ctr_ensemble.data.readers.base import Span, concat_batches, count_lines_before, field_names
+from ctr_ensemble.data.spec import OOV_ID, FeatureSpec
 from ctr_ensemble.errors import CtrError
-from ctr_ensemble.features import OOV_ID, ChunkCounts, FeatureSpec, FitAccumulator
 
-PREPARED_FORMAT = "ctr-ensemble/prepared"
-PREPARED_VERSION = 1
-MANIFEST = "manifest.json"
-SPEC_FILE = "feature_spec.json"
 WORK = "_work"
 PROGRESS = "progress.json"
-SHARDS = "shards"
-# Storage dtype per column (the model dtype is features.INPUT_DTYPES; label → float32).
 # Count entries (token, chunk) one merge takes in before a field is merged in hash partitions instead:
 # ~240 B per distinct token at a merge's peak (bench-data's probe) keeps the parent near 1 GB.
 PARTITION_ENTRIES = 4_000_000
-STORAGE_DTYPES = {"cat_ids": np.int32, "num": np.float32, "label": np.uint8, "seq_ids": np.int32, "seq_len": np.int32}
 
 
 @dataclass
@@ -76,8 +73,8 @@ class PrepareOptions:
     skip_bad_rows: bool = False
     chunk_mb: float = 64  # raw MB per chunk (text formats); Parquet row groups are grouped to about this size
     workers: int = 1  # processes for the per-chunk work (1 = in this process)
-    min_count: int | str = "auto"  # features.DEFAULT_MIN_COUNT: resolved on the rows counted in pass 1
-    seq_max_len: int = features.DEFAULT_SEQ_MAX_LEN
+    min_count: int | str = "auto"  # fit.DEFAULT_MIN_COUNT: resolved on the rows counted in pass 1
+    seq_max_len: int = DEFAULT_SEQ_MAX_LEN
     use_sequence: bool = True
     max_distinct: int = 0  # cap on distinct tokens counted per field (0 = exact)
 
@@ -86,10 +83,6 @@ class PrepareOptions:
         d = asdict(self)
         d.pop("workers")
         return d
-
-
-def shard_file(i: int, column: str) -> str:
-    return f"{SHARDS}/part-{i:05d}.{column}.npy"
 
 
 # ---------------------------------------------------------------------------------------------- plan
@@ -112,94 +105,8 @@ def plan_chunks(inputs: list[Path], fmt: str, chunk_bytes: int,
         elif reader.format != fmt0 or names != names0:
             raise CtrError(f"{path}: format/fields ({reader.format}: {names}) differ from {inputs[0]} "
                            f"({fmt0}: {names0}); all inputs of one prepare must share them")
-        if reader.format == "parquet":
-            for f in reader.files:
-                rows = reader.row_groups(f)
-                sizes = _row_group_bytes(f)
-                group, acc, first = [], 0, 1
-                for g, (n, b) in enumerate(zip(rows, sizes)):
-                    group.append(g)
-                    acc += b
-                    if acc >= chunk_bytes or g == len(rows) - 1:
-                        spans.append((Span(str(f), first_line=first, row_groups=tuple(group)), path, acc))
-                        first += sum(rows[k] for k in group)
-                        group, acc = [], 0
-        elif path.name.lower().endswith(".gz"):
-            spans.append((Span(str(path)), path, path.stat().st_size))
-        else:
-            spans += [(sp, path, sp.stop - sp.start) for sp in _text_spans(path, chunk_bytes)]
+        spans += [(sp, path, b) for sp, b in reader.spans(chunk_bytes)]
     return fmt0, names0, spans
-
-
-def _row_group_bytes(f: Path) -> list[int]:
-    import pyarrow.parquet as pq
-
-    md = pq.ParquetFile(f).metadata
-    return [md.row_group(i).total_byte_size for i in range(md.num_row_groups)]
-
-
-def _text_spans(path: Path, chunk_bytes: int) -> list[Span]:
-    """Byte ranges of about ``chunk_bytes`` ending at line ends. Only the first one's first line is known
-    here (0 = not known yet; counted when a later chunk needs it for an error message)."""
-    size = path.stat().st_size
-    spans, start = [], 0
-    with open(path, "rb") as f:
-        while start < size:
-            stop = min(start + chunk_bytes, size)
-            if stop < size:
-                f.seek(stop)
-                f.readline()
-                stop = f.tell()
-            spans.append(Span(str(path), start, stop, first_line=1 if start == 0 else 0))
-            start = stop
-    return spans
-
-
-def count_lines_before(path: str, offset: int) -> int:
-    n = 0
-    with open(path, "rb") as f:
-        left = offset
-        while left > 0:
-            b = f.read(min(left, 64 << 20))
-            if not b:
-                break
-            n += b.count(b"\n")
-            left -= len(b)
-    return n
-
-
-# ---------------------------------------------------------------------------------------------- files
-def _npy_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
-    return buf.getvalue()
-
-
-def write_atomic(path: Path, data: bytes) -> dict:
-    """Write ``data`` under a temporary name and rename it into place; return its size and CRC-32."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    tmp.replace(path)
-    return {"bytes": len(data), "crc32": zlib.crc32(data)}
-
-
-def write_npy(out: Path, rel: str, arr: np.ndarray) -> dict:
-    """Write ``out/rel`` atomically; its manifest entry (path relative to ``out``, size, CRC-32, shape, dtype)."""
-    return {"file": rel, **write_atomic(out / rel, _npy_bytes(arr)), "shape": list(arr.shape),
-            "dtype": np.dtype(arr.dtype).str}
-
-
-def file_crc32(path: Path) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        while b := f.read(16 << 20):
-            crc = zlib.crc32(b, crc)
-    return crc
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    write_atomic(path, json.dumps(obj, indent=1).encode())
 
 
 # ---------------------------------------------------------------------------------------------- chunk work
@@ -218,13 +125,13 @@ class ChunkTask:
     spec_path: str | None  # given: write final ids; None: write local ids + the chunk's counts (fitting)
 
 
-_ENCODERS: dict[str, features.Encoder] = {}
+_ENCODERS: dict[str, Encoder] = {}
 
 
-def _encoder(spec_path: str) -> features.Encoder:
+def _encoder(spec_path: str) -> Encoder:
     if spec_path not in _ENCODERS:
         _ENCODERS.clear()
-        _ENCODERS[spec_path] = features.Encoder(FeatureSpec.load(spec_path))
+        _ENCODERS[spec_path] = Encoder(FeatureSpec.load(spec_path))
     return _ENCODERS[spec_path]
 
 
@@ -256,7 +163,7 @@ class _NeedLineNumbers(Exception):
 
 def _local_sequence(batch, cc: ChunkCounts, max_len: int) -> tuple[np.ndarray, np.ndarray]:
     """(B, max_len) int32 of local item ids + 1 (0 = padding), (B, 1) int32 lengths."""
-    ids, length = features.window_sequence(cc.seq_items.astype(np.int32) + 1, cc.seq_lengths, max_len)
+    ids, length = window_sequence(cc.seq_items.astype(np.int32) + 1, cc.seq_lengths, max_len)
     return ids, length.astype(np.int32)
 
 
@@ -309,7 +216,7 @@ def run_chunk(task: ChunkTask) -> dict:
 
 
 def _write_final_ids(out: Path, index: int, local: np.ndarray, counts: list[pa.Table], seq, seq_counts,
-                     enc: features.Encoder) -> dict:
+                     enc: Encoder) -> dict:
     files = {}
     ids = np.empty_like(local)
     for f, (table, vocab) in enumerate(zip(counts, enc.vocab_arrays)):
@@ -433,7 +340,7 @@ def prepare(inputs: list[str | Path], out: str | Path, opts: PrepareOptions, spe
     if not inputs:
         raise CtrError("data prepare: give at least one input file")
     out = Path(out)
-    features.check_fit_options(opts.min_count, opts.seq_max_len)
+    check_fit_options(opts.min_count, opts.seq_max_len)
     if opts.chunk_mb <= 0:
         raise CtrError(f"chunk_mb must be > 0, got {opts.chunk_mb}")
     given = FeatureSpec.load(spec) if spec is not None else None
@@ -457,7 +364,7 @@ def prepare(inputs: list[str | Path], out: str | Path, opts: PrepareOptions, spe
         seq_name = names["sequence"] if opts.use_sequence else None
         seq_len = opts.seq_max_len
         if given is not None:
-            features.Encoder(given).check_fields(open_reader(inputs[0], fmt, opts.skip_bad_rows), str(inputs[0]))
+            Encoder(given).check_fields(open_reader(inputs[0], fmt, opts.skip_bad_rows), str(inputs[0]))
             seq_name = given.sequence.name if given.sequence else None
             seq_len = given.sequence.max_len if given.sequence else seq_len
         (out / SHARDS).mkdir(parents=True, exist_ok=True)
@@ -554,7 +461,7 @@ def _fit_from_chunks(out: Path, state: dict, opts: PrepareOptions, inputs: list[
                      np.asarray(info["seq_hist"], np.int64) if "seq_hist" in info else None,
                      info.get("positives"))  # absent in a chunk read before label_mean was recorded
     n_fields = len(names["categorical"]) + (1 if state["sequence"] else 0)
-    min_count = features.resolve_min_count(opts.min_count, acc.rows)  # every chunk is counted: rows are known
+    min_count = resolve_min_count(opts.min_count, acc.rows)  # every chunk is counted: rows are known
     paths = [out / _draft(i, "counts.arrow") for i in with_rows]
     entries = _count_entries(paths, n_fields)
     for f in tqdm(range(n_fields), desc=f"prepare {out.name}: fit vocabularies", unit="field", leave=False):
@@ -569,10 +476,10 @@ def _fit_from_chunks(out: Path, state: dict, opts: PrepareOptions, inputs: list[
         # min_count; memory is bounded by PARTITION_ENTRIES whatever the number of distinct tokens.
         kept, distinct = [], 0
         for part in range(parts):
-            merger = features.CountMerger()
+            merger = CountMerger()
             for p in paths:
                 t = read_counts(p, [f])[0]
-                merger.add(t.filter(pa.array(features.token_partition(t["value"].combine_chunks(), parts) == part)))
+                merger.add(t.filter(pa.array(token_partition(t["value"].combine_chunks(), parts) == part)))
             counts = merger.result()
             distinct += counts.num_rows
             kept.append(counts.filter(pc.greater_equal(counts["count"], min_count)))
@@ -622,8 +529,6 @@ def _write_manifest(out: Path, state: dict) -> dict:
 def _repair(out: Path, ident: dict, opts: PrepareOptions, progress: bool, t_start: float) -> PrepareResult:
     """A finished folder: check every shard file (size and CRC-32); re-encode the damaged shards from the
     raw input with the folder's own spec (deterministic, so the files come out identical)."""
-    from ctr_ensemble.data.shards import verify_files
-
     manifest = json.loads((out / MANIFEST).read_text())
     want = {"inputs": manifest["inputs"], "options": manifest["options"], "spec": manifest.get("given_spec")}
     if want["options"] != ident["options"] or [i["path"] for i in want["inputs"]] != [i["path"] for i in ident["inputs"]]:
