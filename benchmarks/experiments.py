@@ -65,8 +65,9 @@ from ctr_ensemble.errors import CtrError  # noqa: E402
 from ctr_ensemble.export import fusion_fit  # noqa: E402
 from ctr_ensemble.layers.fusion import fuse  # noqa: E402
 from ctr_ensemble.training import collab, mutual  # noqa: E402
-from ctr_ensemble.training.checkpoint import Checkpoint  # noqa: E402
-from ctr_ensemble.training.trainer import TrainConfig, predict, train_member, unique_names  # noqa: E402
+from ctr_ensemble.models.checkpoint import Checkpoint  # noqa: E402
+from ctr_ensemble.models.predict import predict  # noqa: E402
+from ctr_ensemble.training.trainer import TrainConfig, train_member, unique_names  # noqa: E402
 
 # Small members for the quick default (2 CPU cores, < 20 minutes for everything); --full uses the registry defaults.
 QUICK_MODELS = {

@@ -398,7 +398,8 @@ class Check:
         from ctr_ensemble.data.encode import encode_file
         from ctr_ensemble.data.fit import fit
         from ctr_ensemble.data.synth import DEFAULT_CARDINALITIES, SynthConfig, generate
-        from ctr_ensemble.training import checkpoint, collab, mutual
+        from ctr_ensemble.models import checkpoint
+        from ctr_ensemble.training import collab, mutual
         from ctr_ensemble.training.trainer import TrainConfig, train_member
 
         d = work / "data"

@@ -23,7 +23,7 @@ from ctr_ensemble.evaluation.evaluate import EvalTargets, evaluate, render_table
 from ctr_ensemble.export import fusion_fit
 from ctr_ensemble.export.repository import RepoOptions, write_repository
 from ctr_ensemble.serving.server import TritonServer
-from ctr_ensemble.training import checkpoint
+from ctr_ensemble.models import checkpoint
 from ctr_ensemble.training.trainer import TrainConfig, train_member, unique_names
 
 PARITY_TOL = 1e-5

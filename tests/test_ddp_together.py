@@ -19,7 +19,8 @@ import torch
 from ctr_ensemble.data.prepared.shards import Prepared
 from ctr_ensemble.errors import CtrError
 from ctr_ensemble.serving.server import free_port
-from ctr_ensemble.training import checkpoint, collab, mutual
+from ctr_ensemble.models import checkpoint
+from ctr_ensemble.training import collab, mutual
 from ctr_ensemble.training.distributed import Dist
 
 from .conftest import TINY_MODEL

@@ -24,8 +24,9 @@ from ctr_ensemble.data.fit import fit
 from ctr_ensemble.errors import CtrError
 from ctr_ensemble.export.repository import COLLABORATIVE, RepoOptions, load_head, reconfigure_repository, write_repository
 from ctr_ensemble.layers.fusion import CollaborativeHead, fusion_weights, negation_entropy
-from ctr_ensemble.training import checkpoint, collab, mutual
-from ctr_ensemble.training.trainer import predict
+from ctr_ensemble.models import checkpoint
+from ctr_ensemble.training import collab, mutual
+from ctr_ensemble.models.predict import predict
 
 from .conftest import TINY_MODEL
 

@@ -10,7 +10,7 @@ from ctr_ensemble.export.repository import RepoOptions, write_repository
 from ctr_ensemble.layers.fusion import fuse
 from ctr_ensemble.serving.client import TritonScorer
 from ctr_ensemble.serving.server import TritonServer
-from ctr_ensemble.training import checkpoint
+from ctr_ensemble.models import checkpoint
 from ctr_ensemble.training.trainer import TrainConfig, train_member
 from tests.conftest import TINY_MODEL
 

@@ -46,7 +46,7 @@ def export_cmd(
 
     from ctr_ensemble.data.encode import encode_file
     from ctr_ensemble.export.repository import RepoOptions, manifest_rule, reconfigure_repository, write_repository
-    from ctr_ensemble.training import checkpoint
+    from ctr_ensemble.models import checkpoint
 
     opt = RepoOptions(max_batch_size=max_batch_size, instances=instances, intra_op_threads=intra_op_threads,
                       dynamic_batching=dynamic_batching, max_queue_delay_us=max_queue_delay_us, fusion_mode=fusion_mode,

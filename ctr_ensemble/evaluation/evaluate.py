@@ -24,8 +24,9 @@ from ctr_ensemble.export.repository import (COLLABORATIVE, ENSEMBLE_NAME, fuse_c
                                             repository_spec)
 from ctr_ensemble.data.encode import encode_file
 from ctr_ensemble.serving.client import TritonScorer
-from ctr_ensemble.training import checkpoint, collab
-from ctr_ensemble.training.trainer import predict_outputs
+from ctr_ensemble.models import checkpoint
+from ctr_ensemble.training import collab
+from ctr_ensemble.models.predict import predict_outputs
 
 BACKENDS = ("torch", "onnx", "triton_http", "triton_grpc")
 

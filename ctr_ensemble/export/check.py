@@ -23,7 +23,7 @@ from ctr_ensemble.data.fit import fit
 from ctr_ensemble.data.spec import feed_rows, slice_feeds
 from ctr_ensemble.data.synth import DEFAULT_CARDINALITIES, SynthConfig, generate
 from ctr_ensemble.export import onnx_export
-from ctr_ensemble.training.checkpoint import Checkpoint
+from ctr_ensemble.models.checkpoint import Checkpoint
 from ctr_ensemble.training.trainer import TrainConfig, train_member
 
 # Smaller vocabularies than the demo keep the check quick; the layout is the full Criteo one.
@@ -85,7 +85,7 @@ def check_export(ck: Checkpoint, data: Path, rows: int = 4096, workdir: Path | N
 
 def run(arch: str | None, checkpoint_path: Path | None, data: Path | None, overrides: dict | None,
         rows: int = 4096, steps: int = 30, seed: int = 0, sequence: bool = True) -> dict:
-    from ctr_ensemble.training import checkpoint
+    from ctr_ensemble.models import checkpoint
 
     torch.manual_seed(seed)
     np.random.seed(seed)

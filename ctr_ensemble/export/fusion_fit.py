@@ -159,7 +159,7 @@ def render(rep: dict) -> str:
 
 def member_probs(checkpoints, feeds: dict[str, np.ndarray]) -> np.ndarray:
     """(N, M) float32 PyTorch probabilities of the members (eval mode) on ``feeds``."""
-    from ctr_ensemble.training.trainer import predict
+    from ctr_ensemble.models.predict import predict
 
     return np.stack([predict(ck.build(), feeds) for ck in checkpoints], axis=1).astype(np.float32)
 

@@ -37,10 +37,10 @@ from ctr_ensemble.errors import CtrError
 from ctr_ensemble.export import onnx_export, validate
 from ctr_ensemble.layers import fusion as fusion_math
 from ctr_ensemble.layers.fusion import FITTED, FusionRule
-from ctr_ensemble.training import checkpoint as ckpt_io
-from ctr_ensemble.training.checkpoint import Checkpoint
+from ctr_ensemble.models import checkpoint as ckpt_io
+from ctr_ensemble.models.checkpoint import Checkpoint
 from ctr_ensemble.training.collab import CollabCheckpoint
-from ctr_ensemble.training.trainer import predict
+from ctr_ensemble.models.predict import predict
 
 ENSEMBLE_NAME = "ctr_ensemble"
 FUSION_NAME = "fusion"
@@ -319,7 +319,7 @@ def write_repository(
         shutil.copy(TRITON_SRC / "fusion_model.py", fdir / "1" / "model.py")
         shutil.copy(Path(fusion_math.__file__), fdir / "1" / "ctr_fusion.py")
         if collab is not None:
-            ckpt_io.write_atomic(collab.head_payload(), fdir / "1" / HEAD_FILE)
+            ckpt_io.write_verified(fdir / "1" / HEAD_FILE, collab.head_payload())
             if parity_rows is not None:
                 fusion_entry["parity"] = collab_fusion_parity(collab, fdir / "1" / HEAD_FILE, onnx_out, parity_rows)
         elif parity_rows is not None:

@@ -39,8 +39,9 @@ from ctr_ensemble.data.spec import FeatureSpec, feed_rows
 from ctr_ensemble.errors import CtrError
 from ctr_ensemble.layers.fusion import HEAD_VARIANTS, CollaborativeHead, head_payload
 from ctr_ensemble.models.base import Member
-from ctr_ensemble.training import checkpoint, distributed, loop
-from ctr_ensemble.training.checkpoint import Checkpoint
+from ctr_ensemble.models import checkpoint
+from ctr_ensemble.training import distributed, loop
+from ctr_ensemble.models.checkpoint import Checkpoint
 from ctr_ensemble.training.distributed import Dist
 from ctr_ensemble.training.mutual import MemberInit, build_members
 from ctr_ensemble.training.trainer import (TrainConfig, TrainStep, check_options, run_identity, score_rows, setting,
@@ -169,12 +170,12 @@ class CollabCheckpoint:
 
 
 def save(ck: CollabCheckpoint, path: str | Path) -> Path:
-    return checkpoint.write_atomic({
+    return checkpoint.write_verified(path, {
         "format": COLLAB_FORMAT, "version": COLLAB_VERSION,
         "members": [checkpoint.payload(m) for m in ck.members],
         "head": {"config": ck.head_config, "state_dict": {k: v.detach().cpu() for k, v in ck.head_state.items()}},
         "train_config": ck.train_config, "metrics": ck.metrics,
-    }, path)
+    })
 
 
 def load(path: str | Path) -> CollabCheckpoint:
