@@ -399,6 +399,7 @@ class Check:
         from ctr_ensemble.data.fit import fit
         from ctr_ensemble.data.synth import DEFAULT_CARDINALITIES, SynthConfig, generate
         from ctr_ensemble.models import checkpoint
+        from ctr_ensemble.models import ensemble
         from ctr_ensemble.training import collab, mutual
         from ctr_ensemble.training.trainer import TrainConfig, train_member
 
@@ -417,7 +418,7 @@ class Check:
                                    head=collab.HeadConfig(hidden=[16], tau=0.7))
         cc = collab.train_collab(mutual.members_from_archs(list(TINY_MEMBERS), TINY_MEMBERS), spec, data["train"],
                                  data["val"], ccfg)
-        return data, cks, collab.load(collab.save(cc, work / "members" / "collab.pt"))
+        return data, cks, ensemble.load(ensemble.save(cc, work / "members" / "collab.pt"))
 
     def start_servers(self, server_cls, repos: dict[str, Path], end: float) -> dict:
         """Start one server per repository at once (their start-ups overlap), wait for all."""

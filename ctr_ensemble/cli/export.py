@@ -64,9 +64,9 @@ def export_cmd(
         return
     cc = None
     if collab is not None:
-        from ctr_ensemble.training import collab as collab_io
+        from ctr_ensemble.models import ensemble
 
-        cc = collab_io.load(collab)
+        cc = ensemble.load(collab)
         cks, opt = cc.members, replace(opt, fusion_mode="collaborative")
     else:
         cks = [checkpoint.load(p) for p in checkpoint_]

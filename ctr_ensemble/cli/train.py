@@ -268,7 +268,7 @@ def train_collab_cmd(
 ) -> None:
     """Collaborative ensemble (CETNet, arXiv 2411.13700): members + confidence-weighted head trained jointly;
     under torchrun, data-parallel over processes."""
-    from ctr_ensemble.models import checkpoint
+    from ctr_ensemble.models import checkpoint, ensemble
     from ctr_ensemble.training import collab as cet
     from ctr_ensemble.training import mutual as dml
     from ctr_ensemble.training.distributed import on_processes
@@ -284,8 +284,8 @@ def train_collab_cmd(
     members = dml.members_from_archs(model, arch_overrides(set_))
     cfg = CollabConfig(**settings, **collab, head=HeadConfig(**head, hidden=hidden))
 
-    def write(ck: cet.CollabCheckpoint) -> None:
-        cet.save(ck, out)
+    def write(ck: ensemble.CollabCheckpoint) -> None:
+        ensemble.save(ck, out)
         for m in ck.members if members_out is not None else ():
             checkpoint.save(m, members_out / f"{m.name}.pt")
 

@@ -18,15 +18,14 @@ import numpy as np
 import torch
 
 from ctr_ensemble import metrics
+from ctr_ensemble.data.encode import encode_file
 from ctr_ensemble.errors import CtrError
 from ctr_ensemble.export import onnx_export
 from ctr_ensemble.export.repository import (COLLABORATIVE, ENSEMBLE_NAME, fuse_collaborative, manifest_rule, read_manifest,
                                             repository_spec)
-from ctr_ensemble.data.encode import encode_file
-from ctr_ensemble.serving.client import TritonScorer
-from ctr_ensemble.models import checkpoint
-from ctr_ensemble.training import collab
+from ctr_ensemble.models import checkpoint, ensemble
 from ctr_ensemble.models.predict import predict_outputs
+from ctr_ensemble.serving.client import TritonScorer
 
 BACKENDS = ("torch", "onnx", "triton_http", "triton_grpc")
 
@@ -57,7 +56,7 @@ class _Reference:
             path = overrides.get("collab", fusion.get("checkpoint"))
             if not path:
                 raise CtrError("collaborative repository without a known checkpoint; pass --checkpoint collab=PATH")
-            cc = collab.load(path)
+            cc = ensemble.load(path)
             if cc.names != names:
                 raise CtrError(f"{path}: members {cc.names} do not match the repository's {names}")
             self.head = cc.build().head

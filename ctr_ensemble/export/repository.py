@@ -39,7 +39,7 @@ from ctr_ensemble.layers import fusion as fusion_math
 from ctr_ensemble.layers.fusion import FITTED, FusionRule
 from ctr_ensemble.models import checkpoint as ckpt_io
 from ctr_ensemble.models.checkpoint import Checkpoint
-from ctr_ensemble.training.collab import CollabCheckpoint
+from ctr_ensemble.models.ensemble import CollabCheckpoint, predict_collab
 from ctr_ensemble.models.predict import predict
 
 ENSEMBLE_NAME = "ctr_ensemble"
@@ -356,8 +356,6 @@ def fuse_collaborative(head: fusion_math.CollaborativeHead, probs: list[np.ndarr
 def collab_fusion_parity(collab: CollabCheckpoint, head_path: Path, onnx_out: dict[str, tuple[np.ndarray, np.ndarray]],
                          rows: dict[str, np.ndarray]) -> dict:
     """Max |Δ| between the PyTorch collaborative model and ONNX members + the written head on ``rows``."""
-    from ctr_ensemble.training.collab import predict_collab
-
     head, _ = load_head(head_path)
     ref, _, _ = predict_collab(collab.build(), rows)
     served, _ = fuse_collaborative(head, [onnx_out[n][0] for n in collab.names], [onnx_out[n][1] for n in collab.names])

@@ -92,7 +92,7 @@ class Logits(nn.Module):
 
     For a member (``first=True``) its logits (B, 1). With ``first=False`` whatever ``model.logits`` gives:
     member logits (B, N) for ``mutual.Members``, (fused (B, 1), member logits (B, N), weights (B, N)) for
-    ``collab.CollaborativeModel``. DDP must wrap the module whose forward the step calls."""
+    ``ensemble.CollaborativeModel``. DDP must wrap the module whose forward the step calls."""
 
     def __init__(self, model: nn.Module, first: bool = True):
         super().__init__()
