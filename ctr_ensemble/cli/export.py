@@ -119,7 +119,7 @@ def check_export_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
 ) -> None:
     """Export a member to ONNX and compare ONNX Runtime with PyTorch; exit 1 if max |Δ| > 1e-5."""
-    from ctr_ensemble.export import check
+    from ctr_ensemble.evaluation import check_export
 
     if (model is None) == (checkpoint_ is None):
         raise CtrError("give exactly one of --model NAME or --checkpoint PATH")
@@ -127,7 +127,7 @@ def check_export_cmd(
         from ctr_ensemble import models
 
         models.entry(model)
-    res = check.run(model, checkpoint_, data, parse_sets(set_), rows=rows, steps=steps, seed=seed, sequence=sequence)
+    res = check_export.run(model, checkpoint_, data, parse_sets(set_), rows=rows, steps=steps, seed=seed, sequence=sequence)
     if as_json:
         typer.echo(json.dumps(res, indent=2))
     else:
