@@ -383,7 +383,8 @@ class Experiment:
 
     def served(self, seed: int, cks: list[Checkpoint], cc: ensemble.CollabCheckpoint):
         """Both ensembles exported and served by the real tritonserver; returns what Triton answered over HTTP."""
-        from ctr_ensemble.export.repository import COLLABORATIVE, ENSEMBLE_NAME, RepoOptions, write_repository
+        from ctr_ensemble.export.repository import ENSEMBLE_NAME, RepoOptions, write_repository
+        from ctr_ensemble.layers.fusion import COLLABORATIVE
         from ctr_ensemble.serving.client import TritonScorer
         from ctr_ensemble.serving.server import TritonServer
 

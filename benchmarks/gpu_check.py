@@ -60,7 +60,6 @@ import gpu_wheels  # noqa: E402  (stdlib only)
 
 DEADLINE_S = 480.0  # the whole run, hard
 BUDGET_S = {"environment": 60, "dlpack": 5, "cuda_tests": 100, "serving": 150, "train": 130, "quality": 80}
-PARITY_TOL = 1e-5
 QUALITY_TOL = 0.002
 FUSION_BATCHES = (1, 64, 1024, 4096)
 TARGET_TRAIN = 5e6  # samples/s, reference DCNv2 at batch 4096 from host data (plain PyTorch on an H100: 1.04 M/s)
@@ -317,20 +316,20 @@ class Check:
 
     # ------------------------------------------------------------------------------------- 4. serving
     def serving(self, sec: Section, end: float) -> None:
-        from ctr_ensemble.export import repository as R
+        from ctr_ensemble.layers import fusion
 
         work = self.work / "serving"
         shutil.rmtree(work, ignore_errors=True)
         data, cks, collab_ck = self.serving_members(work)
-        modes = list(R.FUSION_MODES)
-        sec.md.append(f"Fusion modes of this version (`repository.FUSION_MODES`): {', '.join(modes)}."
+        modes = list(fusion.FUSION_MODES)
+        sec.md.append(f"Fusion modes of this version (`layers.fusion.FUSION_MODES`): {', '.join(modes)}."
                       + ("" if "fitted" in modes else " The fitted fusion is not in this version: skipped."))
         parity, timing, errors = [], [], []
         try:
             for mode in modes:
                 self.check_time(end, f"mode {mode}")
                 try:
-                    self.serve_mode(mode, work, data, cks if mode != R.COLLABORATIVE else None, collab_ck, end,
+                    self.serve_mode(mode, work, data, cks if mode != fusion.COLLABORATIVE else None, collab_ck, end,
                                     parity, timing)
                 except DeadlineReached:
                     raise
@@ -374,6 +373,8 @@ class Check:
                 timing += fusion_timing(mode, kind, s, repos[kind], self.args.requests)
 
     def serving_report(self, sec: Section, parity: list[dict], timing: list[dict]) -> None:
+        from ctr_ensemble.metrics import PARITY_TOL
+
         pcols = ["mode", "fusion_kind", "protocol", "rows", "max_abs_diff", "fusion_max_abs_diff", "pass", "error"]
         tcols = ["mode", "fusion_kind", "batch", "requests", "compute_ms", "infer_ms", "rows_per_s"]
         self.csv("served_parity.csv", parity, pcols)
@@ -450,6 +451,7 @@ class Check:
 
     def served_parity(self, mode: str, kind: str, test_file: Path, repo: Path, server) -> list[dict]:
         from ctr_ensemble.evaluation.evaluate import EvalTargets, evaluate
+        from ctr_ensemble.metrics import PARITY_TOL
 
         summary = evaluate(test_file, repo, ["torch", "triton_http", "triton_grpc"],
                            EvalTargets(server.http_url, server.grpc_url, batch_size=256))

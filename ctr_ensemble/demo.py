@@ -22,11 +22,11 @@ from ctr_ensemble.data.synth import SynthConfig, generate
 from ctr_ensemble.evaluation.evaluate import EvalTargets, evaluate, render_table
 from ctr_ensemble.export import fusion_fit
 from ctr_ensemble.export.repository import RepoOptions, write_repository
+from ctr_ensemble.metrics import PARITY_TOL
 from ctr_ensemble.serving.server import TritonServer
 from ctr_ensemble.models import checkpoint
 from ctr_ensemble.training.trainer import TrainConfig, train_member, unique_names
 
-PARITY_TOL = 1e-5
 ENSEMBLE_SLACK = 0.0005
 ORACLE_GAP = 0.02
 

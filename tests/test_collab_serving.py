@@ -15,7 +15,8 @@ import tritonclient.http as thttp
 
 from ctr_ensemble.evaluation.evaluate import EvalTargets, evaluate
 from ctr_ensemble.export import onnx_export
-from ctr_ensemble.export.repository import COLLABORATIVE, ENSEMBLE_NAME, RepoOptions, write_repository
+from ctr_ensemble.export.repository import ENSEMBLE_NAME, RepoOptions, write_repository
+from ctr_ensemble.layers.fusion import COLLABORATIVE
 from ctr_ensemble.serving.server import TritonServer
 from ctr_ensemble.models import ensemble
 from ctr_ensemble.training import collab, mutual

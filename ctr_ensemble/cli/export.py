@@ -64,10 +64,11 @@ def export_cmd(
         return
     cc = None
     if collab is not None:
+        from ctr_ensemble.layers.fusion import COLLABORATIVE
         from ctr_ensemble.models import ensemble
 
         cc = ensemble.load(collab)
-        cks, opt = cc.members, replace(opt, fusion_mode="collaborative")
+        cks, opt = cc.members, replace(opt, fusion_mode=COLLABORATIVE)
     else:
         cks = [checkpoint.load(p) for p in checkpoint_]
     fit = None

@@ -26,6 +26,7 @@ from ctr_ensemble.data.fit import fit
 from ctr_ensemble.data.spec import feed_rows, slice_feeds
 from ctr_ensemble.data.synth import DEFAULT_CARDINALITIES, SynthConfig, generate
 from ctr_ensemble.export import onnx_export
+from ctr_ensemble.metrics import PARITY_TOL
 from ctr_ensemble.models import checkpoint
 from ctr_ensemble.models.checkpoint import Checkpoint
 from ctr_ensemble.training.trainer import TrainConfig, train_member
@@ -84,7 +85,7 @@ def check_export(ck: Checkpoint, data: Path, rows: int = 4096, workdir: Path | N
         results = {name: onnx_export.parity(model, sess, f) for name, f in cases.items()}
     worst = max(r[k] for r in results.values() for k in ("prob_max_abs_diff", "repr_max_abs_diff"))
     return {"model": ck.name, "arch": ck.arch, "rows": feed_rows(feeds), **results, "cases": list(results),
-            "max_abs_diff": worst, "tolerance": onnx_export.PARITY_TOL, "passed": bool(worst <= onnx_export.PARITY_TOL)}
+            "max_abs_diff": worst, "tolerance": PARITY_TOL, "passed": bool(worst <= PARITY_TOL)}
 
 
 def run(arch: str | None, checkpoint_path: Path | None, data: Path | None, overrides: dict | None,

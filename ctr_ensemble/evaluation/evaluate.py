@@ -21,8 +21,8 @@ from ctr_ensemble import metrics
 from ctr_ensemble.data.encode import encode_file
 from ctr_ensemble.errors import CtrError
 from ctr_ensemble.export import onnx_export
-from ctr_ensemble.export.repository import (COLLABORATIVE, ENSEMBLE_NAME, fuse_collaborative, manifest_rule, read_manifest,
-                                            repository_spec)
+from ctr_ensemble.export.repository import ENSEMBLE_NAME, fuse_collaborative, manifest_rule, read_manifest, repository_spec
+from ctr_ensemble.layers.fusion import COLLABORATIVE
 from ctr_ensemble.models import checkpoint, ensemble
 from ctr_ensemble.models.predict import predict_outputs
 from ctr_ensemble.serving.client import TritonScorer

@@ -36,7 +36,8 @@ from ctr_ensemble.data.spec import INPUT_DTYPES, FeatureSpec
 from ctr_ensemble.errors import CtrError
 from ctr_ensemble.export import onnx_export, validate
 from ctr_ensemble.layers import fusion as fusion_math
-from ctr_ensemble.layers.fusion import FITTED, FusionRule
+from ctr_ensemble.layers.fusion import COLLABORATIVE, FITTED, FUSION_MODES, FusionRule
+from ctr_ensemble.metrics import PARITY_TOL
 from ctr_ensemble.models import checkpoint as ckpt_io
 from ctr_ensemble.models.checkpoint import Checkpoint
 from ctr_ensemble.models.ensemble import CollabCheckpoint, predict_collab
@@ -45,8 +46,6 @@ from ctr_ensemble.models.predict import predict
 ENSEMBLE_NAME = "ctr_ensemble"
 FUSION_NAME = "fusion"
 TRITON_SRC = Path(__file__).parent / "triton"
-COLLABORATIVE = "collaborative"
-FUSION_MODES = (*fusion_math.MODES, COLLABORATIVE)  # what the served fusion model accepts
 HEAD_FILE = "head.pt"
 
 
@@ -249,7 +248,7 @@ def write_repository(
     ``Arrays.feeds()``; plus OOV/NaN/sequence-length stress rows),
     and write the repository atomically. Returns the manifest (also saved as repository.json).
 
-    With ``collab`` (and ``opt.fusion_mode == "collaborative"``) the members are the collaborative
+    With ``collab`` (and ``opt.fusion_mode == COLLABORATIVE``) the members are the collaborative
     checkpoint's, the fusion model gets the trained head in ``fusion/1/head.pt`` and every member's
     ``repr`` is routed to it; parity then also covers the fused prediction against PyTorch, as it does for
     the other fusion rules (the rule over ONNX members against the rule over PyTorch members).
@@ -306,8 +305,8 @@ def write_repository(
                 entry["parity"] = onnx_export.parity(model, sess, parity_rows)
                 entry["parity_stress"] = onnx_export.parity(model, sess, onnx_export.stress_rows(parity_rows, ck.spec))
                 worst = max(entry["parity"]["prob_max_abs_diff"], entry["parity_stress"]["prob_max_abs_diff"])
-                if not worst <= onnx_export.PARITY_TOL:
-                    raise CtrError(f"{ck.name}: ONNX Runtime differs from PyTorch by {worst:.3g} (> {onnx_export.PARITY_TOL})")
+                if not worst <= PARITY_TOL:
+                    raise CtrError(f"{ck.name}: ONNX Runtime differs from PyTorch by {worst:.3g} (> {PARITY_TOL})")
                 onnx_out[ck.name] = onnx_export.run_onnx(sess, parity_rows)
                 torch_probs[ck.name] = predict(model, parity_rows)
             _write_config(member_config(ck.name, ck.spec, model.repr_dim, opt), mdir)
@@ -360,8 +359,8 @@ def collab_fusion_parity(collab: CollabCheckpoint, head_path: Path, onnx_out: di
     ref, _, _ = predict_collab(collab.build(), rows)
     served, _ = fuse_collaborative(head, [onnx_out[n][0] for n in collab.names], [onnx_out[n][1] for n in collab.names])
     diff = float(np.max(np.abs(served - ref))) if len(ref) else 0.0
-    if not diff <= onnx_export.PARITY_TOL:
-        raise CtrError(f"collaborative fusion: ONNX members + head differ from PyTorch by {diff:.3g} (> {onnx_export.PARITY_TOL})")
+    if not diff <= PARITY_TOL:
+        raise CtrError(f"collaborative fusion: ONNX members + head differ from PyTorch by {diff:.3g} (> {PARITY_TOL})")
     return {"rows": int(len(ref)), "prob_max_abs_diff": diff}
 
 
@@ -373,9 +372,9 @@ def fusion_parity(rule: FusionRule, torch_probs: list[np.ndarray], onnx_probs: l
 
     ref, served = fused(torch_probs), fused(onnx_probs)
     diff = float(np.max(np.abs(served - ref))) if len(ref) else 0.0
-    if not diff <= onnx_export.PARITY_TOL:
+    if not diff <= PARITY_TOL:
         raise CtrError(f"fusion {rule.describe()}: over the ONNX members it differs from PyTorch by {diff:.3g} "
-                       f"(> {onnx_export.PARITY_TOL})")
+                       f"(> {PARITY_TOL})")
     return {"rows": int(len(ref)), "prob_max_abs_diff": diff}
 
 

@@ -97,14 +97,17 @@ def _check_python_model(mdir: Path, cfg: mc.ModelConfig, problems: list[str]) ->
         except (SyntaxError, ValueError) as e:
             problems.append(f"{path}: does not compile: {type(e).__name__}: {e}")
     params = {k: v.string_value for k, v in cfg.parameters.items()}
-    if params.get("fusion_mode") == "fitted":
-        from ctr_ensemble.layers.fusion import FusionRule  # the served model's own parser (imports torch: ~1-2 s)
+    if "fusion_mode" not in params:
+        return
+    # The served model's own parser and constants (imports torch: ~1-2 s, only for a fusion model).
+    from ctr_ensemble.layers.fusion import COLLABORATIVE, FITTED, FusionRule
 
+    if params["fusion_mode"] == FITTED:
         try:
             FusionRule.from_params(params, members=sum(i.name.endswith("_prob") for i in cfg.input))
         except ValueError as e:
             problems.append(f"{mdir / 'config.pbtxt'}: fusion parameters: {e}")
-    if params.get("fusion_mode") == "collaborative":  # the trained head, checked as the fusion model will check it
+    if params["fusion_mode"] == COLLABORATIVE:  # the trained head, checked as the fusion model will check it
         head = mdir / "1" / (params.get("head_file") or "head.pt")
         sha = head.with_name(head.name + ".sha256")
         if not head.is_file() or not sha.is_file():

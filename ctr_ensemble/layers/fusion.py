@@ -28,6 +28,10 @@ from torch import nn
 
 MODES = ("negation_entropy", "mean", "fitted")
 FITTED = "fitted"
+# The collaborative ensemble's fusion mode: its trained head (below) over member probabilities and representations,
+# not a rule over probabilities. FUSION_MODES: every fusion_mode the served fusion model accepts.
+COLLABORATIVE = "collaborative"
+FUSION_MODES = (*MODES, COLLABORATIVE)
 SPACES = ("prob", "logit")
 EPS = 1e-7  # logit space: p is clamped to [EPS, 1 - EPS] before the logit (float32 holds 1 - 1e-7 as 1 - 2^-23)
 

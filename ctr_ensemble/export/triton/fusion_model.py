@@ -28,9 +28,7 @@ from torch.utils.dlpack import from_dlpack, to_dlpack
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from ctr_fusion import MODES, FusionRule, fuse, head_from_payload  # noqa: E402
-
-COLLABORATIVE = "collaborative"
+from ctr_fusion import COLLABORATIVE, FUSION_MODES, FusionRule, fuse, head_from_payload  # noqa: E402
 
 
 class TritonPythonModel:
@@ -39,8 +37,8 @@ class TritonPythonModel:
         self.name = args["model_name"]
         params = {k: v.get("string_value", "") for k, v in cfg.get("parameters", {}).items()}
         self.mode = params.get("fusion_mode", "negation_entropy")
-        if self.mode not in (*MODES, COLLABORATIVE):
-            raise pb_utils.TritonModelException(f"model '{self.name}': fusion_mode {self.mode!r} is not one of {(*MODES, COLLABORATIVE)}")
+        if self.mode not in FUSION_MODES:
+            raise pb_utils.TritonModelException(f"model '{self.name}': fusion_mode {self.mode!r} is not one of {FUSION_MODES}")
         names = [i["name"] for i in cfg["input"]]
         self.inputs = [n for n in names if n.endswith("_prob")]
         self.repr_inputs = [n for n in names if n.endswith("_repr")]
