@@ -349,12 +349,10 @@ class Check:
         repo = work / "repos" / f"{mode}-{self.kind}"
         opt = R.RepoOptions(max_batch_size=max(FUSION_BATCHES), fusion_mode=mode, fusion_kind=self.kind)
         if mode == "fitted":  # as `export --fit-fusion`: τ, priors and space fitted on the validation rows
-            from dataclasses import replace
-
             from ctr_ensemble.export import fusion_fit
 
             rule, _ = fusion_fit.fit_for_export(cks, data["val"])
-            opt = replace(opt, tau=rule.tau, priors=list(rule.priors), space=rule.space)
+            opt = opt.with_rule(rule)
         rows = data["val"].feeds(slice(0, 256))
         R.write_repository(cks or [], repo, opt, parity_rows=rows, collab=None if cks else collab_ck)
         kind_in_config = "KIND_GPU" if "KIND_GPU" in (repo / R.FUSION_NAME / "config.pbtxt").read_text() else "KIND_CPU"

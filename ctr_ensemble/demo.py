@@ -87,7 +87,7 @@ def run_demo(members: list[str], out: Path, repository: Path, train_rows: int = 
                                           sources={"val": files["val"], "test": files["test"]})
     console.print(fusion_fit.render(fit["report"]), soft_wrap=True, highlight=False)
     console.print(f"fitted fusion: {rule.describe()}; kept: {fit['chosen']}")
-    opt = RepoOptions(fusion_mode=rule.mode, tau=rule.tau, priors=list(rule.priors), space=rule.space)
+    opt = RepoOptions().with_rule(rule)
     manifest = write_repository(cks, repository, opt, parity_rows=val.feeds(slice(0, 4096)), fusion_fit=fit)
     for n, m in manifest["members"].items():
         console.print(f"{repository}/{n}: ONNX parity max|Δ| {m['parity']['prob_max_abs_diff']:.2e} "

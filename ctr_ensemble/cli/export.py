@@ -76,7 +76,7 @@ def export_cmd(
         from ctr_ensemble.export import fusion_fit
 
         rule, fit = fusion_fit.fit_files(cks, fit_fusion, fusion_report_data, fusion_space, fmt)
-        opt = replace(opt, fusion_mode=rule.mode, tau=rule.tau, priors=list(rule.priors), space=rule.space)
+        opt = opt.with_rule(rule)
     rows = None
     if parity_data is not None:
         arr = encode_file(parity_data, cks[0].spec, fmt=fmt)

@@ -120,10 +120,8 @@ def fit(names: list[str], probs: np.ndarray, y: np.ndarray, space: str = "auto")
     with _one_thread():
         scored = [(label, rule, metrics.logloss(y, fused(rule, probs))) for label, rule in candidates(names, probs, y, space)]
     label, rule, ll = min(scored, key=lambda c: c[2])
-    record = {"rule": {"tau": rule.tau, "priors": list(rule.priors), "space": rule.space}, "space_asked": space,
-              "rows": int(len(y)), "chosen": label, "val_logloss": ll,
-              "candidates": [{"name": n, "tau": r.tau, "priors": list(r.priors), "space": r.space, "val_logloss": v}
-                             for n, r, v in scored]}
+    record = {"rule": rule.entry(), "space_asked": space, "rows": int(len(y)), "chosen": label, "val_logloss": ll,
+              "candidates": [{"name": n, **r.entry(), "val_logloss": v} for n, r, v in scored]}
     return rule, record
 
 

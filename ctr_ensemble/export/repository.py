@@ -7,8 +7,8 @@ Layout written (Triton's standard repository layout)::
       <member>/config.pbtxt           backend "onnxruntime", dynamic batching, explicit instances
       <member>/feature_spec.json      how raw rows become cat_ids / num / seq_ids + seq_len
       <member>/1/model.onnx
-      fusion/config.pbtxt             backend "python", parameters fusion_mode and tau (fitted: + priors, space;
-                                      collaborative: head_file instead)
+      fusion/config.pbtxt             backend "python", parameters fusion_mode and its rule's (``FusionRule.params``,
+                                      e.g. tau; fitted: + priors, space; collaborative: head_file instead)
       fusion/1/model.py, ctr_fusion.py
       fusion/1/head.pt (+ .sha256)    collaborative mode only: the trained head's config and weights
       ctr_ensemble/config.pbtxt       platform "ensemble": members → fusion (prob, plus repr when collaborative)
@@ -36,7 +36,7 @@ from ctr_ensemble.data.spec import INPUT_DTYPES, FeatureSpec
 from ctr_ensemble.errors import CtrError
 from ctr_ensemble.export import onnx_export, validate
 from ctr_ensemble.layers import fusion as fusion_math
-from ctr_ensemble.layers.fusion import COLLABORATIVE, FITTED, FUSION_MODES, FusionRule
+from ctr_ensemble.layers.fusion import COLLABORATIVE, FITTED, FUSION_MODES, PARAMS, RULES, FusionRule
 from ctr_ensemble.metrics import PARITY_TOL
 from ctr_ensemble.models import checkpoint as ckpt_io
 from ctr_ensemble.models.checkpoint import Checkpoint
@@ -63,8 +63,9 @@ class RepoOptions:
     intra_op_threads: int = 1  # ONNX Runtime threads per member instance
     dynamic_batching: bool = True  # per member; the ensemble has no batcher of its own
     max_queue_delay_us: int = 200
-    fusion_mode: str = "negation_entropy"  # negation_entropy | mean | fitted | collaborative (needs a collaborative checkpoint)
-    tau: float = 1.0  # mean / negation_entropy / fitted only; the collaborative head carries its own τ
+    fusion_mode: str = "negation_entropy"  # a layers.fusion.RULES rule, or collaborative (needs a collaborative checkpoint)
+    # The rules' parameters (layers.fusion.PARAMS), each read only by the rules that take it:
+    tau: float = 1.0  # mean / negation_entropy / fitted; the collaborative head carries its own τ
     priors: list[float] | None = None  # fitted only: a_i per member in ensemble order (export --fit-fusion)
     space: str = "prob"  # fitted only: prob | logit averaging
     fusion_kind: str = "auto"  # auto | cpu | gpu
@@ -85,30 +86,35 @@ class RepoOptions:
             fusion_rule(self)
         resolve_fusion_kind(self.fusion_kind)
 
+    def with_rule(self, rule: FusionRule) -> "RepoOptions":
+        """These options deploying ``rule`` (its mode and parameters)."""
+        return replace(self, fusion_mode=rule.mode, **{p: v for p, v in rule.entry().items() if p != "mode"})
+
+
+def _missing_fit(opt: RepoOptions) -> bool:
+    """``opt`` names a trained rule but not its parameters (``--fusion-mode fitted`` without a fit)."""
+    kind = RULES.get(opt.fusion_mode)
+    return kind is not None and kind.trained and any(getattr(opt, p) is None for p in kind.params)
+
 
 def fusion_rule(opt: RepoOptions, members: int | None = None) -> FusionRule:
-    """The fusion rule ``opt`` deploys (not collaborative); priors and space count only in the fitted mode."""
-    if opt.fusion_mode == FITTED and opt.priors is None:
-        raise CtrError(f"fusion mode {FITTED!r} needs fitted parameters: export with --fit-fusion VAL_FILE")
-    fitted = opt.fusion_mode == FITTED
+    """The fusion rule ``opt`` deploys (not collaborative): only the parameters its rule takes count."""
+    if _missing_fit(opt):
+        raise CtrError(f"fusion mode {opt.fusion_mode!r} needs fitted parameters: export with --fit-fusion VAL_FILE")
+    kind = RULES.get(opt.fusion_mode)
     try:
-        rule = FusionRule(opt.fusion_mode, opt.tau, opt.priors if fitted else None, opt.space if fitted else "prob")
+        rule = FusionRule(opt.fusion_mode, **{p: getattr(opt, p) for p in (kind.params if kind else ())})
     except ValueError as e:
         raise CtrError(f"fusion rule: {e}") from None
-    if fitted and members is not None and len(rule.priors) != members:
-        raise CtrError(f"fusion rule: {len(rule.priors)} priors for {members} members")
+    for p, v in rule.values().items():
+        if PARAMS[p].per_member and members is not None and len(v) != members:
+            raise CtrError(f"fusion rule: {len(v)} {p} for {members} members")
     return rule
 
 
 def manifest_rule(manifest: dict) -> FusionRule:
     """The (not collaborative) rule a repository's fusion model serves, from repository.json."""
-    f = manifest["fusion"]
-    return FusionRule(f["mode"], float(f["tau"]), f.get("priors"), f.get("space", "prob"))
-
-
-def _rule_entry(rule: FusionRule) -> dict:
-    """repository.json's fusion fields of ``rule`` (priors and space only when fitted)."""
-    return {"mode": rule.mode, "tau": rule.tau, **({"priors": list(rule.priors), "space": rule.space} if rule.mode == FITTED else {})}
+    return FusionRule.from_entry(manifest["fusion"])
 
 
 # Native onnxruntime backend on KIND_GPU: the CUDA execution provider, one stream for copies and compute.
@@ -167,7 +173,7 @@ def apply_fusion_deployment(cfg: mc.ModelConfig, opt: RepoOptions, kind: str) ->
         params = {"fusion_mode": opt.fusion_mode, "head_file": HEAD_FILE}
     else:
         params = fusion_rule(opt).params()
-    for stale in {"tau", "head_file", "priors", "space"} - set(params):
+    for stale in {"head_file", *PARAMS} - set(params):
         if stale in cfg.parameters:
             del cfg.parameters[stale]
     # GPU inputs stay on the GPU instead of being copied to host first.
@@ -282,7 +288,7 @@ def write_repository(
     shutil.rmtree(staging, ignore_errors=True)
     fusion_entry = {"model": FUSION_NAME, "mode": opt.fusion_mode, "tau": opt.tau, "kind": kind}
     if rule is not None:
-        fusion_entry.update(_rule_entry(rule), **({"fit": fusion_fit} if fusion_fit is not None else {}))
+        fusion_entry.update(rule.entry(), **({"fit": fusion_fit} if fusion_fit is not None else {}))
     if collab is not None:
         fusion_entry.update(tau=collab.head_config["tau"], checkpoint=collab.source, head=HEAD_FILE,
                             variant=collab.head_config["variant"], learn_tau=collab.head_config["learn_tau"])
@@ -379,12 +385,13 @@ def fusion_parity(rule: FusionRule, torch_probs: list[np.ndarray], onnx_probs: l
 
 
 def fitted_rule(manifest: dict) -> FusionRule | None:
-    """The fitted rule of repository.json: the one served, else the one fitted at export (kept when a
-    reconfigure switched to another rule); None if it has neither."""
-    if manifest["fusion"]["mode"] == FITTED:
+    """The fitted rule of repository.json: the one served (a trained rule), else the one fitted at export (kept
+    when a reconfigure switched to another rule); None if it has neither."""
+    kind = RULES.get(manifest["fusion"]["mode"])
+    if kind is not None and kind.trained:
         return manifest_rule(manifest)
     rule = (manifest["fusion"].get("fit") or {}).get("rule")
-    return FusionRule(FITTED, rule["tau"], rule["priors"], rule["space"]) if rule else None
+    return FusionRule.from_entry({"mode": FITTED, **rule}) if rule else None  # older records name no mode: fitted
 
 
 def swap_in(staging: Path, repo: Path) -> None:
@@ -410,11 +417,11 @@ def reconfigure_repository(src: str | Path, dst: str | Path, opt: RepoOptions) -
     Inputs and outputs of every config stay as exported. Returns the new manifest."""
     src, dst = Path(src).resolve(), Path(dst).resolve()
     manifest = read_manifest(src)
-    if opt.fusion_mode == FITTED and opt.priors is None:  # the fitted parameters the source was exported with
+    if _missing_fit(opt):  # the fitted parameters the source was exported with
         fitted = fitted_rule(manifest)
-        if fitted is None:
+        if fitted is None or opt.fusion_mode not in (FITTED, fitted.mode):  # fitted: whichever rule the fit chose
             raise CtrError(f"{src}: has no fitted fusion to deploy; export it with --fit-fusion VAL_FILE")
-        opt = replace(opt, tau=fitted.tau, priors=list(fitted.priors), space=fitted.space)
+        opt = opt.with_rule(fitted)
     opt.validate()
     was_collab = manifest["fusion"]["mode"] == COLLABORATIVE
     if was_collab != (opt.fusion_mode == COLLABORATIVE):
@@ -446,9 +453,10 @@ def reconfigure_repository(src: str | Path, dst: str | Path, opt: RepoOptions) -
         ens.max_batch_size = opt.max_batch_size
         _write_config(ens, staging / ENSEMBLE_NAME)
         if rule is not None:  # a parity figure of another rule does not hold for this one
-            for k in ("priors", "space") + (("parity",) if manifest_rule(manifest) != rule else ()):
+            stale = [p for p in PARAMS if p not in rule.kind.params] + (["parity"] if manifest_rule(manifest) != rule else [])
+            for k in stale:
                 manifest["fusion"].pop(k, None)
-            manifest["fusion"].update(_rule_entry(rule))
+            manifest["fusion"].update(rule.entry())
         manifest["fusion"].update(mode=opt.fusion_mode, kind=kind)
         manifest["options"] = asdict(opt)
         manifest["derived_from"] = str(src)
