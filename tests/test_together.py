@@ -22,7 +22,8 @@ from typer.testing import CliRunner
 
 from ctr_ensemble.data.fit import fit
 from ctr_ensemble.errors import CtrError
-from ctr_ensemble.export.repository import RepoOptions, load_head, reconfigure_repository, write_repository
+from ctr_ensemble.export.reference import load_head
+from ctr_ensemble.export.repository import RepoOptions, reconfigure_repository, write_repository
 from ctr_ensemble.layers.fusion import COLLABORATIVE, CollaborativeHead, fusion_weights, negation_entropy
 from ctr_ensemble.models import checkpoint
 from ctr_ensemble.models import ensemble

@@ -34,19 +34,17 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from ctr_ensemble.data.spec import INPUT_DTYPES, FeatureSpec
 from ctr_ensemble.errors import CtrError
-from ctr_ensemble.export import onnx_export, validate
+from ctr_ensemble.export import onnx_export, reference, validate
 from ctr_ensemble.layers import fusion as fusion_math
-from ctr_ensemble.layers.fusion import COLLABORATIVE, FITTED, FUSION_MODES, PARAMS, RULES, FusionRule
+from ctr_ensemble.layers.fusion import COLLABORATIVE, FITTED, FUSION_MODES, HEAD_FILE, PARAMS, RULES, FusionRule
 from ctr_ensemble.metrics import PARITY_TOL
 from ctr_ensemble.models import checkpoint as ckpt_io
 from ctr_ensemble.models.checkpoint import Checkpoint
-from ctr_ensemble.models.ensemble import CollabCheckpoint, predict_collab
-from ctr_ensemble.models.predict import predict
+from ctr_ensemble.models.ensemble import CollabCheckpoint
 
 ENSEMBLE_NAME = "ctr_ensemble"
 FUSION_NAME = "fusion"
 TRITON_SRC = Path(__file__).parent / "triton"
-HEAD_FILE = "head.pt"
 
 
 @dataclass
@@ -295,8 +293,8 @@ def write_repository(
     manifest = {"format": "ctr-ensemble/repository", "version": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "ensemble": ENSEMBLE_NAME, "fusion": fusion_entry,
                 "options": asdict(opt), "members": {}, "feature_spec_fingerprint": spec0.fingerprint()}
-    onnx_out: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # member → (prob, repr) on the parity rows
-    torch_probs: dict[str, np.ndarray] = {}
+    onnx_out: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # member → (prob, repr) on the parity rows: ONNX Runtime
+    torch_out: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # ... and PyTorch
     repr_dims: dict[str, int] = {}
     try:
         for ck in checkpoints:
@@ -314,21 +312,28 @@ def write_repository(
                 if not worst <= PARITY_TOL:
                     raise CtrError(f"{ck.name}: ONNX Runtime differs from PyTorch by {worst:.3g} (> {PARITY_TOL})")
                 onnx_out[ck.name] = onnx_export.run_onnx(sess, parity_rows)
-                torch_probs[ck.name] = predict(model, parity_rows)
+                torch_out[ck.name] = reference.member_outputs(model, parity_rows)
             _write_config(member_config(ck.name, ck.spec, model.repr_dim, opt), mdir)
             ck.spec.save(mdir / "feature_spec.json")
             manifest["members"][ck.name] = entry
         fdir = staging / FUSION_NAME
-        _write_config(fusion_config(names, opt, kind, repr_dims if collab is not None else None), fdir)
+        fcfg = fusion_config(names, opt, kind, repr_dims if collab is not None else None)
+        _write_config(fcfg, fdir)
         (fdir / "1").mkdir(parents=True)
         shutil.copy(TRITON_SRC / "fusion_model.py", fdir / "1" / "model.py")
         shutil.copy(Path(fusion_math.__file__), fdir / "1" / "ctr_fusion.py")
         if collab is not None:
             ckpt_io.write_verified(fdir / "1" / HEAD_FILE, collab.head_payload())
-            if parity_rows is not None:
-                fusion_entry["parity"] = collab_fusion_parity(collab, fdir / "1" / HEAD_FILE, onnx_out, parity_rows)
-        elif parity_rows is not None:
-            fusion_entry["parity"] = fusion_parity(rule, [torch_probs[n] for n in names], [onnx_out[n][0] for n in names])
+        if parity_rows is not None:  # the fusion as written (config, head file) over the ONNX members, against ...
+            fusion = reference.Fusion.from_config(fcfg, fdir)
+            served = fusion.fuse(onnx_out)[0]
+            if collab is None:  # ... the same rule over the PyTorch members
+                ref = fusion.fuse(torch_out)[0]
+                differs = f"fusion {rule.describe()}: over the ONNX members it differs from PyTorch"
+            else:  # ... the trained collaborative model: the checkpoint's head over the PyTorch members
+                ref = reference.Fusion.of_members(names, head=collab.build().head).fuse(torch_out)[0]
+                differs = "collaborative fusion: ONNX members + head differ from PyTorch"
+            fusion_entry["parity"] = reference.parity(ref, served, differs)
         edir = staging / ENSEMBLE_NAME
         _write_config(ensemble_config(names, spec0, opt, with_repr=collab is not None), edir)
         (edir / "1").mkdir(parents=True)
@@ -339,49 +344,6 @@ def write_repository(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest
-
-
-def load_head(path: str | Path) -> tuple[fusion_math.CollaborativeHead, list[str]]:
-    """The head exactly as the served fusion model loads it (checksum verified)."""
-    payload = ckpt_io.read_verified(path, "collaborative head", fusion_math.HEAD_FORMAT, fusion_math.HEAD_VERSION)
-    try:
-        return fusion_math.head_from_payload(payload)
-    except (ValueError, KeyError, RuntimeError) as e:
-        raise CtrError(f"{path}: not a usable collaborative head: {e}") from e
-
-
-def fuse_collaborative(head: fusion_math.CollaborativeHead, probs: list[np.ndarray], reprs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Fused probability (B,) and weights (B, N) from member probs [(B,)] and reprs [(B, H_i)], as served."""
-    with torch.no_grad():
-        p = torch.from_numpy(np.stack(probs, axis=1).astype(np.float32))
-        logit, w = head(p, [torch.from_numpy(np.asarray(r, dtype=np.float32)) for r in reprs])
-    return torch.sigmoid(logit)[:, 0].numpy(), w.numpy()
-
-
-def collab_fusion_parity(collab: CollabCheckpoint, head_path: Path, onnx_out: dict[str, tuple[np.ndarray, np.ndarray]],
-                         rows: dict[str, np.ndarray]) -> dict:
-    """Max |Δ| between the PyTorch collaborative model and ONNX members + the written head on ``rows``."""
-    head, _ = load_head(head_path)
-    ref, _, _ = predict_collab(collab.build(), rows)
-    served, _ = fuse_collaborative(head, [onnx_out[n][0] for n in collab.names], [onnx_out[n][1] for n in collab.names])
-    diff = float(np.max(np.abs(served - ref))) if len(ref) else 0.0
-    if not diff <= PARITY_TOL:
-        raise CtrError(f"collaborative fusion: ONNX members + head differ from PyTorch by {diff:.3g} (> {PARITY_TOL})")
-    return {"rows": int(len(ref)), "prob_max_abs_diff": diff}
-
-
-def fusion_parity(rule: FusionRule, torch_probs: list[np.ndarray], onnx_probs: list[np.ndarray]) -> dict:
-    """Max |Δ| between ``rule`` over the ONNX members and over the PyTorch members (float32, as served)."""
-    def fused(probs):
-        with torch.no_grad():
-            return rule.fuse(torch.from_numpy(np.stack(probs, axis=1).astype(np.float32)))[0][:, 0].numpy()
-
-    ref, served = fused(torch_probs), fused(onnx_probs)
-    diff = float(np.max(np.abs(served - ref))) if len(ref) else 0.0
-    if not diff <= PARITY_TOL:
-        raise CtrError(f"fusion {rule.describe()}: over the ONNX members it differs from PyTorch by {diff:.3g} "
-                       f"(> {PARITY_TOL})")
-    return {"rows": int(len(ref)), "prob_max_abs_diff": diff}
 
 
 def fitted_rule(manifest: dict) -> FusionRule | None:

@@ -101,7 +101,7 @@ def _check_python_model(mdir: Path, cfg: mc.ModelConfig, problems: list[str]) ->
     if "fusion_mode" not in params:
         return
     # The served model's own parser and constants (imports torch: ~1-2 s, only for a fusion model).
-    from ctr_ensemble.layers.fusion import COLLABORATIVE, FusionRule
+    from ctr_ensemble.layers.fusion import COLLABORATIVE, HEAD_FILE, FusionRule
 
     if params["fusion_mode"] != COLLABORATIVE:
         try:
@@ -109,7 +109,7 @@ def _check_python_model(mdir: Path, cfg: mc.ModelConfig, problems: list[str]) ->
         except ValueError as e:
             problems.append(f"{mdir / 'config.pbtxt'}: fusion parameters: {e}")
     else:  # the trained head, checked as the fusion model will check it
-        head = mdir / "1" / (params.get("head_file") or "head.pt")
+        head = mdir / "1" / (params.get("head_file") or HEAD_FILE)
         sha = head.with_name(head.name + ".sha256")
         if not head.is_file() or not sha.is_file():
             problems.append(f"{head}: missing (collaborative head of {cfg.name!r}, with its .sha256)")

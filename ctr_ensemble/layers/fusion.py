@@ -277,6 +277,7 @@ class FusionRule:
 HEAD_VARIANTS = ("concat", "sum")
 HEAD_FORMAT = "ctr-ensemble/collab-head"
 HEAD_VERSION = 1
+HEAD_FILE = "head.pt"  # in the fusion model's version folder; its config names it (parameter head_file)
 
 
 class CollaborativeHead(nn.Module):

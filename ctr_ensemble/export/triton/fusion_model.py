@@ -7,7 +7,7 @@ Config parameters: ``fusion_mode``, one of ``ctr_fusion.FUSION_MODES``:
   ``negation_entropy`` | ``mean`` (with ``tau``): fused p = Σ w_i·p_i with w = softmax(NE(p)/τ) (or 1/N).
   ``fitted`` (with ``tau``, ``priors`` a JSON list, one per member in input order, and ``space`` prob |
   logit): w = softmax(a_i + NE(p_i)/τ); p = Σ w_i·p_i, or σ(Σ w_i·logit p_i) in logit space.
-- ``collaborative`` (with ``head_file``, default ``head.pt`` in this version folder): inputs are every
+- ``collaborative`` (with ``head_file``, default ``HEAD_FILE`` = ``head.pt`` in this version folder): inputs are every
   member's ``<m>_prob`` (B, 1), then every member's ``<m>_repr`` (B, H_m); the trained CETNet head
   (arXiv 2411.13700) predicts from [w_1·h_1 ‖ … ‖ w_N·h_N] (or the weighted sum). The head file is
   checked against its ``.sha256`` sidecar.
@@ -30,7 +30,7 @@ from torch.utils.dlpack import from_dlpack, to_dlpack
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from ctr_fusion import COLLABORATIVE, FUSION_MODES, FusionRule, fuse, head_from_payload  # noqa: E402
+from ctr_fusion import COLLABORATIVE, FUSION_MODES, HEAD_FILE, FusionRule, fuse, head_from_payload  # noqa: E402
 
 
 class TritonPythonModel:
@@ -68,7 +68,7 @@ class TritonPythonModel:
             # cores the members need (measured: fusion compute 0.7 -> 3.3 ms with 2 instances on 2 cores).
             torch.set_num_threads(1)
         if mode == COLLABORATIVE:
-            self.fuse = self._head_fusion(os.path.join(HERE, params.get("head_file", "head.pt")))
+            self.fuse = self._head_fusion(os.path.join(HERE, params.get("head_file", HEAD_FILE)))
             return
         try:
             rule = FusionRule.from_params(params, members=len(self.inputs))
