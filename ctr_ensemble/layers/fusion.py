@@ -155,7 +155,9 @@ def _check_params(mode: str, n: int, values: dict) -> None:
         return
     foreign = {p for p, v in values.items() if p not in kind.params and _differs(p, v)}
     if foreign:
-        owner = next(k for k in RULES.values() if foreign <= set(k.params))
+        owner = next((k for k in RULES.values() if foreign <= set(k.params)), None)
+        if owner is None:
+            raise ValueError(f"{' and '.join(sorted(foreign))} are no parameters of the {mode!r} fusion mode")
         raise ValueError(f"{' and '.join(p for p in owner.params if p not in kind.params)} belong to the "
                          f"{owner.name!r} fusion mode, not {mode!r}")
     for p in kind.params:
@@ -214,9 +216,9 @@ class FusionRule:
             if spec.per_member and getattr(self, p) is not None:
                 object.__setattr__(self, p, tuple(float(a) for a in getattr(self, p)))
         kind = _kind(self.mode)
-        per_member = [getattr(self, p) for p in kind.params if PARAMS[p].per_member]
-        _check_params(self.mode, len(next((v for v in per_member if v is not None), ())),
-                      {p: getattr(self, p) for p in PARAMS if p != "tau"})
+        given = [getattr(self, p) for p in kind.params if PARAMS[p].per_member and getattr(self, p) is not None]
+        members = len(given[0]) if given else 0  # the rule's member count is its per-member parameters' length
+        _check_params(self.mode, members, {p: getattr(self, p) for p in PARAMS if p != "tau"})
         _check_tau(kind, self.tau)
         for p in kind.params:
             v = getattr(self, p)
