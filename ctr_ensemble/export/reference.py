@@ -22,8 +22,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from ctr_ensemble.errors import CtrError
 from ctr_ensemble.export import onnx_export
-from ctr_ensemble.layers import fusion as fusion_math
-from ctr_ensemble.layers.fusion import COLLABORATIVE, HEAD_FILE, CollaborativeHead, FusionRule
+from ctr_ensemble.layers.fusion import (COLLABORATIVE, HEAD_FILE, HEAD_FORMAT, HEAD_VERSION, CollaborativeHead, FusionRule,
+                                        head_from_payload)
 from ctr_ensemble.metrics import PARITY_TOL
 from ctr_ensemble.models import checkpoint, ensemble
 from ctr_ensemble.models.base import Member
@@ -67,9 +67,9 @@ def checkpoint_members(manifest: dict, overrides: dict[str, str] | None = None) 
 
 def load_head(path: str | Path) -> tuple[CollaborativeHead, list[str]]:
     """The head exactly as the served fusion model loads it (checksum verified) and the members it was trained for."""
-    payload = checkpoint.read_verified(path, "collaborative head", fusion_math.HEAD_FORMAT, fusion_math.HEAD_VERSION)
+    payload = checkpoint.read_verified(path, "collaborative head", HEAD_FORMAT, HEAD_VERSION)
     try:
-        return fusion_math.head_from_payload(payload)
+        return head_from_payload(payload)
     except (ValueError, KeyError, RuntimeError) as e:
         raise CtrError(f"{path}: not a usable collaborative head: {e}") from e
 
