@@ -1,6 +1,6 @@
 """Atomic file writes, with an optional SHA-256 sidecar, and the checked read that goes with them.
 
-Low level on purpose (standard library only, no torch): data, models and training write through it.
+Low level on purpose (standard library and ``errors`` only, no torch): data, models and training write through it.
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ def sha256_path(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
-def write_atomic(path: str | Path, data: bytes, checksum: bool = False, what: str = "file") -> dict:
-    """Write ``data`` to ``path`` by temp file + fsync + rename; returns its size and CRC-32 (``bytes``,
-    ``crc32``). ``checksum`` also writes the sidecar ``<path>.sha256`` (renamed in first: a crash between the
-    renames leaves a checksum that fails loudly, never a silent mismatch). A failed write (disk full, quota,
-    I/O error) removes its temp files and raises CtrError naming ``what``; nothing was replaced then."""
+def write_atomic(path: str | Path, data: bytes, checksum: bool = False, fsync: bool = False, what: str = "file") -> dict:
+    """Write ``data`` to ``path`` by temp file + rename, so a reader never sees half a file; returns its size and
+    CRC-32 (``bytes``, ``crc32``, what a manifest records). ``checksum`` also writes the sidecar ``<path>.sha256``
+    (renamed in first: a crash between the renames leaves a checksum that fails loudly, never a silent mismatch);
+    ``fsync`` flushes the data to disk before the rename (checkpoints). A failed write (disk full, quota, I/O
+    error) removes its temp files and raises CtrError naming ``what``; nothing was replaced then."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -30,8 +31,9 @@ def write_atomic(path: str | Path, data: bytes, checksum: bool = False, what: st
     try:
         with open(tmp, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
         if checksum:
             sha_tmp.write_text(hashlib.sha256(data).hexdigest() + "\n")
     except OSError as e:

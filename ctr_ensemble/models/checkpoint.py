@@ -65,7 +65,7 @@ def write_verified(path: str | Path, obj: dict, what: str = "checkpoint") -> Pat
     """``torch.save`` ``obj`` to ``path`` atomically, with a SHA-256 sidecar ``<path>.sha256`` (``files.write_atomic``)."""
     buf = io.BytesIO()
     torch.save(obj, buf)
-    files.write_atomic(path, buf.getvalue(), checksum=True, what=what)
+    files.write_atomic(path, buf.getvalue(), checksum=True, fsync=True, what=what)
     return Path(path)
 
 
