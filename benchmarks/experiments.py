@@ -64,9 +64,11 @@ from ctr_ensemble.data.synth import SynthConfig, generate  # noqa: E402
 from ctr_ensemble.errors import CtrError  # noqa: E402
 from ctr_ensemble.export import fusion_fit  # noqa: E402
 from ctr_ensemble.layers.fusion import fuse  # noqa: E402
+from ctr_ensemble.models import ensemble  # noqa: E402
 from ctr_ensemble.training import collab, mutual  # noqa: E402
-from ctr_ensemble.training.checkpoint import Checkpoint  # noqa: E402
-from ctr_ensemble.training.trainer import TrainConfig, predict, train_member, unique_names  # noqa: E402
+from ctr_ensemble.models.checkpoint import Checkpoint  # noqa: E402
+from ctr_ensemble.models.predict import predict  # noqa: E402
+from ctr_ensemble.training.trainer import TrainConfig, train_member, unique_names  # noqa: E402
 
 # Small members for the quick default (2 CPU cores, < 20 minutes for everything); --full uses the registry defaults.
 QUICK_MODELS = {
@@ -311,7 +313,7 @@ class Experiment:
         base = {"epochs": s.epochs, "batch_size": s.batch_size, "lr": s.lr, "patience": s.patience, "kl_weight": s.kl_weight}
         return collab.CollabConfig(**{**base, **fields}, seed=1000 * seed + 11, head=collab.HeadConfig(**head))
 
-    def train_collab(self, seed: int, cks: list[Checkpoint], overrides: dict) -> collab.CollabCheckpoint:
+    def train_collab(self, seed: int, cks: list[Checkpoint], overrides: dict) -> ensemble.CollabCheckpoint:
         """One collaborative run: fresh members, or (``init``) this seed's independent members as the start."""
         archs = [c.arch for c in cks]
         if overrides.get("init") == "independent":
@@ -339,7 +341,7 @@ class Experiment:
             member_p, ne1, collab_p, collab_members, parity = self.served(seed, cks, cc)
         else:
             member_p = {c.name: predict(c.build(), te.feeds()) for c in cks}
-            fused, _, mp = collab.predict_collab(cc.build(), te.feeds())
+            fused, _, mp = ensemble.predict_collab(cc.build(), te.feeds())
             collab_p, collab_members, ne1, parity = fused, {n: mp[:, i] for i, n in enumerate(names)}, None, None
         aucs = {n: self.score(p)[0] for n, p in member_p.items()}
         best = max(aucs, key=aucs.get)
@@ -366,22 +368,23 @@ class Experiment:
         for v in s.collab_variants:  # PyTorch-scored: the served path is the default run's, checked above
             bar.set_description(f"seed {seed}: collaborative [{v}]")
             vc = self.train_collab(seed, cks, COLLAB_VARIANTS[v][0])
-            fused, _, mp = collab.predict_collab(vc.build(), te.feeds())
+            fused, _, mp = ensemble.predict_collab(vc.build(), te.feeds())
             self.record(seed, f"ensemble-collaborative[{v}]", archs, "ensemble", fused, aucs[best])
             for i, n in enumerate(names):
                 self.record(seed, f"collaborative-member[{v}]", archs, n, mp[:, i], aucs[n])
             self.collab_epochs(seed, f"ensemble-collaborative[{v}]", vc)
             bar.update(1)
 
-    def collab_epochs(self, seed: int, regime: str, cc: collab.CollabCheckpoint) -> None:
+    def collab_epochs(self, seed: int, regime: str, cc: ensemble.CollabCheckpoint) -> None:
         self.details.setdefault("collab_epochs", []).append(
             {"seed": seed, "regime": regime, "best_epoch": cc.metrics["best_epoch"], "epochs": len(cc.metrics["history"]),
              "val_auc": cc.metrics["val_auc"], "val_logloss": cc.metrics["val_logloss"],
              "history": [_curve(h) for h in cc.metrics["history"]]})
 
-    def served(self, seed: int, cks: list[Checkpoint], cc: collab.CollabCheckpoint):
+    def served(self, seed: int, cks: list[Checkpoint], cc: ensemble.CollabCheckpoint):
         """Both ensembles exported and served by the real tritonserver; returns what Triton answered over HTTP."""
-        from ctr_ensemble.export.repository import COLLABORATIVE, ENSEMBLE_NAME, RepoOptions, write_repository
+        from ctr_ensemble.export.repository import ENSEMBLE_NAME, RepoOptions, write_repository
+        from ctr_ensemble.layers.fusion import COLLABORATIVE
         from ctr_ensemble.serving.client import TritonScorer
         from ctr_ensemble.serving.server import TritonServer
 
@@ -399,7 +402,7 @@ class Experiment:
                 scorer.check_ready(ENSEMBLE_NAME)
                 out[kind] = {n: scorer.score(n, te.feeds()) for n in [c.name for c in cks] + [ENSEMBLE_NAME]}
                 scorer.close()
-        ref, _, ref_members = collab.predict_collab(cc.build(), te.feeds())
+        ref, _, ref_members = ensemble.predict_collab(cc.build(), te.feeds())
         names = [c.name for c in cks]
         parity = {
             "members_served_vs_torch": max(float(np.max(np.abs(out["independent"][c.name] - predict(c.build(), te.feeds()))))

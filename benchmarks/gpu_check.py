@@ -60,7 +60,6 @@ import gpu_wheels  # noqa: E402  (stdlib only)
 
 DEADLINE_S = 480.0  # the whole run, hard
 BUDGET_S = {"environment": 60, "dlpack": 5, "cuda_tests": 100, "serving": 150, "train": 130, "quality": 80}
-PARITY_TOL = 1e-5
 QUALITY_TOL = 0.002
 FUSION_BATCHES = (1, 64, 1024, 4096)
 TARGET_TRAIN = 5e6  # samples/s, reference DCNv2 at batch 4096 from host data (plain PyTorch on an H100: 1.04 M/s)
@@ -317,20 +316,20 @@ class Check:
 
     # ------------------------------------------------------------------------------------- 4. serving
     def serving(self, sec: Section, end: float) -> None:
-        from ctr_ensemble.export import repository as R
+        from ctr_ensemble.layers import fusion
 
         work = self.work / "serving"
         shutil.rmtree(work, ignore_errors=True)
         data, cks, collab_ck = self.serving_members(work)
-        modes = list(R.FUSION_MODES)
-        sec.md.append(f"Fusion modes of this version (`repository.FUSION_MODES`): {', '.join(modes)}."
+        modes = list(fusion.FUSION_MODES)
+        sec.md.append(f"Fusion modes of this version (`layers.fusion.FUSION_MODES`): {', '.join(modes)}."
                       + ("" if "fitted" in modes else " The fitted fusion is not in this version: skipped."))
         parity, timing, errors = [], [], []
         try:
             for mode in modes:
                 self.check_time(end, f"mode {mode}")
                 try:
-                    self.serve_mode(mode, work, data, cks if mode != R.COLLABORATIVE else None, collab_ck, end,
+                    self.serve_mode(mode, work, data, cks if mode != fusion.COLLABORATIVE else None, collab_ck, end,
                                     parity, timing)
                 except DeadlineReached:
                     raise
@@ -350,12 +349,10 @@ class Check:
         repo = work / "repos" / f"{mode}-{self.kind}"
         opt = R.RepoOptions(max_batch_size=max(FUSION_BATCHES), fusion_mode=mode, fusion_kind=self.kind)
         if mode == "fitted":  # as `export --fit-fusion`: τ, priors and space fitted on the validation rows
-            from dataclasses import replace
-
             from ctr_ensemble.export import fusion_fit
 
             rule, _ = fusion_fit.fit_for_export(cks, data["val"])
-            opt = replace(opt, tau=rule.tau, priors=list(rule.priors), space=rule.space)
+            opt = opt.with_rule(rule)
         rows = data["val"].feeds(slice(0, 256))
         R.write_repository(cks or [], repo, opt, parity_rows=rows, collab=None if cks else collab_ck)
         kind_in_config = "KIND_GPU" if "KIND_GPU" in (repo / R.FUSION_NAME / "config.pbtxt").read_text() else "KIND_CPU"
@@ -374,6 +371,8 @@ class Check:
                 timing += fusion_timing(mode, kind, s, repos[kind], self.args.requests)
 
     def serving_report(self, sec: Section, parity: list[dict], timing: list[dict]) -> None:
+        from ctr_ensemble.metrics import PARITY_TOL
+
         pcols = ["mode", "fusion_kind", "protocol", "rows", "max_abs_diff", "fusion_max_abs_diff", "pass", "error"]
         tcols = ["mode", "fusion_kind", "batch", "requests", "compute_ms", "infer_ms", "rows_per_s"]
         self.csv("served_parity.csv", parity, pcols)
@@ -398,7 +397,9 @@ class Check:
         from ctr_ensemble.data.encode import encode_file
         from ctr_ensemble.data.fit import fit
         from ctr_ensemble.data.synth import DEFAULT_CARDINALITIES, SynthConfig, generate
-        from ctr_ensemble.training import checkpoint, collab, mutual
+        from ctr_ensemble.models import checkpoint
+        from ctr_ensemble.models import ensemble
+        from ctr_ensemble.training import collab, mutual
         from ctr_ensemble.training.trainer import TrainConfig, train_member
 
         d = work / "data"
@@ -416,7 +417,7 @@ class Check:
                                    head=collab.HeadConfig(hidden=[16], tau=0.7))
         cc = collab.train_collab(mutual.members_from_archs(list(TINY_MEMBERS), TINY_MEMBERS), spec, data["train"],
                                  data["val"], ccfg)
-        return data, cks, collab.load(collab.save(cc, work / "members" / "collab.pt"))
+        return data, cks, ensemble.load(ensemble.save(cc, work / "members" / "collab.pt"))
 
     def start_servers(self, server_cls, repos: dict[str, Path], end: float) -> dict:
         """Start one server per repository at once (their start-ups overlap), wait for all."""
@@ -448,6 +449,7 @@ class Check:
 
     def served_parity(self, mode: str, kind: str, test_file: Path, repo: Path, server) -> list[dict]:
         from ctr_ensemble.evaluation.evaluate import EvalTargets, evaluate
+        from ctr_ensemble.metrics import PARITY_TOL
 
         summary = evaluate(test_file, repo, ["torch", "triton_http", "triton_grpc"],
                            EvalTargets(server.http_url, server.grpc_url, batch_size=256))

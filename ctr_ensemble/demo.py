@@ -22,11 +22,11 @@ from ctr_ensemble.data.synth import SynthConfig, generate
 from ctr_ensemble.evaluation.evaluate import EvalTargets, evaluate, render_table
 from ctr_ensemble.export import fusion_fit
 from ctr_ensemble.export.repository import RepoOptions, write_repository
+from ctr_ensemble.metrics import PARITY_TOL
 from ctr_ensemble.serving.server import TritonServer
-from ctr_ensemble.training import checkpoint
+from ctr_ensemble.models import checkpoint
 from ctr_ensemble.training.trainer import TrainConfig, train_member, unique_names
 
-PARITY_TOL = 1e-5
 ENSEMBLE_SLACK = 0.0005
 ORACLE_GAP = 0.02
 
@@ -87,7 +87,7 @@ def run_demo(members: list[str], out: Path, repository: Path, train_rows: int = 
                                           sources={"val": files["val"], "test": files["test"]})
     console.print(fusion_fit.render(fit["report"]), soft_wrap=True, highlight=False)
     console.print(f"fitted fusion: {rule.describe()}; kept: {fit['chosen']}")
-    opt = RepoOptions(fusion_mode=rule.mode, tau=rule.tau, priors=list(rule.priors), space=rule.space)
+    opt = RepoOptions().with_rule(rule)
     manifest = write_repository(cks, repository, opt, parity_rows=val.feeds(slice(0, 4096)), fusion_fit=fit)
     for n, m in manifest["members"].items():
         console.print(f"{repository}/{n}: ONNX parity max|Δ| {m['parity']['prob_max_abs_diff']:.2e} "

@@ -24,6 +24,9 @@ from sklearn.metrics import log_loss, roc_auc_score
 
 EPS = 1e-7
 ECE_BINS = 10
+# Two predictions of the same rows agree when no probability differs by more than this: ONNX Runtime vs PyTorch
+# at export, the server vs the offline reference (evaluate, load tests, the demo's checks, check-export).
+PARITY_TOL = 1e-5
 QUALITY_KEYS = ("auc", "logloss", "ne", "ne_base", "calibration", "ece")
 
 

@@ -15,8 +15,10 @@ import tritonclient.http as thttp
 
 from ctr_ensemble.evaluation.evaluate import EvalTargets, evaluate
 from ctr_ensemble.export import onnx_export
-from ctr_ensemble.export.repository import COLLABORATIVE, ENSEMBLE_NAME, RepoOptions, write_repository
+from ctr_ensemble.export.repository import ENSEMBLE_NAME, RepoOptions, write_repository
+from ctr_ensemble.layers.fusion import COLLABORATIVE
 from ctr_ensemble.serving.server import TritonServer
+from ctr_ensemble.models import ensemble
 from ctr_ensemble.training import collab, mutual
 
 from .conftest import TINY_MODEL
@@ -31,7 +33,7 @@ def collab_ck(tmp_path_factory, tiny_spec, tiny_arrays):
                               head=collab.HeadConfig(hidden=[16], tau=0.7, learn_tau=True))
     members = mutual.members_from_archs(ARCHS, {a: TINY_MODEL[a] for a in ARCHS})
     ck = collab.train_collab(members, tiny_spec, tiny_arrays["train"], tiny_arrays["val"], cfg)
-    return collab.load(collab.save(ck, tmp_path_factory.mktemp("collab") / "collab.pt"))
+    return ensemble.load(ensemble.save(ck, tmp_path_factory.mktemp("collab") / "collab.pt"))
 
 
 def _repo(tmp_path_factory, ck, arrays, kind="cpu"):
@@ -79,7 +81,7 @@ def test_served_collaborative_ensemble_equals_pytorch(collab_server, collab_ck, 
     feeds = _rows(tiny_arrays, tiny_spec)
     url = server.http_url if protocol == "http" else server.grpc_url
     prob, weights = _infer(url, protocol, feeds)
-    fused, w, _ = collab.predict_collab(collab_ck.build(), feeds)
+    fused, w, _ = ensemble.predict_collab(collab_ck.build(), feeds)
     n = len(feeds["cat_ids"])
     assert prob.shape == (n, 1) and weights.shape == (n, 3)
     np.testing.assert_allclose(prob[:, 0], fused, atol=1e-5, rtol=0)
@@ -104,7 +106,7 @@ def test_collaborative_fusion_on_gpu_equals_pytorch(tmp_path_factory, collab_ck,
     repo = _repo(tmp_path_factory, collab_ck, tiny_arrays, kind="gpu")
     assert "KIND_GPU" in (repo / "fusion" / "config.pbtxt").read_text()
     feeds = _rows(tiny_arrays, tiny_spec)
-    fused, w, _ = collab.predict_collab(collab_ck.build(), feeds)
+    fused, w, _ = ensemble.predict_collab(collab_ck.build(), feeds)
     with TritonServer(repo) as server:
         for protocol, url in (("http", server.http_url), ("grpc", server.grpc_url)):
             prob, weights = _infer(url, protocol, feeds)

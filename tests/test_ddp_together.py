@@ -19,7 +19,9 @@ import torch
 from ctr_ensemble.data.prepared.shards import Prepared
 from ctr_ensemble.errors import CtrError
 from ctr_ensemble.serving.server import free_port
-from ctr_ensemble.training import checkpoint, collab, mutual
+from ctr_ensemble.models import checkpoint
+from ctr_ensemble.models import ensemble
+from ctr_ensemble.training import collab, mutual
 from ctr_ensemble.training.distributed import Dist
 
 from .conftest import TINY_MODEL
@@ -74,7 +76,7 @@ def test_collab_on_two_gloo_processes_matches_one_process(prepared, tmp_path):
                        ["--out", str(tmp_path / "one" / "c.pt")])
     assert ddp_out.count("fused val AUC") == 1 and "on 2 processes" in ddp_out, ddp_out
     assert not (tmp_path / "ddp" / "c.state.pt").exists() and (tmp_path / "ddp" / "c.history.csv").is_file()
-    a, b = collab.load(tmp_path / "ddp" / "c.pt"), collab.load(tmp_path / "one" / "c.pt")
+    a, b = ensemble.load(tmp_path / "ddp" / "c.pt"), ensemble.load(tmp_path / "one" / "c.pt")
     assert a.metrics["processes"] == 2 and b.metrics["processes"] == 1
     assert _max_diff(a.head_state, b.head_state) < 1e-5
     assert a.head_state["log_tau"].item() != 0.0  # τ was learned (and all-reduced like the rest)

@@ -224,8 +224,9 @@ def test_shutdown_under_load_answers_correctly_or_refuses(repo, tiny_arrays, pro
 def test_disk_full_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, tiny_checkpoints, monkeypatch):
     import errno
 
+    from ctr_ensemble import files
     from ctr_ensemble.errors import CtrError
-    from ctr_ensemble.training import checkpoint
+    from ctr_ensemble.models import checkpoint
 
     path = checkpoint.save(tiny_checkpoints[0], tmp_path / "m.pt")
     before = path.read_bytes()
@@ -233,7 +234,7 @@ def test_disk_full_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, ti
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(checkpoint.os, "fsync", full)
+    monkeypatch.setattr(files.os, "fsync", full)
     with pytest.raises(CtrError, match="No space left on device.*previous checkpoint there is intact"):
         checkpoint.save(tiny_checkpoints[1], path)
     monkeypatch.undo()

@@ -24,8 +24,9 @@ from ctr_ensemble.export.repository import ENSEMBLE_NAME, manifest_rule, read_ma
 from ctr_ensemble.loadtest.rows import OfflineReference, inputs_from_config, load_rows
 from ctr_ensemble.serving.client import TritonScorer
 from ctr_ensemble.serving.server import TritonServer
-from ctr_ensemble.training import checkpoint
-from ctr_ensemble.training.trainer import TrainConfig, predict, train_member
+from ctr_ensemble.models import checkpoint
+from ctr_ensemble.models.predict import predict
+from ctr_ensemble.training.trainer import TrainConfig, train_member
 
 from .conftest import TINY_MODEL
 

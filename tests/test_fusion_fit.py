@@ -14,7 +14,8 @@ from ctr_ensemble import metrics, models
 from ctr_ensemble.errors import CtrError
 from ctr_ensemble.export import fusion_fit, validate
 from ctr_ensemble.export.repository import RepoOptions, fitted_rule, read_config, reconfigure_repository, write_repository
-from ctr_ensemble.layers.fusion import FusionRule
+from ctr_ensemble.layers.fusion import CollaborativeHead, FusionRule
+from ctr_ensemble.models import ensemble
 from ctr_ensemble.training import collab, loop, mutual
 from ctr_ensemble.training.trainer import TrainConfig, train_member
 
@@ -149,7 +150,7 @@ def test_collaborative_step_with_a_saturated_member_has_finite_gradients(tiny_sp
     inits = mutual.members_from_archs(["deepfm", "dcnv2"], {a: TINY_MODEL[a] for a in ("deepfm", "dcnv2")})
     inits[0] = _saturated(inits[0], tiny_spec, bias)
     nets = mutual.build_members(inits, tiny_spec, seed=0)
-    model = collab.CollaborativeModel(nets, collab.CollaborativeHead([n.repr_dim for n in nets], hidden=[8], learn_tau=True))
+    model = ensemble.CollaborativeModel(nets, CollaborativeHead([n.repr_dim for n in nets], hidden=[8], learn_tau=True))
     tr = tiny_arrays["train"]
     fused, member_logits, _ = model.logits(torch.from_numpy(tr.cat_ids[:256]), torch.from_numpy(tr.num[:256]))
     assert (torch.sigmoid(member_logits[:, 0]) == (1.0 if bias > 0 else 0.0)).all()

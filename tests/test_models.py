@@ -7,8 +7,9 @@ import torch
 from ctr_ensemble import models
 from ctr_ensemble.data.encode import Arrays
 from ctr_ensemble.errors import CtrError
-from ctr_ensemble.training import checkpoint
-from ctr_ensemble.training.trainer import TrainConfig, predict, train_member
+from ctr_ensemble.models import checkpoint
+from ctr_ensemble.models.predict import predict
+from ctr_ensemble.training.trainer import TrainConfig, train_member
 from tests.conftest import TINY_MODEL
 
 

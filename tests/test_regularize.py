@@ -258,7 +258,7 @@ def test_train_takes_a_fuxictr_config(tiny_data, tmp_path):
                         "--fuxictr-config", str(tmp_path / "model_config.yaml"), "--threads", "1"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    from ctr_ensemble.training import checkpoint
+    from ctr_ensemble.models import checkpoint
 
     ck = checkpoint.load(tmp_path / "m.pt")
     assert ck.config.embedding_regularizer == 0.05 and ck.config.batch_norm and ck.config.hidden == [16]

@@ -317,7 +317,7 @@ def _train_args(prepared: Path, out: Path) -> list[str]:
 
 
 def test_ddp_two_gloo_processes_match_one_process(prepared, tmp_path):
-    from ctr_ensemble.training import checkpoint
+    from ctr_ensemble.models import checkpoint
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ddp = subprocess.run([str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-port", str(free_port()),

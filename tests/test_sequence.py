@@ -19,13 +19,14 @@ from ctr_ensemble.data.fit import fit
 from ctr_ensemble.data.spec import FeatureSpec
 from ctr_ensemble.data.synth import SynthConfig, SynthWorld, generate
 from ctr_ensemble.errors import CtrError
-from ctr_ensemble.export import check, onnx_export
+from ctr_ensemble.evaluation import check_export
+from ctr_ensemble.export import onnx_export
 from ctr_ensemble.export.repository import RepoOptions, write_repository
 from ctr_ensemble.layers.embedding import FeatureEmbedding
 from ctr_ensemble.layers.fusion import fuse
 from ctr_ensemble.serving.client import TritonScorer
 from ctr_ensemble.serving.server import TritonServer
-from ctr_ensemble.training import checkpoint
+from ctr_ensemble.models import checkpoint
 from ctr_ensemble.training.trainer import TrainConfig, train_member
 from tests.conftest import TINY_CARDS, TINY_MODEL
 
@@ -145,7 +146,7 @@ def test_check_export_covers_sequence_lengths_for_a_user_checkpoint(seq_data, tm
     ck = train_member("interformer", "interformer", models.make_config("interformer", TINY_MODEL["interformer"]),
                       spec, arrays["train"], arrays["val"], TrainConfig(epochs=1, max_steps=5, batch_size=256))
     path = checkpoint.save(ck, tmp_path / "if.pt")
-    res = check.run(None, path, out / "test.parquet", None, rows=300)
+    res = check_export.run(None, path, out / "test.parquet", None, rows=300)
     assert res["passed"], res
     assert {"seq_len_0", "seq_len_1", "seq_len_max", f"seq_width_{MAX_LEN // 2}"} <= set(res["cases"])
 

@@ -22,10 +22,13 @@ from typer.testing import CliRunner
 
 from ctr_ensemble.data.fit import fit
 from ctr_ensemble.errors import CtrError
-from ctr_ensemble.export.repository import COLLABORATIVE, RepoOptions, load_head, reconfigure_repository, write_repository
-from ctr_ensemble.layers.fusion import CollaborativeHead, fusion_weights, negation_entropy
-from ctr_ensemble.training import checkpoint, collab, mutual
-from ctr_ensemble.training.trainer import predict
+from ctr_ensemble.export.reference import load_head
+from ctr_ensemble.export.repository import RepoOptions, reconfigure_repository, write_repository
+from ctr_ensemble.layers.fusion import COLLABORATIVE, CollaborativeHead, fusion_weights, negation_entropy
+from ctr_ensemble.models import checkpoint
+from ctr_ensemble.models import ensemble
+from ctr_ensemble.training import collab, mutual
+from ctr_ensemble.models.predict import predict
 
 from .conftest import TINY_MODEL
 
@@ -178,9 +181,9 @@ def test_collab_trains_three_members_and_roundtrips(tmp_path, tiny_spec, tiny_ar
     ck = collab.train_collab(_tiny_members(["deepfm", "dcnv2", "deepfm"]), tiny_spec, tr, va, cfg)
     hist = ck.metrics["history"][0]
     assert {"train_fused_bce", "train_member_bce", "train_sym_kl", "val_auc", "val_auc_deepfm_2", "tau"} <= set(hist)
-    back = collab.load(collab.save(ck, tmp_path / "c.pt"))
-    fused, w, member_p = collab.predict_collab(back.build(), va.feeds())
-    ref = collab.predict_collab(ck.build(), va.feeds())
+    back = ensemble.load(ensemble.save(ck, tmp_path / "c.pt"))
+    fused, w, member_p = ensemble.predict_collab(back.build(), va.feeds())
+    ref = ensemble.predict_collab(ck.build(), va.feeds())
     np.testing.assert_array_equal(fused, ref[0])
     assert w.shape == (len(va), 3) and np.allclose(w.sum(1), 1, atol=1e-6)
     np.testing.assert_allclose(member_p[:, 0], predict(back.members[0].build(), va.feeds()), atol=1e-6)
@@ -200,7 +203,7 @@ def test_collab_trains_three_members_and_roundtrips(tmp_path, tiny_spec, tiny_ar
         write_repository(back.members, tmp_path / "repo2", RepoOptions(fusion_mode=COLLABORATIVE))
     (tmp_path / "c.pt").write_bytes((tmp_path / "c.pt").read_bytes()[:-5])
     with pytest.raises(CtrError, match="collaborative checkpoint is corrupt"):
-        collab.load(tmp_path / "c.pt")
+        ensemble.load(tmp_path / "c.pt")
 
 
 def _mutual_args(tiny_data, out_dir, *extra):
@@ -285,7 +288,7 @@ def test_collab_selection_on_fused_logloss(tiny_spec, tiny_arrays):
     assert aucs.index(max(aucs)) != lls.index(min(lls)), "this run no longer tells the two selection rules apart"
     assert len(hist) == 4 and ck.metrics["best_epoch"] == 1 + lls.index(min(lls))
     assert ck.metrics["select"] == "logloss" and ck.metrics["val_logloss"] == min(lls)
-    fused, _, _ = collab.predict_collab(ck.build(), tiny_arrays["val"].feeds())
+    fused, _, _ = ensemble.predict_collab(ck.build(), tiny_arrays["val"].feeds())
     from ctr_ensemble import metrics
     assert metrics.logloss(tiny_arrays["val"].label, fused) == pytest.approx(min(lls), abs=1e-6)
 
@@ -296,7 +299,7 @@ def test_collab_detached_head_does_not_train_the_members(tiny_spec, tiny_arrays)
     feeds = {k: torch.from_numpy(v) for k, v in tiny_arrays["val"].feeds(slice(0, 64)).items()}
     grads = {}
     for detach in (False, True):
-        model = collab.CollaborativeModel(nets, CollaborativeHead([n.repr_dim for n in nets], hidden=[8]), detach_head=detach)
+        model = ensemble.CollaborativeModel(nets, CollaborativeHead([n.repr_dim for n in nets], hidden=[8]), detach_head=detach)
         model.zero_grad()
         fused, member_logits, _ = model.logits(feeds["cat_ids"], feeds["num"])
         fused.sum().backward()  # the fused output alone
@@ -314,10 +317,10 @@ def test_collab_frozen_members_keep_their_weights(tiny_spec, tiny_arrays, tiny_c
         assert before.state_dict.keys() == after.state_dict.keys()
         for k in before.state_dict:  # weights and buffers (BatchNorm statistics too) untouched
             assert torch.equal(before.state_dict[k], after.state_dict[k]), (before.name, k)
-    _, _, member_p = collab.predict_collab(ck.build(), tiny_arrays["val"].feeds())
+    _, _, member_p = ensemble.predict_collab(ck.build(), tiny_arrays["val"].feeds())
     np.testing.assert_allclose(member_p[:, 0], predict(tiny_checkpoints[0].build(), tiny_arrays["val"].feeds()), atol=1e-6)
     # training mode: the head trains, the frozen members run as served (eval: no dropout, no BatchNorm update)
-    model = collab.CollaborativeModel([c.build() for c in tiny_checkpoints], CollaborativeHead([4, 4]), freeze_members=True)
+    model = ensemble.CollaborativeModel([c.build() for c in tiny_checkpoints], CollaborativeHead([4, 4]), freeze_members=True)
     model.train()
     assert model.head.training and not any(m.training for m in model.members.modules())
     assert not any(p.requires_grad for p in model.members.parameters())
@@ -339,7 +342,7 @@ def test_train_collab_cli_passes_the_new_options(tmp_path, tiny_data, tiny_spec)
     finally:
         torch.set_num_threads(threads)
     assert res.exit_code == 0, res.output
-    cfg = collab.load(tmp_path / "c.pt").train_config
+    cfg = ensemble.load(tmp_path / "c.pt").train_config
     assert (cfg["select"], cfg["member_weight"], cfg["detach_head"]) == ("logloss", 0.5, True)
     bad = CliRunner().invoke(app, ["train-collab", "--train", str(tiny_data / "train.tsv"), "--val", str(tiny_data / "val.tsv"),
                                    "--spec", str(tmp_path / "spec.json"), "--out", str(tmp_path / "d.pt"),

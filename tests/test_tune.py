@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 from ctr_ensemble import models
 from ctr_ensemble.cli import app
 from ctr_ensemble.errors import CtrError
-from ctr_ensemble.training import checkpoint, run_config, search_space, tune
+from ctr_ensemble.models import checkpoint
+from ctr_ensemble.training import run_config, search_space, tune
 from ctr_ensemble.training.trainer import TrainConfig
 
 from .conftest import TINY_MODEL

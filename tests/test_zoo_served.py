@@ -5,26 +5,27 @@ import pytest
 import torch
 
 from ctr_ensemble import models
-from ctr_ensemble.export import check, onnx_export
+from ctr_ensemble.evaluation import check_export
+from ctr_ensemble.export import onnx_export
 from ctr_ensemble.export.repository import RepoOptions, write_repository
 from ctr_ensemble.layers.fusion import fuse
 from ctr_ensemble.serving.client import TritonScorer
 from ctr_ensemble.serving.server import TritonServer
-from ctr_ensemble.training import checkpoint
+from ctr_ensemble.models import checkpoint
 from ctr_ensemble.training.trainer import TrainConfig, train_member
 from tests.conftest import TINY_MODEL
 
 
 @pytest.mark.parametrize("arch", sorted(models.REGISTRY))
 def test_check_export_passes_for_every_member(arch):
-    res = check.run(arch, None, None, TINY_MODEL[arch], rows=1000, steps=5)
+    res = check_export.run(arch, None, None, TINY_MODEL[arch], rows=1000, steps=5)
     assert res["passed"], res
     assert res["oov_nan"]["rows"] == 1000 and res["batch_1"]["rows"] == 1
     assert {"seq_len_0", "seq_len_1", "seq_len_max"} <= set(res["cases"])  # every member takes a history
 
 
 def test_check_export_on_a_user_checkpoint(tiny_checkpoints):
-    res = check.run(None, tiny_checkpoints[1].source, None, None, rows=500)
+    res = check_export.run(None, tiny_checkpoints[1].source, None, None, rows=500)
     assert res["passed"] and res["arch"] == "dcnv2"
 
 

@@ -46,7 +46,7 @@ def export_cmd(
 
     from ctr_ensemble.data.encode import encode_file
     from ctr_ensemble.export.repository import RepoOptions, manifest_rule, reconfigure_repository, write_repository
-    from ctr_ensemble.training import checkpoint
+    from ctr_ensemble.models import checkpoint
 
     opt = RepoOptions(max_batch_size=max_batch_size, instances=instances, intra_op_threads=intra_op_threads,
                       dynamic_batching=dynamic_batching, max_queue_delay_us=max_queue_delay_us, fusion_mode=fusion_mode,
@@ -64,10 +64,11 @@ def export_cmd(
         return
     cc = None
     if collab is not None:
-        from ctr_ensemble.training import collab as collab_io
+        from ctr_ensemble.layers.fusion import COLLABORATIVE
+        from ctr_ensemble.models import ensemble
 
-        cc = collab_io.load(collab)
-        cks, opt = cc.members, replace(opt, fusion_mode="collaborative")
+        cc = ensemble.load(collab)
+        cks, opt = cc.members, replace(opt, fusion_mode=COLLABORATIVE)
     else:
         cks = [checkpoint.load(p) for p in checkpoint_]
     fit = None
@@ -75,7 +76,7 @@ def export_cmd(
         from ctr_ensemble.export import fusion_fit
 
         rule, fit = fusion_fit.fit_files(cks, fit_fusion, fusion_report_data, fusion_space, fmt)
-        opt = replace(opt, fusion_mode=rule.mode, tau=rule.tau, priors=list(rule.priors), space=rule.space)
+        opt = opt.with_rule(rule)
     rows = None
     if parity_data is not None:
         arr = encode_file(parity_data, cks[0].spec, fmt=fmt)
@@ -119,7 +120,7 @@ def check_export_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
 ) -> None:
     """Export a member to ONNX and compare ONNX Runtime with PyTorch; exit 1 if max |Δ| > 1e-5."""
-    from ctr_ensemble.export import check
+    from ctr_ensemble.evaluation import check_export
 
     if (model is None) == (checkpoint_ is None):
         raise CtrError("give exactly one of --model NAME or --checkpoint PATH")
@@ -127,7 +128,7 @@ def check_export_cmd(
         from ctr_ensemble import models
 
         models.entry(model)
-    res = check.run(model, checkpoint_, data, parse_sets(set_), rows=rows, steps=steps, seed=seed, sequence=sequence)
+    res = check_export.run(model, checkpoint_, data, parse_sets(set_), rows=rows, steps=steps, seed=seed, sequence=sequence)
     if as_json:
         typer.echo(json.dumps(res, indent=2))
     else:

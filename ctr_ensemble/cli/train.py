@@ -77,7 +77,8 @@ def train_cmd(
     """Train one member (BCE + the member's regularizers + Adam, early stopping on the val metric); under torchrun,
     data-parallel over processes."""
     from ctr_ensemble import models
-    from ctr_ensemble.training import checkpoint, run_config
+    from ctr_ensemble.models import checkpoint
+    from ctr_ensemble.training import run_config
     from ctr_ensemble.training.distributed import on_processes
     from ctr_ensemble.training.loop import write_once
     from ctr_ensemble.training.trainer import train_member
@@ -210,7 +211,7 @@ def train_mutual_cmd(
     """Deep mutual learning (arXiv 2406.12087): co-train N >= 2 members, each on BCE + w·mean squared gap to its peers;
     under torchrun, data-parallel over processes."""
     from ctr_ensemble.data.spec import FeatureSpec
-    from ctr_ensemble.training import checkpoint
+    from ctr_ensemble.models import checkpoint
     from ctr_ensemble.training import mutual as dml
     from ctr_ensemble.training.distributed import on_processes
     from ctr_ensemble.training.loop import write_once
@@ -267,7 +268,7 @@ def train_collab_cmd(
 ) -> None:
     """Collaborative ensemble (CETNet, arXiv 2411.13700): members + confidence-weighted head trained jointly;
     under torchrun, data-parallel over processes."""
-    from ctr_ensemble.training import checkpoint
+    from ctr_ensemble.models import checkpoint, ensemble
     from ctr_ensemble.training import collab as cet
     from ctr_ensemble.training import mutual as dml
     from ctr_ensemble.training.distributed import on_processes
@@ -283,8 +284,8 @@ def train_collab_cmd(
     members = dml.members_from_archs(model, arch_overrides(set_))
     cfg = CollabConfig(**settings, **collab, head=HeadConfig(**head, hidden=hidden))
 
-    def write(ck: cet.CollabCheckpoint) -> None:
-        cet.save(ck, out)
+    def write(ck: ensemble.CollabCheckpoint) -> None:
+        ensemble.save(ck, out)
         for m in ck.members if members_out is not None else ():
             checkpoint.save(m, members_out / f"{m.name}.pt")
 

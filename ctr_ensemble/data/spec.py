@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ctr_ensemble.errors import CtrError
+from ctr_ensemble.files import write_atomic
 
 SPEC_FORMAT = "ctr-ensemble/feature-spec"
 SPEC_VERSION = 2  # 2 added the optional ``sequence`` field; version-1 files still load
@@ -135,11 +136,7 @@ class FeatureSpec:
             raise CtrError(f"{source}: malformed feature spec: {e}") from e
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict()))
-        tmp.replace(path)
+        write_atomic(path, json.dumps(self.to_dict()).encode(), what="feature spec")
 
     @classmethod
     def load(cls, path: str | Path) -> FeatureSpec:

@@ -3,9 +3,9 @@
 For each member and for the ensemble, and for each backend: AUC, logloss, NE (normalised
 entropy, against the training base rate the repository's feature spec records, else the scored
 file's own: ``ne_base``), calibration (mean p / CTR), ECE (``ctr_ensemble.metrics``), rows/s and the
-max absolute difference against the reference: the member's PyTorch output, or for the
-ensemble the reference fusion (``layers.fusion``) of the members' PyTorch outputs (for a
-collaborative repository: the trained head over the members' PyTorch probs and reprs).
+max absolute difference against the reference (``export.reference``): the member's PyTorch output, or for
+the ensemble the fusion as served (the fusion model's rule and parameters, or for a collaborative
+repository its trained head) over the members' PyTorch outputs (probs, and reprs for the head).
 """
 
 from __future__ import annotations
@@ -15,17 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ctr_ensemble import metrics
-from ctr_ensemble.errors import CtrError
-from ctr_ensemble.export import onnx_export
-from ctr_ensemble.export.repository import (COLLABORATIVE, ENSEMBLE_NAME, fuse_collaborative, manifest_rule, read_manifest,
-                                            repository_spec)
 from ctr_ensemble.data.encode import encode_file
+from ctr_ensemble.errors import CtrError
+from ctr_ensemble.export import onnx_export, reference
+from ctr_ensemble.export.repository import ENSEMBLE_NAME, FUSION_NAME, read_config, read_manifest, repository_spec
+from ctr_ensemble.layers.fusion import PARAMS
 from ctr_ensemble.serving.client import TritonScorer
-from ctr_ensemble.training import checkpoint, collab
-from ctr_ensemble.training.trainer import predict_outputs
 
 BACKENDS = ("torch", "onnx", "triton_http", "triton_grpc")
 
@@ -41,39 +38,6 @@ def _timed(fn):
     t0 = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - t0
-
-
-class _Reference:
-    """The members' PyTorch models and the fusion the repository serves, as numpy functions.
-
-    mean / negation_entropy / fitted: the reference fusion of member probabilities; collaborative: the
-    collaborative checkpoint's head applied to member probabilities and representations."""
-
-    def __init__(self, manifest: dict, names: list[str], overrides: dict[str, str]):
-        fusion = manifest["fusion"]
-        self.needs_repr = fusion["mode"] == COLLABORATIVE
-        if self.needs_repr:
-            path = overrides.get("collab", fusion.get("checkpoint"))
-            if not path:
-                raise CtrError("collaborative repository without a known checkpoint; pass --checkpoint collab=PATH")
-            cc = collab.load(path)
-            if cc.names != names:
-                raise CtrError(f"{path}: members {cc.names} do not match the repository's {names}")
-            self.head = cc.build().head
-            self.members = {m.name: m.build() for m in cc.members}
-            return
-        self.rule = manifest_rule(manifest)
-        paths = {n: overrides.get(n, manifest["members"][n].get("checkpoint")) for n in names}
-        for n, path in paths.items():
-            if not path:
-                raise CtrError(f"member {n}: no checkpoint known; pass --checkpoint {n}=PATH")
-        self.members = {n: checkpoint.load(path).build() for n, path in paths.items()}
-
-    def fuse(self, names: list[str], probs: dict[str, np.ndarray], reprs: dict[str, np.ndarray] | None) -> np.ndarray:
-        if self.needs_repr:
-            return fuse_collaborative(self.head, [probs[n] for n in names], [reprs[n] for n in names])[0]
-        stacked = torch.from_numpy(np.stack([probs[n] for n in names], axis=1).astype(np.float32))
-        return self.rule.fuse(stacked)[0][:, 0].numpy()
 
 
 def _row(y: np.ndarray, p: np.ndarray, ref: np.ndarray | None, seconds: float | None, base_rate: float | None) -> dict:
@@ -108,7 +72,7 @@ def evaluate(
     base = spec.fitted_on.get("label_mean")  # the training CTR; older specs do not record it
     summary: dict = {"data": str(data), "rows": int(len(y)), "skipped_rows": arr.skipped, "oracle_auc": None,
                      "base_rate": {"train": base, "self": float(y.mean()) if len(y) else None},
-                     "fusion": {"mode": mode, "tau": tau, **{k: manifest["fusion"][k] for k in ("priors", "space") if k in manifest["fusion"]}},
+                     "fusion": {"mode": mode, "tau": tau, **{k: manifest["fusion"][k] for k in PARAMS if k != "tau" and k in manifest["fusion"]}},
                      "members": {n: {} for n in names}, "ensemble": {}}
     if truth is not None:
         p_true = np.load(truth)
@@ -116,32 +80,32 @@ def evaluate(
             raise CtrError(f"{truth}: has {len(p_true)} probabilities but {data} has {len(y)} rows")
         summary["oracle_auc"] = metrics.auc(y, p_true)
 
-    # The PyTorch member outputs are the reference for everything else.
-    reference = _Reference(manifest, names, dict(checkpoints or {}))
+    # The PyTorch member outputs are the reference for everything else; the ensemble's is the fusion as served
+    # (the fusion model's config, or its collaborative head) over them.
+    members = reference.checkpoint_members(manifest, dict(checkpoints or {}))
+    fusion = reference.Fusion.from_config(read_config(repository / FUSION_NAME), repository / FUSION_NAME)
     ref: dict[str, np.ndarray] = {}
-    ref_repr: dict[str, np.ndarray] = {}
+    ref_out: dict[str, tuple] = {}
     for n in names:
-        model = reference.members[n]
-        (ref[n], h), sec = _timed(lambda: predict_outputs(model, feeds))
-        ref[n] = ref[n].astype(np.float64)
-        if reference.needs_repr:  # (N, H) per member: kept only where the fusion uses it
-            ref_repr[n] = h
+        (p, h), sec = _timed(lambda: reference.member_outputs(members[n], feeds))
+        ref[n] = p.astype(np.float64)
+        ref_out[n] = (ref[n], h if fusion.needs_repr else None)  # (N, H) per member: kept only where the fusion uses it
         if "torch" in backends:
             summary["members"][n]["torch"] = _row(y, ref[n], ref[n], sec, base)
-    ref_fused = reference.fuse(names, ref, ref_repr).astype(np.float64)
+    ref_fused = fusion.fuse(ref_out)[0].astype(np.float64)
     if "torch" in backends:
         summary["ensemble"]["torch"] = _row(y, ref_fused, ref_fused, None, base)
 
     if "onnx" in backends:
-        probs, reprs = {}, {}
+        out = {}
         for n in names:
             sess = onnx_export.session(repository / n / "1" / "model.onnx")
-            (probs[n], h), sec = _timed(lambda: onnx_export.run_onnx(sess, feeds))
-            reprs[n] = h if reference.needs_repr else None
-            summary["members"][n]["onnx"] = _row(y, probs[n], ref[n], sec, base)
-        summary["ensemble"]["onnx"] = _row(y, reference.fuse(names, probs, reprs), ref_fused, None, base)
+            (p, h), sec = _timed(lambda: reference.member_outputs(sess, feeds))
+            out[n] = (p, h if fusion.needs_repr else None)
+            summary["members"][n]["onnx"] = _row(y, p, ref[n], sec, base)
+        summary["ensemble"]["onnx"] = _row(y, fusion.fuse(out)[0], ref_fused, None, base)
 
-    outputs = ("prob", "repr") if reference.needs_repr else ("prob",)
+    outputs = ("prob", "repr") if fusion.needs_repr else ("prob",)
     for backend, protocol, url in (("triton_http", "http", targets.http_url), ("triton_grpc", "grpc", targets.grpc_url)):
         if backend not in backends:
             continue
@@ -149,15 +113,15 @@ def evaluate(
             raise CtrError(f"backend {backend} needs a server URL (--{protocol}-url) or --start-server")
         scorer = TritonScorer(url, protocol)
         scorer.check_ready(ENSEMBLE_NAME)
-        probs, reprs = {}, {}
+        out = {}
         for n in names:
-            out, sec = _timed(lambda: scorer.score_outputs(n, feeds, targets.batch_size, outputs))
-            probs[n], reprs[n] = out["prob"][:, 0], out.get("repr")
-            summary["members"][n][backend] = _row(y, probs[n], ref[n], sec, base)
+            o, sec = _timed(lambda: scorer.score_outputs(n, feeds, targets.batch_size, outputs))
+            out[n] = (o["prob"][:, 0], o.get("repr"))
+            summary["members"][n][backend] = _row(y, out[n][0], ref[n], sec, base)
         served, sec = _timed(lambda: scorer.score(ENSEMBLE_NAME, feeds, targets.batch_size))
         row = _row(y, served, ref_fused, sec, base)
         # The server's fusion against the reference fusion of what the same server's members returned.
-        row["fusion_max_abs_diff"] = float(np.max(np.abs(served - reference.fuse(names, probs, reprs))))
+        row["fusion_max_abs_diff"] = float(np.max(np.abs(served - fusion.fuse(out)[0])))
         summary["ensemble"][backend] = row
         scorer.close()
     return summary

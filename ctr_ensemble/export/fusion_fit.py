@@ -26,6 +26,7 @@ from torch.nn import functional as F
 from ctr_ensemble import metrics
 from ctr_ensemble.errors import CtrError
 from ctr_ensemble.layers.fusion import EPS, FITTED, SPACES, FusionRule, negation_entropy
+from ctr_ensemble.models.predict import predict
 
 ONE_HOT_PRIOR = -1e4  # exp(-1e4 + NE/τ) is 0 in float32 for any τ the fit allows: a one-hot weight
 MEAN_TAU = 1e9  # NE/τ below float32 resolution: every weight exactly 1/N
@@ -119,10 +120,8 @@ def fit(names: list[str], probs: np.ndarray, y: np.ndarray, space: str = "auto")
     with _one_thread():
         scored = [(label, rule, metrics.logloss(y, fused(rule, probs))) for label, rule in candidates(names, probs, y, space)]
     label, rule, ll = min(scored, key=lambda c: c[2])
-    record = {"rule": {"tau": rule.tau, "priors": list(rule.priors), "space": rule.space}, "space_asked": space,
-              "rows": int(len(y)), "chosen": label, "val_logloss": ll,
-              "candidates": [{"name": n, "tau": r.tau, "priors": list(r.priors), "space": r.space, "val_logloss": v}
-                             for n, r, v in scored]}
+    record = {"rule": rule.entry(), "space_asked": space, "rows": int(len(y)), "chosen": label, "val_logloss": ll,
+              "candidates": [{"name": n, **r.entry(), "val_logloss": v} for n, r, v in scored]}
     return rule, record
 
 
@@ -159,14 +158,14 @@ def render(rep: dict) -> str:
 
 def member_probs(checkpoints, feeds: dict[str, np.ndarray]) -> np.ndarray:
     """(N, M) float32 PyTorch probabilities of the members (eval mode) on ``feeds``."""
-    from ctr_ensemble.training.trainer import predict
-
     return np.stack([predict(ck.build(), feeds) for ck in checkpoints], axis=1).astype(np.float32)
 
 
 def fit_for_export(checkpoints, val, test=None, space: str = "auto", sources: dict | None = None) -> tuple[FusionRule, dict]:
     """Score ``val`` (and ``test``: encoded ``Arrays``) with the members, fit on ``val``; the rule and the
-    record that goes into repository.json (``fusion.fit``): the choice, its candidates and the report."""
+    record that goes into repository.json (``fusion.fit``): the choice, its candidates and the report.
+    ``sources``: where ``val``/``test`` were read from (``export --fit-fusion`` encodes the files with the
+    members' feature spec), kept in the record as ``val_data``/``test_data``."""
     names = [c.name for c in checkpoints]
     splits = {"val": (member_probs(checkpoints, val.feeds()), val.label.astype(np.int64))}
     if test is not None:

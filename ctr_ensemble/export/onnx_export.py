@@ -16,7 +16,6 @@ from ctr_ensemble.errors import CtrError
 from ctr_ensemble.models.base import OUTPUT_NAMES, Member
 
 OPSET = 17
-PARITY_TOL = 1e-5
 
 
 class _ByName(nn.Module):

@@ -7,8 +7,8 @@ Layout written (Triton's standard repository layout)::
       <member>/config.pbtxt           backend "onnxruntime", dynamic batching, explicit instances
       <member>/feature_spec.json      how raw rows become cat_ids / num / seq_ids + seq_len
       <member>/1/model.onnx
-      fusion/config.pbtxt             backend "python", parameters fusion_mode and tau (fitted: + priors, space;
-                                      collaborative: head_file instead)
+      fusion/config.pbtxt             backend "python", parameters fusion_mode and its rule's (``FusionRule.params``,
+                                      e.g. tau; fitted: + priors, space; collaborative: head_file instead)
       fusion/1/model.py, ctr_fusion.py
       fusion/1/head.pt (+ .sha256)    collaborative mode only: the trained head's config and weights
       ctr_ensemble/config.pbtxt       platform "ensemble": members → fusion (prob, plus repr when collaborative)
@@ -34,20 +34,17 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from ctr_ensemble.data.spec import INPUT_DTYPES, FeatureSpec
 from ctr_ensemble.errors import CtrError
-from ctr_ensemble.export import onnx_export, validate
+from ctr_ensemble.export import onnx_export, reference, validate
 from ctr_ensemble.layers import fusion as fusion_math
-from ctr_ensemble.layers.fusion import FITTED, FusionRule
-from ctr_ensemble.training import checkpoint as ckpt_io
-from ctr_ensemble.training.checkpoint import Checkpoint
-from ctr_ensemble.training.collab import CollabCheckpoint
-from ctr_ensemble.training.trainer import predict
+from ctr_ensemble.layers.fusion import COLLABORATIVE, FITTED, FUSION_MODES, HEAD_FILE, PARAMS, RULES, FusionRule
+from ctr_ensemble.metrics import PARITY_TOL
+from ctr_ensemble.models import checkpoint as ckpt_io
+from ctr_ensemble.models.checkpoint import Checkpoint
+from ctr_ensemble.models.ensemble import CollabCheckpoint
 
 ENSEMBLE_NAME = "ctr_ensemble"
 FUSION_NAME = "fusion"
 TRITON_SRC = Path(__file__).parent / "triton"
-COLLABORATIVE = "collaborative"
-FUSION_MODES = (*fusion_math.MODES, COLLABORATIVE)  # what the served fusion model accepts
-HEAD_FILE = "head.pt"
 
 
 @dataclass
@@ -64,8 +61,9 @@ class RepoOptions:
     intra_op_threads: int = 1  # ONNX Runtime threads per member instance
     dynamic_batching: bool = True  # per member; the ensemble has no batcher of its own
     max_queue_delay_us: int = 200
-    fusion_mode: str = "negation_entropy"  # negation_entropy | mean | fitted | collaborative (needs a collaborative checkpoint)
-    tau: float = 1.0  # mean / negation_entropy / fitted only; the collaborative head carries its own τ
+    fusion_mode: str = "negation_entropy"  # a layers.fusion.RULES rule, or collaborative (needs a collaborative checkpoint)
+    # The rules' parameters (layers.fusion.PARAMS), each read only by the rules that take it:
+    tau: float = 1.0  # mean / negation_entropy / fitted; the collaborative head carries its own τ
     priors: list[float] | None = None  # fitted only: a_i per member in ensemble order (export --fit-fusion)
     space: str = "prob"  # fitted only: prob | logit averaging
     fusion_kind: str = "auto"  # auto | cpu | gpu
@@ -86,30 +84,35 @@ class RepoOptions:
             fusion_rule(self)
         resolve_fusion_kind(self.fusion_kind)
 
+    def with_rule(self, rule: FusionRule) -> "RepoOptions":
+        """These options deploying ``rule`` (its mode and parameters)."""
+        return replace(self, fusion_mode=rule.mode, **{p: v for p, v in rule.entry().items() if p != "mode"})
+
+
+def _missing_fit(opt: RepoOptions) -> bool:
+    """``opt`` names a trained rule but not its parameters (``--fusion-mode fitted`` without a fit)."""
+    kind = RULES.get(opt.fusion_mode)
+    return kind is not None and kind.trained and any(getattr(opt, p) is None for p in kind.params)
+
 
 def fusion_rule(opt: RepoOptions, members: int | None = None) -> FusionRule:
-    """The fusion rule ``opt`` deploys (not collaborative); priors and space count only in the fitted mode."""
-    if opt.fusion_mode == FITTED and opt.priors is None:
-        raise CtrError(f"fusion mode {FITTED!r} needs fitted parameters: export with --fit-fusion VAL_FILE")
-    fitted = opt.fusion_mode == FITTED
+    """The fusion rule ``opt`` deploys (not collaborative): only the parameters its rule takes count."""
+    if _missing_fit(opt):
+        raise CtrError(f"fusion mode {opt.fusion_mode!r} needs fitted parameters: export with --fit-fusion VAL_FILE")
+    kind = RULES.get(opt.fusion_mode)
     try:
-        rule = FusionRule(opt.fusion_mode, opt.tau, opt.priors if fitted else None, opt.space if fitted else "prob")
+        rule = FusionRule(opt.fusion_mode, **{p: getattr(opt, p) for p in (kind.params if kind else ())})
     except ValueError as e:
         raise CtrError(f"fusion rule: {e}") from None
-    if fitted and members is not None and len(rule.priors) != members:
-        raise CtrError(f"fusion rule: {len(rule.priors)} priors for {members} members")
+    for p, v in rule.values().items():
+        if PARAMS[p].per_member and members is not None and len(v) != members:
+            raise CtrError(f"fusion rule: {len(v)} {p} for {members} members")
     return rule
 
 
 def manifest_rule(manifest: dict) -> FusionRule:
     """The (not collaborative) rule a repository's fusion model serves, from repository.json."""
-    f = manifest["fusion"]
-    return FusionRule(f["mode"], float(f["tau"]), f.get("priors"), f.get("space", "prob"))
-
-
-def _rule_entry(rule: FusionRule) -> dict:
-    """repository.json's fusion fields of ``rule`` (priors and space only when fitted)."""
-    return {"mode": rule.mode, "tau": rule.tau, **({"priors": list(rule.priors), "space": rule.space} if rule.mode == FITTED else {})}
+    return FusionRule.from_entry(manifest["fusion"])
 
 
 # Native onnxruntime backend on KIND_GPU: the CUDA execution provider, one stream for copies and compute.
@@ -168,7 +171,7 @@ def apply_fusion_deployment(cfg: mc.ModelConfig, opt: RepoOptions, kind: str) ->
         params = {"fusion_mode": opt.fusion_mode, "head_file": HEAD_FILE}
     else:
         params = fusion_rule(opt).params()
-    for stale in {"tau", "head_file", "priors", "space"} - set(params):
+    for stale in {"head_file", *PARAMS} - set(params):
         if stale in cfg.parameters:
             del cfg.parameters[stale]
     # GPU inputs stay on the GPU instead of being copied to host first.
@@ -249,7 +252,7 @@ def write_repository(
     ``Arrays.feeds()``; plus OOV/NaN/sequence-length stress rows),
     and write the repository atomically. Returns the manifest (also saved as repository.json).
 
-    With ``collab`` (and ``opt.fusion_mode == "collaborative"``) the members are the collaborative
+    With ``collab`` (and ``opt.fusion_mode == COLLABORATIVE``) the members are the collaborative
     checkpoint's, the fusion model gets the trained head in ``fusion/1/head.pt`` and every member's
     ``repr`` is routed to it; parity then also covers the fused prediction against PyTorch, as it does for
     the other fusion rules (the rule over ONNX members against the rule over PyTorch members).
@@ -283,15 +286,15 @@ def write_repository(
     shutil.rmtree(staging, ignore_errors=True)
     fusion_entry = {"model": FUSION_NAME, "mode": opt.fusion_mode, "tau": opt.tau, "kind": kind}
     if rule is not None:
-        fusion_entry.update(_rule_entry(rule), **({"fit": fusion_fit} if fusion_fit is not None else {}))
+        fusion_entry.update(rule.entry(), **({"fit": fusion_fit} if fusion_fit is not None else {}))
     if collab is not None:
         fusion_entry.update(tau=collab.head_config["tau"], checkpoint=collab.source, head=HEAD_FILE,
                             variant=collab.head_config["variant"], learn_tau=collab.head_config["learn_tau"])
     manifest = {"format": "ctr-ensemble/repository", "version": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "ensemble": ENSEMBLE_NAME, "fusion": fusion_entry,
                 "options": asdict(opt), "members": {}, "feature_spec_fingerprint": spec0.fingerprint()}
-    onnx_out: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # member → (prob, repr) on the parity rows
-    torch_probs: dict[str, np.ndarray] = {}
+    onnx_out: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # member → (prob, repr) on the parity rows: ONNX Runtime
+    torch_out: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # ... and PyTorch
     repr_dims: dict[str, int] = {}
     try:
         for ck in checkpoints:
@@ -306,24 +309,31 @@ def write_repository(
                 entry["parity"] = onnx_export.parity(model, sess, parity_rows)
                 entry["parity_stress"] = onnx_export.parity(model, sess, onnx_export.stress_rows(parity_rows, ck.spec))
                 worst = max(entry["parity"]["prob_max_abs_diff"], entry["parity_stress"]["prob_max_abs_diff"])
-                if not worst <= onnx_export.PARITY_TOL:
-                    raise CtrError(f"{ck.name}: ONNX Runtime differs from PyTorch by {worst:.3g} (> {onnx_export.PARITY_TOL})")
+                if not worst <= PARITY_TOL:
+                    raise CtrError(f"{ck.name}: ONNX Runtime differs from PyTorch by {worst:.3g} (> {PARITY_TOL})")
                 onnx_out[ck.name] = onnx_export.run_onnx(sess, parity_rows)
-                torch_probs[ck.name] = predict(model, parity_rows)
+                torch_out[ck.name] = reference.member_outputs(model, parity_rows)
             _write_config(member_config(ck.name, ck.spec, model.repr_dim, opt), mdir)
             ck.spec.save(mdir / "feature_spec.json")
             manifest["members"][ck.name] = entry
         fdir = staging / FUSION_NAME
-        _write_config(fusion_config(names, opt, kind, repr_dims if collab is not None else None), fdir)
+        fcfg = fusion_config(names, opt, kind, repr_dims if collab is not None else None)
+        _write_config(fcfg, fdir)
         (fdir / "1").mkdir(parents=True)
         shutil.copy(TRITON_SRC / "fusion_model.py", fdir / "1" / "model.py")
         shutil.copy(Path(fusion_math.__file__), fdir / "1" / "ctr_fusion.py")
         if collab is not None:
-            ckpt_io.write_atomic(collab.head_payload(), fdir / "1" / HEAD_FILE)
-            if parity_rows is not None:
-                fusion_entry["parity"] = collab_fusion_parity(collab, fdir / "1" / HEAD_FILE, onnx_out, parity_rows)
-        elif parity_rows is not None:
-            fusion_entry["parity"] = fusion_parity(rule, [torch_probs[n] for n in names], [onnx_out[n][0] for n in names])
+            ckpt_io.write_verified(fdir / "1" / HEAD_FILE, collab.head_payload())
+        if parity_rows is not None:  # the fusion as written (config, head file) over the ONNX members, against ...
+            fusion = reference.Fusion.from_config(fcfg, fdir)
+            served = fusion.fuse(onnx_out)[0]
+            if collab is None:  # ... the same rule over the PyTorch members
+                ref = fusion.fuse(torch_out)[0]
+                differs = f"fusion {rule.describe()}: over the ONNX members it differs from PyTorch"
+            else:  # ... the trained collaborative model: the checkpoint's head over the PyTorch members
+                ref = reference.Fusion.of_members(names, head=collab.build().head).fuse(torch_out)[0]
+                differs = "collaborative fusion: ONNX members + head differ from PyTorch"
+            fusion_entry["parity"] = reference.parity(ref, served, differs)
         edir = staging / ENSEMBLE_NAME
         _write_config(ensemble_config(names, spec0, opt, with_repr=collab is not None), edir)
         (edir / "1").mkdir(parents=True)
@@ -336,58 +346,14 @@ def write_repository(
     return manifest
 
 
-def load_head(path: str | Path) -> tuple[fusion_math.CollaborativeHead, list[str]]:
-    """The head exactly as the served fusion model loads it (checksum verified)."""
-    payload = ckpt_io.read_verified(path, "collaborative head", fusion_math.HEAD_FORMAT, fusion_math.HEAD_VERSION)
-    try:
-        return fusion_math.head_from_payload(payload)
-    except (ValueError, KeyError, RuntimeError) as e:
-        raise CtrError(f"{path}: not a usable collaborative head: {e}") from e
-
-
-def fuse_collaborative(head: fusion_math.CollaborativeHead, probs: list[np.ndarray], reprs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Fused probability (B,) and weights (B, N) from member probs [(B,)] and reprs [(B, H_i)], as served."""
-    with torch.no_grad():
-        p = torch.from_numpy(np.stack(probs, axis=1).astype(np.float32))
-        logit, w = head(p, [torch.from_numpy(np.asarray(r, dtype=np.float32)) for r in reprs])
-    return torch.sigmoid(logit)[:, 0].numpy(), w.numpy()
-
-
-def collab_fusion_parity(collab: CollabCheckpoint, head_path: Path, onnx_out: dict[str, tuple[np.ndarray, np.ndarray]],
-                         rows: dict[str, np.ndarray]) -> dict:
-    """Max |Δ| between the PyTorch collaborative model and ONNX members + the written head on ``rows``."""
-    from ctr_ensemble.training.collab import predict_collab
-
-    head, _ = load_head(head_path)
-    ref, _, _ = predict_collab(collab.build(), rows)
-    served, _ = fuse_collaborative(head, [onnx_out[n][0] for n in collab.names], [onnx_out[n][1] for n in collab.names])
-    diff = float(np.max(np.abs(served - ref))) if len(ref) else 0.0
-    if not diff <= onnx_export.PARITY_TOL:
-        raise CtrError(f"collaborative fusion: ONNX members + head differ from PyTorch by {diff:.3g} (> {onnx_export.PARITY_TOL})")
-    return {"rows": int(len(ref)), "prob_max_abs_diff": diff}
-
-
-def fusion_parity(rule: FusionRule, torch_probs: list[np.ndarray], onnx_probs: list[np.ndarray]) -> dict:
-    """Max |Δ| between ``rule`` over the ONNX members and over the PyTorch members (float32, as served)."""
-    def fused(probs):
-        with torch.no_grad():
-            return rule.fuse(torch.from_numpy(np.stack(probs, axis=1).astype(np.float32)))[0][:, 0].numpy()
-
-    ref, served = fused(torch_probs), fused(onnx_probs)
-    diff = float(np.max(np.abs(served - ref))) if len(ref) else 0.0
-    if not diff <= onnx_export.PARITY_TOL:
-        raise CtrError(f"fusion {rule.describe()}: over the ONNX members it differs from PyTorch by {diff:.3g} "
-                       f"(> {onnx_export.PARITY_TOL})")
-    return {"rows": int(len(ref)), "prob_max_abs_diff": diff}
-
-
 def fitted_rule(manifest: dict) -> FusionRule | None:
-    """The fitted rule of repository.json: the one served, else the one fitted at export (kept when a
-    reconfigure switched to another rule); None if it has neither."""
-    if manifest["fusion"]["mode"] == FITTED:
+    """The fitted rule of repository.json: the one served (a trained rule), else the one fitted at export (kept
+    when a reconfigure switched to another rule); None if it has neither."""
+    kind = RULES.get(manifest["fusion"]["mode"])
+    if kind is not None and kind.trained:
         return manifest_rule(manifest)
     rule = (manifest["fusion"].get("fit") or {}).get("rule")
-    return FusionRule(FITTED, rule["tau"], rule["priors"], rule["space"]) if rule else None
+    return FusionRule.from_entry({"mode": FITTED, **rule}) if rule else None  # older records name no mode: fitted
 
 
 def swap_in(staging: Path, repo: Path) -> None:
@@ -413,11 +379,11 @@ def reconfigure_repository(src: str | Path, dst: str | Path, opt: RepoOptions) -
     Inputs and outputs of every config stay as exported. Returns the new manifest."""
     src, dst = Path(src).resolve(), Path(dst).resolve()
     manifest = read_manifest(src)
-    if opt.fusion_mode == FITTED and opt.priors is None:  # the fitted parameters the source was exported with
+    if _missing_fit(opt):  # the fitted parameters the source was exported with
         fitted = fitted_rule(manifest)
-        if fitted is None:
+        if fitted is None or opt.fusion_mode not in (FITTED, fitted.mode):  # fitted: whichever rule the fit chose
             raise CtrError(f"{src}: has no fitted fusion to deploy; export it with --fit-fusion VAL_FILE")
-        opt = replace(opt, tau=fitted.tau, priors=list(fitted.priors), space=fitted.space)
+        opt = opt.with_rule(fitted)
     opt.validate()
     was_collab = manifest["fusion"]["mode"] == COLLABORATIVE
     if was_collab != (opt.fusion_mode == COLLABORATIVE):
@@ -449,9 +415,10 @@ def reconfigure_repository(src: str | Path, dst: str | Path, opt: RepoOptions) -
         ens.max_batch_size = opt.max_batch_size
         _write_config(ens, staging / ENSEMBLE_NAME)
         if rule is not None:  # a parity figure of another rule does not hold for this one
-            for k in ("priors", "space") + (("parity",) if manifest_rule(manifest) != rule else ()):
+            stale = [p for p in PARAMS if p not in rule.kind.params] + (["parity"] if manifest_rule(manifest) != rule else [])
+            for k in stale:
                 manifest["fusion"].pop(k, None)
-            manifest["fusion"].update(_rule_entry(rule))
+            manifest["fusion"].update(rule.entry())
         manifest["fusion"].update(mode=opt.fusion_mode, kind=kind)
         manifest["options"] = asdict(opt)
         manifest["derived_from"] = str(src)

@@ -7,9 +7,10 @@ the same problems in about a second and names the model, the file and what was e
 * every ``<model>/config.pbtxt`` parses as a Triton ``ModelConfig`` whose ``name`` is its folder;
 * ONNX members: ``1/model.onnx`` exists, matches the checksum recorded at export, passes
   ``onnx.checker``, and its inputs/outputs have the names, dtypes and per-row dims of the config;
-* Python models: ``1/model.py`` (and the fusion's ``ctr_fusion.py``) exist and compile; a fitted fusion
-  rule's parameters (``tau``, ``priors``, ``space``) parse as the served fusion model parses them
-  (``layers.fusion.FusionRule``, which imports torch), with one prior per member;
+* Python models: ``1/model.py`` (and the fusion's ``ctr_fusion.py``) exist and compile; the fusion rule's
+  parameters (e.g. ``tau``; fitted: ``priors``, ``space``) parse as the served fusion model parses them
+  (``layers.fusion.FusionRule``, which imports torch), with one prior per member; a collaborative fusion's
+  head file matches its checksum;
 * the ensemble: every step names a model of the repository, maps only inputs/outputs that the
   step model has, and every ensemble input and output is wired;
 * ``repository.json`` and each ``feature_spec.json`` load.
@@ -97,15 +98,18 @@ def _check_python_model(mdir: Path, cfg: mc.ModelConfig, problems: list[str]) ->
         except (SyntaxError, ValueError) as e:
             problems.append(f"{path}: does not compile: {type(e).__name__}: {e}")
     params = {k: v.string_value for k, v in cfg.parameters.items()}
-    if params.get("fusion_mode") == "fitted":
-        from ctr_ensemble.layers.fusion import FusionRule  # the served model's own parser (imports torch: ~1-2 s)
+    if "fusion_mode" not in params:
+        return
+    # The served model's own parser and constants (imports torch: ~1-2 s, only for a fusion model).
+    from ctr_ensemble.layers.fusion import COLLABORATIVE, HEAD_FILE, FusionRule
 
+    if params["fusion_mode"] != COLLABORATIVE:
         try:
             FusionRule.from_params(params, members=sum(i.name.endswith("_prob") for i in cfg.input))
         except ValueError as e:
             problems.append(f"{mdir / 'config.pbtxt'}: fusion parameters: {e}")
-    if params.get("fusion_mode") == "collaborative":  # the trained head, checked as the fusion model will check it
-        head = mdir / "1" / (params.get("head_file") or "head.pt")
+    else:  # the trained head, checked as the fusion model will check it
+        head = mdir / "1" / (params.get("head_file") or HEAD_FILE)
         sha = head.with_name(head.name + ".sha256")
         if not head.is_file() or not sha.is_file():
             problems.append(f"{head}: missing (collaborative head of {cfg.name!r}, with its .sha256)")

@@ -1,4 +1,4 @@
-"""Confidence fusion of member click probabilities (reference implementation).
+"""Confidence fusion of member click probabilities (reference implementation), and the registry of fusion rules.
 
 Negation entropy NE(p) = p·log p + (1 − p)·log(1 − p) is 0 for a certain prediction and
 −log 2 at p = 0.5 (arXiv 2411.13700, "A Collaborative Ensemble Framework for CTR
@@ -9,8 +9,15 @@ The ``fitted`` rule adds a prior per member, w = softmax(a_i + NE(p_i)/τ), and 
 probability space (p = Σ w_i·p_i) or logit space (p = σ(Σ w_i·logit p_i), p clamped to
 [EPS, 1 − EPS] first); τ, the priors and the space are fitted on validation data
 (``export --fit-fusion``, ``ctr_ensemble.export.fusion_fit``). A prior of −1e4 against 0 makes
-the weight one-hot: a single member is a fitted rule too. ``FusionRule`` is one rule with its
-parameters, as the fusion model's config.pbtxt carries them.
+the weight one-hot: a single member is a fitted rule too.
+
+``RULES`` is the registry: per rule (the config's ``fusion_mode``) its parameters (names in ``PARAMS``: each a
+``FusionRule`` field, a config.pbtxt parameter and a repository.json field of the same name), its weights
+(the reference function) and whether its parameters are trained. ``FusionRule`` is one rule with its
+parameters: ``params``/``from_params`` are the fusion model's config.pbtxt entries, ``entry``/``from_entry``
+repository.json's. The exporter, the validator, the offline reference (``export.reference``), the fitter and
+the served fusion model all go through it; a new rule is an entry in ``RULES`` (and, if it is trained, its fit
+in ``export.fusion_fit``).
 
 This file depends on torch only: the exporter copies it next to the Triton fusion
 model, so the server runs exactly this code on CPU or GPU. It also holds the
@@ -21,13 +28,16 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-MODES = ("negation_entropy", "mean", "fitted")
 FITTED = "fitted"
+# The collaborative ensemble's fusion mode: its trained head (below) over member probabilities and representations,
+# not a rule over probabilities.
+COLLABORATIVE = "collaborative"
 SPACES = ("prob", "logit")
 EPS = 1e-7  # logit space: p is clamped to [EPS, 1 - EPS] before the logit (float32 holds 1 - 1e-7 as 1 - 2^-23)
 
@@ -46,17 +56,121 @@ def negation_entropy(p: torch.Tensor) -> torch.Tensor:
     return torch.where(inside, torch.special.xlogy(s, s) + torch.special.xlogy(q, q), 0.0)
 
 
-def _check_fitted(n: int, mode: str, priors, space: str) -> None:
-    if space not in SPACES:
-        raise ValueError(f"fusion space must be one of {SPACES}, got {space!r}")
-    if mode != FITTED:
-        if priors is not None or space != "prob":
-            raise ValueError(f"priors and space belong to the {FITTED!r} fusion mode, not {mode!r}")
+# --- the rules' weights: (B, N) member probabilities → (B, N) weights, rows sum to 1 ---------------------------
+
+def _mean_weights(probs: torch.Tensor, tau, priors) -> torch.Tensor:
+    return torch.full_like(probs, 1.0 / probs.shape[1])
+
+
+def _negation_entropy_weights(probs: torch.Tensor, tau, priors) -> torch.Tensor:
+    conf = negation_entropy(probs)
+    if tau == 0.0:
+        top = conf == conf.max(dim=1, keepdim=True).values
+        return top.to(probs.dtype) / top.sum(dim=1, keepdim=True).to(probs.dtype)
+    return torch.softmax(conf / tau, dim=1)
+
+
+def _fitted_weights(probs: torch.Tensor, tau, priors) -> torch.Tensor:
+    """softmax(a_i + NE(p_i)/τ); ``priors`` a sequence or a tensor (on ``probs``' device, or with a gradient)."""
+    return torch.softmax(torch.as_tensor(priors, dtype=probs.dtype, device=probs.device) + negation_entropy(probs) / tau, dim=1)
+
+
+# --- the registry ---------------------------------------------------------------------------------------------
+
+def _number(name: str, raw: str) -> float:
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from None
+
+
+def _numbers(name: str, raw: str) -> list:
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        raise ValueError(f"{name} must be a JSON list of numbers, got {raw!r}") from None
+    if not isinstance(value, list) or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in value):
+        raise ValueError(f"{name} must be a JSON list of numbers, got {raw!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Param:
+    """A rule parameter: a ``FusionRule`` field, a config.pbtxt parameter and a repository.json field."""
+
+    default: object
+    dump: Callable[[object], str]  # value → config string; parse(dump(v)) == v exactly
+    parse: Callable[[str | None], object]  # config string (None: absent) → value; ValueError says what is wrong
+    per_member: bool = False  # one number per member input, in ensemble order (a tuple in FusionRule)
+
+
+PARAMS: dict[str, Param] = {
+    "tau": Param(1.0, lambda v: repr(float(v)), lambda raw: _number("tau", raw or "1.0")),
+    "priors": Param(None, lambda v: json.dumps(list(v)), lambda raw: _numbers("priors", raw or ""), per_member=True),
+    "space": Param("prob", str, lambda raw: "prob" if raw is None else raw),
+}
+
+
+@dataclass(frozen=True)
+class RuleKind:
+    """One fusion rule of the registry."""
+
+    name: str  # the config's fusion_mode
+    weights: Callable  # (probs (B, N), tau, priors) → weights (B, N): the reference function
+    describe: Callable[["FusionRule"], str]
+    params: tuple[str, ...] = ("tau",)  # its parameters (PARAMS keys) besides fusion_mode; space: how w averages p
+    tau_positive: bool = False  # τ > 0 (else τ >= 0, 0 = argmax)
+    uses_tau: bool = True  # False: the config carries τ, the weights ignore it
+    trained: bool = False  # its parameters are fitted on validation data (``export --fit-fusion``), no defaults
+
+
+RULES: dict[str, RuleKind] = {r.name: r for r in (
+    RuleKind("negation_entropy", _negation_entropy_weights, lambda r: f"{r.mode} (τ={r.tau:g})"),
+    RuleKind("mean", _mean_weights, lambda r: r.mode, uses_tau=False),
+    RuleKind(FITTED, _fitted_weights,
+             lambda r: f"{FITTED} (τ={r.tau:.4g}, priors [{', '.join(f'{a:.4g}' for a in r.priors)}], {r.space} space)",
+             params=("tau", "priors", "space"), tau_positive=True, trained=True),
+)}
+MODES = tuple(RULES)  # the rules over member probabilities
+FUSION_MODES = (*MODES, COLLABORATIVE)  # every fusion_mode the served fusion model accepts
+
+
+def _kind(mode: str) -> RuleKind:
+    if mode not in RULES:
+        raise ValueError(f"unknown fusion mode {mode!r}; expected one of {MODES}")
+    return RULES[mode]
+
+
+def _differs(name: str, value) -> bool:
+    default = PARAMS[name].default
+    return value is not None if default is None else value != default
+
+
+def _check_params(mode: str, n: int, values: dict) -> None:
+    """The space, no parameter of another rule, every per-member parameter given and one per member (n)."""
+    if values.get("space", "prob") not in SPACES:
+        raise ValueError(f"fusion space must be one of {SPACES}, got {values['space']!r}")
+    kind = RULES.get(mode)
+    if kind is None:
         return
-    if priors is None:
-        raise ValueError(f"fusion mode {FITTED!r} needs priors (one per member)")
-    if len(priors) != n:
-        raise ValueError(f"fusion mode {FITTED!r}: {len(priors)} priors for {n} members")
+    foreign = {p for p, v in values.items() if p not in kind.params and _differs(p, v)}
+    if foreign:
+        owner = next((k for k in RULES.values() if foreign <= set(k.params)), None)
+        if owner is None:
+            raise ValueError(f"{' and '.join(sorted(foreign))} are no parameters of the {mode!r} fusion mode")
+        raise ValueError(f"{' and '.join(p for p in owner.params if p not in kind.params)} belong to the "
+                         f"{owner.name!r} fusion mode, not {mode!r}")
+    for p in kind.params:
+        if PARAMS[p].per_member:
+            if values.get(p) is None:
+                raise ValueError(f"fusion mode {mode!r} needs {p} (one per member)")
+            if len(values[p]) != n:
+                raise ValueError(f"fusion mode {mode!r}: {len(values[p])} {p} for {n} members")
+
+
+def _check_tau(kind: RuleKind, tau) -> None:
+    if not (tau > 0.0 if kind.tau_positive else tau >= 0.0):
+        raise ValueError(f"tau must be {'> 0' if kind.tau_positive else '>= 0'}, got {tau}")
 
 
 def fusion_weights(probs: torch.Tensor, mode: str = "negation_entropy", tau: float = 1.0,
@@ -66,20 +180,11 @@ def fusion_weights(probs: torch.Tensor, mode: str = "negation_entropy", tau: flo
     ``priors`` (``fitted`` only): a_i, one per member (a sequence or a tensor on ``probs``' device)."""
     if probs.dim() != 2:
         raise ValueError(f"probs must be (batch, members), got shape {tuple(probs.shape)}")
-    if mode not in MODES:
-        raise ValueError(f"unknown fusion mode {mode!r}; expected one of {MODES}")
-    _check_fitted(probs.shape[1], mode, priors, "prob")
-    if mode == "mean":
-        return torch.full_like(probs, 1.0 / probs.shape[1])
-    if not tau >= 0.0 or (mode == FITTED and tau == 0.0):
-        raise ValueError(f"tau must be {'> 0' if mode == FITTED else '>= 0'}, got {tau}")
-    conf = negation_entropy(probs)
-    if mode == FITTED:
-        return torch.softmax(torch.as_tensor(priors, dtype=probs.dtype, device=probs.device) + conf / tau, dim=1)
-    if tau == 0.0:
-        top = conf == conf.max(dim=1, keepdim=True).values
-        return top.to(probs.dtype) / top.sum(dim=1, keepdim=True).to(probs.dtype)
-    return torch.softmax(conf / tau, dim=1)
+    kind = _kind(mode)
+    _check_params(mode, probs.shape[1], {"priors": priors})
+    if kind.uses_tau:
+        _check_tau(kind, tau)
+    return kind.weights(probs, tau, priors)
 
 
 def fuse(probs: torch.Tensor, mode: str = "negation_entropy", tau: float = 1.0,
@@ -88,7 +193,7 @@ def fuse(probs: torch.Tensor, mode: str = "negation_entropy", tau: float = 1.0,
 
     ``space`` (``fitted`` only): ``prob`` averages probabilities, ``logit`` averages logit(p) and
     returns the sigmoid of that."""
-    _check_fitted(probs.shape[1] if probs.dim() == 2 else 0, mode, priors, space)
+    _check_params(mode, probs.shape[1] if probs.dim() == 2 else 0, {"priors": priors, "space": space})
     w = fusion_weights(probs, mode, tau, priors)
     if space == "logit":
         z = torch.logit(probs.clamp(EPS, 1.0 - EPS))
@@ -107,55 +212,64 @@ class FusionRule:
     space: str = "prob"  # fitted only
 
     def __post_init__(self):
-        if self.priors is not None:
-            object.__setattr__(self, "priors", tuple(float(a) for a in self.priors))
-        if self.mode not in MODES:
-            raise ValueError(f"unknown fusion mode {self.mode!r}; expected one of {MODES}")
-        if self.mode == FITTED and self.priors is None:
-            raise ValueError(f"fusion mode {FITTED!r} needs priors (one per member)")
-        _check_fitted(len(self.priors or ()), self.mode, self.priors, self.space)
-        if not (self.tau > 0.0 if self.mode == FITTED else self.tau >= 0.0):
-            raise ValueError(f"tau must be {'> 0' if self.mode == FITTED else '>= 0'}, got {self.tau}")
-        if self.priors is not None and not all(math.isfinite(a) for a in self.priors):
-            raise ValueError(f"priors must be finite numbers, got {list(self.priors)}")
+        for p, spec in PARAMS.items():
+            if spec.per_member and getattr(self, p) is not None:
+                object.__setattr__(self, p, tuple(float(a) for a in getattr(self, p)))
+        kind = _kind(self.mode)
+        given = [getattr(self, p) for p in kind.params if PARAMS[p].per_member and getattr(self, p) is not None]
+        members = len(given[0]) if given else 0  # the rule's member count is its per-member parameters' length
+        _check_params(self.mode, members, {p: getattr(self, p) for p in PARAMS if p != "tau"})
+        _check_tau(kind, self.tau)
+        for p in kind.params:
+            v = getattr(self, p)
+            if PARAMS[p].per_member and not all(math.isfinite(a) for a in v):
+                raise ValueError(f"{p} must be finite numbers, got {list(v)}")
+
+    @property
+    def kind(self) -> RuleKind:
+        return RULES[self.mode]
+
+    def values(self) -> dict:
+        """The rule's parameters by name (its ``RuleKind.params``)."""
+        return {p: getattr(self, p) for p in self.kind.params}
 
     def fuse(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return fuse(probs, self.mode, self.tau, self.priors, self.space)
+        return fuse(probs, self.mode, **self.values())
+
+    def on(self, device: torch.device) -> dict:
+        """``values`` as ``fuse`` takes them, the per-member ones as a float32 tensor on ``device``: what the
+        served fusion model prepares once, in ``initialize``."""
+        return {p: torch.tensor(v, dtype=torch.float32, device=device) if PARAMS[p].per_member else v
+                for p, v in self.values().items()}
 
     def params(self) -> dict[str, str]:
         """The fusion model's config parameters (strings; floats as their shortest exact repr)."""
-        out = {"fusion_mode": self.mode, "tau": repr(float(self.tau))}
-        if self.mode == FITTED:
-            out.update(priors=json.dumps(list(self.priors)), space=self.space)
-        return out
+        return {"fusion_mode": self.mode, **{p: PARAMS[p].dump(v) for p, v in self.values().items()}}
+
+    def entry(self) -> dict:
+        """repository.json's fields of the rule: its mode and parameters (per-member ones as lists)."""
+        return {"mode": self.mode, **{p: list(v) if PARAMS[p].per_member else v for p, v in self.values().items()}}
 
     def describe(self) -> str:
-        if self.mode == FITTED:
-            return f"{FITTED} (τ={self.tau:.4g}, priors [{', '.join(f'{a:.4g}' for a in self.priors)}], {self.space} space)"
-        return self.mode if self.mode == "mean" else f"{self.mode} (τ={self.tau:g})"
+        return self.kind.describe(self)
+
+    @classmethod
+    def from_entry(cls, entry: dict) -> "FusionRule":
+        """``entry``'s inverse (fields of other rules are ignored)."""
+        kind = _kind(entry["mode"])
+        return cls(kind.name, **{p: entry[p] for p in kind.params if p in entry})
 
     @classmethod
     def from_params(cls, params: dict[str, str], members: int | None = None) -> "FusionRule":
         """Parse config parameters (``params``' inverse); ValueError names the parameter that is wrong.
-        ``members``: the number of member inputs the priors must match."""
-        mode = params.get("fusion_mode", "negation_entropy")
-        raw_tau = params.get("tau") or "1.0"
-        try:
-            tau = float(raw_tau)
-        except ValueError:
-            raise ValueError(f"tau must be a number, got {raw_tau!r}") from None
-        priors = None
-        if mode == FITTED:
-            raw = params.get("priors", "")
-            try:
-                priors = json.loads(raw)
-            except json.JSONDecodeError:
-                raise ValueError(f"priors must be a JSON list of numbers, got {raw!r}") from None
-            if not isinstance(priors, list) or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in priors):
-                raise ValueError(f"priors must be a JSON list of numbers, got {raw!r}")
-            if members is not None and len(priors) != members:
-                raise ValueError(f"priors has {len(priors)} entries but the model has {members} member inputs")
-        return cls(mode, tau, priors, params.get("space", "prob") if mode == FITTED else "prob")
+        ``members``: the number of member inputs the per-member parameters must match."""
+        kind = _kind(params.get("fusion_mode", "negation_entropy"))
+        values = {}
+        for p in kind.params:
+            values[p] = PARAMS[p].parse(params.get(p))
+            if PARAMS[p].per_member and members is not None and len(values[p]) != members:
+                raise ValueError(f"{p} has {len(values[p])} entries but the model has {members} member inputs")
+        return cls(kind.name, **values)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,6 +279,7 @@ class FusionRule:
 HEAD_VARIANTS = ("concat", "sum")
 HEAD_FORMAT = "ctr-ensemble/collab-head"
 HEAD_VERSION = 1
+HEAD_FILE = "head.pt"  # in the fusion model's version folder; its config names it (parameter head_file)
 
 
 class CollaborativeHead(nn.Module):

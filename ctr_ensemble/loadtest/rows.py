@@ -4,11 +4,11 @@ Input names, datatypes and dims come from the model (Triton model metadata, or i
 when no server is up), never hard-coded: each input name is looked up as a field of the encoded
 ``Arrays`` (``cat_ids``, ``num``, and any field a later encoder adds under the model's input name).
 
-The offline reference is what the server must return for those rows, computed outside it:
-ONNX Runtime on the member's ``model.onnx``; for an ensemble of ONNX members and the fusion
-Python model, the members through ONNX Runtime and the reference fusion (``layers.fusion``) with
-the fusion parameters of the served config. A model of another kind (the collaborative ensemble,
-until it registers a reference in ``REFERENCES``) raises ``NoReference`` and its variant is skipped.
+The offline reference is what the server must return for those rows, computed outside it
+(``export.reference``): ONNX Runtime on the member's ``model.onnx``; for an ensemble of ONNX members and the
+fusion Python model, the members through ONNX Runtime, wired as the ensemble's steps say, and the fusion as
+the served config says (a rule with its parameters, or the collaborative head over probs and reprs). A model
+of another kind raises ``NoReference`` and its variant is skipped.
 """
 
 from __future__ import annotations
@@ -19,16 +19,14 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import onnxruntime as ort
-import torch
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.utils import triton_to_np_dtype
 
 from ctr_ensemble.data.encode import encode_file
 from ctr_ensemble.data.spec import FeatureSpec
 from ctr_ensemble.errors import CtrError
+from ctr_ensemble.export import reference
 from ctr_ensemble.export.repository import ENSEMBLE_NAME, read_config
-from ctr_ensemble.layers.fusion import MODES, FusionRule
 
 LABEL = "label"
 
@@ -93,32 +91,36 @@ def load_rows(data: Path, repo: Path, model: str, inputs: list[InputSpec], max_r
 
 
 class _OnnxCache:
-    """Member predictions by ONNX file identity (variant repositories hard-link the same files)."""
+    """Member outputs by ONNX file identity (variant repositories hard-link the same files)."""
 
     def __init__(self) -> None:
-        self._probs: dict[tuple, np.ndarray] = {}
+        self._outputs: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
-    def member(self, onnx_path: Path, rows: dict[str, np.ndarray], batch: int = 16384) -> np.ndarray:
+    def member(self, onnx_path: Path, rows: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """(prob (N,), repr (N, H)) float32 of the member in ``onnx_path`` on ``rows`` (``reference.member_outputs``)."""
         st = os.stat(onnx_path)
         key = (st.st_dev, st.st_ino, st.st_size, id(rows))
-        if key not in self._probs:
-            sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-            names = [i.name for i in sess.get_inputs()]
-            missing = [n for n in names if n not in rows]
-            if missing:
-                raise CtrError(f"{onnx_path}: graph inputs {missing} are not in the load-test rows")
-            n = len(rows[LABEL])
-            parts = [sess.run(["prob"], {k: rows[k][s : s + batch] for k in names})[0][:, 0] for s in range(0, n, batch)]
-            self._probs[key] = np.concatenate(parts).astype(np.float64)
-        return self._probs[key]
+        if key not in self._outputs:
+            try:
+                self._outputs[key] = reference.member_outputs(onnx_path, rows)
+            except CtrError as e:  # a graph input the rows do not have
+                raise CtrError(f"{onnx_path}: {e}") from None
+        return self._outputs[key]
+
+
+def _onnx_path(repo: Path, model: str, cfg: mc.ModelConfig) -> Path | None:
+    path = repo / model / "1" / (cfg.default_model_filename or "model.onnx")
+    return path if cfg.backend == "onnxruntime" and path.is_file() else None
 
 
 def _onnx_member(repo: Path, model: str, cfg: mc.ModelConfig, rows, cache: _OnnxCache) -> np.ndarray | None:
-    path = repo / model / "1" / (cfg.default_model_filename or "model.onnx")
-    return cache.member(path, rows) if cfg.backend == "onnxruntime" and path.is_file() else None
+    path = _onnx_path(repo, model, cfg)
+    return None if path is None else cache.member(path, rows)[0].astype(np.float64)
 
 
 def _fusion_ensemble(repo: Path, model: str, cfg: mc.ModelConfig, rows, cache: _OnnxCache) -> np.ndarray | None:
+    """An ensemble of ONNX members and one fusion model: the members' outputs wired as its steps say, then the
+    fusion as served (``reference.Fusion``: a rule, or the collaborative head over probs and reprs)."""
     if cfg.platform != "ensemble":
         return None
     steps = list(cfg.ensemble_scheduling.step)
@@ -126,34 +128,25 @@ def _fusion_ensemble(repo: Path, model: str, cfg: mc.ModelConfig, rows, cache: _
     if len(fusion) != 1:
         return None
     fstep = fusion[0]
-    fcfg = read_config(repo / fstep.model_name)
-    produced = {}  # ensemble tensor -> member probabilities
+    produced = {}  # ensemble tensor -> member output (prob (N,) or repr (N, H))
     for s in steps:
         if s is fstep:
             continue
-        mcfg = read_config(repo / s.model_name)
-        probs = _onnx_member(repo, s.model_name, mcfg, rows, cache)
-        if probs is None or "prob" not in s.output_map:
+        path = _onnx_path(repo, s.model_name, read_config(repo / s.model_name))
+        if path is None or "prob" not in s.output_map:
             return None
-        produced[s.output_map["prob"]] = probs
+        out = dict(zip(("prob", "repr"), cache.member(path, rows)))
+        produced.update({tensor: out[o] for o, tensor in s.output_map.items() if o in out})
+    fcfg = read_config(repo / fstep.model_name)
     try:
-        cols = [produced[fstep.input_map[i.name]] for i in fcfg.input]
+        inputs = {i.name: produced[fstep.input_map[i.name]] for i in fcfg.input}
     except KeyError:
         return None
-    params = {k: v.string_value for k, v in fcfg.parameters.items()}
-    if params.get("fusion_mode") not in MODES:  # the collaborative head: not a rule over member probabilities
-        return None
-    try:  # parsed as the served fusion model parses its config
-        rule = FusionRule.from_params(params, members=len(cols))
-    except ValueError as e:
-        raise CtrError(f"{repo / fstep.model_name / 'config.pbtxt'}: fusion parameters: {e}") from None
     # float32 like the server: the fusion model computes on the members' float32 outputs.
-    probs = torch.from_numpy(np.stack(cols, axis=1).astype(np.float32))
-    return rule.fuse(probs)[0][:, 0].numpy().astype(np.float64)
+    return reference.Fusion.from_config(fcfg, repo / fstep.model_name)(inputs)[0].astype(np.float64)
 
 
 # A reference returns None when the model is not of its kind; the first that answers wins.
-# The collaborative ensemble (issue 4) registers its own here.
 REFERENCES: list[Callable] = [_onnx_member, _fusion_ensemble]
 
 

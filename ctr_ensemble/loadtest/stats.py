@@ -10,7 +10,6 @@ import numpy as np
 from ctr_ensemble import metrics
 from ctr_ensemble.errors import CtrError
 
-PARITY_TOL = 1e-5  # a served prediction further than this from the offline one is an error
 FIELDS = ("t_start", "latency_ms", "row_start", "n_rows", "ok", "error", "pred", "label")
 
 
@@ -28,7 +27,7 @@ def load_results(results_dir: Path) -> dict[str, np.ndarray]:
 
 
 def summarize(res: dict[str, np.ndarray], labels: np.ndarray, offline: np.ndarray, warmup_s: float,
-              tol: float = PARITY_TOL, train_base_rate: float | None = None) -> dict:
+              tol: float = metrics.PARITY_TOL, train_base_rate: float | None = None) -> dict:
     """Throughput and latency over the steady-state window, errors by kind, served vs offline quality.
 
     Steady state: requests sent at least ``warmup_s`` after the first one; the window ends when the

@@ -38,8 +38,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ctr_ensemble import files
 from ctr_ensemble.errors import CtrError
-from ctr_ensemble.training import checkpoint, distributed
+from ctr_ensemble.models import checkpoint
+from ctr_ensemble.training import distributed
 from ctr_ensemble.training.distributed import Dist
 
 STATE_FORMAT = "ctr-ensemble/train-state"
@@ -189,14 +191,14 @@ def run(task: Task, n_rows: int, cfg: LoopConfig, state_path: str | Path | None 
     def save(epoch: int, pos: int, done: bool = False) -> None:
         if state_path is None or not main:
             return
-        checkpoint.write_atomic({
+        checkpoint.write_verified(state_path, {
             "format": STATE_FORMAT, "version": STATE_VERSION, "run": run_id, "done": done,
             "epoch": epoch, "pos": pos, "steps": steps, "epoch_gen_state": epoch_gen_state,
             "torch_rng": torch.get_rng_state(), "module": task.module.state_dict(),
             "optimizer": task.optimizer.state_dict(), "scheduler": [s.state_dict() for s in scheds] or None,
             "best": best, "best_score": best_score, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
             "history": history, "totals": totals, "seen": seen,
-        }, state_path)
+        })
 
     def epoch_batches(epoch: int, start: int):
         """(row offset in the epoch, rows, first row index or None, what Task.loss gets) from ``start``."""
@@ -296,7 +298,7 @@ def run(task: Task, n_rows: int, cfg: LoopConfig, state_path: str | Path | None 
 def clear_state(state_path: str | Path | None) -> None:
     """Remove the resume state once the run's outputs are safely written."""
     if state_path is not None:
-        checkpoint.remove(state_path)
+        files.remove(state_path)
 
 
 def write_once(dist: Dist, state_path: str | Path | None, write) -> None:

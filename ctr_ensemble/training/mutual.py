@@ -31,8 +31,9 @@ from ctr_ensemble import models
 from ctr_ensemble.data.spec import FeatureSpec
 from ctr_ensemble.errors import CtrError
 from ctr_ensemble.models.base import Member, MemberConfig
-from ctr_ensemble.training import checkpoint, distributed, loop
-from ctr_ensemble.training.checkpoint import Checkpoint
+from ctr_ensemble.models import checkpoint
+from ctr_ensemble.training import distributed, loop
+from ctr_ensemble.models.checkpoint import Checkpoint
 from ctr_ensemble.training.distributed import Dist
 from ctr_ensemble.training.trainer import (TrainConfig, TrainStep, check_options, run_identity, score_rows,
                                            selection_score, setting, unique_names, val_metrics,

@@ -16,12 +16,12 @@ from torch import nn
 
 from ctr_ensemble import metrics, models
 from ctr_ensemble.data.encode import Arrays
-from ctr_ensemble.data.spec import FeatureSpec, feed_rows
+from ctr_ensemble.data.spec import FeatureSpec
 from ctr_ensemble.errors import CtrError
 from ctr_ensemble.models.base import Member, MemberConfig
+from ctr_ensemble.models.checkpoint import Checkpoint
 from ctr_ensemble.training import distributed, loader, loop
 from ctr_ensemble.training.regularize import Regularizer
-from ctr_ensemble.training.checkpoint import Checkpoint
 from ctr_ensemble.training.distributed import Dist
 from ctr_ensemble.training.loop import LoopConfig
 
@@ -92,7 +92,7 @@ class Logits(nn.Module):
 
     For a member (``first=True``) its logits (B, 1). With ``first=False`` whatever ``model.logits`` gives:
     member logits (B, N) for ``mutual.Members``, (fused (B, 1), member logits (B, N), weights (B, N)) for
-    ``collab.CollaborativeModel``. DDP must wrap the module whose forward the step calls."""
+    ``ensemble.CollaborativeModel``. DDP must wrap the module whose forward the step calls."""
 
     def __init__(self, model: nn.Module, first: bool = True):
         super().__init__()
@@ -254,26 +254,6 @@ class TrainStep:
             return loss
         parts["reg"] = pen.detach()
         return loss + pen
-
-
-@torch.no_grad()
-def predict(model: Member, feeds: dict[str, np.ndarray], batch_size: int = 16384) -> np.ndarray:
-    """Click probabilities (N,) in float32 from a member in eval mode; ``feeds`` as ``Arrays.feeds()``."""
-    return predict_outputs(model, feeds, batch_size)[0]
-
-
-@torch.no_grad()
-def predict_outputs(model: Member, feeds: dict[str, np.ndarray], batch_size: int = 16384) -> tuple[np.ndarray, np.ndarray]:
-    """Click probabilities (N,) and representations (N, H) in float32 from a member in eval mode."""
-    model.eval()
-    probs, reps = [], []
-    for s in range(0, feed_rows(feeds), batch_size):
-        p, h = model(**{k: torch.from_numpy(v[s : s + batch_size]) for k, v in feeds.items()})
-        probs.append(p[:, 0].numpy())
-        reps.append(h.numpy())
-    if not probs:
-        return np.zeros(0, np.float32), np.zeros((0, getattr(model, "repr_dim", 0)), np.float32)
-    return np.concatenate(probs), np.concatenate(reps)
 
 
 def val_metrics(y: np.ndarray, p: np.ndarray, suffix: str = "") -> dict[str, float]:

@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 from ctr_ensemble import metrics, models
 from ctr_ensemble.data.spec import FeatureSpec
 from ctr_ensemble.errors import CtrError
-from ctr_ensemble.training import checkpoint, run_config
+from ctr_ensemble.models import checkpoint
+from ctr_ensemble.training import run_config
 from ctr_ensemble.training.distributed import Dist
 from ctr_ensemble.training.search_space import SearchSpace
 from ctr_ensemble.training.trainer import TrainConfig, evaluate_rows, train_member

@@ -8,7 +8,7 @@
 
 A file entry (``write_npy``) records the path relative to the folder, size, CRC-32, shape and dtype;
 ``verify_files`` checks size and CRC-32 against it. Every file is written under a temporary name and
-renamed (``write_atomic``), so a reader never sees half a file. Writing the folder: ``prepare.py``;
+renamed (``files.write_atomic``), so a reader never sees half a file. Writing the folder: ``prepare.py``;
 reading it: ``shards.py``.
 """
 
@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import zlib
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
+
+from ctr_ensemble.files import write_atomic
 
 PREPARED_FORMAT = "ctr-ensemble/prepared"
 PREPARED_VERSION = 1
@@ -40,15 +41,6 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
     return buf.getvalue()
-
-
-def write_atomic(path: Path, data: bytes) -> dict:
-    """Write ``data`` under a temporary name and rename it into place; return its size and CRC-32."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    tmp.replace(path)
-    return {"bytes": len(data), "crc32": zlib.crc32(data)}
 
 
 def write_npy(out: Path, rel: str, arr: np.ndarray) -> dict:

@@ -53,12 +53,12 @@ from ctr_ensemble.data.encode import Encoder, window_sequence
 from ctr_ensemble.data.fit import (DEFAULT_SEQ_MAX_LEN, ChunkCounts, CountMerger, FitAccumulator, check_fit_options,
                                    resolve_min_count, token_partition)
 from ctr_ensemble.data.prepared.manifest import (MANIFEST, PREPARED_FORMAT, PREPARED_VERSION, SHARDS, SPEC_FILE,
-                                                 STORAGE_DTYPES, shard_file, verify_files, write_atomic,
-                                                 write_json_atomic, write_npy)
+                                                 STORAGE_DTYPES, shard_file, verify_files, write_json_atomic, write_npy)
 from ctr_ensemble.data.readers import open_reader
 from ctr_ensemble.data.readers.base import Span, concat_batches, count_lines_before, field_names
 from ctr_ensemble.data.spec import OOV_ID, FeatureSpec
 from ctr_ensemble.errors import CtrError
+from ctr_ensemble.files import write_atomic
 
 WORK = "_work"
 PROGRESS = "progress.json"

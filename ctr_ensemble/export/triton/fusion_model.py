@@ -1,19 +1,21 @@
 """Triton Python model: confidence fusion of the members.
 
-Config parameters: ``fusion_mode``:
+Config parameters: ``fusion_mode``, one of ``ctr_fusion.FUSION_MODES``:
 
-- ``negation_entropy`` | ``mean`` (with ``tau``): inputs are the members' ``<m>_prob`` (B, 1) in config
-  order; fused p = Σ w_i·p_i with w = softmax(NE(p)/τ) (or 1/N).
-- ``fitted`` (with ``tau``, ``priors`` a JSON list, one per member in input order, and ``space`` prob |
+- a rule of the registry ``ctr_fusion.RULES`` with its parameters (``FusionRule.params``): inputs are the
+  members' ``<m>_prob`` (B, 1) in config order.
+  ``negation_entropy`` | ``mean`` (with ``tau``): fused p = Σ w_i·p_i with w = softmax(NE(p)/τ) (or 1/N).
+  ``fitted`` (with ``tau``, ``priors`` a JSON list, one per member in input order, and ``space`` prob |
   logit): w = softmax(a_i + NE(p_i)/τ); p = Σ w_i·p_i, or σ(Σ w_i·logit p_i) in logit space.
-- ``collaborative`` (with ``head_file``, default ``head.pt`` in this version folder): inputs are every
+- ``collaborative`` (with ``head_file``, default ``HEAD_FILE`` = ``head.pt`` in this version folder): inputs are every
   member's ``<m>_prob`` (B, 1), then every member's ``<m>_repr`` (B, H_m); the trained CETNet head
   (arXiv 2411.13700) predicts from [w_1·h_1 ‖ … ‖ w_N·h_N] (or the weighted sum). The head file is
-  checked against its ``.sha256`` sidecar and parsed once, in ``initialize``.
+  checked against its ``.sha256`` sidecar.
 
 Outputs: the fused ``prob`` (B, 1) and the member ``weights`` (B, N). Tensors move by DLPack; on a
 KIND_GPU instance the math runs on that GPU with torch, on CPU otherwise, and inputs may arrive
-on either device. The math is ``ctr_fusion.py`` beside this file, a copy of the project's reference.
+on either device. The math is ``ctr_fusion.py`` beside this file, a copy of the project's reference
+(``ctr_ensemble/layers/fusion.py``); this file imports nothing else of the project.
 """
 
 import hashlib
@@ -28,44 +30,99 @@ from torch.utils.dlpack import from_dlpack, to_dlpack
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from ctr_fusion import MODES, FusionRule, fuse, head_from_payload  # noqa: E402
-
-COLLABORATIVE = "collaborative"
+from ctr_fusion import COLLABORATIVE, FUSION_MODES, HEAD_FILE, FusionRule, fuse, head_from_payload  # noqa: E402
 
 
 class TritonPythonModel:
+    """The fusion step of the ``ctr_ensemble`` ensemble (Triton requires this class name)."""
+
     def initialize(self, args):
+        """Called once when an instance is loaded: everything the config says is parsed and checked here.
+
+        Parameters
+        ----------
+        args : dict
+          Both keys and values are strings: ``model_config`` (the config as JSON), ``model_instance_kind``
+          (CPU | GPU), ``model_instance_device_id``, ``model_repository``, ``model_version``, ``model_name``.
+
+        Raises ``pb_utils.TritonModelException`` naming the model and what is wrong (the instance does not load).
+        """
         cfg = json.loads(args["model_config"])
         self.name = args["model_name"]
         params = {k: v.get("string_value", "") for k, v in cfg.get("parameters", {}).items()}
-        self.mode = params.get("fusion_mode", "negation_entropy")
-        if self.mode not in (*MODES, COLLABORATIVE):
-            raise pb_utils.TritonModelException(f"model '{self.name}': fusion_mode {self.mode!r} is not one of {(*MODES, COLLABORATIVE)}")
+        mode = params.get("fusion_mode", "negation_entropy")
+        if mode not in FUSION_MODES:
+            self._fail(f"fusion_mode {mode!r} is not one of {FUSION_MODES}")
         names = [i["name"] for i in cfg["input"]]
         self.inputs = [n for n in names if n.endswith("_prob")]
         self.repr_inputs = [n for n in names if n.endswith("_repr")]
+        if not self.inputs:
+            self._fail(f"no member inputs <member>_prob among its inputs {names}")
         if args.get("model_instance_kind") == "GPU":
             if not torch.cuda.is_available():
-                raise pb_utils.TritonModelException(f"model '{self.name}': KIND_GPU instance but torch sees no CUDA device")
+                self._fail("KIND_GPU instance but torch sees no CUDA device")
             self.device = torch.device("cuda", int(args["model_instance_device_id"]))
         else:
             self.device = torch.device("cpu")
             # A request is (B, N) numbers: intra-op threads gain nothing, and their spin-waiting steals the
             # cores the members need (measured: fusion compute 0.7 -> 3.3 ms with 2 instances on 2 cores).
             torch.set_num_threads(1)
-        if self.mode == COLLABORATIVE:
-            self.head = self._load_head(os.path.join(HERE, params.get("head_file", "head.pt")))
+        if mode == COLLABORATIVE:
+            self.fuse = self._head_fusion(os.path.join(HERE, params.get("head_file", HEAD_FILE)))
             return
-        try:  # parsed once; the priors live on the instance's device as the tensor fuse() would build
+        try:
             rule = FusionRule.from_params(params, members=len(self.inputs))
         except ValueError as e:
-            raise pb_utils.TritonModelException(f"model '{self.name}': fusion parameters: {e}")
-        self.tau, self.space = rule.tau, rule.space
-        self.priors = None if rule.priors is None else torch.tensor(rule.priors, dtype=torch.float32, device=self.device)
+            self._fail(f"fusion parameters: {e}")
+        self.fuse = self._rule_fusion(rule)
 
-    def _load_head(self, path):
+    def execute(self, requests):
+        """Fuse the member outputs of each request.
+
+        Parameters
+        ----------
+        requests : list
+          ``pb_utils.InferenceRequest`` objects, each with the inputs of the config.
+
+        Returns
+        -------
+        list
+          One ``pb_utils.InferenceResponse`` per request, in order: ``prob`` (B, 1) and ``weights`` (B, N), or
+          an error response for a request that cannot be fused (the others are still answered).
+        """
+        responses = []
+        for request in requests:
+            try:
+                probs = torch.stack([self._column(request, n).reshape(-1) for n in self.inputs], dim=1)  # (B, N)
+                fused, weights = self.fuse(probs, request)
+                out = [
+                    pb_utils.Tensor.from_dlpack("prob", to_dlpack(fused.contiguous())),
+                    pb_utils.Tensor.from_dlpack("weights", to_dlpack(weights.contiguous())),
+                ]
+                responses.append(pb_utils.InferenceResponse(output_tensors=out))
+            except Exception as e:  # one bad request must not fail the others
+                err = pb_utils.TritonError(f"model '{self.name}': fusion failed: {e}")
+                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=err))
+        return responses
+
+    def _fail(self, msg):
+        raise pb_utils.TritonModelException(f"model '{self.name}': {msg}")
+
+    def _column(self, request, name):
+        t = from_dlpack(pb_utils.get_input_tensor_by_name(request, name).to_dlpack())
+        return t.to(self.device, torch.float32)
+
+    def _rule_fusion(self, rule):
+        """The rule as a function (probs (B, N), request) → (fused (B, 1), weights (B, N)); its per-member
+        parameters live on the instance's device as the tensors ``fuse`` would build per request."""
+        mode, values = rule.mode, rule.on(self.device)
+        return lambda probs, request: fuse(probs, mode, **values)
+
+    def _head_fusion(self, path):
+        """The collaborative fusion: the trained head loaded from ``path`` (checksum verified) as a function
+        (probs (B, N), request) → (fused (B, 1), weights (B, N)) that reads the request's ``<m>_repr``."""
         def fail(msg):
-            raise pb_utils.TritonModelException(f"model '{self.name}': head {path}: {msg}")
+            self._fail(f"head {path}: {msg}")
 
         if not os.path.isfile(path):
             fail("file not found")
@@ -85,30 +142,11 @@ class TritonPythonModel:
         expected = [n[: -len("_prob")] for n in self.inputs]
         if members != expected or [n[: -len("_repr")] for n in self.repr_inputs] != expected:
             fail(f"trained for members {members}, but the model's inputs are {self.inputs + self.repr_inputs}")
-        return head.to(self.device).eval()
+        head = head.to(self.device).eval()
 
-    def _column(self, request, name):
-        t = from_dlpack(pb_utils.get_input_tensor_by_name(request, name).to_dlpack())
-        return t.to(self.device, torch.float32)
+        @torch.no_grad()
+        def fuse_head(probs, request):
+            logit, weights = head(probs, [self._column(request, n) for n in self.repr_inputs])  # reprs [(B, H_i)]
+            return torch.sigmoid(logit), weights
 
-    def execute(self, requests):
-        responses = []
-        for request in requests:
-            try:
-                probs = torch.stack([self._column(request, n).reshape(-1) for n in self.inputs], dim=1)  # (B, N)
-                if self.mode == COLLABORATIVE:
-                    reprs = [self._column(request, n) for n in self.repr_inputs]  # [(B, H_i)]
-                    with torch.no_grad():
-                        logit, weights = self.head(probs, reprs)
-                    fused = torch.sigmoid(logit)
-                else:
-                    fused, weights = fuse(probs, self.mode, self.tau, self.priors, self.space)
-                out = [
-                    pb_utils.Tensor.from_dlpack("prob", to_dlpack(fused.contiguous())),
-                    pb_utils.Tensor.from_dlpack("weights", to_dlpack(weights.contiguous())),
-                ]
-                responses.append(pb_utils.InferenceResponse(output_tensors=out))
-            except Exception as e:  # one bad request must not fail the others
-                err = pb_utils.TritonError(f"model '{self.name}': fusion failed: {e}")
-                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=err))
-        return responses
+        return fuse_head

@@ -1,21 +1,20 @@
 """Checkpoints: weights + model config + feature spec, so export can rebuild a member alone.
 
-Written atomically (temp file + rename) with a SHA-256 sidecar; loading verifies the
-checksum and the format before any weight is used.
+Written atomically (temp file + rename) with a SHA-256 sidecar (``files.write_atomic``); loading verifies
+the checksum and the format before any weight is used. ``write_verified``/``read_verified`` do the same for
+the other torch files (collaborative checkpoints, the served head, training states).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ctr_ensemble import models
+from ctr_ensemble import files, models
 from ctr_ensemble.data.spec import FeatureSpec
 from ctr_ensemble.errors import CtrError
 from ctr_ensemble.models.base import Member, MemberConfig
@@ -59,58 +58,21 @@ def payload(ckpt: Checkpoint) -> dict:
 
 
 def save(ckpt: Checkpoint, path: str | Path) -> Path:
-    return write_atomic(payload(ckpt), path)
+    return write_verified(path, payload(ckpt))
 
 
-def write_atomic(obj: dict, path: str | Path) -> Path:
-    """``torch.save`` ``obj`` to ``path`` by temp file + rename, with a SHA-256 sidecar ``<path>.sha256``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def write_verified(path: str | Path, obj: dict, what: str = "checkpoint") -> Path:
+    """``torch.save`` ``obj`` to ``path`` atomically, with a SHA-256 sidecar ``<path>.sha256`` (``files.write_atomic``)."""
     buf = io.BytesIO()
     torch.save(obj, buf)
-    data = buf.getvalue()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    sha_tmp = tmp.with_name(tmp.name + ".sha256")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        sha_tmp.write_text(hashlib.sha256(data).hexdigest() + "\n")
-    except OSError as e:  # disk full, quota, I/O error: nothing was replaced yet
-        tmp.unlink(missing_ok=True)
-        sha_tmp.unlink(missing_ok=True)
-        raise CtrError(f"{path}: cannot write the checkpoint ({e.strerror or e}); "
-                       f"{'the previous checkpoint there is intact' if path.exists() else 'nothing was written'}") from e
-    # Sidecar first: a crash between the renames leaves a checksum that fails loudly, never a silent mismatch.
-    sha_tmp.replace(_sha_path(path))
-    tmp.replace(path)
-    return path
-
-
-def remove(path: str | Path) -> None:
-    """Delete a file written by ``write_atomic`` and its sidecar (missing is fine)."""
-    path = Path(path)
-    for p in (_sha_path(path), path):
-        p.unlink(missing_ok=True)
-
-
-def _sha_path(path: Path) -> Path:
-    return path.with_name(path.name + ".sha256")
+    files.write_atomic(path, buf.getvalue(), checksum=True, fsync=True, what=what)
+    return Path(path)
 
 
 def read_verified(path: str | Path, what: str = "checkpoint", fmt: str = CKPT_FORMAT, version: int = CKPT_VERSION) -> dict:
-    """Load a file written by ``write_atomic``: checksum, then format and version, before anything is used."""
+    """Load a file written by ``write_verified``: checksum, then format and version, before anything is used."""
     path = Path(path)
-    if not path.is_file():
-        raise CtrError(f"{path}: {what} not found")
-    data = path.read_bytes()
-    sha = _sha_path(path)
-    if sha.is_file():
-        want = sha.read_text().strip()
-        got = hashlib.sha256(data).hexdigest()
-        if want != got:
-            raise CtrError(f"{path}: {what} is corrupt (sha256 {got[:12]}… does not match {sha.name}: {want[:12]}…)")
+    data = files.read_checked(path, what)
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a damaged zip/pickle

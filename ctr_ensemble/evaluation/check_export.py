@@ -7,6 +7,9 @@ real rows, the same rows with out-of-vocabulary ids (negative, one past the voca
 huge) and NaN/±Inf numerics, a batch of one, and, when the model takes a sequence, the
 rows with history lengths 0, 1 and the maximum and with a shorter padded width (the
 sequence axis is dynamic).
+
+It lives in ``evaluation`` rather than ``export`` because it trains the member it checks (``--model``):
+export sits below training and imports nothing from it.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from ctr_ensemble.data.fit import fit
 from ctr_ensemble.data.spec import feed_rows, slice_feeds
 from ctr_ensemble.data.synth import DEFAULT_CARDINALITIES, SynthConfig, generate
 from ctr_ensemble.export import onnx_export
-from ctr_ensemble.training.checkpoint import Checkpoint
+from ctr_ensemble.metrics import PARITY_TOL
+from ctr_ensemble.models import checkpoint
+from ctr_ensemble.models.checkpoint import Checkpoint
 from ctr_ensemble.training.trainer import TrainConfig, train_member
 
 # Smaller vocabularies than the demo keep the check quick; the layout is the full Criteo one.
@@ -80,13 +85,11 @@ def check_export(ck: Checkpoint, data: Path, rows: int = 4096, workdir: Path | N
         results = {name: onnx_export.parity(model, sess, f) for name, f in cases.items()}
     worst = max(r[k] for r in results.values() for k in ("prob_max_abs_diff", "repr_max_abs_diff"))
     return {"model": ck.name, "arch": ck.arch, "rows": feed_rows(feeds), **results, "cases": list(results),
-            "max_abs_diff": worst, "tolerance": onnx_export.PARITY_TOL, "passed": bool(worst <= onnx_export.PARITY_TOL)}
+            "max_abs_diff": worst, "tolerance": PARITY_TOL, "passed": bool(worst <= PARITY_TOL)}
 
 
 def run(arch: str | None, checkpoint_path: Path | None, data: Path | None, overrides: dict | None,
         rows: int = 4096, steps: int = 30, seed: int = 0, sequence: bool = True) -> dict:
-    from ctr_ensemble.training import checkpoint
-
     torch.manual_seed(seed)
     np.random.seed(seed)
     with tempfile.TemporaryDirectory(prefix="ctr-check-") as tmp:

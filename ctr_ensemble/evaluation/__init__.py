@@ -1,0 +1,1 @@
+"""Scoring a repository through every backend against the offline reference (evaluate), and check-export."""
