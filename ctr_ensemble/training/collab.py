@@ -40,8 +40,8 @@ from ctr_ensemble.models.ensemble import CollabCheckpoint, CollaborativeModel
 from ctr_ensemble.training import distributed, loop
 from ctr_ensemble.training.distributed import Dist
 from ctr_ensemble.training.mutual import MemberInit, build_members
-from ctr_ensemble.training.trainer import (TrainConfig, TrainStep, check_options, run_identity, score_rows, setting,
-                                           val_metrics, write_history)
+from ctr_ensemble.training.trainer import (TrainConfig, TrainStep, check_options, run_identity, score_rows,
+                                           selection_score, setting, val_metrics, write_history)
 
 
 @dataclass
@@ -53,7 +53,6 @@ class HeadConfig:
     learn_tau: bool = setting(False, "Learn τ (as exp(log τ)) with the rest.")
 
 
-SELECT = ("auc", "logloss")
 
 
 @dataclass
@@ -86,13 +85,6 @@ def collab_losses(fused_logit: torch.Tensor, member_logits: torch.Tensor, y: tor
     return total, {"loss": total, "fused_bce": fused_bce, "member_bce": member_bce.sum(), "sym_kl": kl}
 
 
-def selection_score(val: dict[str, float], select: str) -> float:
-    """What model selection maximises (``CollabConfig.select``): the fused val AUC, or minus the fused val logloss."""
-    if select not in SELECT:
-        raise CtrError(f"select must be one of {', '.join(SELECT)}, got {select!r}")
-    return val["val_auc"] if select == "auc" else -val["val_logloss"]
-
-
 def train_collab(
     members: list[MemberInit],
     spec: FeatureSpec,
@@ -123,9 +115,6 @@ def train_collab(
         raise CtrError(f"KL weight λ must be >= 0, got {cfg.kl_weight}")
     if not cfg.member_weight >= 0:
         raise CtrError(f"member weight μ must be >= 0, got {cfg.member_weight}")
-    if cfg.select not in SELECT:
-        raise CtrError(f"select must be one of {', '.join(SELECT)} (the fused val metric for model selection), "
-                       f"got {cfg.select!r}")
     check_options(cfg, dist)
     names = [m.name for m in members]
     nets = build_members(members, spec, cfg.seed)
