@@ -34,7 +34,7 @@ from ctr_ensemble.data.encode import encode_file  # noqa: E402
 from ctr_ensemble.data.fit import fit  # noqa: E402
 from ctr_ensemble.export import fusion_fit  # noqa: E402
 from ctr_ensemble.models.predict import predict  # noqa: E402
-from ctr_ensemble.training.trainer import train_member  # noqa: E402
+from ctr_ensemble.training.member import train_member  # noqa: E402
 
 ROWS = ("fitted", "negation_entropy τ=1", "mean")
 

@@ -60,7 +60,8 @@ from ctr_ensemble.data.spec import FeatureSpec
 from ctr_ensemble.data.synth import DEFAULT_CARDINALITIES, SynthConfig, generate
 from ctr_ensemble.errors import CtrError
 from ctr_ensemble.models.predict import predict
-from ctr_ensemble.training.trainer import TrainConfig, train_member
+from ctr_ensemble.training.config import TrainConfig
+from ctr_ensemble.training.member import train_member
 
 DATASETS = ("synth", "criteo", "avazu", "movielens")
 EXTRA_DATASETS = ("tinysynth",)

@@ -8,7 +8,7 @@ B. DCNv2 at the issue's reference shape (26 fields × 100 k ids × emb 16, cross
    this package's DCNv2 on the same shape and in-memory data (dense Adam, sparse Adam), and the same
    model config end to end from the prepared shards.
 C. Quality: DeepFM val AUC after training on a smaller synthetic set (prepared shards) with dense Adam,
-   sparse Adam and sparse Adagrad (both with the lazy coupled L2 of ``trainer.Optimizers``), same batch
+   sparse Adam and sparse Adagrad (both with the lazy coupled L2 of ``step.Optimizers``), same batch
    size and epochs, several seeds.
 
 D. FuxiCTR on the same data: the quality set exported to Parquet (``bench_quality.export_parquet``),
@@ -112,7 +112,8 @@ def member_run(job: dict, torch) -> dict:
     from ctr_ensemble.data.prepared.shards import Prepared
     from ctr_ensemble.training import loader
     from ctr_ensemble.training.regularize import Regularizer
-    from ctr_ensemble.training.trainer import Logits, Optimizers, TrainConfig
+    from ctr_ensemble.training.config import TrainConfig
+    from ctr_ensemble.training.step import Logits, Optimizers
 
     if job["data"] == "memory":  # the reference shape, random rows already in memory
         spec = _reference_spec()
@@ -164,7 +165,8 @@ def member_run(job: dict, torch) -> dict:
 def quality_run(job: dict) -> dict:
     from ctr_ensemble import models
     from ctr_ensemble.data.prepared.shards import Prepared
-    from ctr_ensemble.training.trainer import TrainConfig, train_member
+    from ctr_ensemble.training.config import TrainConfig
+    from ctr_ensemble.training.member import train_member
 
     tr, va = Prepared(job["train_dir"]), Prepared(job["val_dir"])
     cfg = TrainConfig(epochs=job["epochs"], batch_size=job["batch"], seed=job["seed"], patience=job["epochs"],
@@ -181,7 +183,8 @@ def parquet_run(job: dict) -> dict:
     from ctr_ensemble import models
     from ctr_ensemble.data.encode import encode_file
     from ctr_ensemble.data.fit import fit
-    from ctr_ensemble.training.trainer import TrainConfig, train_member
+    from ctr_ensemble.training.config import TrainConfig
+    from ctr_ensemble.training.member import train_member
 
     d = Path(job["dir"])
     spec = fit(d / "train.parquet", min_count=job["min_count"])

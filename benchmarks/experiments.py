@@ -68,7 +68,8 @@ from ctr_ensemble.models import ensemble  # noqa: E402
 from ctr_ensemble.training import collab, mutual  # noqa: E402
 from ctr_ensemble.models.checkpoint import Checkpoint  # noqa: E402
 from ctr_ensemble.models.predict import predict  # noqa: E402
-from ctr_ensemble.training.trainer import TrainConfig, train_member, unique_names  # noqa: E402
+from ctr_ensemble.training.config import TrainConfig  # noqa: E402
+from ctr_ensemble.training.member import train_member, unique_names  # noqa: E402
 
 # Small members for the quick default (2 CPU cores, < 20 minutes for everything); --full uses the registry defaults.
 QUICK_MODELS = {

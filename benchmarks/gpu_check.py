@@ -400,7 +400,8 @@ class Check:
         from ctr_ensemble.models import checkpoint
         from ctr_ensemble.models import ensemble
         from ctr_ensemble.training import collab, mutual
-        from ctr_ensemble.training.trainer import TrainConfig, train_member
+        from ctr_ensemble.training.config import TrainConfig
+        from ctr_ensemble.training.member import train_member
 
         d = work / "data"
         generate(d, SynthConfig(seed=3, cardinalities=tuple(min(c, 300) for c in DEFAULT_CARDINALITIES),
@@ -734,7 +735,7 @@ def write_random_shards(out: Path, ids: int, rows: int, fields: int = 26, shard_
 def train_jobs(device: str, batches: list[int], shards: str, ids: int, seconds: float, config: dict,
                compile_too: bool = True) -> list[dict]:
     """Batch by batch (the target is at the first): the baseline, then ours with each optimiser and bf16; the
-    torch.compile rows (dense Adam only: trainer.check_options) last, as their compiling takes the longest."""
+    torch.compile rows (dense Adam only: config.check_options) last, as their compiling takes the longest."""
     variants = [("dense Adam", {"optimizer": "adam"}), ("sparse Adam", {"optimizer": "sparse_adam"}),
                 ("sparse Adagrad", {"optimizer": "sparse_adagrad", "emb_lr": 0.05}),
                 ("dense Adam", {"optimizer": "adam", "amp": "bf16"}),

@@ -25,7 +25,8 @@ from ctr_ensemble.export.repository import RepoOptions, write_repository
 from ctr_ensemble.metrics import PARITY_TOL
 from ctr_ensemble.serving.server import TritonServer
 from ctr_ensemble.models import checkpoint
-from ctr_ensemble.training.trainer import TrainConfig, train_member, unique_names
+from ctr_ensemble.training.config import TrainConfig
+from ctr_ensemble.training.member import train_member, unique_names
 
 ENSEMBLE_SLACK = 0.0005
 ORACLE_GAP = 0.02

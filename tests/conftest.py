@@ -15,7 +15,8 @@ from ctr_ensemble.data.spec import FeatureSpec
 from ctr_ensemble.data.synth import DEFAULT_CARDINALITIES, SynthConfig, generate
 from ctr_ensemble.export.repository import RepoOptions, write_repository
 from ctr_ensemble.models import checkpoint
-from ctr_ensemble.training.trainer import TrainConfig, train_member
+from ctr_ensemble.training.config import TrainConfig
+from ctr_ensemble.training.member import train_member
 
 torch.set_num_threads(2)
 

@@ -90,7 +90,7 @@ def test_config_options_generate_each_setting_once():
     from typer.testing import CliRunner
 
     from ctr_ensemble.cli.options import config_options
-    from ctr_ensemble.training.trainer import setting
+    from ctr_ensemble.training.config import setting
 
     @dc.dataclass
     class A:

@@ -17,7 +17,8 @@ from ctr_ensemble.export.repository import RepoOptions, fitted_rule, read_config
 from ctr_ensemble.layers.fusion import CollaborativeHead, FusionRule
 from ctr_ensemble.models import ensemble
 from ctr_ensemble.training import collab, loop, mutual
-from ctr_ensemble.training.trainer import TrainConfig, train_member
+from ctr_ensemble.training.config import TrainConfig
+from ctr_ensemble.training.member import train_member
 
 from .conftest import TINY_MODEL
 

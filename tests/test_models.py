@@ -9,7 +9,8 @@ from ctr_ensemble.data.encode import Arrays
 from ctr_ensemble.errors import CtrError
 from ctr_ensemble.models import checkpoint
 from ctr_ensemble.models.predict import predict
-from ctr_ensemble.training.trainer import TrainConfig, train_member
+from ctr_ensemble.training.config import TrainConfig
+from ctr_ensemble.training.member import train_member
 from tests.conftest import TINY_MODEL
 
 

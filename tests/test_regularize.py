@@ -17,7 +17,9 @@ from ctr_ensemble.export.onnx_export import export_member, run_onnx, session
 from ctr_ensemble.models import fuxictr
 from ctr_ensemble.training import loop
 from ctr_ensemble.training.regularize import Regularizer
-from ctr_ensemble.training.trainer import Optimizers, TrainConfig, train_member
+from ctr_ensemble.training.config import TrainConfig
+from ctr_ensemble.training.member import train_member
+from ctr_ensemble.training.step import Optimizers
 from tests.conftest import TINY_MODEL
 
 

@@ -24,7 +24,9 @@ from ctr_ensemble.data.spec import FeatureSpec
 from ctr_ensemble.data.synth import SynthConfig, generate
 from ctr_ensemble.errors import CtrError
 from ctr_ensemble.training import loader
-from ctr_ensemble.training.trainer import Optimizers, TrainConfig, train_member
+from ctr_ensemble.training.config import TrainConfig
+from ctr_ensemble.training.member import train_member
+from ctr_ensemble.training.step import Optimizers
 from ctr_ensemble.serving.server import free_port
 from tests.conftest import TINY_CARDS, TINY_MODEL
 

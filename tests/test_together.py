@@ -271,7 +271,7 @@ def test_collab_member_weight_scales_the_member_terms_only():
 
 def test_collab_selection_on_fused_logloss(tiny_spec, tiny_arrays):
     m = {"val_auc": 0.7, "val_logloss": 0.45}
-    from ctr_ensemble.training.trainer import selection_score
+    from ctr_ensemble.training.config import selection_score
 
     assert selection_score(m, "auc") == 0.7 and selection_score(m, "logloss") == -0.45
     with pytest.raises(CtrError, match="select must be one of auc, logloss"):

@@ -16,7 +16,7 @@ from ctr_ensemble.cli import app
 from ctr_ensemble.errors import CtrError
 from ctr_ensemble.models import checkpoint
 from ctr_ensemble.training import run_config, search_space, tune
-from ctr_ensemble.training.trainer import TrainConfig
+from ctr_ensemble.training.config import TrainConfig
 
 from .conftest import TINY_MODEL
 

@@ -7,7 +7,8 @@ import torch
 from ctr_ensemble import metrics, models
 from ctr_ensemble.errors import CtrError
 from ctr_ensemble.export import onnx_export
-from ctr_ensemble.training.trainer import TrainConfig, train_member
+from ctr_ensemble.training.config import TrainConfig
+from ctr_ensemble.training.member import train_member
 from tests.conftest import TINY_MODEL
 
 TYPE_FIELD = "C9"  # a low-cardinality field (a handful of ids), like the paper's interaction type

@@ -12,7 +12,8 @@ from ctr_ensemble.layers.fusion import fuse
 from ctr_ensemble.serving.client import TritonScorer
 from ctr_ensemble.serving.server import TritonServer
 from ctr_ensemble.models import checkpoint
-from ctr_ensemble.training.trainer import TrainConfig, train_member
+from ctr_ensemble.training.config import TrainConfig
+from ctr_ensemble.training.member import train_member
 from tests.conftest import TINY_MODEL
 
 

@@ -1,7 +1,7 @@
 """Command-line options generated from the config dataclasses.
 
 A setting is declared once, as a field of its dataclass with its default and help
-(``training.trainer.setting``); ``config_options`` turns the chosen fields into typer options of a
+(``training.config.setting``); ``config_options`` turns the chosen fields into typer options of a
 command (``--field-name`` each, ``--x/--no-x`` for a bool), and hands the command their values as one dict. So ``train``,
 ``train-mutual``, ``train-collab`` and ``tune`` cannot drift apart in names, defaults or help texts, and
 a new ``TrainConfig`` field reaches every training command by itself.
@@ -23,7 +23,7 @@ from typing import Optional
 import typer
 
 from ctr_ensemble.data.readers import FORMATS
-from ctr_ensemble.training.trainer import setting
+from ctr_ensemble.training.config import setting
 
 FORMAT_HELP = f"Data format of raw files: auto (from the name and first line) or one of {', '.join(FORMATS)}."
 

@@ -17,7 +17,7 @@ from ctr_ensemble.cli.options import DataOptions, RunOptions, config_options, fo
 from ctr_ensemble.errors import CtrError
 from ctr_ensemble.training.collab import CollabConfig, HeadConfig
 from ctr_ensemble.training.mutual import MutualConfig
-from ctr_ensemble.training.trainer import TrainConfig
+from ctr_ensemble.training.config import TrainConfig
 
 TRAIN_DATA_HELP = "Training data: a raw file, or a folder from `data prepare`."
 MODEL_HELP = "Architecture from the registry (see `ctr-ensemble models`)."
@@ -81,7 +81,7 @@ def train_cmd(
     from ctr_ensemble.training import run_config
     from ctr_ensemble.training.distributed import on_processes
     from ctr_ensemble.training.loop import write_once
-    from ctr_ensemble.training.trainer import train_member
+    from ctr_ensemble.training.member import train_member
 
     _threads(run["threads"])
     overrides, train_over = run_config.read(config, model) if config is not None else ({}, {})

@@ -29,7 +29,8 @@ from ctr_ensemble.export import onnx_export
 from ctr_ensemble.metrics import PARITY_TOL
 from ctr_ensemble.models import checkpoint
 from ctr_ensemble.models.checkpoint import Checkpoint
-from ctr_ensemble.training.trainer import TrainConfig, train_member
+from ctr_ensemble.training.config import TrainConfig
+from ctr_ensemble.training.member import train_member
 
 # Smaller vocabularies than the demo keep the check quick; the layout is the full Criteo one.
 CHECK_CARDINALITIES = tuple(min(c, 2000) for c in DEFAULT_CARDINALITIES)

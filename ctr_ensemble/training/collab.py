@@ -20,7 +20,7 @@ trains the head alone and the members learn from their own BCE + KL (no co-adapt
 
 The result is a collaborative checkpoint (``models.ensemble.CollabCheckpoint``; the model, its file format
 and offline scoring live in ``models.ensemble``, below export). Training data, devices, sparse optimisers
-and torchrun data parallelism work as for one member (``trainer.TrainStep``): DDP wraps the whole model
+and torchrun data parallelism work as for one member (``step.TrainStep``): DDP wraps the whole model
 (members + head).
 """
 
@@ -40,8 +40,9 @@ from ctr_ensemble.models.ensemble import CollabCheckpoint, CollaborativeModel
 from ctr_ensemble.training import distributed, loop
 from ctr_ensemble.training.distributed import Dist
 from ctr_ensemble.training.mutual import MemberInit, build_members
-from ctr_ensemble.training.trainer import (TrainConfig, TrainStep, check_options, run_identity, score_rows,
-                                           selection_score, setting, val_metrics, write_history)
+from ctr_ensemble.training.config import TrainConfig, check_options, run_identity, selection_score, setting
+from ctr_ensemble.training.history import write_history
+from ctr_ensemble.training.step import TrainStep, score_rows, val_metrics
 
 
 @dataclass
@@ -101,7 +102,7 @@ def train_collab(
     (``mutual.members_from_checkpoints``): fine-tuning, or with ``cfg.freeze_members`` a head over fixed members.
 
     ``train``/``val`` are in-memory ``Arrays`` or ``shards.Prepared`` folders. Under torchrun pass
-    ``dist = distributed.setup()`` (as ``trainer.train_member``): each process trains on its own rows,
+    ``dist = distributed.setup()`` (as ``member.train_member``): each process trains on its own rows,
     gradients are averaged (DDP around members + head), every process gets the same val AUC and returns the
     same checkpoint; the caller saves it on rank 0 only."""
     dist = dist or Dist(device=distributed.resolve_device(cfg.device))

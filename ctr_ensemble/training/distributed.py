@@ -8,7 +8,7 @@ died: gloo sees the connection close; or one that hangs: the process-group ``tim
 ``CtrError`` naming this rank and what it was doing, so a dead worker stops the job with a clear
 message instead of a hang. torchrun then stops the remaining workers.
 
-How a trainer uses it (``trainer.train_member`` does exactly this; the mutual-learning and
+How a trainer uses it (``member.train_member`` does exactly this; the mutual-learning and
 collaborative trainers plug in the same way, wrapping the one module that holds all their members):
 
     dist = distributed.setup(device="auto", timeout_s=300)

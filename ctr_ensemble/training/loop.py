@@ -151,7 +151,7 @@ def run(task: Task, n_rows: int, cfg: LoopConfig, state_path: str | Path | None 
     run_id = dict(run_id or {})
     state_path = Path(state_path) if state_path is not None else None
     per_epoch = len(batches) if batches is not None else math.ceil(n_rows / cfg.batch_size)
-    # A set of optimisers (sparse tables + dense Adam, ``trainer.Optimizers``) gets one scheduler each.
+    # A set of optimisers (sparse tables + dense Adam, ``step.Optimizers``) gets one scheduler each.
     inner = getattr(task.optimizer, "opts", [task.optimizer])
     scheds = []
     if cfg.lr_decay != 1.0:

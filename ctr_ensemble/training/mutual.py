@@ -15,7 +15,7 @@ steps every member in the same step. Two modes:
 
 The result is N ordinary member checkpoints (``checkpoint.save``), exported and served
 exactly like independently trained ones. Training data, devices, sparse optimisers and torchrun data
-parallelism work as for one member (``trainer.TrainStep``): DDP wraps the members together.
+parallelism work as for one member (``step.TrainStep``): DDP wraps the members together.
 """
 
 from __future__ import annotations
@@ -35,9 +35,10 @@ from ctr_ensemble.models import checkpoint
 from ctr_ensemble.training import distributed, loop
 from ctr_ensemble.models.checkpoint import Checkpoint
 from ctr_ensemble.training.distributed import Dist
-from ctr_ensemble.training.trainer import (TrainConfig, TrainStep, check_options, run_identity, score_rows,
-                                           selection_score, setting, unique_names, val_metrics,
-                                           write_history)
+from ctr_ensemble.training.config import TrainConfig, check_options, run_identity, selection_score, setting
+from ctr_ensemble.training.history import write_history
+from ctr_ensemble.training.member import unique_names
+from ctr_ensemble.training.step import TrainStep, score_rows, val_metrics
 
 MODES = ("scratch", "finetune")
 FINETUNE_LR = 7e-4
@@ -130,7 +131,7 @@ class Members(nn.ModuleList):
 
     def logits(self, cat_ids: torch.Tensor, num: torch.Tensor, seq_ids: torch.Tensor | None = None,
                seq_len: torch.Tensor | None = None) -> torch.Tensor:
-        """Member logits (B, N); what the training step (``trainer.Logits``, wrapped by DDP) returns."""
+        """Member logits (B, N); what the training step (``step.Logits``, wrapped by DDP) returns."""
         return torch.cat([m.logits(cat_ids, num, seq_ids, seq_len)[0] for m in self], dim=1)
 
     def probs(self, **feeds: torch.Tensor) -> torch.Tensor:
@@ -152,7 +153,7 @@ def train_mutual(
     """Co-train ``members``; returns one checkpoint per member, from the epoch with the best mean val AUC.
 
     ``train``/``val`` are in-memory ``Arrays`` or ``shards.Prepared`` folders. Under torchrun pass
-    ``dist = distributed.setup()`` (as ``trainer.train_member``): each process trains on its own rows, the
+    ``dist = distributed.setup()`` (as ``member.train_member``): each process trains on its own rows, the
     gradients of all members are averaged in one DDP all-reduce, every process gets the same val AUCs and
     returns the same checkpoints; the caller saves them on rank 0 only."""
     dist = dist or Dist(device=distributed.resolve_device(cfg.device))

@@ -93,7 +93,7 @@ def checked(cls, values: dict, where: str) -> dict:
 def sections(obj: dict, path: Path, arch: str) -> tuple[dict, dict]:
     """(model config overrides, TrainConfig overrides) of a loaded config file of either layout."""
     from ctr_ensemble import models
-    from ctr_ensemble.training.trainer import TrainConfig
+    from ctr_ensemble.training.config import TrainConfig
 
     if not set(SECTIONS) & set(obj):  # the flat layout: model keys only (make_config checks them)
         return dict(obj), {}

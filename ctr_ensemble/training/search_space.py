@@ -198,7 +198,7 @@ def _param(section: str, key: str, spec, annotation: str, where: str) -> Param:
 def parse(obj, source: str, arch: str) -> dict[tuple[str, str], Param]:
     """The parameters of one loaded space file, checked against ``arch``'s config and ``TrainConfig``."""
     from ctr_ensemble import models
-    from ctr_ensemble.training.trainer import TrainConfig
+    from ctr_ensemble.training.config import TrainConfig
 
     if not isinstance(obj, dict):
         raise CtrError(f"{source}: expected a mapping with `model:` and `train:` sections, got {type(obj).__name__}")

@@ -38,7 +38,9 @@ from ctr_ensemble.models import checkpoint
 from ctr_ensemble.training import run_config
 from ctr_ensemble.training.distributed import Dist
 from ctr_ensemble.training.search_space import SearchSpace
-from ctr_ensemble.training.trainer import TrainConfig, evaluate_rows, train_member
+from ctr_ensemble.training.config import TrainConfig
+from ctr_ensemble.training.member import train_member
+from ctr_ensemble.training.step import evaluate_rows
 
 # TrainConfig fields that decide the trained model (best.yaml's `train:` section); the rest is the machine's.
 RESULT_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "patience", "plateau_factor", "min_lr", "lr_decay",
