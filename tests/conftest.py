@@ -32,6 +32,7 @@ TINY_MODEL = {
     "dhen": {"embedding_dim": 4, "hidden": [16], "n_layers": 2, "mlp_hidden": 16},
     "emofm": {"embedding_dim": 4, "hidden": [16], "field_hidden": [4]},
     "interformer": {"embedding_dim": 4, "hidden": [16], "n_layers": 1},
+    "lr": {},  # nothing to shrink: one scalar weight per id
 }
 SPINE_MEMBERS = ("deepfm", "dcnv2")  # the two members of the shared tiny repository
 

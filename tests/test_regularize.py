@@ -90,6 +90,10 @@ def test_training_logs_the_penalty_and_learns(optimizer, tiny_spec, tiny_arrays)
 
 def test_batch_norm_towers_export_with_parity(tiny_spec, tiny_arrays, tmp_path):
     for arch in sorted(models.REGISTRY):
+        if "dropout" not in {f.name for f in dataclasses.fields(models.entry(arch).config)}:  # no MLP tower (lr)
+            with pytest.raises(CtrError, match="batch_norm"):
+                models.build(arch, models.make_config(arch, {**TINY_MODEL[arch], "batch_norm": True}), tiny_spec)
+            continue
         cfg = models.make_config(arch, {**TINY_MODEL[arch], "batch_norm": True, "dropout": 0.2})
         assert any(isinstance(m, nn.BatchNorm1d) for m in models.build(arch, cfg, tiny_spec).modules()), arch
     ck = train_member("dcnv2", "dcnv2", models.make_config("dcnv2", {**TINY_MODEL["dcnv2"], "batch_norm": True}),

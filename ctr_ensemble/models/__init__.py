@@ -17,6 +17,7 @@ from ctr_ensemble.models.dhen import DHEN, DHENConfig
 from ctr_ensemble.models.emofm import EMOFM, EMOFMConfig
 from ctr_ensemble.models.fibinet import FiBiNET, FiBiNETConfig
 from ctr_ensemble.models.interformer import InterFormer, InterFormerConfig
+from ctr_ensemble.models.lr import LR, LRConfig
 from ctr_ensemble.models.pnn import PNN, PNNConfig
 
 
@@ -35,6 +36,7 @@ REGISTRY: dict[str, Entry] = {
     "dhen": Entry(DHENConfig, DHEN),
     "emofm": Entry(EMOFMConfig, EMOFM),
     "interformer": Entry(InterFormerConfig, InterFormer),
+    "lr": Entry(LRConfig, LR),
 }
 
 

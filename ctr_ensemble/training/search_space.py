@@ -17,14 +17,16 @@ is a ``CtrError`` naming the file and the key. Each key maps to a parameter spec
 ``zero: true`` (float, log scale) adds a switch ``<key>_zero``: the value is exactly 0 or log-uniform in
 [low, high]. Categorical choices may be lists (hidden layer sizes): Optuna sees them as their JSON text.
 
-The shipped spaces (package data, ``search_spaces/``): ``default.yaml`` for every member, and
-``<arch>.yaml`` with a member's own keys (they add to or replace the default's); ``--space FILE`` is a
-whole space of its own (nothing shipped is merged in).
+The shipped spaces (package data, ``search_spaces/``): ``default.yaml`` for every member (less the model
+keys a member's config does not have: ``lr`` has no ``hidden`` / ``dropout``), and ``<arch>.yaml`` with a
+member's own keys (they add to or replace the default's); ``--space FILE`` is a whole space of its own
+(nothing shipped is merged in), and it, like ``<arch>.yaml``, may name only keys the member has.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,13 +220,24 @@ def parse(obj, source: str, arch: str) -> dict[tuple[str, str], Param]:
     return out
 
 
+def _member_keys_only(obj: dict, arch: str) -> dict:
+    """The shipped default space without the model keys ``arch``'s config lacks (a member with no MLP tower)."""
+    from ctr_ensemble import models
+
+    names = {f.name for f in dataclasses.fields(models.entry(arch).config)}
+    return {**obj, "model": {k: v for k, v in (obj.get("model") or {}).items() if k in names}}
+
+
 def load(arch: str, path: Path | None = None) -> SearchSpace:
     """``path``'s space, or the shipped one of ``arch`` (default.yaml + <arch>.yaml if there is one)."""
     files = [path] if path is not None else [SPACES_DIR / "default.yaml"] + [
         p for p in [SPACES_DIR / f"{arch}.yaml"] if p.is_file()]
     params: dict[tuple[str, str], Param] = {}
     for f in files:
-        params.update(parse(run_config.read_mapping(f), str(f), arch))
+        obj = run_config.read_mapping(f)
+        if path is None and f == SPACES_DIR / "default.yaml":
+            obj = _member_keys_only(obj, arch)
+        params.update(parse(obj, str(f), arch))
     source = " + ".join(str(f) for f in files)
     keys = [k for _, k in params]
     both = sorted({k for k in keys if keys.count(k) > 1})
