@@ -20,8 +20,6 @@ counted instead.
 
 from __future__ import annotations
 
-import gzip
-import io
 import json
 import math
 import zlib
@@ -31,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from ctr_ensemble.data.readers.base import RawBatch, ReadStats, TextParts, check_data_file, error_line
+from ctr_ensemble.data.readers.base import RawBatch, ReadStats, TextParts, check_data_file, error_line, label_name
 from ctr_ensemble.errors import CtrError
 
 _PEEK_LINES = 1000  # lines scanned at open for the keys and their roles
@@ -75,13 +73,7 @@ class JSONLReader(TextParts):
         self.stats = ReadStats()
         check_data_file(self.path, "JSON Lines: one object per line with a label (or click) key")
         roles = self._peek()
-        if label is None:
-            label = next((k for k in ("label", "click") if k in roles), None)
-            if label is None:
-                raise CtrError(f"{self.path}: no label key (looked for 'label', then 'click'; pass label=...); "
-                               f"keys: {list(roles)}")
-        elif label not in roles:
-            raise CtrError(f"{self.path}: label key {label!r} not in the first lines; keys: {list(roles)}")
+        label = label_name(list(roles), label, self.path, "key")
         seqs = [k for k, r in roles.items() if r == SEQ and k != label]
         if sequence is not None and sequence not in seqs:
             raise CtrError(f"{self.path}: sequence key {sequence!r} does not hold lists; list keys: {seqs}")
@@ -94,13 +86,6 @@ class JSONLReader(TextParts):
         self.num_names = [k for k, r in roles.items() if r == NUM and k != label]
         self.ignored = [k for k, r in roles.items() if (r == IGNORED or r == SEQ) and k not in (label, sequence)]
         self._roles = {k: r for k, r in roles.items() if k not in self.ignored}
-
-    def _open(self):
-        if self._span is not None:
-            return io.BytesIO(self._read_span())
-        if self.path.name.lower().endswith(".gz"):
-            return gzip.open(self.path, "rb")
-        return open(self.path, "rb")
 
     def _peek(self) -> dict[str, str]:
         """Each key of the first valid lines → its role (from its first non-null value)."""
@@ -132,20 +117,11 @@ class JSONLReader(TextParts):
         self.stats.bad_row(f"{self.path}:{where}: {what}", self.skip_bad_rows)
 
     def __iter__(self) -> Iterator[RawBatch]:
-        line = 1 + self._line_offset
-        with self._open() as f:
-            while True:
-                try:
-                    lines = f.readlines(self.block_size)
-                except _READ_ERRORS as e:
-                    raise CtrError(f"{self.path}: near line {line}: cannot read: {error_line(e)}") from e
-                if not lines:
-                    break
-                out = self._convert(lines, line)
-                line += len(lines)
-                if out is not None:
-                    self.stats.rows += len(out.label)
-                    yield out
+        for lines, line in self._line_blocks():
+            out = self._convert(lines, line)
+            if out is not None:
+                self.stats.rows += len(out.label)
+                yield out
 
     def _convert(self, lines: list[bytes], first_line: int) -> RawBatch | None:
         labels, nums, cats, seqs, first = [], [], {k: [] for k in self.cat_names}, [], None
