@@ -7,7 +7,8 @@ from ctr_ensemble import models
 from ctr_ensemble.errors import CtrError
 from ctr_ensemble.export import onnx_export
 from ctr_ensemble.training import search_space
-from ctr_ensemble.training.trainer import TrainConfig, train_member
+from ctr_ensemble.training.config import TrainConfig
+from ctr_ensemble.training.member import train_member
 from tests.conftest import TINY_MODEL
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from ctr_ensemble.data.readers.avazu import AvazuReader
 from ctr_ensemble.data.readers.base import RawBatch, ReadStats, Reader, concat_batches, read_head
 from ctr_ensemble.data.readers.criteo import CriteoReader
+from ctr_ensemble.data.readers.jsonl import JSONLReader
 from ctr_ensemble.data.readers.libsvm import LibSVMReader
 from ctr_ensemble.data.readers.parquet import ParquetReader
 from ctr_ensemble.errors import CtrError
@@ -21,6 +22,7 @@ from ctr_ensemble.errors import CtrError
 # Format name → reader; the order is the order in which ``detect_format`` asks the readers' ``sniff``.
 READERS: dict[str, type[Reader]] = {
     "criteo": CriteoReader,
+    "jsonl": JSONLReader,  # before avazu: a 24-key object has the 23 commas of avazu's sniff
     "avazu": AvazuReader,
     "libsvm": LibSVMReader,
     "parquet": ParquetReader,
@@ -33,10 +35,10 @@ def detect_format(path: str | Path) -> str:
     """Guess the format from the file name and first line; Criteo TSV is the default.
 
     A folder → the format that reads folders (parquet); a name ending (optionally before ``.gz``) in a
-    reader's ``suffixes`` → that format (``.parquet``; ``.svm/.libsvm/.libfm/.ffm`` → libsvm); otherwise
-    the file's first bytes (``magic``: Parquet's PAR1), then its first line (read through gzip for ``.gz``)
-    decide, by each reader's ``sniff`` in ``READERS`` order: an Avazu header or 23 commas → avazu,
-    ``label idx:val ...`` → libsvm, else criteo.
+    reader's ``suffixes`` → that format (``.parquet``; ``.jsonl/.ndjson`` → jsonl; ``.svm/.libsvm/.libfm/.ffm``
+    → libsvm); otherwise the file's first bytes (``magic``: Parquet's PAR1), then its first line (read through
+    gzip for ``.gz``) decide, by each reader's ``sniff`` in ``READERS`` order: a JSON object → jsonl, an Avazu
+    header or 23 commas → avazu, ``label idx:val ...`` → libsvm, else criteo.
     """
     path = Path(path)
     name = path.name.lower()

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import copy
 import gzip
+import io
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +111,18 @@ class Reader:
         raise NotImplementedError
 
 
+def label_name(names: list[str], label: str | None, source, what: str = "column") -> str:
+    """The label among ``names`` (a file's columns or keys): ``label`` if given, else ``label``, then ``click``."""
+    if label is None:
+        label = next((c for c in ("label", "click") if c in names), None)
+        if label is None:
+            raise CtrError(f"{source}: no label {what} (looked for 'label', then 'click'; pass label=...); "
+                           f"{what}s: {names}")
+    elif label not in names:
+        raise CtrError(f"{source}: label {what} {label!r} not in the file; {what}s: {names}")
+    return label
+
+
 def field_names(reader: Reader) -> dict:
     return {"label": reader.label_name, "numeric": list(reader.num_names), "categorical": list(reader.cat_names),
             "sequence": reader.seq_name}
@@ -134,9 +148,11 @@ def concat_batches(batches: list[RawBatch]) -> RawBatch | None:
 
 class TextParts(Reader):
     """Reading one byte range of a plain text file with the file-level facts (header, field count) of the
-    whole-file reader. A reader over a part reads only those bytes and numbers lines from ``first_line``."""
+    whole-file reader. A reader over a part reads only those bytes and numbers lines from ``first_line``.
+    ``_line_blocks`` reads the lines of the file (or part) in blocks of about ``block_size`` bytes."""
 
     _span: Span | None = None
+    block_size: int = 8 << 20
 
     def spans(self, chunk_bytes: int) -> list[tuple[Span, int]]:
         """Byte ranges of about ``chunk_bytes`` ending at line ends; a gzip file is one piece (a compressed
@@ -173,6 +189,27 @@ class TextParts(Reader):
         with open(self.path, "rb") as f:
             f.seek(self._span.start)
             return f.read() if self._span.stop < 0 else f.read(self._span.stop - self._span.start)
+
+    def _open(self):
+        """What is read, as a binary file: the part's bytes, else the whole file (through gzip for ``.gz``)."""
+        if self._span is not None:
+            return io.BytesIO(self._read_span())
+        return gzip.open(self.path, "rb") if self.path.name.lower().endswith(".gz") else open(self.path, "rb")
+
+    def _line_blocks(self) -> Iterator[tuple[list[bytes], int]]:
+        """The raw lines in blocks of about ``block_size`` bytes, each block with its first line's number in
+        the file; a read error (a truncated gzip) names the file and the line near it."""
+        line = 1 + self._line_offset
+        with self._open() as f:
+            while True:
+                try:
+                    lines = f.readlines(self.block_size)
+                except (OSError, EOFError, zlib.error) as e:
+                    raise CtrError(f"{self.path}: near line {line}: cannot read: {error_line(e)}") from e
+                if not lines:
+                    return
+                yield lines, line
+                line += len(lines)
 
 
 def count_lines_before(path: str, offset: int) -> int:

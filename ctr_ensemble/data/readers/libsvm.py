@@ -13,8 +13,6 @@ such lines are dropped and counted instead.
 
 from __future__ import annotations
 
-import gzip
-import io
 import re
 import zlib
 from collections.abc import Iterator
@@ -61,13 +59,6 @@ class LibSVMReader(TextParts):
         self.n_fields, self.parts = self._peek()
         self.cat_names = [f"f{k}" for k in range(1, self.n_fields + 1)]
 
-    def _open(self):
-        if self._span is not None:
-            return io.BytesIO(self._read_span())
-        if self.path.name.lower().endswith(".gz"):
-            return gzip.open(self.path, "rb")
-        return open(self.path, "rb")
-
     def _peek(self) -> tuple[int, int]:
         """Token count and token form (2 = idx:val, 3 = field:idx:val) of the first valid line."""
         first_err = None
@@ -99,30 +90,21 @@ class LibSVMReader(TextParts):
         self.stats.bad_row(f"{self.path}:{where}: {what}", self.skip_bad_rows)
 
     def __iter__(self) -> Iterator[RawBatch]:
-        line = 1 + self._line_offset
-        with self._open() as f:
-            while True:
-                try:
-                    lines = f.readlines(self.block_size)
-                except _READ_ERRORS as e:
-                    raise CtrError(f"{self.path}: near line {line}: cannot read: {error_line(e)}") from e
-                if not lines:
-                    break
-                try:
-                    text = [raw.decode("utf-8") for raw in lines]
-                except UnicodeDecodeError:
-                    text = []
-                    for i, raw in enumerate(lines):
-                        try:
-                            text.append(raw.decode("utf-8"))
-                        except UnicodeDecodeError as e:
-                            self._bad(f"line {line + i}", f"not UTF-8 text: {error_line(e)}")
-                            text.append("")
-                out = self._convert(text, line)
-                line += len(lines)
-                if out is not None:
-                    self.stats.rows += len(out.label)
-                    yield out
+        for lines, line in self._line_blocks():
+            try:
+                text = [raw.decode("utf-8") for raw in lines]
+            except UnicodeDecodeError:
+                text = []
+                for i, raw in enumerate(lines):
+                    try:
+                        text.append(raw.decode("utf-8"))
+                    except UnicodeDecodeError as e:
+                        self._bad(f"line {line + i}", f"not UTF-8 text: {error_line(e)}")
+                        text.append("")
+            out = self._convert(text, line)
+            if out is not None:
+                self.stats.rows += len(out.label)
+                yield out
 
     def _convert(self, lines: list[str], first_line: int) -> RawBatch | None:
         n_f = self.n_fields

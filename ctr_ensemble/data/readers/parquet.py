@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ctr_ensemble.data.readers.base import RawBatch, Reader, ReadStats, Span, error_line
+from ctr_ensemble.data.readers.base import RawBatch, Reader, ReadStats, Span, error_line, label_name
 from ctr_ensemble.errors import CtrError
 
 _READ_ERRORS = (pa.ArrowException, OSError, EOFError)
@@ -98,13 +98,7 @@ class ParquetReader(Reader):
             missing = [c for c in given if c not in names]
             if missing:
                 raise CtrError(f"{self.files[0]}: {what} column(s) {missing} not in the file; columns: {names}")
-        if label is None:
-            label = next((c for c in ("label", "click") if c in names), None)
-            if label is None:
-                raise CtrError(f"{self.files[0]}: no label column (looked for 'label', then 'click'; "
-                               f"pass label=...); columns: {names}")
-        elif label not in names:
-            raise CtrError(f"{self.files[0]}: label column {label!r} not in the file; columns: {names}")
+        label = label_name(names, label, self.files[0])
         lt = schema.field(label).type
         if not (_is_numeric(lt) or _is_string(lt)):
             raise CtrError(f"{self.files[0]}: label column {label!r} has type {lt}; expected integer, float, bool "
