@@ -80,11 +80,13 @@ experiments: venv
 loadtest: venv perf-venv
 	test -f $(LT_REPO)/repository.json -a -f $(LT_DATA) || $(MAKE) loadtest-demo
 	$(BIN)/ctr-ensemble loadtest --sweep --repository $(LT_REPO) --data $(LT_DATA) --out artifacts/loadtest
+	$(BIN)/python benchmarks/publish.py artifacts/loadtest docs/loadtest latency_vs_auc.md latency_vs_auc.csv latency_vs_auc.png
 
 # Soak: a long Locust load on the ensemble (default 10 minutes), errors must be 0; p99 drift and RSS leak check.
 soak: venv
 	test -f $(LT_REPO)/repository.json -a -f $(LT_DATA) || $(MAKE) loadtest-demo
 	$(BIN)/ctr-ensemble soak --repository $(LT_REPO) --data $(LT_DATA) --duration $(SOAK_SECONDS) --out artifacts/soak $(SOAK_ARGS)
+	$(BIN)/python benchmarks/publish.py artifacts/soak docs/soak soak.md soak_windows.csv soak.png
 
 # A small demo (the demo pipeline's steps at 30k training rows, 2 epochs) when `make demo` has not run.
 loadtest-demo: venv
