@@ -7,10 +7,25 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import zlib
 from pathlib import Path
 
 from ctr_ensemble.errors import CtrError
+
+
+# A name that becomes a folder of the Triton repository (a member's model) and part of file names: no path
+# separator, no leading dot (so no ".." and no hidden folder), nothing a shell or a URL would mangle.
+MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def check_name(name: object, what: str) -> str:
+    """``name`` if it is a valid model name (``MODEL_NAME``), else a CtrError naming ``what`` carried it."""
+    if not isinstance(name, str) or not MODEL_NAME.fullmatch(name):
+        raise CtrError(f"{what}: {name!r} is not a valid model name; it becomes a folder of the Triton repository, "
+                       "so use letters, digits, '_', '.' and '-', starting with a letter, a digit or '_' "
+                       "(^[A-Za-z0-9_][A-Za-z0-9_.-]*$)")
+    return name
 
 
 def sha256_path(path: Path) -> Path:

@@ -89,7 +89,8 @@ def tiny_checkpoints(tmp_path_factory, tiny_spec, tiny_arrays) -> list[checkpoin
 def tiny_repo(tmp_path_factory, tiny_checkpoints, tiny_arrays) -> Path:
     repo = tmp_path_factory.mktemp("repo") / "model_repository"
     val = tiny_arrays["val"]
-    write_repository(tiny_checkpoints, repo, RepoOptions(max_batch_size=256), parity_rows=val.feeds())
+    # fusion_kind pinned: "auto" would turn KIND_GPU on a CUDA host and the shared server would test another setup
+    write_repository(tiny_checkpoints, repo, RepoOptions(max_batch_size=256, fusion_kind="cpu"), parity_rows=val.feeds())
     return repo
 
 

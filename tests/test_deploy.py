@@ -54,6 +54,9 @@ def test_compose_has_the_services_and_triton_runs_the_tested_flags(compose):
     src, dst, mode = t["volumes"][0].rsplit(":", 2)
     assert dst == PRODUCTION_REPOSITORY and mode == "ro"
     assert {p.split(":")[1] for p in t["ports"]} == {"8000", "8001", "8002"}
+    # every published port listens on the loopback only; a gateway in front decides what is exposed
+    published = [p for svc in compose["services"].values() for p in svc.get("ports", [])]
+    assert published and all(p.startswith("127.0.0.1:") for p in published), published
 
 
 def test_local_server_runs_the_same_flags(tmp_path):

@@ -94,3 +94,34 @@ def test_fusion_kind_resolution():
     assert repository.resolve_fusion_kind("auto") in ("cpu", "gpu")
     with pytest.raises(CtrError):
         repository.resolve_fusion_kind("tpu")
+
+
+@pytest.mark.parametrize("bad", ["../x", "/abs", "a/b", ".hidden", "..", "", "a b", "a\\b", "ünï", "x;rm"])
+def test_member_names_that_would_escape_or_mangle_a_path_are_refused(bad, tmp_path, tiny_checkpoints, tiny_spec,
+                                                                     tiny_arrays):
+    from ctr_ensemble import models
+    from ctr_ensemble.files import check_name
+    from ctr_ensemble.training.config import TrainConfig
+    from ctr_ensemble.training.member import train_member
+
+    a, b = tiny_checkpoints
+    renamed = type(a)(**{**a.__dict__, "name": bad})
+    with pytest.raises(CtrError, match="is not a valid model name"):
+        write_repository([renamed, b], tmp_path / "r", RepoOptions())
+    assert not (tmp_path / "r").exists() and not list(tmp_path.iterdir())  # nothing written, inside or out
+    with pytest.raises(CtrError, match="member name: .* is not a valid model name"):
+        train_member(bad, "deepfm", models.make_config("deepfm", {"embedding_dim": 4, "hidden": [8]}), tiny_spec,
+                     tiny_arrays["train"], tiny_arrays["val"], TrainConfig(epochs=1))
+    for good in ("deepfm", "deepfm_2", "DCN-v2.1", "_x", "0a"):
+        assert check_name(good, "x") == good
+
+
+def test_reconfigure_refuses_a_tampered_member_name(tmp_path, tiny_checkpoints):
+    repo = tmp_path / "repo"
+    write_repository(tiny_checkpoints, repo, RepoOptions())
+    m = json.loads((repo / "repository.json").read_text())
+    m["members"] = {"../../escaped" if k == tiny_checkpoints[0].name else k: v for k, v in m["members"].items()}
+    (repo / "repository.json").write_text(json.dumps(m))
+    with pytest.raises(CtrError, match="repository.json: member name: '../../escaped' is not a valid model name"):
+        repository.reconfigure_repository(repo, tmp_path / "out", RepoOptions(tau=0.5))
+    assert not (tmp_path / "out").exists() and not (tmp_path.parent / "escaped").exists()

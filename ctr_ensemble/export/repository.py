@@ -34,6 +34,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from ctr_ensemble.data.spec import INPUT_DTYPES, FeatureSpec
 from ctr_ensemble.errors import CtrError
+from ctr_ensemble.files import check_name
 from ctr_ensemble.export import onnx_export, reference, validate
 from ctr_ensemble.layers import fusion as fusion_math
 from ctr_ensemble.layers.fusion import COLLABORATIVE, FITTED, FUSION_MODES, HEAD_FILE, PARAMS, RULES, FusionRule
@@ -267,7 +268,7 @@ def write_repository(
         raise CtrError("fusion mode collaborative needs a collaborative checkpoint (`ctr-ensemble export --collab PATH`)")
     if not checkpoints:
         raise CtrError("no members to export")
-    names = [c.name for c in checkpoints]
+    names = [check_name(c.name, f"member name in {c.source or 'a checkpoint'}") for c in checkpoints]
     if len(set(names)) != len(names):
         raise CtrError(f"member names must be unique, got {names}")
     if FUSION_NAME in names or ENSEMBLE_NAME in names:
@@ -379,6 +380,8 @@ def reconfigure_repository(src: str | Path, dst: str | Path, opt: RepoOptions) -
     Inputs and outputs of every config stay as exported. Returns the new manifest."""
     src, dst = Path(src).resolve(), Path(dst).resolve()
     manifest = read_manifest(src)
+    for name in manifest["members"]:  # they become paths below: a tampered repository.json must not escape
+        check_name(name, f"{src / 'repository.json'}: member name")
     if _missing_fit(opt):  # the fitted parameters the source was exported with
         fitted = fitted_rule(manifest)
         if fitted is None or opt.fusion_mode not in (FITTED, fitted.mode):  # fitted: whichever rule the fit chose
