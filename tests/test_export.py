@@ -97,21 +97,21 @@ def test_fusion_kind_resolution():
 
 
 @pytest.mark.parametrize("bad", ["../x", "/abs", "a/b", ".hidden", "..", "", "a b", "a\\b", "ünï", "x;rm"])
-def test_member_names_that_would_escape_or_mangle_a_path_are_refused(bad, tmp_path, tiny_checkpoints, tiny_spec,
-                                                                     tiny_arrays):
-    from ctr_ensemble import models
+def test_member_names_that_would_escape_or_mangle_a_path_are_refused(bad, tmp_path, tiny_checkpoints):
+    from typer.testing import CliRunner
+
+    from ctr_ensemble.cli import app
     from ctr_ensemble.files import check_name
-    from ctr_ensemble.training.config import TrainConfig
-    from ctr_ensemble.training.member import train_member
 
     a, b = tiny_checkpoints
     renamed = type(a)(**{**a.__dict__, "name": bad})
     with pytest.raises(CtrError, match="is not a valid model name"):
         write_repository([renamed, b], tmp_path / "r", RepoOptions())
     assert not (tmp_path / "r").exists() and not list(tmp_path.iterdir())  # nothing written, inside or out
-    with pytest.raises(CtrError, match="member name: .* is not a valid model name"):
-        train_member(bad, "deepfm", models.make_config("deepfm", {"embedding_dim": 4, "hidden": [8]}), tiny_spec,
-                     tiny_arrays["train"], tiny_arrays["val"], TrainConfig(epochs=1))
+    r = CliRunner().invoke(app, ["train", "--model", "deepfm", "--name", bad, "--train", "t", "--val", "v",
+                                 "--out", str(tmp_path / "m.pt")])
+    assert isinstance(r.exception, CtrError) and "train --name: " in str(r.exception), r.output
+    assert "is not a valid model name" in str(r.exception) and not (tmp_path / "m.pt").exists()
     for good in ("deepfm", "deepfm_2", "DCN-v2.1", "_x", "0a"):
         assert check_name(good, "x") == good
 

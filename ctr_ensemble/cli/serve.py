@@ -27,7 +27,9 @@ def serve_cmd(
     open_admin: bool = typer.Option(False, help="Leave the admin APIs unrestricted (not recommended)."),
     supervise: bool = typer.Option(True, help="Restart the server when it dies or a backend stub dies "
                                               "(Triton does not recover a killed stub by itself)."),
-    max_restarts: int = typer.Option(5, help="Give up after this many restarts."),
+    max_restarts: int = typer.Option(5, help="Give up after this many restarts within --restart-window."),
+    restart_window: float = typer.Option(600.0, help="Seconds of the sliding window that --max-restarts counts in; "
+                                                     "the k-th restart in it first waits 2^(k-1) s (at most 30)."),
     ports: dict = None,
 ) -> None:
     """Run the local tritonserver (from nvidia-pytriton) until Ctrl-C."""
@@ -40,7 +42,7 @@ def serve_cmd(
     Path("artifacts").mkdir(exist_ok=True)
     from ctr_ensemble.serving.supervisor import Supervisor
 
-    sup = Supervisor(server, max_restarts=max_restarts) if supervise else None
+    sup = Supervisor(server, max_restarts=max_restarts, window_s=restart_window) if supervise else None
     sup.start() if sup else server.start()
     typer.echo(f"Triton ready: HTTP {server.http_url}, gRPC {server.grpc_url}, metrics {server.metrics_url} "
                f"(log {server.log_path}); {'supervised, ' if sup else ''}Ctrl-C to stop")
@@ -58,11 +60,13 @@ def serve_cmd(
         time.sleep(0.5)
         if sup is not None and len(sup.restarts) > seen:
             for r in sup.restarts[seen:]:
-                typer.echo(f"restarted tritonserver after: {r['reason']} ({r['seconds']:.1f}s)", err=True)
+                kept = f"; the crashed server's log: {r['log']}" if r["log"] else ""
+                typer.echo(f"restarted tritonserver after: {r['reason']} ({r['waited']:.0f}s backoff, "
+                           f"{r['seconds']:.1f}s restart){kept}", err=True)
             seen = len(sup.restarts)
     if sup is not None and sup.error is not None:
         sup.stop()
-        raise CtrError(f"tritonserver supervision stopped: {sup.error}; log:\n{server.log_tail()}")
+        raise CtrError(f"tritonserver supervision stopped: {sup.error}")
     if sup is None and not server.is_running():
         raise CtrError(f"tritonserver exited unexpectedly; log:\n{server.log_tail()}")
     code = sup.stop() if sup else server.stop()

@@ -15,6 +15,7 @@ import typer
 from ctr_ensemble.cli.app import STATE, app, arch_overrides, parse_sets, split_list
 from ctr_ensemble.cli.options import DataOptions, RunOptions, config_options, format_option, given
 from ctr_ensemble.errors import CtrError
+from ctr_ensemble.files import check_name
 from ctr_ensemble.training.collab import CollabConfig, HeadConfig
 from ctr_ensemble.training.mutual import MutualConfig
 from ctr_ensemble.training.config import TrainConfig
@@ -83,6 +84,7 @@ def train_cmd(
     from ctr_ensemble.training.loop import write_once
     from ctr_ensemble.training.member import train_member
 
+    check_name(model if name is None else name, "train --name")  # it becomes the member's folder in the Triton repository
     _threads(run["threads"])
     overrides, train_over = run_config.read(config, model) if config is not None else ({}, {})
     if fuxictr_config is not None:

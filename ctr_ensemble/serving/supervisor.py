@@ -10,8 +10,15 @@ docs/reliability.md):
 
 The supervisor polls (every ``interval`` s) that the server process is alive and that every stub
 process it had when it became ready is still alive; on a failure it stops what is left and
-starts the server again on the same ports, with bounded retries. Requests in the gap fail with a
-connection error or the stub error (clients should retry); answers afterwards are the same as before.
+starts the server again on the same ports. Requests in the gap fail with a connection error or the
+stub error (clients should retry); answers afterwards are the same as before.
+
+The restart budget is a sliding window: at most ``max_restarts`` restarts within ``window_s`` seconds
+(a server that crashes once a day is restarted forever, one that crash-loops is given up on), and the
+k-th restart inside the window waits ``backoff_s * 2**(k-1)`` seconds first (capped at
+``max_backoff_s``; the first is immediate). Each restart keeps the evidence: its record holds the
+reason and the tail of the server log, and a log at a fixed path (``serve``: artifacts/tritonserver.log)
+is rotated to ``<log>.1`` … ``<log>.<keep_logs>`` instead of being truncated by the new server.
 A stop (SIGTERM to ``ctr-ensemble serve``) during a restart aborts the restart at once rather than
 waiting for the new server to become ready.
 """
@@ -46,6 +53,23 @@ def stub_pids(server_pid: int) -> dict[int, str]:
     return out
 
 
+def rotate_log(path: Path | None, keep: int) -> Path | None:
+    """``path`` → ``path.1`` (``.1`` → ``.2`` …, the oldest beyond ``keep`` dropped), so a restarted server does
+    not truncate the log that holds the crash; returns ``path.1``, or None when there is no such log."""
+    if path is None or keep < 1 or not Path(path).is_file():
+        return None
+    path = Path(path)
+    old = path.with_name(f"{path.name}.{keep}")
+    old.unlink(missing_ok=True)
+    for i in range(keep - 1, 0, -1):
+        src = path.with_name(f"{path.name}.{i}")
+        if src.is_file():
+            src.rename(path.with_name(f"{path.name}.{i + 1}"))
+    dst = path.with_name(f"{path.name}.1")
+    path.rename(dst)
+    return dst
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -58,8 +82,13 @@ def _alive(pid: int) -> bool:
 class Supervisor:
     server: TritonServer
     interval: float = 1.0
-    max_restarts: int = 5
-    restarts: list[dict] = field(default_factory=list)  # {"at": time, "reason": str, "seconds": float}
+    max_restarts: int = 5  # within window_s
+    window_s: float = 600.0  # restarts older than this no longer count toward max_restarts
+    backoff_s: float = 1.0  # wait before the k-th restart in the window: backoff_s * 2**(k-1) (the first: none)
+    max_backoff_s: float = 30.0
+    keep_logs: int = 5  # rotated logs of a fixed log path: <log>.1 (the latest crash) .. <log>.<keep_logs>
+    # {"at": time, "reason": str, "seconds": float, "waited": backoff s, "log_tail": str, "log": rotated path}
+    restarts: list[dict] = field(default_factory=list)
     _stubs: dict[int, str] = field(default_factory=dict, init=False)
     _log_path: Path | None = field(default=None, init=False)
     _thread: threading.Thread | None = field(default=None, init=False, repr=False)
@@ -87,19 +116,35 @@ class Supervisor:
             return f"backend stub died: {', '.join(sorted(dead))}"
         return None
 
+    def recent(self, now: float | None = None) -> list[dict]:
+        """The restarts inside the sliding window (what counts toward ``max_restarts``)."""
+        now = time.time() if now is None else now
+        return [r for r in self.restarts if now - r["at"] <= self.window_s]
+
+    def backoff(self, k: int) -> float:
+        """Seconds to wait before a restart with ``k`` restarts already in the window."""
+        return 0.0 if k <= 0 else min(self.max_backoff_s, self.backoff_s * 2 ** (k - 1))
+
     def _watch(self) -> None:
         while not self._stop.wait(self.interval):
             reason = self.check()
             if reason is None:
                 continue
-            if len(self.restarts) >= self.max_restarts:
-                self.error = f"giving up after {self.max_restarts} restarts; last failure: {reason}"
+            k = len(self.recent())
+            if k >= self.max_restarts:
+                self.error = (f"giving up: {k} restarts within {self.window_s:g} s; last failure: {reason}"
+                              f"\n{self.server.log_tail()}")
+                return
+            waited = self.backoff(k)
+            if self._stop.wait(waited):
                 return
             with self._lock:
                 if self._stop.is_set():
                     return
                 t0 = time.perf_counter()
+                tail = self.server.log_tail(40)  # before stop(): a log in the server's temp folder goes with it
                 self.server.stop(timeout=3)  # already broken: do not wait long for a graceful exit
+                rotated = rotate_log(self._log_path, self.keep_logs)
                 self.server.log_path = self._log_path
                 try:
                     self.server.start()
@@ -109,7 +154,9 @@ class Supervisor:
                     self.error = f"restart after '{reason}' failed: {e}"
                     return
                 self._stubs = stub_pids(self.server._proc.pid)
-                self.restarts.append({"at": time.time(), "reason": reason, "seconds": time.perf_counter() - t0})
+                self.restarts.append({"at": time.time(), "reason": reason, "seconds": time.perf_counter() - t0,
+                                      "waited": waited, "log_tail": tail,
+                                      "log": str(rotated) if rotated is not None else None})
 
     def stop(self) -> int | None:
         self._stop.set()

@@ -14,7 +14,6 @@ from torch import nn
 
 from ctr_ensemble import models
 from ctr_ensemble.data.spec import FeatureSpec
-from ctr_ensemble.files import check_name
 from ctr_ensemble.models.base import MemberConfig
 from ctr_ensemble.models.checkpoint import Checkpoint
 from ctr_ensemble.training import distributed, loop
@@ -54,7 +53,6 @@ def train_member(
     ``dist = distributed.setup()``: each process trains on its own rows, gradients are averaged (DDP),
     every process gets the same validation AUC, and the caller saves the checkpoint on rank 0 only.
     ``on_epoch(epoch, history row)`` runs after each epoch (``loop.run``), e.g. a tuner's pruning check."""
-    check_name(name, "member name")
     dist = dist or Dist(device=distributed.resolve_device(cfg.device))
     check_options(cfg, dist)
     torch.manual_seed(cfg.seed)
