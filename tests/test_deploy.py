@@ -158,3 +158,12 @@ def test_prepare_only_writes_rows_and_config_for_compose(tmp_path, tiny_repo, ti
     assert cfg["rows_file"] == f"{sweep.COMPOSE_RUN_DIR}/rows.npz"
     with np.load(dest / "rows.npz") as rows:
         assert set(rows.files) == {i["name"] for i in cfg["inputs"]} | {"label"} and len(rows["label"]) == 500
+
+
+def test_the_compose_env_file_is_never_committed():
+    """`.env` holds TRITON_ADMIN_KEY for docker compose: git ignores it, and none is tracked."""
+    import subprocess
+
+    assert subprocess.run(["git", "check-ignore", "-q", ".env"], cwd=ROOT).returncode == 0
+    tracked = subprocess.run(["git", "ls-files", "--", ".env", "*/.env"], cwd=ROOT, capture_output=True, text=True)
+    assert tracked.stdout.strip() == ""
