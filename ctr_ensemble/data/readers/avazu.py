@@ -20,8 +20,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from ctr_ensemble.data.readers.base import (RawBatch, ReadStats, TextParts, check_data_file, drop_bad_utf8, error_line,
-                                            parsed_lines, read_head)
+from ctr_ensemble.data.readers.base import (ArrowRowErrors, RawBatch, ReadStats, TextParts, check_data_file,
+                                            drop_bad_utf8, error_line, parsed_lines, read_head)
 from ctr_ensemble.errors import CtrError
 
 AVAZU_COLUMNS = [
@@ -40,7 +40,7 @@ def has_avazu_header(first_line: bytes) -> bool:
     return first_line.lstrip(b"\xef\xbb\xbf").startswith(b"id,click,")
 
 
-class AvazuReader(TextParts):
+class AvazuReader(ArrowRowErrors, TextParts):
     """Iterate an Avazu CSV file (plain or .gz) in chunks of about ``block_size`` bytes."""
 
     format = "avazu"
@@ -48,6 +48,7 @@ class AvazuReader(TextParts):
     num_names: list[str] = []
     cat_names = AVAZU_CAT_COLS
     seq_name = None
+    row_layout = "comma-separated columns (id, click, hour, C1, ..., C21)"
 
     @staticmethod
     def sniff(head: bytes) -> bool:
@@ -80,24 +81,6 @@ class AvazuReader(TextParts):
         except CtrError as err:
             err.line = line  # so the earliest of a chunk's errors can be raised first
             raise
-
-    def _on_invalid_row(self, row) -> str:
-        # pyarrow swallows exceptions raised here: remember the first error and raise it after the batch.
-        number = row.number + self._line_offset if row.number is not None else None
-        line = number if number is not None else "?"
-        self._invalid_lines.append(number if number is not None else -1)
-        try:
-            self._bad(f"line {line}", f"expected {row.expected_columns} comma-separated columns "
-                                      f"(id, click, hour, C1, ..., C21), got {row.actual_columns}",
-                      number)
-        except CtrError as e:
-            self._pending = self._pending or e
-        return "skip"
-
-    def _raise_pending(self) -> None:
-        if self._pending is not None:
-            err, self._pending = self._pending, None
-            raise err
 
     def __iter__(self) -> Iterator[RawBatch]:
         skip = 1 if self.has_header and (self._span is None or self._span.start == 0) else 0

@@ -146,6 +146,31 @@ def concat_batches(batches: list[RawBatch]) -> RawBatch | None:
     )
 
 
+class ArrowRowErrors:
+    """The ``invalid_row_handler`` of a pyarrow CSV reader (Criteo, Avazu). pyarrow swallows exceptions raised in
+    the handler, so the first error is kept (``_pending``) and raised after the batch (``_raise_pending``); the
+    dropped lines are recorded (``_invalid_lines``, -1: unknown) so later line numbers stay right. The reader
+    sets ``_pending = None`` and ``_invalid_lines = []``, says what a row should be in ``row_layout`` and
+    reports a bad row with ``_bad(where, what, line)``."""
+
+    row_layout = ""
+
+    def _on_invalid_row(self, row) -> str:
+        number = row.number + self._line_offset if row.number is not None else None
+        self._invalid_lines.append(number if number is not None else -1)
+        try:
+            self._bad(f"line {number if number is not None else '?'}",
+                      f"expected {row.expected_columns} {self.row_layout}, got {row.actual_columns}", number)
+        except CtrError as e:
+            self._pending = self._pending or e
+        return "skip"
+
+    def _raise_pending(self) -> None:
+        if self._pending is not None:
+            err, self._pending = self._pending, None
+            raise err
+
+
 class TextParts(Reader):
     """Reading one byte range of a plain text file with the file-level facts (header, field count) of the
     whole-file reader. A reader over a part reads only those bytes and numbers lines from ``first_line``.

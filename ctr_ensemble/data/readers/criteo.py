@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from ctr_ensemble.data.readers.base import (RawBatch, ReadStats, TextParts, check_data_file, drop_bad_utf8, error_line,
-                                            parsed_lines)
+from ctr_ensemble.data.readers.base import (ArrowRowErrors, RawBatch, ReadStats, TextParts, check_data_file,
+                                            drop_bad_utf8, error_line, parsed_lines)
 from ctr_ensemble.errors import CtrError
 
 # The Criteo display-advertising layout (also what ``data synth`` writes): label, I1..I13 numeric, C1..C26 categorical.
@@ -30,7 +30,7 @@ CAT_COLS = [f"C{i}" for i in range(1, N_CAT + 1)]
 COLUMNS = [LABEL, *NUM_COLS, *CAT_COLS]
 
 
-class CriteoReader(TextParts):
+class CriteoReader(ArrowRowErrors, TextParts):
     """Iterate a Criteo-layout TSV file in chunks of about ``block_size`` bytes."""
 
     format = "criteo"
@@ -38,6 +38,7 @@ class CriteoReader(TextParts):
     num_names = NUM_COLS
     cat_names = CAT_COLS
     seq_name = None
+    row_layout = "tab-separated columns (label, I1..I13, C1..C26)"
 
     def __init__(self, path: str | Path, block_size: int = 8 << 20, skip_bad_rows: bool = False):
         self.path = Path(path)
@@ -48,27 +49,8 @@ class CriteoReader(TextParts):
         self._invalid_lines: list[int] = []  # lines the parser dropped (-1: unknown), so later line numbers stay right
         check_data_file(self.path, "Criteo TSV rows: label, I1..I13, C1..C26")
 
-    def _bad(self, where: str, what: str) -> None:
+    def _bad(self, where: str, what: str, line: int | None = None) -> None:
         self.stats.bad_row(f"{self.path}:{where}: {what}", self.skip_bad_rows)
-
-    def _on_invalid_row(self, row) -> str:
-        # pyarrow swallows exceptions raised here: remember the first error and raise it after the batch.
-        number = row.number + self._line_offset if row.number is not None else None
-        line = number if number is not None else "?"
-        self._invalid_lines.append(number if number is not None else -1)
-        try:
-            self._bad(
-                f"line {line}",
-                f"expected {row.expected_columns} tab-separated columns (label, I1..I13, C1..C26), got {row.actual_columns}",
-            )
-        except CtrError as e:
-            self._pending = self._pending or e
-        return "skip"
-
-    def _raise_pending(self) -> None:
-        if self._pending is not None:
-            err, self._pending = self._pending, None
-            raise err
 
     def __iter__(self) -> Iterator[RawBatch]:
         read_opts = pacsv.ReadOptions(column_names=COLUMNS, block_size=self.block_size, use_threads=False)
