@@ -21,7 +21,7 @@ LT_REPO := $(if $(LT_DEMO),model_repository,artifacts/loadtest/demo/model_reposi
 LT_DATA := $(if $(LT_DEMO),artifacts/demo/data/test.tsv,artifacts/loadtest/demo/data/test.tsv)
 LT_SMALL := artifacts/loadtest/demo
 
-.PHONY: venv perf-venv demo test bench-serve bench-quality bench-data bench-train bench-reg bench-defaults bench-ensemble loadtest loadtest-demo soak experiments gpu-wheels gpu-check results docs-cli bench-tune clean
+.PHONY: venv perf-venv demo test bench-serve bench-quality bench-data bench-train bench-reg bench-defaults bench-ensemble loadtest loadtest-demo soak experiments gpu-wheels gpu-check results docs-cli bench-tune rollout clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -87,6 +87,21 @@ soak: venv
 	test -f $(LT_REPO)/repository.json -a -f $(LT_DATA) || $(MAKE) loadtest-demo
 	$(BIN)/ctr-ensemble soak --repository $(LT_REPO) --data $(LT_DATA) --duration $(SOAK_SECONDS) --out artifacts/soak $(SOAK_ARGS)
 	$(BIN)/python benchmarks/publish.py artifacts/soak docs/soak soak.md soak_windows.csv soak.png
+
+# Rollout under load: the small demo's repository (a copy) serves; a second release (members retrained with
+# another seed) is deployed and rolled back under Locust load; errors must be 0 (docs/rollout/rollout.md).
+ROLLOUT := artifacts/rollout
+rollout: venv
+	test -f $(LT_SMALL)/model_repository/repository.json || $(MAKE) loadtest-demo
+	test -f $(ROLLOUT)/v2/model_repository/repository.json || { for m in deepfm dcnv2; do $(BIN)/ctr-ensemble train \
+	  --model $$m --train $(LT_SMALL)/data/train.tsv --val $(LT_SMALL)/data/val.tsv --spec $(LT_SMALL)/feature_spec.json \
+	  --out $(ROLLOUT)/v2/members/$$m.pt --epochs 2 --threads 2 --seed 7 || exit 1; done; \
+	  $(BIN)/ctr-ensemble export --checkpoint $(ROLLOUT)/v2/members/deepfm.pt --checkpoint $(ROLLOUT)/v2/members/dcnv2.pt \
+	  --repository $(ROLLOUT)/v2/model_repository --parity-data $(LT_SMALL)/data/val.tsv --fusion-kind cpu; }
+	rm -rf $(ROLLOUT)/served && cp -r $(LT_SMALL)/model_repository $(ROLLOUT)/served
+	$(BIN)/ctr-ensemble rollout --repository $(ROLLOUT)/served --new $(ROLLOUT)/v2/model_repository \
+	  --data $(LT_SMALL)/data/test.tsv --out $(ROLLOUT)
+	$(BIN)/python benchmarks/publish.py $(ROLLOUT) docs/rollout rollout.md rollout.json
 
 # A small demo (the demo pipeline's steps at 30k training rows, 2 epochs) when `make demo` has not run.
 loadtest-demo: venv

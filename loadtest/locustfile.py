@@ -20,6 +20,8 @@ for docker-compose):
     timeout_s            per-request client timeout
     max_requests         per process; the run stops when reached (bounded in count and time)
     results_dir          where each process writes results-<host>-<pid>.npz when it quits
+    stop_file            optional: the run stops (as at max_requests) once this file exists, so a driver
+                         (``loadtest.rollout``) can end it when its own steps are done
 
 Per request each user records the raw latency in float ms (perf_counter around ``infer``,
 not Locust's rounded buckets), the first row index, the number of rows, success or the error
@@ -73,6 +75,16 @@ class _Shared:
         self.rec = {k: [] for k in ("t_start", "latency_ms", "row_start", "n_rows", "ok", "error")}
         self.preds: list[np.ndarray] = []
         self.pred_labels: list[np.ndarray] = []
+        self.stop_file = self.cfg.get("stop_file")
+        self._stop_checked = 0.0
+        self.stopped = False
+
+    def stop_asked(self) -> bool:
+        """Whether the driver's stop file exists (looked at most every 0.1 s: one stat, not one per request)."""
+        if self.stop_file and not self.stopped and time.monotonic() - self._stop_checked > 0.1:
+            self._stop_checked = time.monotonic()
+            self.stopped = os.path.exists(self.stop_file)
+        return self.stopped
 
     def next_rows(self) -> tuple[int, np.ndarray]:
         # Greenlets switch only on I/O, so this read-modify-write needs no lock.
@@ -145,7 +157,7 @@ class _TritonUser(User):
     @task
     def infer(self) -> None:
         s = self.s
-        if s.sent >= int(s.cfg.get("max_requests", 1 << 62)):
+        if s.sent >= int(s.cfg.get("max_requests", 1 << 62)) or s.stop_asked():
             if isinstance(self.environment.runner, LocalRunner) and not s.quitting:
                 # quit() stops every user greenlet, this one included: run it in its own greenlet,
                 # or it dies half-way and the process keeps running until the time limit.

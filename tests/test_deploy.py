@@ -41,7 +41,7 @@ def test_compose_has_the_services_and_triton_runs_the_tested_flags(compose):
     assert t["command"] == production_command()
     for flag in SERVER_FLAGS:
         assert flag in t["command"]
-    assert "--model-control-mode=none" in t["command"] and "--strict-readiness=true" in t["command"]
+    assert "--model-control-mode=explicit" in t["command"] and "--strict-readiness=true" in t["command"]
     restricted = [c for c in t["command"] if c.startswith(("--http-restricted-api=", "--grpc-restricted-protocol="))]
     assert len(restricted) == 2 and all(f"${{{ADMIN_KEY_ENV}:?" in c and ",".join(RESTRICTED_APIS) in c for c in restricted)
     assert "inference" not in RESTRICTED_APIS and "health" not in RESTRICTED_APIS

@@ -53,16 +53,21 @@ def test_grpc_admin_apis_need_the_key_and_inference_stays_open(server, tiny_arra
     client.close()
 
 
-def test_no_request_can_load_or_unload_models(server):
-    key = admin_headers(server.admin_key, "http")
+def test_only_the_admin_key_can_load_or_unload_models(server):
+    """Explicit model control (what `deploy` uses) is an admin API: without the key nothing loads or unloads."""
     for action in ("load", "unload"):
-        status, body = _http(server, "POST", f"/v2/repository/models/deepfm/{action}", key, b"{}")
-        assert status in (400, 503) and b"explicit model load / unload is not allowed" in body, (status, body)
-    assert _http(server, "GET", "/v2/health/ready")[0] == 200
+        for headers in ({}, {"admin-key": "wrong"}):
+            status, body = _http(server, "POST", f"/v2/repository/models/deepfm/{action}", headers, b"{}")
+            assert status == 403 and b"restricted" in body, (action, status, body)
+    assert _http(server, "GET", "/v2/models/deepfm/ready")[0] == 200  # still loaded
+    # With the key a reload of the ensemble goes through (what `deploy` does at its switch), and it keeps serving.
+    status, body = _http(server, "POST", "/v2/repository/models/ctr_ensemble/load", admin_headers(server.admin_key, "http"), b"{}")
+    assert status == 200, body
+    assert _http(server, "GET", "/v2/models/ctr_ensemble/ready")[0] == 200
 
 
 def test_local_server_binds_to_loopback(server):
     cmd = " ".join(server.command(server.repository))
     for flag in ("--http-address=127.0.0.1", "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1",
-                 "--model-control-mode=none"):
+                 "--model-control-mode=explicit"):
         assert flag in cmd

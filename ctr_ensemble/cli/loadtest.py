@@ -133,3 +133,33 @@ def _prepare_compose(repository: Path, data: Path, model: str, rows_per_request:
                         rows_file=f"{lt.COMPOSE_RUN_DIR}/rows.npz", inputs=inputs, rows_per_request=rows_per_request,
                         timeout_s=10.0, max_requests=10_000_000, results_dir=f"{lt.COMPOSE_RUN_DIR}/results")
     typer.echo(f"wrote {dest / 'rows.npz'} ({len(rows['label'])} rows) and {dest / 'config.json'} for docker compose")
+
+
+@app.command("rollout")
+def rollout_cmd(
+    repository: Path = typer.Option(..., help="Repository to serve (deploy writes into it: use a copy)."),
+    new: Path = typer.Option(..., help="The export to deploy mid-load (`ctr-ensemble export`); same feature spec."),
+    data: Path = typer.Option(Path("artifacts/demo/data/test.tsv"), help="Held-out labelled file whose rows are sent."),
+    users: int = typer.Option(4, help="Locust users per protocol."),
+    hold: float = typer.Option(10.0, help="Seconds of load before the deploy, between deploy and rollback, and after."),
+    rollback: bool = typer.Option(True, help="Roll back to the old release after the deploy."),
+    rows_per_request: int = typer.Option(16, help="Rows per request."),
+    out: Path = typer.Option(Path("artifacts/rollout"), help="Output folder for rollout.{json,md}."),
+    fmt: str = format_option(),
+) -> None:
+    """Deploy (and roll back) a release under Locust load on a local server: errors (must be 0), answers by release
+    (each equal to the old or the new release's offline prediction), p99 during the switch, switch times."""
+    from ctr_ensemble.errors import CtrError
+    from ctr_ensemble.loadtest.rollout import RolloutConfig, run_rollout
+    from ctr_ensemble.loadtest.sweep import started
+
+    cfg = RolloutConfig(users=users, hold_s=hold, rollback=rollback, rows_per_request=rows_per_request)
+    target = started(repository, out / "tritonserver.log")
+    try:
+        s = run_rollout(cfg, target, new, data, out, fmt)
+    finally:
+        target.server.stop()
+    typer.echo(f"{s['requests']:,} requests, {s['errors']} errors, p99 {s['p99_ms']:.1f} ms "
+               f"({s['p99_switch_ms']:.1f} ms during switches); wrote {out / 'rollout.md'}")
+    if not s["passed"]:
+        raise CtrError(f"rollout failed: {s['errors']} errors; answered {s['answered']} (see {out / 'rollout.md'})")

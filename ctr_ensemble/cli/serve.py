@@ -73,6 +73,45 @@ def serve_cmd(
     typer.echo(f"tritonserver stopped (exit code {code})")
 
 
+def _admin_key_option():
+    return typer.Option(None, envvar="TRITON_ADMIN_KEY", show_default=False,
+                        help="The server's admin key (model load/unload is an admin API); default $TRITON_ADMIN_KEY.")
+
+
+@app.command("deploy")
+def deploy_cmd(
+    export: Path = typer.Argument(..., help="Repository written by `ctr-ensemble export`: the release to publish."),
+    repository: Path = typer.Option(Path("model_repository"), help="The repository the running server serves."),
+    http_url: str = typer.Option("127.0.0.1:8000", help="The running server's HTTP host:port."),
+    admin_key: Optional[str] = _admin_key_option(),
+    timeout: float = typer.Option(300.0, help="Seconds to wait for each model load."),
+) -> None:
+    """Publish an export to a running server as its next release: load it beside the current one, then switch the
+    ensemble atomically (requests in flight finish on the old release); the old release's files are kept for rollback."""
+    from ctr_ensemble.serving.deploy import deploy
+
+    _print_switch(deploy(export, repository, http_url, admin_key, timeout))
+
+
+@app.command("rollback")
+def rollback_cmd(
+    repository: Path = typer.Option(Path("model_repository"), help="The repository the running server serves."),
+    http_url: str = typer.Option("127.0.0.1:8000", help="The running server's HTTP host:port."),
+    admin_key: Optional[str] = _admin_key_option(),
+    timeout: float = typer.Option(300.0, help="Seconds to wait for each model load."),
+) -> None:
+    """Switch a running server back to the release before the current one, the same way `deploy` switches."""
+    from ctr_ensemble.serving.deploy import rollback
+
+    _print_switch(rollback(repository, http_url, admin_key, timeout))
+
+
+def _print_switch(r: dict) -> None:
+    typer.echo(f"release {r['from_release']} → {r['release']}: models loaded in {r['load_s']:.2f}s, ensemble switched in "
+               f"{r['switch_s']:.2f}s; serving {', '.join(f'{k}={v}' for k, v in r['models'].items())}; "
+               f"releases kept: {r['kept']}")
+
+
 @app.command("evaluate")
 def evaluate_cmd(
     data: Path = typer.Option(..., help="Labelled file to score (any supported format, see --format)."),

@@ -21,6 +21,7 @@ from ctr_ensemble.data.encode import encode_file
 from ctr_ensemble.errors import CtrError
 from ctr_ensemble.export import onnx_export, reference
 from ctr_ensemble.export.repository import ENSEMBLE_NAME, FUSION_NAME, read_config, read_manifest, repository_spec
+from ctr_ensemble.export.served import served_models
 from ctr_ensemble.layers.fusion import PARAMS
 from ctr_ensemble.serving.client import TritonScorer
 
@@ -65,6 +66,7 @@ def evaluate(
     repository = Path(repository)
     manifest = read_manifest(repository)
     names = list(manifest["members"])
+    served_as = served_models(manifest)  # after a deploy, release models serve the members
     mode, tau = manifest["fusion"]["mode"], float(manifest["fusion"]["tau"])
     spec = repository_spec(repository)
     arr = encode_file(data, spec, skip_bad_rows, fmt)
@@ -83,7 +85,8 @@ def evaluate(
     # The PyTorch member outputs are the reference for everything else; the ensemble's is the fusion as served
     # (the fusion model's config, or its collaborative head) over them.
     members = reference.checkpoint_members(manifest, dict(checkpoints or {}))
-    fusion = reference.Fusion.from_config(read_config(repository / FUSION_NAME), repository / FUSION_NAME)
+    fdir = repository / served_as[FUSION_NAME]
+    fusion = reference.Fusion.from_config(read_config(fdir), fdir)
     ref: dict[str, np.ndarray] = {}
     ref_out: dict[str, tuple] = {}
     for n in names:
@@ -99,7 +102,7 @@ def evaluate(
     if "onnx" in backends:
         out = {}
         for n in names:
-            sess = onnx_export.session(repository / n / "1" / "model.onnx")
+            sess = onnx_export.session(repository / served_as[n] / "1" / "model.onnx")
             (p, h), sec = _timed(lambda: reference.member_outputs(sess, feeds))
             out[n] = (p, h if fusion.needs_repr else None)
             summary["members"][n]["onnx"] = _row(y, p, ref[n], sec, base)
@@ -115,7 +118,7 @@ def evaluate(
         scorer.check_ready(ENSEMBLE_NAME)
         out = {}
         for n in names:
-            o, sec = _timed(lambda: scorer.score_outputs(n, feeds, targets.batch_size, outputs))
+            o, sec = _timed(lambda: scorer.score_outputs(served_as[n], feeds, targets.batch_size, outputs))
             out[n] = (o["prob"][:, 0], o.get("repr"))
             summary["members"][n][backend] = _row(y, out[n][0], ref[n], sec, base)
         served, sec = _timed(lambda: scorer.score(ENSEMBLE_NAME, feeds, targets.batch_size))

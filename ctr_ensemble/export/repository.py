@@ -36,6 +36,7 @@ from ctr_ensemble.data.spec import INPUT_DTYPES, FeatureSpec
 from ctr_ensemble.errors import CtrError
 from ctr_ensemble.files import check_name
 from ctr_ensemble.export import onnx_export, reference, validate
+from ctr_ensemble.export.served import FUSION_NAME, served_models
 from ctr_ensemble.layers import fusion as fusion_math
 from ctr_ensemble.layers.fusion import COLLABORATIVE, FITTED, FUSION_MODES, HEAD_FILE, PARAMS, RULES, FusionRule
 from ctr_ensemble.metrics import PARITY_TOL
@@ -44,7 +45,6 @@ from ctr_ensemble.models.checkpoint import Checkpoint
 from ctr_ensemble.models.ensemble import CollabCheckpoint
 
 ENSEMBLE_NAME = "ctr_ensemble"
-FUSION_NAME = "fusion"
 TRITON_SRC = Path(__file__).parent / "triton"
 
 
@@ -366,6 +366,18 @@ def swap_in(staging: Path, repo: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def link_or_copy(a: str, b: str) -> str:
+    """``shutil.copytree``'s copy function: model files inside version folders are hard-linked (never rewritten in
+    place), everything else copied, since writing a config through a hard link would change the source too."""
+    if Path(a).parent.name.isdigit() and not a.endswith(".py"):
+        try:
+            os.link(a, b)
+            return b
+        except OSError:
+            pass
+    return shutil.copy2(a, b)
+
+
 def read_config(model_dir: Path) -> mc.ModelConfig:
     path = Path(model_dir) / "config.pbtxt"
     try:
@@ -398,22 +410,14 @@ def reconfigure_repository(src: str | Path, dst: str | Path, opt: RepoOptions) -
     staging = dst.with_name(f"{dst.name}.staging-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
 
-    def link_or_copy(a, b):
-        # Only model files inside version folders are shared; configs and manifests are rewritten
-        # below, and writing through a hard link would change the source repository too.
-        if Path(a).parent.name.isdigit() and not a.endswith(".py"):
-            try:
-                os.link(a, b)
-                return b
-            except OSError:
-                pass
-        return shutil.copy2(a, b)
-
     try:
         shutil.copytree(src, staging, copy_function=link_or_copy)
+        served = served_models(manifest)  # a deployed repository: the current release's models
         for name in manifest["members"]:
-            _write_config(apply_member_deployment(read_config(staging / name), opt), staging / name)
-        _write_config(apply_fusion_deployment(read_config(staging / FUSION_NAME), opt, kind), staging / FUSION_NAME)
+            mdir = staging / check_name(served[name], f"{src / 'repository.json'}: served model name")
+            _write_config(apply_member_deployment(read_config(mdir), opt), mdir)
+        fdir = staging / check_name(served[FUSION_NAME], f"{src / 'repository.json'}: served model name")
+        _write_config(apply_fusion_deployment(read_config(fdir), opt, kind), fdir)
         ens = read_config(staging / ENSEMBLE_NAME)
         ens.max_batch_size = opt.max_batch_size
         _write_config(ens, staging / ENSEMBLE_NAME)

@@ -28,6 +28,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from ctr_ensemble.data.spec import FeatureSpec
 from ctr_ensemble.errors import CtrError
+from ctr_ensemble.export.served import onnx_checksums, served_models
 
 _ONNX_TYPES = {onnx.TensorProto.INT64: mc.TYPE_INT64, onnx.TensorProto.FLOAT: mc.TYPE_FP32,
                onnx.TensorProto.INT32: mc.TYPE_INT32, onnx.TensorProto.DOUBLE: mc.TYPE_FP64}
@@ -168,9 +169,12 @@ def validate(repo: str | Path) -> list[str]:
         configs[cfg_path.parent.name] = cfg
     if not configs and not problems:
         return [f"{repo}: no */config.pbtxt: not a model repository (run `ctr-ensemble export`)"]
-    for name in manifest.get("members", {}):
+    served = served_models(manifest) if manifest else {}
+    for member in manifest.get("members", {}):
+        name = served.get(member, member)
         if name not in configs and not (repo / name / "config.pbtxt").exists():
-            problems.append(f"{repo / name / 'config.pbtxt'}: missing (member {name!r} is listed in repository.json)")
+            problems.append(f"{repo / name / 'config.pbtxt'}: missing (member {member!r} is listed in repository.json)")
+    shas = onnx_checksums(manifest) if manifest else {}
     for name, cfg in configs.items():
         mdir = repo / name
         if cfg.platform == "ensemble":
@@ -178,7 +182,7 @@ def validate(repo: str | Path) -> list[str]:
         elif cfg.backend == "python":
             _check_python_model(mdir, cfg, problems)
         elif cfg.backend == "onnxruntime" or cfg.platform == "onnxruntime_onnx":
-            sha = manifest.get("members", {}).get(name, {}).get("onnx_sha256")
+            sha = shas.get(name)
             _check_onnx_member(mdir, cfg, sha, problems)
         if (mdir / "feature_spec.json").exists():
             try:

@@ -189,13 +189,14 @@ def model_inputs(target: Target, model: str) -> list[InputSpec]:
 
 
 def write_run_config(path: Path, *, http_url: str, grpc_url: str, model: str, rows_file: str, inputs: list[InputSpec],
-                     rows_per_request: int, timeout_s: float, max_requests: int, results_dir: str) -> Path:
+                     rows_per_request: int, timeout_s: float, max_requests: int, results_dir: str,
+                     stop_file: str | None = None) -> Path:
     """The JSON the locustfile reads (see loadtest/locustfile.py for the keys)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({
         "http_url": http_url, "grpc_url": grpc_url, "model": model, "output": "prob", "rows_file": rows_file,
         "inputs": [i.as_dict() for i in inputs], "rows_per_request": rows_per_request, "timeout_s": timeout_s,
-        "max_requests": max_requests, "results_dir": results_dir,
+        "max_requests": max_requests, "results_dir": results_dir, **({"stop_file": stop_file} if stop_file else {}),
     }, indent=2))
     return path
 

@@ -3,7 +3,7 @@
 A private backend directory is assembled per server: ``python/`` (the wheel's Python
 backend plus the stub built for the running Python) and ``onnxruntime/model.py`` (our
 Python-based ONNX Runtime backend). The server binds to 127.0.0.1 by default, runs with
-``--model-control-mode=none --strict-readiness``, and ``start()`` waits for readiness,
+``--model-control-mode=explicit --load-model=ctr_ensemble --strict-readiness``, and ``start()`` waits for readiness,
 showing the end of the server log if it never comes.
 """
 
@@ -59,9 +59,12 @@ def free_port() -> int:
 
 
 # The flags every tritonserver of this project runs with, here and in the NGC container
-# (docker-compose.yml): one source of truth, checked by tests/test_deploy.py.
+# (docker-compose.yml): one source of truth, checked by tests/test_deploy.py. Explicit model control, so that
+# `ctr-ensemble deploy` can load a release and switch the ensemble to it (the load/unload API is an admin API:
+# it needs the key); at start only the ensemble is loaded, which loads the models its steps name.
 SERVER_FLAGS = (
-    "--model-control-mode=none",
+    "--model-control-mode=explicit",
+    "--load-model=ctr_ensemble",
     "--strict-readiness=true",
     "--exit-on-error=true",
     "--exit-timeout-secs=30",

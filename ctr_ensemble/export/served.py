@@ -1,0 +1,22 @@
+"""Which Triton model serves each member of a repository's current release (see ``export.release``)."""
+
+from __future__ import annotations
+
+FUSION_NAME = "fusion"
+
+
+def served_models(manifest: dict) -> dict[str, str]:
+    """member (and ``fusion``) → the model that serves it now: itself, unless a deploy made another release current."""
+    names = {n: n for n in [*manifest.get("members", {}), FUSION_NAME]}
+    rel = manifest.get("releases")
+    if rel:
+        names.update(next(e["models"] for e in rel["history"] if e["id"] == rel["current"]))
+    return names
+
+
+def onnx_checksums(manifest: dict) -> dict[str, str]:
+    """model folder → the ONNX checksum recorded when its release was exported (every release kept)."""
+    rel = manifest.get("releases")
+    entries = [(e["models"], e["manifest"]) for e in rel["history"]] if rel else [(served_models(manifest), manifest)]
+    return {models[m]: info["onnx_sha256"] for models, man in entries
+            for m, info in man.get("members", {}).items() if info.get("onnx_sha256") and m in models}
