@@ -16,12 +16,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def stamp() -> dict:
     """What every measured page carries: the commit the code is at (``-dirty``: tracked files differ from it)
-    and the UTC date; ``machine`` separately (``machine()`` or ``cpu_name()``)."""
+    (changes under docs/ and to README.md, the measured pages, don't count) and the UTC date; ``machine`` separately (``machine()`` or ``cpu_name()``)."""
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                              check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                                    capture_output=True, text=True, check=True).stdout.strip())
+        # Measured pages themselves (docs/, README.md) do not make the measured code dirty.
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!docs",
+                                     ":!README.md"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip())
     except (OSError, subprocess.CalledProcessError):
         sha, dirty = "unknown", False
     return {"commit": sha + ("-dirty" if dirty else ""), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
