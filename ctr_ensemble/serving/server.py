@@ -208,6 +208,9 @@ class TritonServer(Endpoints):
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         libs = [str(pytriton_root().parent / "nvidia_pytriton.libs"), *libpython_dir()]
         env["LD_LIBRARY_PATH"] = os.pathsep.join([*libs, env.get("LD_LIBRARY_PATH", "")])
+        # A stub importing the fusion's ctr_fusion.py would write __pycache__ into the model folder; Triton then takes
+        # the model for changed and loads it again when `deploy` reloads the ensemble (10 s, a second stub).
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
         log = open(self.log_path, "wb")
         self._proc = subprocess.Popen(self.command(backend_dir), stdout=log, stderr=subprocess.STDOUT, env=env,
                                       start_new_session=True)
