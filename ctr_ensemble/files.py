@@ -78,7 +78,7 @@ def _write_synced(path: Path, data: bytes) -> None:
 
 def listed_digests(sha: Path) -> list[str]:
     """The SHA-256 digests a sidecar lists (one per line; more than one only after an interrupted write)."""
-    return [t for t in sha.read_text().split() if _HEX64.fullmatch(t)]
+    return [t for t in sha.read_bytes().decode("ascii", "replace").split() if _HEX64.fullmatch(t)]
 
 
 def _digests(path: Path) -> list[str]:
@@ -294,7 +294,11 @@ def _failed(path: Path, what: str, e: OSError, previous: Path | None, failed: li
 def _prune(versions: Path, keep: set[str]) -> None:
     """Remove the versions not in ``keep``: each renamed to a hidden trash name first (so a folder that
     looks like a version is always whole), then deleted; leftovers of an earlier prune go too."""
-    for p in list(versions.iterdir()):
+    try:
+        entries = list(versions.iterdir())
+    except OSError:
+        return
+    for p in entries:
         if p.name.isdigit() and p.name not in keep:
             trash = versions / f".trash-{p.name}-{os.getpid()}"
             try:

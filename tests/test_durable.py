@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import builtins
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -137,6 +138,19 @@ def test_a_file_write_flushes_the_file_and_its_sidecar_before_renaming_and_the_f
     assert ("fsync", sidecar) in events  # the trimmed sidecar, flushed before its own rename
     assert sum(e[0] == "fsync" for e in events) == 6  # data, sidecar, folder, folder, trimmed sidecar, folder
     assert checkpoint.load(path).name == tiny_checkpoints[1].name
+
+
+def test_a_sidecar_left_by_an_interrupted_write_accepts_the_old_or_the_new_file_and_nothing_else(tmp_path):
+    path = tmp_path / "f.bin"
+    files.write_atomic(path, b"old", checksum=True)
+    digest = lambda b: hashlib.sha256(b).hexdigest()  # noqa: E731
+    files.sha256_path(path).write_text(f"{digest(b'new')}\n{digest(b'old')}\n")  # as a crash leaves it
+    assert files.read_checked(path) == b"old"
+    path.write_bytes(b"new")
+    assert files.read_checked(path) == b"new"
+    path.write_bytes(b"bad")
+    with pytest.raises(CtrError, match=f"{path}: file is corrupt"):
+        files.read_checked(path)
 
 
 # --- repositories ---------------------------------------------------------------------------------------------
