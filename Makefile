@@ -98,7 +98,7 @@ rollout: venv
 	  --out $(ROLLOUT)/v2/members/$$m.pt --epochs 2 --threads 2 --seed 7 || exit 1; done; \
 	  $(BIN)/ctr-ensemble export --checkpoint $(ROLLOUT)/v2/members/deepfm.pt --checkpoint $(ROLLOUT)/v2/members/dcnv2.pt \
 	  --repository $(ROLLOUT)/v2/model_repository --parity-data $(LT_SMALL)/data/val.tsv --fusion-kind cpu; }
-	rm -rf $(ROLLOUT)/served && cp -r $(LT_SMALL)/model_repository $(ROLLOUT)/served
+	rm -rf $(ROLLOUT)/served && cp -rL $(LT_SMALL)/model_repository $(ROLLOUT)/served
 	$(BIN)/ctr-ensemble rollout --repository $(ROLLOUT)/served --new $(ROLLOUT)/v2/model_repository \
 	  --data $(LT_SMALL)/data/test.tsv --out $(ROLLOUT)
 	$(BIN)/python benchmarks/publish.py $(ROLLOUT) docs/rollout rollout.md rollout.json
@@ -153,4 +153,4 @@ docs-cli: venv
 	$(BIN)/python benchmarks/cli_docs.py --out docs/cli.md
 
 clean:
-	rm -rf artifacts model_repository
+	rm -rf artifacts model_repository model_repository.versions

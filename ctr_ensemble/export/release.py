@@ -29,7 +29,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from ctr_ensemble.errors import CtrError
 from ctr_ensemble.export import validate
 from ctr_ensemble.export.repository import ENSEMBLE_NAME, FUSION_NAME, link_or_copy, read_config, read_manifest
-from ctr_ensemble.files import check_name, write_atomic
+from ctr_ensemble.files import check_name, fsync_dir, fsync_tree, write_atomic
 
 KEEP = 2  # releases whose files stay on disk: the current one and the one `rollback` returns to
 
@@ -112,8 +112,14 @@ def stage(new_repo: str | Path, repo: str | Path) -> Release:
             written.append(dst)
             cfg = read_config(dst)
             cfg.name = name
-            write_atomic(dst / "config.pbtxt", text_format.MessageToString(cfg).encode(), fsync=True,
+            write_atomic(dst / "config.pbtxt", text_format.MessageToString(cfg).encode(),
                          what="model config")
+        try:  # the release's files are on disk before the switch names them
+            for d in written:
+                fsync_tree(d)
+            fsync_dir(repo)
+        except OSError as e:
+            raise CtrError(f"{repo}: cannot flush release {rid} to disk ({e.strerror or e})") from e
         ens = read_config(new_repo / ENSEMBLE_NAME)
         for step in ens.ensemble_scheduling.step:
             step.model_name = models[step.model_name]
@@ -138,10 +144,10 @@ def switch(repo: str | Path, to: Release, releases: list[Release]) -> None:
     serves ``to``."""
     repo = Path(repo)
     ens = text_format.Parse(to.ensemble, mc.ModelConfig())
-    write_atomic(repo / ENSEMBLE_NAME / "config.pbtxt", text_format.MessageToString(ens).encode(), fsync=True,
+    write_atomic(repo / ENSEMBLE_NAME / "config.pbtxt", text_format.MessageToString(ens).encode(),
                  what="ensemble config")
     manifest = {**to.manifest, "releases": {"current": to.id, "history": [r.entry() for r in releases]}}
-    write_atomic(repo / "repository.json", json.dumps(manifest, indent=2).encode(), fsync=True, what="repository manifest")
+    write_atomic(repo / "repository.json", json.dumps(manifest, indent=2).encode(), what="repository manifest")
 
 
 def record(releases: list[Release], new: Release, current: int) -> tuple[list[Release], list[Release]]:

@@ -14,8 +14,17 @@ Layout written (Triton's standard repository layout)::
       ctr_ensemble/config.pbtxt       platform "ensemble": members → fusion (prob, plus repr when collaborative)
       ctr_ensemble/1/
 
-The whole repository is built in a sibling temp folder and swapped in by rename, so a
-failed export never leaves a half-written model behind.
+``<repo>`` itself is a symlink to a version folder beside it (``files.publish_dir``)::
+
+    <repo> -> <repo>.versions/<n>     flipped atomically (a new symlink renamed over it) by every export
+    <repo>.versions/<n>/              the repository shown now, laid out as above
+    <repo>.versions/<n-1>/            the one shown before: a rollback target, and the files of a server
+                                      still running on it; older versions are pruned
+
+The whole repository is built in a sibling temp folder, validated, flushed to disk and only then published
+(``publish``), so a failed or interrupted export never leaves a half-written model behind, nor a moment
+without a repository; a failure while publishing puts the previous state back. A plain folder at ``<repo>``
+(written before versions existed) becomes the first kept version.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from ctr_ensemble.data.spec import INPUT_DTYPES, FeatureSpec
 from ctr_ensemble.errors import CtrError
+from ctr_ensemble import files
 from ctr_ensemble.files import check_name
 from ctr_ensemble.export import onnx_export, reference, validate
 from ctr_ensemble.export.served import FUSION_NAME, served_models
@@ -129,6 +139,7 @@ def _params(**kv) -> dict:
 
 
 def _write_config(cfg: mc.ModelConfig, model_dir: Path) -> None:
+    """A plain write: it lands in a staging folder, flushed to disk as a whole when published (``publish``)."""
     model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / "config.pbtxt").write_text(text_format.MessageToString(cfg))
 
@@ -281,9 +292,9 @@ def write_repository(
                            "an ensemble needs one encoding for all members")
     kind = resolve_fusion_kind(opt.fusion_kind, opt.production)
     rule = fusion_rule(opt, len(names)) if collab is None else None
-    repo = Path(repo).resolve()
+    repo = files.published_path(repo)  # the symlink itself, not the version it shows now
     repo.parent.mkdir(parents=True, exist_ok=True)
-    staging = repo.with_name(f"{repo.name}.staging-{os.getpid()}")
+    staging = staging_path(repo)
     shutil.rmtree(staging, ignore_errors=True)
     fusion_entry = {"model": FUSION_NAME, "mode": opt.fusion_mode, "tau": opt.tau, "kind": kind}
     if rule is not None:
@@ -341,7 +352,7 @@ def write_repository(
         spec0.save(edir / "feature_spec.json")
         (staging / "repository.json").write_text(json.dumps(manifest, indent=2))
         validate.check(staging)  # what Triton would refuse never replaces a working repository
-        swap_in(staging, repo)
+        publish(staging, repo)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest
@@ -357,13 +368,21 @@ def fitted_rule(manifest: dict) -> FusionRule | None:
     return FusionRule.from_entry({"mode": FITTED, **rule}) if rule else None  # older records name no mode: fitted
 
 
-def swap_in(staging: Path, repo: Path) -> None:
-    """Replace ``repo`` by ``staging`` with two renames; the old tree is removed only afterwards."""
-    old = repo.with_name(f"{repo.name}.old-{os.getpid()}")
-    if repo.exists():
-        repo.rename(old)
-    staging.rename(repo)
-    shutil.rmtree(old, ignore_errors=True)
+def publish(staging: Path, repo: str | Path) -> Path:
+    """Make the complete, validated folder ``staging`` the repository ``repo`` shows: flushed to disk, moved in
+    as a new version and switched to by an atomic symlink flip, every step undone if one fails
+    (``files.publish_dir``). Returns the new version folder. ``staging`` must sit beside ``repo``
+    (``staging_path``): a rename across file systems is no rename."""
+    return files.publish_dir(staging, repo, what="model repository")
+
+
+swap_in = publish  # the name callers used before versions
+
+
+def staging_path(repo: str | Path) -> Path:
+    """Where a new version of ``repo`` is built: a folder beside it, named for this process."""
+    repo = files.published_path(repo)
+    return repo.with_name(f"{repo.name}.staging-{os.getpid()}")
 
 
 def link_or_copy(a: str, b: str) -> str:
@@ -390,7 +409,7 @@ def reconfigure_repository(src: str | Path, dst: str | Path, opt: RepoOptions) -
     """Copy repository ``src`` to ``dst`` with the deployment settings of ``opt`` (instances, batching,
     fusion rule, device, production); model files are hard-linked where possible, never re-exported.
     Inputs and outputs of every config stay as exported. Returns the new manifest."""
-    src, dst = Path(src).resolve(), Path(dst).resolve()
+    src, dst = files.published_path(src), files.published_path(dst)
     manifest = read_manifest(src)
     for name in manifest["members"]:  # they become paths below: a tampered repository.json must not escape
         check_name(name, f"{src / 'repository.json'}: member name")
@@ -407,7 +426,7 @@ def reconfigure_repository(src: str | Path, dst: str | Path, opt: RepoOptions) -
                           "a collaborative fusion needs a trained head (`ctr-ensemble export --collab PATH`)"))
     kind = resolve_fusion_kind(opt.fusion_kind, opt.production)
     rule = None if was_collab else fusion_rule(opt, len(manifest["members"]))
-    staging = dst.with_name(f"{dst.name}.staging-{os.getpid()}")
+    staging = staging_path(dst)
     shutil.rmtree(staging, ignore_errors=True)
 
     try:
@@ -431,8 +450,7 @@ def reconfigure_repository(src: str | Path, dst: str | Path, opt: RepoOptions) -
         manifest["derived_from"] = str(src)
         (staging / "repository.json").write_text(json.dumps(manifest, indent=2))
         validate.check(staging)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        swap_in(staging, dst)
+        publish(staging, dst)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest

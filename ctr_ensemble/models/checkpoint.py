@@ -1,6 +1,7 @@
 """Checkpoints: weights + model config + feature spec, so export can rebuild a member alone.
 
-Written atomically (temp file + rename) with a SHA-256 sidecar (``files.write_atomic``); loading verifies
+Written durably (temp file, fsync, rename, fsync of the folder) with a SHA-256 sidecar that verifies the old
+or the new file at every crash point (``files.write_atomic``); loading verifies
 the checksum and the format before any weight is used. ``write_verified``/``read_verified`` do the same for
 the other torch files (collaborative checkpoints, the served head, training states).
 """
@@ -65,7 +66,7 @@ def write_verified(path: str | Path, obj: dict, what: str = "checkpoint") -> Pat
     """``torch.save`` ``obj`` to ``path`` atomically, with a SHA-256 sidecar ``<path>.sha256`` (``files.write_atomic``)."""
     buf = io.BytesIO()
     torch.save(obj, buf)
-    files.write_atomic(path, buf.getvalue(), checksum=True, fsync=True, what=what)
+    files.write_atomic(path, buf.getvalue(), checksum=True, what=what)
     return Path(path)
 
 

@@ -101,7 +101,7 @@ def _activate(repo: Path, admin: _Admin, to: rel.Release, releases: list[rel.Rel
         admin.load(ENSEMBLE_NAME)  # the switch: Triton replaces the ensemble once the new one is ready
     except CtrError:
         for path, data in saved.items():  # the old ensemble still serves (a failed reload keeps it): match it on disk
-            write_atomic(path, data, fsync=True)
+            write_atomic(path, data, what="repository file")
         admin.unload_quietly(new_models)
         raise
     t_switched = time.monotonic()

@@ -188,7 +188,9 @@ class TritonServer(Endpoints):
         ]
 
     def start(self) -> TritonServer:
-        self.repository = Path(self.repository).resolve()
+        # Absolute, but its symlink kept (export flips it to each new version): a restart serves the repository
+        # published last, and the version this server started on may be pruned by a later export.
+        self.repository = Path(os.path.abspath(self.repository))
         if not (self.repository / "repository.json").is_file() and not any(self.repository.glob("*/config.pbtxt")):
             raise CtrError(f"{self.repository}: not a model repository (no */config.pbtxt); run `ctr-ensemble export` first")
         if self.validate_repository:

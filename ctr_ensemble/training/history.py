@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
+
+from ctr_ensemble.files import write_atomic
 
 
 def write_history(history: list[dict], path: Path, title: str) -> None:
     """Training curve as CSV plus a PNG beside it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(history[0]))
-        w.writeheader()
-        w.writerows(history)
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=list(history[0]))
+    w.writeheader()
+    w.writerows(history)
+    write_atomic(path, buf.getvalue().encode(), what="training history")  # the record of a run: durable
     import matplotlib
 
     matplotlib.use("Agg")

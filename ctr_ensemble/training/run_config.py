@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from ctr_ensemble.errors import CtrError
+from ctr_ensemble.files import write_atomic
 
 SECTIONS = ("model", "train")
 
@@ -129,6 +130,5 @@ def write(path: Path, arch: str, model: dict, train: dict, comment: str = "") ->
     head = "".join(f"# {line}\n" for line in comment.splitlines())
     body = yaml.dump({"arch": arch, "model": model, "train": train}, Dumper=_Dumper, sort_keys=False,
                      default_flow_style=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(head + body)
-    return path
+    write_atomic(path, (head + body).encode(), what="run config")
+    return Path(path)

@@ -7,8 +7,9 @@
     shards/part-NNNNN.<column>.npy      one file per shard and column (``STORAGE_DTYPES``)
 
 A file entry (``write_npy``) records the path relative to the folder, size, CRC-32, shape and dtype;
-``verify_files`` checks size and CRC-32 against it. Every file is written under a temporary name and
-renamed (``files.write_atomic``), so a reader never sees half a file. Writing the folder: ``prepare.py``;
+``verify_files`` checks size and CRC-32 against it. Every file is written under a temporary name, flushed to
+disk and renamed, then its folder flushed (``files.write_atomic``), so a reader never sees half a file, nor
+a crash half a manifest. Writing the folder: ``prepare.py``;
 reading it: ``shards.py``.
 """
 
@@ -57,8 +58,8 @@ def file_crc32(path: Path) -> int:
     return crc
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    write_atomic(path, json.dumps(obj, indent=1).encode())
+def write_json_atomic(path: Path, obj, what: str = "JSON file") -> None:
+    write_atomic(path, json.dumps(obj, indent=1).encode(), what=what)
 
 
 def verify_files(out: Path, manifest: dict, progress: bool = False) -> set[str]:

@@ -522,7 +522,7 @@ def _write_manifest(out: Path, state: dict) -> dict:
                 "rows": sum(s["rows"] for s in shards), "skipped": skipped, "skipped_examples": examples,
                 "columns": {k: {"dtype": np.dtype(STORAGE_DTYPES[k]).str, "shape": v} for k, v in columns.items()},
                 "shards": shards}
-    write_json_atomic(out / MANIFEST, manifest)
+    write_json_atomic(out / MANIFEST, manifest, what="prepared-data manifest")
     return manifest
 
 
