@@ -93,11 +93,22 @@ def admin_headers(key: str, protocol: str) -> dict[str, str]:
     return {ADMIN_HEADER if protocol == "http" else f"triton-grpc-protocol-{ADMIN_HEADER}": key}
 
 
+# Request-size bound of the production server (docs/serving.md, "Request bounds"): Triton's HTTP body limit,
+# from $TRITON_MAX_REQUEST_BYTES (set it to repository.json's limits.max_request_bytes). The flag came to Triton
+# in 2025 (server PR #8174), after 2.51: the production image has it (not run here: no Docker), the local
+# tritonserver 2.51 rejects it, so the local server never passes it. Triton has no gRPC message-size flag: the
+# gateway in front bounds both protocols (deploy/gateway/nginx.conf).
+MAX_REQUEST_BYTES_ENV = "TRITON_MAX_REQUEST_BYTES"
+# 8 MiB: every repository of up to 169 tensor elements a row at max_batch_size 1024 (export.repository.request_limits).
+DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024
+LIMIT_FLAGS = (f"--http-max-input-size=${{{MAX_REQUEST_BYTES_ENV}:-{DEFAULT_MAX_REQUEST_BYTES}}}",)
+
+
 def production_command() -> list[str]:
     """The container's command line (docker-compose.yml): the NGC image's backends, all ports on
-    0.0.0.0 (defaults 8000/8001/8002), the key taken from the environment by compose."""
+    0.0.0.0 (defaults 8000/8001/8002), the key and the request-size bound taken from the environment by compose."""
     return ["tritonserver", f"--model-repository={PRODUCTION_REPOSITORY}", *SERVER_FLAGS,
-            *restriction_flags(f"${{{ADMIN_KEY_ENV}:?set {ADMIN_KEY_ENV} (see README)}}", check=False)]
+            *restriction_flags(f"${{{ADMIN_KEY_ENV}:?set {ADMIN_KEY_ENV} (see README)}}", check=False), *LIMIT_FLAGS]
 
 
 def libpython_dir() -> list[str]:
