@@ -61,8 +61,48 @@ def test_no_request_can_load_or_unload_models(server):
     assert _http(server, "GET", "/v2/health/ready")[0] == 200
 
 
-def test_local_server_binds_to_loopback(server):
-    cmd = " ".join(server.command(server.repository))
-    for flag in ("--http-address=127.0.0.1", "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1",
-                 "--model-control-mode=none"):
-        assert flag in cmd
+def _listening(pids: set[int]) -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket in LISTEN state that one of ``pids`` holds (/proc/net/tcp{,6})."""
+    import ipaddress
+    import os
+
+    inodes = set()
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    out = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            next(f)
+            for line in f:
+                cols = line.split()
+                local, state, inode = cols[1], cols[3], cols[9]
+                if state != "0A" or inode not in inodes:  # 0A: LISTEN
+                    continue
+                addr, port = local.split(":")
+                raw = bytes.fromhex(addr)  # little-endian 32-bit words
+                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                ip = ipaddress.ip_address(raw)
+                ip = getattr(ip, "ipv4_mapped", None) or ip  # gRPC listens on ::ffff:127.0.0.1 (IPv4-mapped)
+                out.add((str(ip), int(port, 16)))
+    return out
+
+
+def test_local_server_listens_on_loopback_only(server):
+    """The sockets tritonserver (and its stubs) actually listen on, read from the kernel: its three ports,
+    each on 127.0.0.1 only; and model control stays off."""
+    from tests.waits import live_in_group
+
+    sockets = _listening({server.pid, *live_in_group(server.pid)})
+    assert {p for _, p in sockets} == {server.http_port, server.grpc_port, server.metrics_port}, sockets
+    assert {a for a, _ in sockets} == {"127.0.0.1"}, sockets
+    assert "--model-control-mode=none" in server.command(server.repository)
