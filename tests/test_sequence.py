@@ -1,5 +1,5 @@
 """Behaviour-sequence features: spec, encoder, masked embedding, InterFormer's sequence arch, export with a
-dynamic sequence axis, and a served ensemble taking seq_ids/seq_len over HTTP and gRPC."""
+dynamic sequence axis, and a served ensemble taking seq_ids (exactly max_len wide) / seq_len over HTTP and gRPC."""
 
 import json
 from dataclasses import replace
