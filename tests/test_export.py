@@ -116,6 +116,29 @@ def test_member_names_that_would_escape_or_mangle_a_path_are_refused(bad, tmp_pa
         assert check_name(good, "x") == good
 
 
+def test_request_limits_are_recorded_and_an_unbounded_repository_is_bounded_by_reconfigure(tmp_path, tiny_repo):
+    import shutil
+
+    from ctr_ensemble.export import validate
+    from ctr_ensemble.export.repository import RepoOptions, read_manifest, reconfigure_repository
+
+    assert RepoOptions().max_batch_size == 1024
+    # 26 int64 ids + 13 fp32 numbers a row; JSON text at most 24 bytes an element; 2x headroom + 64 KiB
+    assert read_manifest(tiny_repo)["limits"] == {
+        "max_batch_size": 256, "seq_max_len": None, "row_elements": 39, "row_bytes": 26 * 8 + 13 * 4,
+        "max_binary_request_bytes": 256 * 260, "max_json_request_bytes": 256 * 39 * 24,
+        "max_request_bytes": 2 * 256 * 39 * 24 + 64 * 1024}
+    old = tmp_path / "old"  # as exported before the dims were fixed (seq_ids had [-1]; here cat_ids stands in)
+    shutil.copytree(tiny_repo, old)
+    for m in ("deepfm", "ctr_ensemble"):
+        cfg = old / m / "config.pbtxt"
+        cfg.write_text(cfg.read_text().replace("dims: 26", "dims: -1", 1))
+    assert any("unbounded" in p for p in validate.validate(old))
+    manifest = reconfigure_repository(old, tmp_path / "new", RepoOptions(max_batch_size=512, fusion_kind="cpu"))
+    assert validate.validate(tmp_path / "new") == []
+    assert manifest["limits"]["max_batch_size"] == 512 and manifest["limits"]["max_binary_request_bytes"] == 512 * 260
+
+
 def test_reconfigure_refuses_a_tampered_member_name(tmp_path, tiny_checkpoints):
     repo = tmp_path / "repo"
     write_repository(tiny_checkpoints, repo, RepoOptions())

@@ -9,7 +9,6 @@ import signal
 import threading
 import time
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +19,7 @@ from ctr_ensemble.serving.client import TritonScorer
 from ctr_ensemble.serving.server import TritonServer
 from ctr_ensemble.serving.supervisor import Supervisor, stub_pids
 from tests.test_fuzz import HUGE_SHAPE
+from tests.waits import live_in_group, process_gone, process_state, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -65,31 +65,20 @@ class Load:
             t.join(timeout=30)
 
 
-def _live_in_group(pgid: int) -> list[int]:
-    """Processes of process group ``pgid`` that are not zombies."""
-    out = []
-    for p in Path("/proc").iterdir():
-        try:
-            fields = (p / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, ValueError):
-            continue
-        if p.name.isdigit() and int(fields[2]) == pgid and fields[0] != "Z":
-            out.append(int(p.name))
-    return out
+_wait = wait_for
 
 
-def _wait(cond, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+def restart_deadline(sup) -> float:
+    """How long a restart may take at most: the supervisor's poll, its stop of what is left, the backoff before
+    the next restart in the window and a whole server start (``startup_timeout``). The waits below end as soon
+    as their condition holds; the deadline only says when to give up."""
+    return sup.interval + 3 + sup.backoff(len(sup.recent())) + sup.server.startup_timeout
 
 
 def _recovers(sup, load, t_fault):
-    _wait(lambda: sup.restarts, 60, "the supervisor to restart the server")
-    _wait(lambda: sum(t > t_fault + sup.restarts[-1]["seconds"] for t in load.ok_after) >= 20, 60, "answers after the restart")
+    _wait(lambda: sup.restarts, restart_deadline(sup), "the supervisor to restart the server")
+    _wait(lambda: sum(t > t_fault + sup.restarts[-1]["seconds"] for t in load.ok_after) >= 20, 120,
+          "20 answers after the restart")
 
 
 def test_killed_fusion_stub_under_load_is_restarted_and_answers_stay_correct(repo, tiny_arrays):
@@ -121,14 +110,14 @@ def test_stop_during_a_restart_aborts_it_and_leaves_no_server(repo):
         old = sup.server.pid
         fusion = [pid for pid, model in stub_pids(old).items() if "/fusion/" in model]
         os.kill(fusion[0], signal.SIGKILL)
-        _wait(lambda: sup.server.pid != old, 30, "the restart to launch a new tritonserver")
+        _wait(lambda: sup.server.pid != old, restart_deadline(sup), "the restart to launch a new tritonserver")
         new = sup.server.pid
     finally:
         sup.stop()
     assert sup.restarts == [] and sup.error is None  # abandoned, not completed
-    for pid in (old, new):
-        assert not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
-    _wait(lambda: not _live_in_group(new), 10, "the new server's process group (stubs included) to be gone")
+    for pid in (old, new):  # reaped, or a zombie (read once: no exists() + read_text() race with the reaping)
+        assert process_gone(pid), (pid, process_state(pid))
+    _wait(lambda: not live_in_group(new), 10, "the new server's process group (stubs included) to be gone")
 
 def test_crashed_server_is_restarted_on_the_same_ports(repo, tiny_arrays):
     feeds = tiny_arrays["test"].feeds(slice(0, 32))
@@ -139,9 +128,9 @@ def test_crashed_server_is_restarted_on_the_same_ports(repo, tiny_arrays):
         conn.request("POST", "/v2/models/deepfm/infer", body=HUGE_SHAPE, headers={"Content-Type": "application/json"})
         with pytest.raises((http.client.RemoteDisconnected, ConnectionError)):
             conn.getresponse()
-        _wait(lambda: sup.restarts, 60, "the restart after the crash")
+        _wait(lambda: sup.restarts, restart_deadline(sup), "the restart after the crash")
         assert sup.restarts[0]["reason"].startswith("tritonserver exited") and sup.server.http_port == port
-        _wait(lambda: sup.server.is_running(), 60, "the new server")
+        assert sup.server.is_running()  # a restart is recorded once the new server is ready
         out = TritonScorer(sup.server.http_url).infer("ctr_ensemble", feeds)["prob"]
         np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0)
 
@@ -182,15 +171,21 @@ def test_client_timeouts_and_cancellations_are_clean_and_leak_nothing(server, ti
     client.close()
 
 
+EXIT_TIMEOUT_S = 5  # --exit-timeout-secs: in-flight requests get this long to finish
+UNLOAD_S = 10  # after the exit timeout: unloading the models, stopping the stubs
+STOP_TIMEOUT_S = EXIT_TIMEOUT_S + 3 * UNLOAD_S  # stop() SIGKILLs after this
+
+
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_shutdown_under_load_answers_correctly_or_refuses(repo, tiny_arrays, protocol):
     """SIGTERM while 4 users send requests to a member: what was answered is correct, later requests are
     refused (UNAVAILABLE / "Server is stopping" / connection refused), never a wrong answer, and the
-    server is gone within the exit timeout. Triton 2.51 sometimes ends with SIGSEGV in
-    TRITONSERVER_ServerInferAsync when requests keep arriving during shutdown (always for the ensemble
-    under gRPC load here): docs/reliability.md. So the exit code is reported, not required to be 0."""
+    server exits by itself within the exit timeout (plus the unloading of the models): stop() never has to
+    SIGKILL it. Its exit code is 0, or 1 when the exit timeout expired (HTTP keep-alive connections hold a 2.51
+    server for the whole exit timeout), or SIGSEGV: 2.51 sometimes crashes in TRITONSERVER_ServerInferAsync when
+    requests keep arriving during shutdown, or on the forced exit (docs/reliability.md). Never our SIGKILL."""
     feeds = tiny_arrays["test"].feeds(slice(0, 256))
-    server = TritonServer(repo, extra_args=["--exit-timeout-secs=5"]).start()
+    server = TritonServer(repo, extra_args=[f"--exit-timeout-secs={EXIT_TIMEOUT_S}"]).start()
     url = server.grpc_url if protocol == "grpc" else server.http_url
     ref = TritonScorer(url, protocol).infer("deepfm", feeds)["prob"]
     outcomes = {"ok": 0, "wrong": 0, "refused": 0}
@@ -211,14 +206,21 @@ def test_shutdown_under_load_answers_correctly_or_refuses(repo, tiny_arrays, pro
     for t in threads:
         t.start()
     _wait(lambda: outcomes["ok"] >= 20, 30, "load")
-    code = server.stop()  # SIGTERM: Triton stops taking requests, finishes in-flight ones, exits
-    time.sleep(0.5)
+    t0 = time.monotonic()
+    code = server.stop(timeout=STOP_TIMEOUT_S)  # SIGTERM: Triton stops taking requests, finishes in-flight ones, exits
+    took = time.monotonic() - t0
+    _wait(lambda: outcomes["refused"] > 0, 10, "a request refused after the SIGTERM")
     stop.set()
     for t in threads:
         t.join(timeout=30)
-    assert code is not None and not server.is_running()
-    assert outcomes["wrong"] == 0 and outcomes["refused"] > 0, outcomes
-    print(f"\nshutdown under {protocol} load: {outcomes}, exit code {code}")
+    assert not server.is_running()
+    assert not server.killed and code != -signal.SIGKILL, (code, took)  # it exited by itself ...
+    assert took < EXIT_TIMEOUT_S + UNLOAD_S, took  # ... within its exit timeout, long before stop() would kill it
+    # 0: clean. 1: "Exit timeout expired. Exiting immediately." -- the HTTP clients' keep-alive connections stay
+    # open, and Triton 2.51 waits for them the whole exit timeout. -SIGSEGV: the 2.51 crash on that forced exit.
+    assert code in (0, 1, -signal.SIGSEGV), code
+    assert outcomes["wrong"] == 0, outcomes
+    print(f"\nshutdown under {protocol} load: {outcomes}, exit code {code} after {took:.1f}s")
 
 
 def test_disk_full_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, tiny_checkpoints, monkeypatch):

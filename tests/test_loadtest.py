@@ -60,11 +60,23 @@ def test_locust_run_serves_offline_auc_with_no_errors(tmp_path, tiny_repo, tiny_
         assert all(r["pa_note"] == reason for r in rows)
 
 
-def test_perf_analyzer_binary_runs_here_or_skips_with_the_reason():
-    """The measured run is in the test above (same rows and concurrency as Locust); this names why not, if not."""
-    reason = perf.why_not_runnable(perf.find_binary())
-    if reason:
-        pytest.skip(reason)
+def test_perf_analyzer_check_names_why_a_binary_cannot_run(tmp_path):
+    """The measured run is in the test above (same rows and concurrency as Locust); the check that decides
+    whether it runs says exactly why not: no binary, no such file, a binary that fails or is not perf_analyzer."""
+    assert perf.why_not_runnable(None) == "perf_analyzer not found (make perf-venv, or --perf-analyzer PATH)"
+    assert perf.why_not_runnable(tmp_path / "nope") == f"{tmp_path / 'nope'}: no such file"
+    fake = tmp_path / "perf_analyzer"
+    for script, reason in (("echo 'cannot open shared object'; exit 127", f"{fake} cannot run here: cannot open shared object"),
+                           ("echo 'some other tool'", f"{fake} cannot run here: some other tool"),
+                           ("exit 3", f"{fake} cannot run here: exit 3"),
+                           ("echo ' Perf Analyzer version 2.51.0'", None)):
+        fake.write_text(f"#!/bin/sh\n{script}\n")
+        fake.chmod(0o755)
+        assert perf.why_not_runnable(fake) == reason, script
+    real = perf.find_binary()
+    if real is not None:  # the one the test above uses: it runs, or the reason is what the sweep reports
+        reason = perf.why_not_runnable(real)
+        assert reason is None or reason.startswith(str(real)), reason
 
 
 def test_server_dying_mid_run_keeps_partial_results_and_fails(tmp_path, tiny_repo, tiny_data):

@@ -1,8 +1,10 @@
 """Admin APIs need the key (HTTP 403 / gRPC UNAVAILABLE without it), no request can load models,
-and the local server listens on 127.0.0.1 only."""
+the local server listens on 127.0.0.1 only, and the gateway config lets only inference through, bounded."""
 
+import shutil
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 import tritonclient.grpc as tgrpc
@@ -11,6 +13,7 @@ from tritonclient.utils import InferenceServerException
 from ctr_ensemble.serving.server import TritonServer, admin_headers, default_admin_key
 
 pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[1]
 ADMIN_PATHS = [("GET", "/v2/models/stats"), ("GET", "/v2/models/deepfm/config"), ("POST", "/v2/repository/index"),
                ("GET", "/v2/logging"), ("GET", "/v2/trace/setting"), ("GET", "/v2/systemsharedmemory/status")]
 
@@ -66,8 +69,110 @@ def test_only_the_admin_key_can_load_or_unload_models(server):
     assert _http(server, "GET", "/v2/models/ctr_ensemble/ready")[0] == 200
 
 
-def test_local_server_binds_to_loopback(server):
-    cmd = " ".join(server.command(server.repository))
-    for flag in ("--http-address=127.0.0.1", "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1",
-                 "--model-control-mode=explicit"):
-        assert flag in cmd
+def _listening(pids: set[int]) -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket in LISTEN state that one of ``pids`` holds (/proc/net/tcp{,6})."""
+    import ipaddress
+    import os
+
+    inodes = set()
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    out = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            next(f)
+            for line in f:
+                cols = line.split()
+                local, state, inode = cols[1], cols[3], cols[9]
+                if state != "0A" or inode not in inodes:  # 0A: LISTEN
+                    continue
+                addr, port = local.split(":")
+                raw = bytes.fromhex(addr)  # little-endian 32-bit words
+                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                ip = ipaddress.ip_address(raw)
+                ip = getattr(ip, "ipv4_mapped", None) or ip  # gRPC listens on ::ffff:127.0.0.1 (IPv4-mapped)
+                out.add((str(ip), int(port, 16)))
+    return out
+
+
+def test_local_server_listens_on_loopback_only(server):
+    """The sockets tritonserver (and its stubs) actually listen on, read from the kernel: its three ports,
+    each on 127.0.0.1 only; and model control stays off."""
+    from tests.waits import live_in_group
+
+    sockets = _listening({server.pid, *live_in_group(server.pid)})
+    assert {p for _, p in sockets} == {server.http_port, server.grpc_port, server.metrics_port}, sockets
+    assert {a for a, _ in sockets} == {"127.0.0.1"}, sockets
+    assert "--model-control-mode=explicit" in server.command(server.repository)
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx not installed (the gateway config is checked where it is)")
+def test_gateway_forwards_only_inference_and_bounds_the_body(server, tmp_path, tiny_arrays):
+    """deploy/gateway/nginx.conf, pointed at the local server: inference, health and metadata pass on both
+    protocols (answers equal to the direct ones); admin routes and metrics are 403; a body over
+    client_max_body_size is 413 before it reaches Triton."""
+    import subprocess
+
+    import numpy as np
+
+    from ctr_ensemble.serving.client import TritonScorer
+    from ctr_ensemble.serving.server import free_ports
+    from tests.waits import wait_for
+
+    http_port, grpc_port = free_ports(2)
+    conf = (ROOT / "deploy" / "gateway" / "nginx.conf").read_text()
+    conf = (conf.replace("127.0.0.1:8000", server.http_url).replace("127.0.0.1:8001", server.grpc_url)
+            .replace("listen 8080;", f"listen 127.0.0.1:{http_port};")
+            .replace("listen 8081 http2;", f"listen 127.0.0.1:{grpc_port} http2;")
+            .replace("pid /tmp/ctr-gateway-nginx.pid;", f"pid {tmp_path / 'nginx.pid'};"))
+    assert "client_max_body_size 8m;" in conf
+    (tmp_path / "nginx.conf").write_text(conf)
+    nginx = subprocess.Popen(["nginx", "-c", str(tmp_path / "nginx.conf"), "-g", "daemon off;"], stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: _http_port_open(http_port) and _http_port_open(grpc_port), 20, "nginx to listen")
+        feeds = tiny_arrays["test"].feeds(slice(0, 256))
+        direct = TritonScorer(server.http_url).infer("ctr_ensemble", feeds)["prob"]
+        big = {k: np.repeat(v, 160, 0) for k, v in feeds.items()}  # 40,960 rows: ~10 MB binary
+        for protocol, url in (("http", f"127.0.0.1:{http_port}"), ("grpc", f"127.0.0.1:{grpc_port}")):
+            scorer = TritonScorer(url, protocol)
+            assert scorer.client.is_server_ready() and scorer.client.is_model_ready("ctr_ensemble")
+            np.testing.assert_array_equal(scorer.infer("ctr_ensemble", feeds)["prob"], direct)
+            with pytest.raises(Exception, match="413"):
+                scorer.infer("ctr_ensemble", big)
+            scorer.close()
+        for _, path in ADMIN_PATHS:
+            assert _http_gateway(http_port, path) == 403, path
+        assert _http_gateway(http_port, "/metrics") == 403
+        client = tgrpc.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        for call in (lambda: client.get_model_config("deepfm"), client.get_inference_statistics, client.get_model_repository_index):
+            with pytest.raises(InferenceServerException, match="403"):
+                call()
+        client.close()
+    finally:
+        nginx.terminate()
+        nginx.wait(timeout=10)
+
+
+def _http_port_open(port):
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _http_gateway(port, path):
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code

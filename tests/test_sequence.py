@@ -1,5 +1,5 @@
 """Behaviour-sequence features: spec, encoder, masked embedding, InterFormer's sequence arch, export with a
-dynamic sequence axis, and a served ensemble taking seq_ids/seq_len over HTTP and gRPC."""
+dynamic sequence axis, and a served ensemble taking seq_ids (exactly max_len wide) / seq_len over HTTP and gRPC."""
 
 import json
 from dataclasses import replace
@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
 from tritonclient.utils import InferenceServerException
 
@@ -58,7 +59,9 @@ def test_encoder_keeps_the_most_recent_items_left_aligned(tmp_path):
     hist = [["a", "b", "c", "d", "e"], [], None, ["b"], ["zzz", "a"]]
     spec, path = _spec_with_history(tmp_path, [h if h is not None else None for h in hist[:4]] + [["e", "a"]])
     assert spec.sequence.name == "hist" and spec.input_names == ("cat_ids", "num", "seq_ids", "seq_len")
-    assert spec.input_dims["seq_ids"] == [-1] and spec.input_dims["seq_len"] == [1]
+    assert spec.input_dims["seq_ids"] == [3] and spec.input_dims["seq_len"] == [1]  # served width = max_len
+    assert spec.row_elements == spec.n_cat + spec.n_num + 3 + 1
+    assert spec.row_bytes == 8 * spec.n_cat + 4 * spec.n_num + 8 * 3 + 8
     vocab = {t: i + 1 for i, t in enumerate(spec.sequence.vocab)}
     ids, length = Encoder(spec).encode_sequence(pa.array(hist, pa.list_(pa.string())))
     assert ids.shape == (5, 3) and length[:, 0].tolist() == [3, 0, 0, 1, 2]
@@ -153,7 +156,23 @@ def test_check_export_covers_sequence_lengths_for_a_user_checkpoint(seq_data, tm
 
 
 @pytest.mark.integration
-def test_served_sequence_ensemble_matches_onnx_at_any_history_width(seq_data, tmp_path):
+def _raw_infer(url, feeds, protocol="http"):
+    mod = thttp if protocol == "http" else tgrpc
+    client = mod.InferenceServerClient(url)
+    inputs = []
+    for name, v in feeds.items():
+        x = mod.InferInput(name, list(v.shape), "FP32" if name == "num" else "INT64")
+        x.set_data_from_numpy(v)
+        inputs.append(x)
+    try:
+        return client.infer("ctr_ensemble", inputs)
+    finally:
+        client.close()
+
+
+def test_served_sequence_ensemble_matches_onnx_and_bounds_the_history_width(seq_data, tmp_path):
+    """The ONNX graphs take any history width; the served configs take exactly max_len (the encoder's width):
+    a shorter history is sent zero-padded (same answer as ONNX on the narrow rows), a wider one is refused."""
     _, _, spec, arrays = seq_data
     cks = []
     for arch in ("deepfm", "interformer"):
@@ -164,15 +183,18 @@ def test_served_sequence_ensemble_matches_onnx_at_any_history_width(seq_data, tm
     manifest = write_repository(cks, repo, RepoOptions(max_batch_size=256, fusion_kind="cpu"),
                                 parity_rows=arrays["val"].feeds(slice(0, 500)))
     assert all(m["parity_stress"]["prob_max_abs_diff"] <= 1e-5 for m in manifest["members"].values())
-    cfg = (repo / "ctr_ensemble" / "config.pbtxt").read_text()
-    assert '"seq_ids"' in cfg and "dims: -1" in cfg
+    assert manifest["limits"]["seq_max_len"] == MAX_LEN and manifest["limits"]["max_batch_size"] == 256
+    for model in ("ctr_ensemble", *(ck.name for ck in cks)):
+        cfg = (repo / model / "config.pbtxt").read_text()
+        assert '"seq_ids"' in cfg and f"dims: {MAX_LEN}\n" in cfg and "dims: -1" not in cfg
     te = arrays["test"]
     stress = onnx_export.stress_rows(te.feeds(), spec, max_rows=200)
-    narrow = {**te.feeds(slice(0, 200)), "seq_ids": np.ascontiguousarray(te.seq_ids[:200, -3:]),
+    narrow = {**te.feeds(slice(0, 200)), "seq_ids": np.ascontiguousarray(te.seq_ids[:200, :3]),
               "seq_len": np.minimum(te.seq_len[:200], 3)}
+    padded = {**narrow, "seq_ids": np.pad(narrow["seq_ids"], ((0, 0), (0, MAX_LEN - 3)))}
     with TritonServer(repo) as server:
-        for feeds in (te.feeds(slice(0, 200)), stress, narrow):
-            ref = {ck.name: onnx_export.run_onnx(onnx_export.session(repo / ck.name / "1" / "model.onnx"), feeds)[0]
+        for feeds, onnx_feeds in ((te.feeds(slice(0, 200)),) * 2, (stress,) * 2, (padded, narrow)):
+            ref = {ck.name: onnx_export.run_onnx(onnx_export.session(repo / ck.name / "1" / "model.onnx"), onnx_feeds)[0]
                    for ck in cks}
             fused = fuse(torch.from_numpy(np.stack([ref[c.name] for c in cks], 1)))[0][:, 0].numpy()
             for protocol, url in (("http", server.http_url), ("grpc", server.grpc_url)):
@@ -181,14 +203,15 @@ def test_served_sequence_ensemble_matches_onnx_at_any_history_width(seq_data, tm
                     np.testing.assert_allclose(scorer.score(ck.name, feeds, 64), ref[ck.name], atol=1e-5, rtol=0)
                 np.testing.assert_allclose(scorer.score("ctr_ensemble", feeds, 64), fused, atol=1e-5, rtol=0)
                 scorer.close()
-        # A request without seq_len is refused with Triton's message; the server keeps serving.
-        client = thttp.InferenceServerClient(server.http_url)
-        inputs = []
-        for name in ("cat_ids", "num", "seq_ids"):
-            v = te.feeds(slice(0, 4))[name]
-            x = thttp.InferInput(name, list(v.shape), "FP32" if name == "num" else "INT64")
-            x.set_data_from_numpy(v)
-            inputs.append(x)
-        with pytest.raises(InferenceServerException, match="seq_len"):
-            client.infer("ctr_ensemble", inputs)
+        # A request without seq_len, one with a history wider than max_len (max_len + 1), and one not padded to
+        # max_len are refused with Triton's message (HTTP 400, gRPC INVALID_ARGUMENT); the server keeps serving.
+        four = te.feeds(slice(0, 4))
+        wide = np.pad(four["seq_ids"], ((0, 0), (0, 1)), constant_values=1)
+        for bad in ({k: v for k, v in four.items() if k != "seq_len"}, {**four, "seq_ids": wide},
+                    {**four, "seq_ids": np.ascontiguousarray(four["seq_ids"][:, :3])}):
+            for protocol, url in (("http", server.http_url), ("grpc", server.grpc_url)):
+                with pytest.raises(InferenceServerException) as err:
+                    _raw_infer(url, bad, protocol)
+                assert str(err.value.status()) in ("400", "StatusCode.INVALID_ARGUMENT"), (protocol, err.value.status())
+                assert "seq_len" in err.value.message() or "seq_ids" in err.value.message(), err.value.message()
         assert TritonScorer(server.http_url, "http").score("ctr_ensemble", te.feeds(slice(0, 8)), 8).shape == (8,)

@@ -70,6 +70,42 @@ def test_free_ports_are_distinct():
     assert len(set(ports)) == 20
 
 
+def test_a_picked_port_taken_before_triton_binds_it_is_picked_again(tmp_path, tiny_repo, monkeypatch):
+    """free_ports() closes its sockets; another process may bind one of the ports before tritonserver does
+    (seconds later, after loading the models). start() sees Triton's "already in use" and starts on new ports;
+    a port the caller chose is never changed (the same conflict is then an error)."""
+    import socket
+
+    from ctr_ensemble.serving import server as srv
+
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    busy = squatter.getsockname()[1]
+    real, calls = srv.free_ports, []
+
+    def first_pick_is_taken(n):
+        calls.append(n)
+        return [busy, *real(n - 1)] if len(calls) == 1 else real(n)
+
+    repo = tmp_path / "repo"  # one member: three starts of it take a third of the time of the whole ensemble's
+    (repo / "deepfm").mkdir(parents=True)
+    shutil.copytree(tiny_repo / "deepfm", repo / "deepfm", dirs_exist_ok=True)
+    monkeypatch.setattr(srv, "free_ports", first_pick_is_taken)
+    try:
+        server = TritonServer(repo).start()
+        try:
+            assert len(calls) == 2 and busy not in (server.http_port, server.grpc_port, server.metrics_port)
+            assert TritonScorer(server.http_url).infer("deepfm", {"cat_ids": np.zeros((1, 26), np.int64),
+                                                                  "num": np.zeros((1, 13), np.float32)})["prob"].shape == (1, 1)
+        finally:
+            server.stop()
+        with pytest.raises(srv.PortInUse, match="already in use"):
+            TritonServer(repo, http_port=busy).start()
+    finally:
+        squatter.close()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (fusion on KIND_GPU)")
 @pytest.mark.parametrize("rule", [FusionRule("negation_entropy", 1.0), RULES["fitted_logit"],
                                   FusionRule("fitted", 0.3, [0.0, -0.8], "prob")], ids=["ne", "fitted_logit", "fitted_prob"])

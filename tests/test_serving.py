@@ -105,15 +105,20 @@ def test_nan_and_out_of_range_ids_get_correct_answers(server, tiny_repo, tiny_sp
     _assert_still_serving(server, tiny_repo, rows, protocol, model)
 
 
-def test_empty_batch_is_answered_or_rejected_cleanly(server, tiny_repo, rows):
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+@pytest.mark.parametrize("model", MODELS)
+def test_empty_batch_is_rejected_as_invalid(server, tiny_repo, rows, protocol, model):
+    """A request of 0 rows: Triton 2.51 refuses it before any model runs (HTTP 400 / gRPC INVALID_ARGUMENT,
+    "input byte size mismatch": it expects at least one row's bytes), and keeps serving. TritonScorer never
+    sends one (0 rows score to an empty array without a request)."""
     cat, num = rows
-    for protocol in PROTOCOLS:
-        try:
-            out = _infer(server, protocol, "ctr_ensemble", [("cat_ids", cat[:0], "INT64"), ("num", num[:0], "FP32")])
-            assert out.shape[0] == 0
-        except InferenceServerException as e:
-            assert str(e.status()) in ("400", "StatusCode.INVALID_ARGUMENT")
-        _assert_still_serving(server, tiny_repo, rows, protocol, "ctr_ensemble")
+    with pytest.raises(InferenceServerException) as err:
+        _infer(server, protocol, model, [("cat_ids", cat[:0], "INT64"), ("num", num[:0], "FP32")])
+    assert str(err.value.status()) == ("400" if protocol == "http" else "StatusCode.INVALID_ARGUMENT")
+    assert "input byte size mismatch" in err.value.message() and f"for model '{model}'" in err.value.message()
+    _assert_still_serving(server, tiny_repo, rows, protocol, model)
+    empty = TritonScorer(server.http_url if protocol == "http" else server.grpc_url, protocol)
+    assert empty.score(model, {"cat_ids": cat[:0], "num": num[:0]}).shape == (0,) and not empty.latencies_ms
 
 
 def test_evaluate_all_backends_agree(server, tiny_repo, tiny_data):

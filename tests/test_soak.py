@@ -16,8 +16,10 @@ from ctr_ensemble.cli import app
 from ctr_ensemble.errors import CtrError
 from ctr_ensemble.loadtest.soak import SoakConfig, p99_drift, run_soak, window_rows
 from ctr_ensemble.loadtest.sweep import Target
+from ctr_ensemble.serving import metrics
 from ctr_ensemble.serving.server import TritonServer
 from ctr_ensemble.serving.supervisor import stub_pids
+from tests.waits import wait_for
 
 
 def _res(t, lat, ok=None):
@@ -99,16 +101,26 @@ def test_soak_fails_and_counts_errors_when_the_fusion_stub_dies(tmp_path, tiny_r
     with TritonServer(tiny_repo) as srv:
         tgt = Target(srv.host, srv.http_port, srv.grpc_port, srv.metrics_port, tiny_repo, server=srv)
 
-        def kill_fusion():
-            time.sleep(4)
+        def kill_fusion():  # once the soak has answers (not after a fixed delay: Locust starts slowly on a loaded machine)
+            try:
+                wait_for(lambda: metrics.scrape(srv.metrics_url).get("ctr_ensemble", {}).get("success", 0) >= 10,
+                         60 + cfg.duration_s, "10 answered soak requests")  # Locust's start-up, then the run
+            except AssertionError as e:
+                failed.append(str(e))
+                return
             fusion = [pid for pid, model in stub_pids(srv.pid).items() if "/fusion/" in model]
             os.kill(fusion[0], signal.SIGKILL)
+            killed_at.append(time.monotonic())
+
+        failed, killed_at = [], []
+        cfg = SoakConfig(duration_s=9, window_s=3, sample_s=1, users=1, rows_per_request=16, max_rows=1500)
 
         killer = threading.Thread(target=kill_fusion)
         killer.start()
-        cfg = SoakConfig(duration_s=9, window_s=3, sample_s=1, users=1, rows_per_request=16, max_rows=1500)
         s = run_soak(cfg, tiny_repo, tiny_data / "test.tsv", tmp_path / "soak", target=tgt)
+        ended = time.monotonic()
         killer.join()
+    assert not failed and killed_at and killed_at[0] < ended, failed  # the stub was killed during the soak
     assert not s["passed"] and s["errors"] > 0 and s["requests"] > s["errors"]
     kinds = {k for p in s["protocols"] for k in p["errors_by_kind"]}
     assert kinds and all(k.startswith("InferenceServerException") for k in kinds), kinds

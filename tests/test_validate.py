@@ -34,6 +34,9 @@ BREAKS = {
     "fusion_math_missing": (lambda r: (r / "fusion/1/ctr_fusion.py").unlink(), "fusion/1/ctr_fusion.py: missing"),
     "ensemble_step": (lambda r: _edit(r / "ctr_ensemble/config.pbtxt", 'model_name: "dcnv2"', 'model_name: "dcnv3"'), "step model 'dcnv3' is not in the repository"),
     "spec_garbage": (lambda r: (r / "deepfm/feature_spec.json").write_text("{"), "feature spec is not valid JSON"),
+    # the ensemble is checked against its feature spec too: a dynamic dim would let any request width through
+    "unbounded_dims": (lambda r: _edit(r / "ctr_ensemble/config.pbtxt", "dims: 26", "dims: -1"),
+                       "ctr_ensemble/config.pbtxt: input 'cat_ids' has dims [-1], the feature spec's are [26] (unbounded"),
 }
 
 

@@ -33,7 +33,9 @@ def export_cmd(
                                      "validation logloss)."),
     fusion_report_data: Optional[Path] = typer.Option(None, help="With --fit-fusion: a test file the fit report also scores."),
     fusion_kind: str = typer.Option("auto", help="Fusion instance kind: auto (GPU if torch sees one), cpu, gpu."),
-    max_batch_size: int = typer.Option(4096), instances: int = typer.Option(1, help="Instances per member."),
+    max_batch_size: int = typer.Option(1024, help="Rows per request (and per dynamic batch); more is refused with "
+                                       "400/INVALID_ARGUMENT. Sets the request-size bound in repository.json."),
+    instances: int = typer.Option(1, help="Instances per member."),
     intra_op_threads: int = typer.Option(1, help="ONNX Runtime threads per member instance."),
     max_queue_delay_us: int = typer.Option(200, help="Dynamic batching queue delay per member."),
     dynamic_batching: bool = typer.Option(True, help="Dynamic batching on the members."),
@@ -61,6 +63,7 @@ def export_cmd(
         manifest = reconfigure_repository(from_repository, repository, opt)
         typer.echo(f"{repository}: configs of {from_repository} rewritten ({', '.join(manifest['members'])}; "
                    f"fusion {opt.fusion_mode} on {manifest['fusion']['kind']}{', production' if production else ''})")
+        typer.echo(_bounds(manifest))
         return
     cc = None
     if collab is not None:
@@ -93,6 +96,14 @@ def export_cmd(
         extra += f"; fitted on {fit_fusion} ({fit['rows']:,} rows), kept: {fit['chosen']}"
     rule_desc = f"{f['mode']} (tau={f['tau']})" if cc is not None else manifest_rule(manifest).describe()
     typer.echo(f"{repository}/ctr_ensemble: fusion {rule_desc} on {f['kind']}{extra}")
+    typer.echo(_bounds(manifest))
+
+
+def _bounds(manifest: dict) -> str:
+    lim = manifest["limits"]
+    seq = f", history exactly {lim['seq_max_len']} items wide" if lim["seq_max_len"] else ""
+    return (f"requests: at most {lim['max_batch_size']} rows{seq}; body limit {lim['max_request_bytes']:,} bytes "
+            f"(TRITON_MAX_REQUEST_BYTES and the gateway, docs/serving.md \"Request bounds\")")
 
 
 @app.command("check-repo")

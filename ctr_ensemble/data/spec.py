@@ -10,7 +10,8 @@ row, oldest first, e.g. MovieLens ``history``) has its own vocabulary and a ``ma
 
 Model inputs (``INPUT_DTYPES``, ``FeatureSpec.input_names``/``input_dims``) are passed as *feeds*, a dict
 name → array with the batch axis first: ``cat_ids`` (B, n_cat) int64, ``num`` (B, n_num) float32, and
-with a sequence ``seq_ids`` (B, max_len) int64 + ``seq_len`` (B, 1) int64.
+with a sequence ``seq_ids`` (B, max_len) int64 + ``seq_len`` (B, 1) int64. The ONNX graphs take any
+history width L; the served configs fix it at ``max_len`` (``input_dims``), the bound of a request.
 
 The spec is saved as versioned JSON beside every model (``feature_spec.json``). Its ``fitted_on``
 says what it was fitted on (file, rows, ...) and, since this was added, the training base rate
@@ -92,9 +93,21 @@ class FeatureSpec:
 
     @property
     def input_dims(self) -> dict[str, list[int]]:
-        """Per-row shape of each input (-1: dynamic sequence length)."""
-        dims = {"cat_ids": [self.n_cat], "num": [self.n_num], "seq_ids": [-1], "seq_len": [1]}
+        """Per-row shape of each input as served: every dim fixed, ``seq_ids`` exactly ``max_len`` wide (the encoder
+        pads every row to it), so Triton refuses a wider request before any model runs."""
+        seq = [self.sequence.max_len] if self.sequence else []
+        dims = {"cat_ids": [self.n_cat], "num": [self.n_num], "seq_ids": seq, "seq_len": [1]}
         return {n: dims[n] for n in self.input_names}
+
+    @property
+    def row_elements(self) -> int:
+        """Tensor elements in one served row (all inputs)."""
+        return sum(d[0] for d in self.input_dims.values())
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one served row in Triton's binary tensor encoding (HTTP binary data, gRPC raw contents)."""
+        return sum(d[0] * np.dtype(INPUT_DTYPES[n]).itemsize for n, d in self.input_dims.items())
 
     @property
     def cat_sizes(self) -> list[int]:

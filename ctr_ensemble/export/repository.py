@@ -3,7 +3,7 @@
 Layout written (Triton's standard repository layout)::
 
     <repo>/
-      repository.json                 what was exported, from which checkpoints, parity figures
+      repository.json                 what was exported, from which checkpoints, parity figures, request limits
       <member>/config.pbtxt           backend "onnxruntime", dynamic batching, explicit instances
       <member>/feature_spec.json      how raw rows become cat_ids / num / seq_ids + seq_len
       <member>/1/model.onnx
@@ -67,7 +67,9 @@ class RepoOptions:
     and the fusion model on KIND_GPU. Such a repository cannot load on a machine without a GPU.
     """
 
-    max_batch_size: int = 4096
+    # Rows per request (and per dynamic batch). 1024 = the largest batch any client of the project sends
+    # (evaluate, `serve score`, `make bench-serve`); benchmarks/gpu_check.py asks for 4096 itself.
+    max_batch_size: int = 1024
     instances: int = 1  # per member
     intra_op_threads: int = 1  # ONNX Runtime threads per member instance
     dynamic_batching: bool = True  # per member; the ensemble has no batcher of its own
@@ -148,8 +150,39 @@ _TRITON_TYPES = {np.dtype(np.int64): mc.TYPE_INT64, np.dtype(np.float32): mc.TYP
 
 
 def _inputs(spec: FeatureSpec) -> list:
-    """The spec's inputs; ``seq_ids`` has dims [-1]: any history length per request."""
+    """The spec's inputs, every dim fixed: ``seq_ids`` is exactly ``max_len`` wide (``FeatureSpec.input_dims``)."""
     return [mc.ModelInput(**_io(n, _TRITON_TYPES[np.dtype(INPUT_DTYPES[n])], d)) for n, d in spec.input_dims.items()]
+
+
+def bound_inputs(cfg: mc.ModelConfig, spec: FeatureSpec) -> mc.ModelConfig:
+    """Input dims of ``cfg`` set to the spec's (a repository exported with ``seq_ids`` dims [-1] gets [max_len])."""
+    dims = spec.input_dims
+    for i in cfg.input:
+        if i.name in dims:
+            del i.dims[:]
+            i.dims.extend(dims[i.name])
+    return cfg
+
+
+# The largest request the configs admit, in bytes, is what a gateway (and Triton's --http-max-input-size, where
+# the image has it) should let through: max_batch_size rows, each its tensor elements in the bulkiest encoding
+# a client may use. Binary (tritonclient's default, gRPC raw contents) is the dtype size; JSON text is at most
+# 24 bytes an element (int64 "-9223372036854775808" is 20 characters; an fp32 written as a double, e.g.
+# "-1.1754943508222875e-38", 23; plus a separator). Headroom 2x plus 64 KiB for the JSON/protobuf header.
+JSON_BYTES_PER_ELEMENT = 24
+REQUEST_HEADROOM = 2
+REQUEST_OVERHEAD_BYTES = 64 * 1024
+
+
+def request_limits(spec: FeatureSpec, max_batch_size: int) -> dict:
+    """The bounds of one request to a repository on ``spec`` with ``max_batch_size`` (kept in repository.json)."""
+    binary = max_batch_size * spec.row_bytes
+    text = max_batch_size * spec.row_elements * JSON_BYTES_PER_ELEMENT
+    limit = REQUEST_HEADROOM * max(binary, text) + REQUEST_OVERHEAD_BYTES
+    return {"max_batch_size": max_batch_size, "seq_max_len": spec.sequence.max_len if spec.sequence else None,
+            "row_elements": spec.row_elements, "row_bytes": spec.row_bytes,
+            "max_binary_request_bytes": binary, "max_json_request_bytes": text,
+            "max_request_bytes": -(-limit // 1024) * 1024}  # whole KiB
 
 
 def apply_member_deployment(cfg: mc.ModelConfig, opt: RepoOptions) -> mc.ModelConfig:
@@ -304,7 +337,8 @@ def write_repository(
                             variant=collab.head_config["variant"], learn_tau=collab.head_config["learn_tau"])
     manifest = {"format": "ctr-ensemble/repository", "version": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "ensemble": ENSEMBLE_NAME, "fusion": fusion_entry,
-                "options": asdict(opt), "members": {}, "feature_spec_fingerprint": spec0.fingerprint()}
+                "options": asdict(opt), "limits": request_limits(spec0, opt.max_batch_size),
+                "members": {}, "feature_spec_fingerprint": spec0.fingerprint()}
     onnx_out: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # member → (prob, repr) on the parity rows: ONNX Runtime
     torch_out: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # ... and PyTorch
     repr_dims: dict[str, int] = {}
@@ -408,7 +442,8 @@ def read_config(model_dir: Path) -> mc.ModelConfig:
 def reconfigure_repository(src: str | Path, dst: str | Path, opt: RepoOptions) -> dict:
     """Copy repository ``src`` to ``dst`` with the deployment settings of ``opt`` (instances, batching,
     fusion rule, device, production); model files are hard-linked where possible, never re-exported.
-    Inputs and outputs of every config stay as exported. Returns the new manifest."""
+    Outputs stay as exported; input dims are set to the feature spec's (bounding the ``seq_ids`` width of a
+    repository exported before it was fixed at ``max_len``). Returns the new manifest."""
     src, dst = files.published_path(src), files.published_path(dst)
     manifest = read_manifest(src)
     for name in manifest["members"]:  # they become paths below: a tampered repository.json must not escape
@@ -432,12 +467,13 @@ def reconfigure_repository(src: str | Path, dst: str | Path, opt: RepoOptions) -
     try:
         shutil.copytree(src, staging, copy_function=link_or_copy)
         served = served_models(manifest)  # a deployed repository: the current release's models
+        spec = repository_spec(staging)
         for name in manifest["members"]:
             mdir = staging / check_name(served[name], f"{src / 'repository.json'}: served model name")
-            _write_config(apply_member_deployment(read_config(mdir), opt), mdir)
+            _write_config(bound_inputs(apply_member_deployment(read_config(mdir), opt), spec), mdir)
         fdir = staging / check_name(served[FUSION_NAME], f"{src / 'repository.json'}: served model name")
         _write_config(apply_fusion_deployment(read_config(fdir), opt, kind), fdir)
-        ens = read_config(staging / ENSEMBLE_NAME)
+        ens = bound_inputs(read_config(staging / ENSEMBLE_NAME), spec)
         ens.max_batch_size = opt.max_batch_size
         _write_config(ens, staging / ENSEMBLE_NAME)
         if rule is not None:  # a parity figure of another rule does not hold for this one
@@ -447,6 +483,7 @@ def reconfigure_repository(src: str | Path, dst: str | Path, opt: RepoOptions) -
             manifest["fusion"].update(rule.entry())
         manifest["fusion"].update(mode=opt.fusion_mode, kind=kind)
         manifest["options"] = asdict(opt)
+        manifest["limits"] = request_limits(spec, opt.max_batch_size)
         manifest["derived_from"] = str(src)
         (staging / "repository.json").write_text(json.dumps(manifest, indent=2))
         validate.check(staging)

@@ -13,7 +13,9 @@ the same problems in about a second and names the model, the file and what was e
   head file matches its checksum;
 * the ensemble: every step names a model of the repository, maps only inputs/outputs that the
   step model has, and every ensemble input and output is wired;
-* ``repository.json`` and each ``feature_spec.json`` load.
+* ``repository.json`` and each ``feature_spec.json`` load, and the inputs of a config beside a feature spec have
+  its dims: every one fixed, ``seq_ids`` exactly ``max_len`` wide (the bound of a request; dims [-1] would let
+  a client send any history width).
 """
 
 from __future__ import annotations
@@ -187,10 +189,22 @@ def validate(repo: str | Path) -> list[str]:
             _check_onnx_member(mdir, cfg, sha, problems)
         if (mdir / "feature_spec.json").exists():
             try:
-                FeatureSpec.load(mdir / "feature_spec.json")
+                spec = FeatureSpec.load(mdir / "feature_spec.json")
             except CtrError as e:
                 problems.append(str(e))
+                continue
+            _check_bounds(cfg, spec, mdir / "config.pbtxt", problems)
     return problems
+
+
+def _check_bounds(cfg: mc.ModelConfig, spec: FeatureSpec, where: Path, problems: list[str]) -> None:
+    """Each input the spec defines has the spec's per-row dims (``FeatureSpec.input_dims``)."""
+    dims = spec.input_dims
+    for i in cfg.input:
+        if i.name in dims and list(i.dims) != dims[i.name]:
+            unbounded = " (unbounded: re-export, or `ctr-ensemble export --from-repository` to bound it)" if -1 in i.dims else ""
+            problems.append(f"{where}: input {i.name!r} has dims {list(i.dims)}, the feature spec's are "
+                            f"{dims[i.name]}{unbounded}")
 
 
 def check(repo: str | Path) -> None:

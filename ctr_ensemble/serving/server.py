@@ -4,7 +4,8 @@ A private backend directory is assembled per server: ``python/`` (the wheel's Py
 backend plus the stub built for the running Python) and ``onnxruntime/model.py`` (our
 Python-based ONNX Runtime backend). The server binds to 127.0.0.1 by default, runs with
 ``--model-control-mode=explicit --load-model=ctr_ensemble --strict-readiness``, and ``start()`` waits for readiness,
-showing the end of the server log if it never comes.
+showing the end of the server log if it never comes. Ports it picks itself are free when picked; one taken
+by another process before tritonserver binds it makes ``start()`` pick new ones and start again.
 """
 
 from __future__ import annotations
@@ -96,11 +97,22 @@ def admin_headers(key: str, protocol: str) -> dict[str, str]:
     return {ADMIN_HEADER if protocol == "http" else f"triton-grpc-protocol-{ADMIN_HEADER}": key}
 
 
+# Request-size bound of the production server (docs/serving.md, "Request bounds"): Triton's HTTP body limit,
+# from $TRITON_MAX_REQUEST_BYTES (set it to repository.json's limits.max_request_bytes). The flag came to Triton
+# in 2025 (server PR #8174), after 2.51: the production image has it (not run here: no Docker), the local
+# tritonserver 2.51 rejects it, so the local server never passes it. Triton has no gRPC message-size flag: the
+# gateway in front bounds both protocols (deploy/gateway/nginx.conf).
+MAX_REQUEST_BYTES_ENV = "TRITON_MAX_REQUEST_BYTES"
+# 8 MiB: every repository of up to 169 tensor elements a row at max_batch_size 1024 (export.repository.request_limits).
+DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024
+LIMIT_FLAGS = (f"--http-max-input-size=${{{MAX_REQUEST_BYTES_ENV}:-{DEFAULT_MAX_REQUEST_BYTES}}}",)
+
+
 def production_command() -> list[str]:
     """The container's command line (docker-compose.yml): the NGC image's backends, all ports on
-    0.0.0.0 (defaults 8000/8001/8002), the key taken from the environment by compose."""
+    0.0.0.0 (defaults 8000/8001/8002), the key and the request-size bound taken from the environment by compose."""
     return ["tritonserver", f"--model-repository={PRODUCTION_REPOSITORY}", *SERVER_FLAGS,
-            *restriction_flags(f"${{{ADMIN_KEY_ENV}:?set {ADMIN_KEY_ENV} (see README)}}", check=False)]
+            *restriction_flags(f"${{{ADMIN_KEY_ENV}:?set {ADMIN_KEY_ENV} (see README)}}", check=False), *LIMIT_FLAGS]
 
 
 def libpython_dir() -> list[str]:
@@ -151,6 +163,16 @@ class StartCancelled(CtrError):
     """``TritonServer.start`` gave up because its ``cancel`` event was set."""
 
 
+class PortInUse(CtrError):
+    """tritonserver exited while starting because one of its ports was taken (by the time it bound it)."""
+
+
+# Triton 2.51's log line when a port is taken: 'failed to start HTTP service: Unavailable - Socket
+# '127.0.0.1:47721' already in use' (GRPC and Metrics alike).
+PORT_IN_USE = re.compile(r"failed to start \w+ service: .*already in use")
+PORT_ATTRS = ("http_port", "grpc_port", "metrics_port")
+
+
 @dataclass
 class TritonServer(Endpoints):
     repository: Path
@@ -168,6 +190,11 @@ class TritonServer(Endpoints):
     validate_repository: bool = True  # run export.validate first: a broken repository fails in ~1 s, not minutes
     # When set while start() waits for readiness, start() stops what it started and raises (a stop during a restart).
     cancel: threading.Event | None = field(default=None, repr=False)
+    # Ports picked here (given as 0) are free when picked but may be taken before tritonserver binds them, seconds
+    # later: start() then picks new ones and starts again, at most this many times in all. Ports given (and
+    # those of a restart, which keeps its ports) are never changed.
+    bind_attempts: int = 3
+    killed: bool = field(default=False, init=False)  # the last stop() had to SIGKILL tritonserver (no exit by itself)
     _proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
     _workdir: Path | None = field(default=None, init=False, repr=False)
 
@@ -195,12 +222,33 @@ class TritonServer(Endpoints):
             raise CtrError(f"{self.repository}: not a model repository (no */config.pbtxt); run `ctr-ensemble export` first")
         if self.validate_repository:
             validate.check(self.repository)
-        attrs = ("http_port", "grpc_port", "metrics_port")
-        taken = {getattr(self, a) for a in attrs if getattr(self, a)}
+        auto = [a for a in PORT_ATTRS if not getattr(self, a)]
+        own_log = self.log_path is None
+        attempt = 1
+        while True:
+            self._pick_ports()
+            if own_log:
+                self.log_path = None
+            try:
+                self._launch()
+                self._wait_ready()
+                return self
+            except PortInUse:
+                if not auto or attempt >= self.bind_attempts:
+                    raise
+            attempt += 1
+            for attr in auto:  # taken between picking and binding: pick again
+                setattr(self, attr, 0)
+
+    def _pick_ports(self) -> None:
+        taken = {getattr(self, a) for a in PORT_ATTRS if getattr(self, a)}
         spare = iter(p for p in free_ports(6) if p not in taken)
-        for attr in attrs:
+        for attr in PORT_ATTRS:
             if not getattr(self, attr):
                 setattr(self, attr, next(spare))
+
+    def _launch(self) -> None:
+        self.killed = False
         self._workdir = Path(tempfile.mkdtemp(prefix="ctr-triton-"))
         backend_dir = make_backend_dir(self._workdir / "backends")
         if self.log_path is None:
@@ -217,8 +265,6 @@ class TritonServer(Endpoints):
         self._proc = subprocess.Popen(self.command(backend_dir), stdout=log, stderr=subprocess.STDOUT, env=env,
                                       start_new_session=True)
         log.close()
-        self._wait_ready()
-        return self
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout
@@ -229,8 +275,10 @@ class TritonServer(Endpoints):
                 raise StartCancelled("tritonserver start cancelled: a stop was asked for while it was starting")
             if self._proc.poll() is not None:
                 tail = self.log_tail()
+                in_use = PORT_IN_USE.search(Path(self.log_path).read_text(errors="replace")) if Path(self.log_path).is_file() else None
                 self._cleanup()
-                raise CtrError(f"tritonserver exited with code {self._proc.returncode} while starting; log:\n{tail}")
+                raise (PortInUse if in_use else CtrError)(
+                    f"tritonserver exited with code {self._proc.returncode} while starting; log:\n{tail}")
             try:
                 with urllib.request.urlopen(url, timeout=2) as r:
                     if r.status == 200:
@@ -271,6 +319,7 @@ class TritonServer(Endpoints):
             except subprocess.TimeoutExpired:
                 os.killpg(self._proc.pid, signal.SIGKILL)
                 self._proc.wait()
+                self.killed = True
             except ProcessLookupError:
                 pass
         try:  # stubs outlive a crashed server (SIGSEGV, abort): take the whole process group down
