@@ -28,6 +28,10 @@ class SleepServer:
         self._proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
         return self
 
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
     def is_running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
@@ -111,3 +115,28 @@ def test_rotation_off_leaves_the_log_to_the_next_run(tmp_path):
     log = tmp_path / "x.log"
     log.write_text("a")
     assert rotate_log(log, 0) is None and log.read_text() == "a"
+
+
+def test_a_failing_liveness_probe_restarts_after_its_failures_in_a_row(tmp_path):
+    """The entrypoint's probe (one row through the ensemble): a single failure is tolerated, ``probe_failures``
+    in a row restart the server (with the reason and the notice before it), and the count starts over after."""
+    server, answers, notes = SleepServer(tmp_path / "server.log"), [], []
+
+    def probe():
+        return answers.pop(0) if answers else None
+
+    sup = Supervisor(server, interval=0.02, probe=probe, probe_interval=0.02, probe_failures=2,
+                     notify=notes.append).start()
+    try:
+        answers[:] = ["HTTP 400: Stub process 'fusion_0_0' is not healthy", None]  # one failure, then live
+        _wait(lambda: not answers, 10, "the probe to be asked twice")
+        time.sleep(0.2)
+        assert sup.restarts == []
+        answers[:] = ["HTTP 400: stub unhealthy"] * 2
+        _wait(lambda: len(sup.restarts) == 1, 10, "the restart after two failures in a row")
+        assert sup.restarts[0]["reason"] == "liveness check failed 2 times in a row: HTTP 400: stub unhealthy"
+        assert notes == [f"{sup.restarts[0]['reason']}; restarting tritonserver"] and server.starts == 2
+        time.sleep(0.2)
+        assert len(sup.restarts) == 1 and sup.error is None  # live again: no further restart
+    finally:
+        sup.stop()
