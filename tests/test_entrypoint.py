@@ -21,8 +21,9 @@ import pytest
 
 from ctr_ensemble.serving import liveness
 from ctr_ensemble.serving.client import TritonScorer
-from ctr_ensemble.serving.entrypoint import local_command, main, option, parse_args, probe_host, redactor
-from ctr_ensemble.serving.server import ENTRYPOINT, SERVER_FLAGS, free_ports, production_args
+from ctr_ensemble.serving.entrypoint import (local_command, main, option, parse_args, probe_host, redactor,
+                                             tritonserver_args)
+from ctr_ensemble.serving.server import ENTRYPOINT, SERVER_FLAGS, free_ports, production_args, production_command
 from ctr_ensemble.serving.supervisor import stub_pids
 from tests.test_faults import Load, _live_in_group, _wait
 
@@ -74,9 +75,24 @@ def test_arguments_go_to_tritonserver_unchanged_and_the_key_is_redacted():
     assert KEY not in line and "other-key" not in line and line.count("***") == 3
 
 
-def test_no_arguments_and_no_key_is_a_clear_error(monkeypatch, capsys):
+def test_the_production_flags_are_the_base_and_a_given_flag_replaces_its_namesake(monkeypatch, capsys):
+    """Kubernetes passes ``--model-repository=/models`` alone (the flags and the key's restriction come from here),
+    compose the whole production_command() (keyed by its interpolation): both give tritonserver the same flags."""
+    env = {"TRITON_ADMIN_KEY": KEY}
+    k8s = tritonserver_args(["--model-repository=/models"], env)
+    assert sorted(k8s) == sorted(production_args(KEY))
+    compose = production_command()[len(ENTRYPOINT):]
+    assert tritonserver_args(compose, {}) == compose  # nothing added, nothing needs the environment's key
+    assert sorted(a.split(":admin-key=")[0] for a in compose) == \
+        sorted(a.split(":admin-key=")[0] for a in k8s)
+    given = ["--exit-timeout-secs=5", "--model-repository", "/m", "--log-verbose=1"]
+    custom = tritonserver_args(given, env)
+    assert "--exit-timeout-secs=30" not in custom and "--model-repository=/models" not in custom
+    assert custom[-len(given):] == given
+    assert sum(a.startswith("--exit-timeout-secs") for a in custom) == 1
+    assert all(f in custom for f in SERVER_FLAGS if not f.startswith("--exit-timeout-secs"))
     monkeypatch.delenv("TRITON_ADMIN_KEY", raising=False)
-    assert main([]) == 2
+    assert main(["--model-repository=/models"]) == 2  # the admin APIs are never left open
     assert "TRITON_ADMIN_KEY" in capsys.readouterr().err
 
 
@@ -186,6 +202,7 @@ def test_a_stub_killed_under_load_is_recovered_by_the_entrypoint(entry, tiny_arr
     assert "inference of one row" in dead.stderr or "metadata" in dead.stderr
     assert load.wrong == 0 and errors > 0 and recovery_s < 90
     assert entry.proc.poll() is None and entry.triton_pid() != old
+    _wait(lambda: "restarted tritonserver after" in entry.err.read_text(), 30, "the entrypoint's restart line")
     logs = entry.err.read_text()
     assert "backend stub died" in logs and "fusion" in logs and "restarted tritonserver after" in logs
     assert _liveness(f"http://{entry.http_url}").returncode == 0

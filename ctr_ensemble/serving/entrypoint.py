@@ -3,9 +3,12 @@
     python3 -m ctr_ensemble.serving.entrypoint [options] [tritonserver args...]
 
 Triton 2.51 does not restart a killed Python-backend stub (the model keeps reporting ready while every
-request fails, docs/reliability.md), and ``/v2/health/ready`` does not notice. This command runs
-``tritonserver <args>`` (with no args: ``server.production_args`` with the key from ``$TRITON_ADMIN_KEY``)
-under ``supervisor.Supervisor`` -- the same watch as ``ctr-ensemble serve``: the server process and its stub
+request fails, docs/reliability.md), and ``/v2/health/ready`` does not notice. This command runs tritonserver
+with ``server.production_args`` -- the repository at /models, ``SERVER_FLAGS``, the admin-API restriction keyed
+by ``$TRITON_ADMIN_KEY`` -- where every flag given on the command line replaces the production one of the same
+name and any other is added (Kubernetes passes ``--model-repository=/models`` alone; compose passes the whole
+``production_command()``, the restriction keyed by compose's interpolation, so no key is needed in the
+environment there), under ``supervisor.Supervisor`` -- the same watch as ``ctr-ensemble serve``: the server process and its stub
 processes every ``--interval`` s, plus one row through the ensemble every ``--liveness-interval`` s
 (``serving.liveness``; ``--liveness-failures`` in a row count as a failure) -- and restarts the server on a
 failure, within a sliding window (``--max-restarts`` within ``--restart-window`` s, exponential backoff from
@@ -72,6 +75,26 @@ def option(args: list[str], name: str, default: str) -> str:
         elif a == name and i + 1 < len(args):
             value = args[i + 1]
     return value
+
+
+RESTRICTION = ("--http-restricted-api", "--grpc-restricted-protocol")
+
+
+def flag_name(arg: str) -> str:
+    return arg.split("=", 1)[0]
+
+
+def tritonserver_args(given: list[str], env: dict[str, str]) -> list[str]:
+    """``server.production_args`` keyed by ``$TRITON_ADMIN_KEY``, less every flag ``given`` names, then ``given``.
+    The key is needed only when ``given`` lacks one of the two restriction flags: the admin APIs are never open."""
+    names = {flag_name(a) for a in given if a.startswith("--")}
+    need_key = not set(RESTRICTION) <= names
+    key = env.get(ADMIN_KEY_ENV, "")
+    if need_key and not key:
+        raise CtrError(f"set ${ADMIN_KEY_ENV} (or pass both {' and '.join(RESTRICTION)}): the admin APIs are "
+                       "never left open")
+    defaults = production_args(key, check=need_key)
+    return [*(a for a in defaults if flag_name(a) not in names), *given]
 
 
 def probe_host(address: str) -> str:
@@ -173,8 +196,9 @@ def local_command(repository: Path, key: str, ports: tuple[int, int, int], *opti
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(prog=PROG, allow_abbrev=False,
-                                description="tritonserver under the supervisor (the container's command); every "
-                                            "other argument goes to tritonserver (after '--': all of them).")
+                                description="tritonserver under the supervisor (the container's command), with the "
+                                            "production flags; every other argument goes to tritonserver (after "
+                                            "'--': all of them), replacing the production flag of the same name.")
     p.add_argument("--local", action="store_true", help="the nvidia-pytriton tritonserver and a private backend "
                                                         "directory (tests, benchmarks) instead of `tritonserver` on PATH")
     p.add_argument("--binary", default="tritonserver", help="the tritonserver to run (not with --local)")
@@ -196,14 +220,12 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a, args = parse_args(sys.argv[1:] if argv is None else argv)
-    if not args:  # the production command line, the key from the environment
-        key = os.environ.get(ADMIN_KEY_ENV, "")
-        try:
-            args = production_args(key)
-        except CtrError as e:
-            print(f"entrypoint: no tritonserver arguments and ${ADMIN_KEY_ENV} unusable: {e}", file=sys.stderr)
-            return 2
+    a, given = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        args = tritonserver_args(given, dict(os.environ))
+    except CtrError as e:
+        print(f"entrypoint: {e}", file=sys.stderr)
+        return 2
     redact = redactor(args, dict(os.environ))
 
     def log(msg: str) -> None:
