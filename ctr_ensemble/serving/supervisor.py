@@ -24,7 +24,11 @@ waiting for the new server to become ready.
 
 An optional ``probe`` (the container's entrypoint uses ``serving.liveness``: one row through the ensemble)
 runs every ``probe_interval`` s; ``probe_failures`` failures in a row restart the server too, which covers
-what the process checks cannot see (a stub alive but hung, a model that stopped answering).
+what the process checks cannot see (a stub alive but hung, a model that stopped answering). With a probe, a
+stub that is gone is confirmed by it before the restart (about 1 s: the dead stub's model answers HTTP 500
+at once): a stub whose model was unloaded (``ctr-ensemble deploy`` / ``rollback`` unload the previous
+release) exits too, and then the ensemble still answers, so nothing is restarted. Stubs started after the
+server became ready (a release loaded by ``deploy``) are watched from the check that first sees them.
 
 The server is any ``ServerProcess``: ``TritonServer`` (the wheel's binary, ``serve``) or the entrypoint's
 ``CommandServer`` (a tritonserver command line; in the NGC container, ``python3 -m ctr_ensemble.serving.entrypoint``).
@@ -126,9 +130,20 @@ class Supervisor:
         """Why the server needs a restart, or None if it is healthy."""
         if not self.server.is_running():
             return f"tritonserver exited with code {self.server._proc.returncode}"
-        dead = [model for pid, model in self._stubs.items() if not _alive(pid)]
+        dead = {pid: model for pid, model in self._stubs.items() if not _alive(pid)}
+        # stubs started later (a model loaded by `deploy`) are watched from the check that first sees them
+        self._stubs.update((pid, m) for pid, m in stub_pids(self.server.pid).items() if pid not in dead and _alive(pid))
         if dead:
-            return f"backend stub died: {', '.join(sorted(dead))}"
+            models = ", ".join(sorted(dead.values()))
+            why = self.probe() if self.probe is not None else "no probe to ask"
+            if why is None:  # the ensemble still answers: the stub's model was unloaded (deploy/rollback), not killed
+                for pid in dead:
+                    self._stubs.pop(pid, None)
+                if self.notify is not None:
+                    self.notify(f"backend stub exited: {models}, and the liveness check passes (a model unloaded): "
+                                "no restart")
+                return None
+            return f"backend stub died: {models}" + (f" ({why})" if self.probe is not None else "")
         if self.probe is not None and time.monotonic() >= self._probe_next:
             self._probe_next = time.monotonic() + self.probe_interval
             why = self.probe()
