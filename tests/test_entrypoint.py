@@ -9,6 +9,7 @@ never reaches a log line, and the arguments go to tritonserver unchanged."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from ctr_ensemble.serving.entrypoint import (local_command, main, option, parse_
 from ctr_ensemble.serving.server import ENTRYPOINT, SERVER_FLAGS, free_ports, production_args, production_command
 from ctr_ensemble.serving.supervisor import stub_pids
 from tests.test_faults import Load, _live_in_group, _wait
+from tests.test_rollout import new_export  # noqa: F401  (a fixture: a second release)
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "s3cret-Entrypoint-Key_42"
@@ -250,4 +252,39 @@ def test_a_server_that_cannot_start_exits_1(tmp_path):
     finally:
         code = e.stop()
     assert code == 1 and "tritonserver did not start" in e.err.read_text(), e.logs()
+    assert KEY not in e.logs()
+
+
+@pytest.mark.integration
+def test_a_deploy_restarts_nothing_and_the_new_releases_stub_is_watched(tmp_path, tiny_repo, new_export, tiny_arrays):
+    """`deploy` unloads the previous release, whose stubs then exit: the entrypoint's liveness check still passes,
+    so it does not restart tritonserver. The new release's fusion stub, started after readiness, is watched:
+    killed, it is restarted, and the restarted server serves the new release."""
+    from ctr_ensemble.serving import deploy as dep
+
+    repo = tmp_path / "served"
+    shutil.copytree(tiny_repo, repo)
+    e = Entrypoint(repo, tmp_path)
+    try:
+        e.wait_ready()
+        feeds = tiny_arrays["test"].feeds(slice(0, 32))
+        before = TritonScorer(e.http_url).infer("ctr_ensemble", feeds)["prob"]
+        triton = e.triton_pid()
+        assert dep.deploy(new_export, repo, e.http_url, KEY)["release"] == 2
+        after = TritonScorer(e.http_url).infer("ctr_ensemble", feeds)["prob"]
+        assert np.abs(after - before).max() > 1e-4
+        _wait(lambda: not any(m.endswith("/fusion/1/model.py") for m in stub_pids(triton).values()), 60,
+              "the previous release's fusion stub to exit")
+        new = [pid for pid, m in stub_pids(triton).items() if "/fusion-r2/" in m]
+        assert len(new) == 1
+        time.sleep(3)  # several process checks (every 0.5 s) after the old stubs exited
+        assert e.triton_pid() == triton and "restarted tritonserver" not in e.err.read_text(), e.err.read_text()
+        assert "backend stub exited" in e.err.read_text() and "no restart" in e.err.read_text()
+        os.kill(new[0], signal.SIGKILL)
+        _wait(lambda: "restarted tritonserver after" in e.err.read_text(), 120, "the restart after the kill")
+        assert "fusion-r2" in e.err.read_text().split("restarted tritonserver after")[1].splitlines()[0]
+        out = TritonScorer(e.http_url).infer("ctr_ensemble", feeds)["prob"]
+        np.testing.assert_allclose(out, after, atol=1e-5, rtol=0)  # the restart serves the current release
+    finally:
+        assert e.stop() == 0, e.logs()
     assert KEY not in e.logs()
