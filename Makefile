@@ -21,7 +21,7 @@ LT_REPO := $(if $(LT_DEMO),model_repository,artifacts/loadtest/demo/model_reposi
 LT_DATA := $(if $(LT_DEMO),artifacts/demo/data/test.tsv,artifacts/loadtest/demo/data/test.tsv)
 LT_SMALL := artifacts/loadtest/demo
 
-.PHONY: venv perf-venv demo test bench-serve bench-quality bench-data bench-train bench-reg bench-defaults bench-ensemble loadtest loadtest-demo soak experiments gpu-wheels gpu-check results docs-cli bench-tune rollout clean
+.PHONY: venv perf-venv demo test bench-serve bench-quality bench-data bench-train bench-reg bench-defaults bench-ensemble loadtest loadtest-demo soak bench-recovery experiments gpu-wheels gpu-check results docs-cli bench-tune rollout clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -102,6 +102,13 @@ rollout: venv
 	$(BIN)/ctr-ensemble rollout --repository $(ROLLOUT)/served --new $(ROLLOUT)/v2/model_repository \
 	  --data $(LT_SMALL)/data/test.tsv --out $(ROLLOUT)
 	$(BIN)/python benchmarks/publish.py $(ROLLOUT) docs/rollout rollout.md rollout.json
+
+# Recovery after a fusion-stub kill under load through the container's entrypoint (python -m
+# ctr_ensemble.serving.entrypoint --local, the production arguments): errors during the outage, seconds to recover.
+bench-recovery: venv
+	test -f $(LT_REPO)/repository.json -a -f $(LT_DATA) || $(MAKE) loadtest-demo
+	$(BIN)/python benchmarks/bench_recovery.py --repository $(LT_REPO) --data $(LT_DATA) --out artifacts/recovery
+	$(BIN)/python benchmarks/publish.py artifacts/recovery docs/recovery recovery.md recovery.csv
 
 # A small demo (the demo pipeline's steps at 30k training rows, 2 epochs) when `make demo` has not run.
 loadtest-demo: venv

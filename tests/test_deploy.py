@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 from ctr_ensemble.cli import app
 from ctr_ensemble.export.repository import CUDA_ACCELERATOR
 from ctr_ensemble.loadtest import sweep
-from ctr_ensemble.serving.server import (ADMIN_KEY_ENV, PRODUCTION_REPOSITORY, RESTRICTED_APIS, SERVER_FLAGS, TritonServer,
-                                         production_command)
+from ctr_ensemble.serving.server import (ADMIN_KEY_ENV, ENTRYPOINT, PRODUCTION_REPOSITORY, RESTRICTED_APIS, SERVER_FLAGS,
+                                         TritonServer, production_command)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,6 +39,7 @@ def test_compose_has_the_services_and_triton_runs_the_tested_flags(compose):
     assert set(services) == {"triton", "locust-master", "locust-worker", "prometheus"}
     t = services["triton"]
     assert t["command"] == production_command()
+    assert t["command"][:3] == list(ENTRYPOINT) == ["python3", "-m", "ctr_ensemble.serving.entrypoint"]  # supervised
     for flag in SERVER_FLAGS:
         assert flag in t["command"]
     assert "--model-control-mode=explicit" in t["command"] and "--strict-readiness=true" in t["command"]
@@ -48,8 +49,9 @@ def test_compose_has_the_services_and_triton_runs_the_tested_flags(compose):
     gpu = t["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"] and gpu["count"] >= 1
     assert re.fullmatch(r"\d+[gm]b", t["shm_size"]) and int(t["shm_size"][:-2]) >= (1 if t["shm_size"].endswith("gb") else 256)
-    hc = t["healthcheck"]
-    assert "/v2/health/ready" in " ".join(hc["test"]) and hc["start_period"]
+    hc = t["healthcheck"]  # liveness (one row through the ensemble), not readiness: a dead stub stays "ready"
+    assert hc["test"][:4] == ["CMD", "python3", "-m", "ctr_ensemble.serving.liveness"] and hc["start_period"]
+    assert t["restart"] == "unless-stopped" and t["init"] is True  # the outer net when the entrypoint gives up
     assert t["user"] not in ("root", "0")
     src, dst, mode = t["volumes"][0].rsplit(":", 2)
     assert dst == PRODUCTION_REPOSITORY and mode == "ro"
@@ -67,20 +69,42 @@ def test_local_server_runs_the_same_flags(tmp_path):
     assert prod == local
 
 
+def _dockerfile(build) -> Path:
+    if isinstance(build, str):
+        return ROOT / build / "Dockerfile"
+    return ROOT / build.get("context", ".") / build.get("dockerfile", "Dockerfile")
+
+
 def test_dockerfiles_and_mounted_paths_exist(compose):
     services = compose["services"]
     for name in ("triton", "locust-master", "locust-worker"):
-        assert (ROOT / services[name]["build"] / "Dockerfile").is_file(), name
-    triton_df = (ROOT / services["triton"]["build"] / "Dockerfile").read_text()
+        assert _dockerfile(services[name]["build"]).is_file(), name
+    triton_df = _dockerfile(services["triton"]["build"]).read_text()
     assert re.search(r"^FROM nvcr\.io/nvidia/tritonserver:\S+-py3$", triton_df, re.M)
     assert re.search(r"^USER (?!root)\S+", triton_df, re.M)
-    assert "requirements.txt" in triton_df and (ROOT / services["triton"]["build"] / "requirements.txt").is_file()
+    copied = re.findall(r"^COPY (\S+) ", triton_df, re.M)  # paths inside the root build context
+    assert copied and all((ROOT / c).exists() for c in copied), copied
+    assert "deploy/triton/requirements.txt" in copied and "ctr_ensemble" in copied
     for name in ("locust-master", "locust-worker", "prometheus"):
         for vol in services[name]["volumes"]:
             src = vol.split(":")[0]
             if src.startswith("./") and "artifacts" not in src:  # artifacts/ is written by --prepare-only
                 assert (ROOT / src).exists(), (name, src)
     assert re.search(r"^USER (?!root)\S+", (ROOT / services["locust-master"]["build"] / "Dockerfile").read_text(), re.M)
+
+
+def test_the_triton_image_runs_the_entrypoint_on_a_small_build_context(compose):
+    """The image's command is the supervising entrypoint, the package is importable there (PYTHONPATH), and the
+    root build context sends only what the Dockerfile copies (no .venv, artifacts, repositories or .env)."""
+    build = compose["services"]["triton"]["build"]
+    assert build["context"] == "." and build["dockerfile"] == "deploy/triton/Dockerfile"
+    df = _dockerfile(build).read_text()
+    cmd = re.search(r"^CMD (.+)$", df, re.M).group(1)
+    assert ast.literal_eval(cmd) == list(ENTRYPOINT)
+    assert re.search(r"^ENV PYTHONPATH=/opt/ctr-ensemble\b", df, re.M) and "/opt/ctr-ensemble/ctr_ensemble" in df
+    assert "ENTRYPOINT" not in df  # the NGC entrypoint (CUDA environment) stays and execs the command
+    ignore = [l.strip() for l in (ROOT / ".dockerignore").read_text().splitlines() if l.strip() and not l.startswith("#")]
+    assert ignore[0] == "*" and {"!ctr_ensemble/", "!deploy/triton/requirements.txt"} <= set(ignore)
 
 
 def test_deploy_pins_agree_with_the_project_pins():

@@ -32,21 +32,26 @@ def repo(tmp_path, tiny_repo):
 
 
 class Load:
-    """Client threads sending the same ensemble request over HTTP; tallies answers and failures."""
+    """Client threads sending the same ensemble request (user i over ``protocols[i % len]``, HTTP by default);
+    tallies answers and failures, with the time of each (``ok_after``, ``failed_at``)."""
 
-    def __init__(self, server, feeds, ref, users=3):
+    def __init__(self, server, feeds, ref, users=3, protocols=("http",)):
         self.server, self.feeds, self.ref = server, feeds, ref
         self.ok, self.wrong, self.failed = 0, 0, []
         self.ok_after: list[float] = []
+        self.failed_at: list[float] = []
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._user, daemon=True) for _ in range(users)]
+        self._threads = [threading.Thread(target=self._user, args=(protocols[i % len(protocols)],), daemon=True)
+                         for i in range(users)]
 
-    def _user(self):
+    def _user(self, protocol):
+        url = self.server.http_url if protocol == "http" else self.server.grpc_url
         while not self._stop.is_set():
             try:
-                out = TritonScorer(self.server.http_url, "http", timeout_s=10).infer("ctr_ensemble", self.feeds)["prob"]
+                out = TritonScorer(url, protocol, timeout_s=10).infer("ctr_ensemble", self.feeds)["prob"]
             except Exception as e:  # refused connection or the stub's error while it is down
                 self.failed.append(str(e)[:200])
+                self.failed_at.append(time.monotonic())
                 time.sleep(0.05)
                 continue
             self.ok += 1

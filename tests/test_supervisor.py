@@ -28,6 +28,10 @@ class SleepServer:
         self._proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
         return self
 
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
     def is_running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
@@ -111,3 +115,83 @@ def test_rotation_off_leaves_the_log_to_the_next_run(tmp_path):
     log = tmp_path / "x.log"
     log.write_text("a")
     assert rotate_log(log, 0) is None and log.read_text() == "a"
+
+
+def test_a_failing_liveness_probe_restarts_after_its_failures_in_a_row(tmp_path):
+    """The entrypoint's probe (one row through the ensemble): a single failure is tolerated, ``probe_failures``
+    in a row restart the server (with the reason and the notice before it), and the count starts over after."""
+    server, answers, notes = SleepServer(tmp_path / "server.log"), [], []
+
+    def probe():
+        return answers.pop(0) if answers else None
+
+    sup = Supervisor(server, interval=0.02, probe=probe, probe_interval=0.02, probe_failures=2,
+                     notify=notes.append).start()
+    try:
+        answers[:] = ["HTTP 400: Stub process 'fusion_0_0' is not healthy", None]  # one failure, then live
+        _wait(lambda: not answers, 10, "the probe to be asked twice")
+        time.sleep(0.2)
+        assert sup.restarts == []
+        answers[:] = ["HTTP 400: stub unhealthy"] * 2
+        _wait(lambda: len(sup.restarts) == 1, 10, "the restart after two failures in a row")
+        assert sup.restarts[0]["reason"] == "liveness check failed 2 times in a row: HTTP 400: stub unhealthy"
+        assert notes == [f"{sup.restarts[0]['reason']}; restarting tritonserver"] and server.starts == 2
+        time.sleep(0.2)
+        assert len(sup.restarts) == 1 and sup.error is None  # live again: no further restart
+    finally:
+        sup.stop()
+
+
+
+class StubServer(SleepServer):
+    """A bash process with 'backend stub' children (argv[0] ends with triton_python_backend_stub, argv[1] the
+    model file), as tritonserver has: one at the start (``fusion``), one more once ``go`` exists (``fusion-r2``,
+    as a release loaded by `deploy` would be)."""
+
+    def start(self):
+        self.starts += 1
+        d = self.log_path.parent
+        for model in ("fusion", "fusion-r2"):
+            (d / model).write_text("sleep 60\n")
+        stub = "exec -a /x/triton_python_backend_stub bash"
+        script = (f"({stub} {d}/fusion) & while [ ! -e {d}/go ]; do sleep 0.05; done; ({stub} {d}/fusion-r2) & sleep 60")
+        self._proc = subprocess.Popen(["bash", "-c", script])
+        return self
+
+    def stubs(self) -> dict[int, str]:
+        from ctr_ensemble.serving.supervisor import stub_pids
+
+        return {pid: Path(m).name for pid, m in stub_pids(self._proc.pid).items()}
+
+    def stop(self, timeout: float = 3) -> int | None:
+        for pid in self.stubs() if self._proc is not None else ():
+            os.kill(pid, signal.SIGKILL)
+        return super().stop(timeout)
+
+
+def test_a_gone_stub_is_confirmed_by_the_probe_and_later_stubs_are_watched(tmp_path):
+    """With a probe, a stub that is gone restarts the server only when the probe fails too (killed); when the
+    ensemble still answers, its model was unloaded (deploy/rollback) and nothing restarts. A stub that appears
+    after the start (a release loaded later) is watched as well."""
+    server, answers, notes = StubServer(tmp_path / "server.log"), [], []
+    sup = Supervisor(server, interval=0.05, probe=lambda: answers[0] if answers else None, probe_interval=60,
+                     notify=notes.append)
+    server.start()
+    _wait(lambda: len(server.stubs()) == 1, 10, "the first stub")
+    sup.start()
+    try:
+        (tmp_path / "go").touch()  # the second stub starts after the supervisor took its snapshot
+        _wait(lambda: len(server.stubs()) == 2 and set(server.stubs()) <= set(sup._stubs), 10, "the later stub watched")
+        first = next(pid for pid, m in server.stubs().items() if m == "fusion")
+        os.kill(first, signal.SIGKILL)  # the probe passes: an unloaded model's stub
+        _wait(lambda: notes, 10, "the notice")
+        assert "backend stub exited" in notes[0] and "no restart" in notes[0] and sup.restarts == []
+        answers.append("HTTP 500: Stub process 'fusion-r2_0_0' is not healthy")
+        later = next(pid for pid, m in server.stubs().items() if m == "fusion-r2")
+        os.kill(later, signal.SIGKILL)  # the probe fails: killed, restart
+        _wait(lambda: sup.restarts, 10, "the restart")
+        reason = sup.restarts[0]["reason"]
+        assert reason.startswith("backend stub died: ") and reason.split(" (")[0].endswith("/fusion-r2"), reason
+        assert reason.endswith("(HTTP 500: Stub process 'fusion-r2_0_0' is not healthy)") and server.starts == 2
+    finally:
+        sup.stop()

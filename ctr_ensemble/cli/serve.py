@@ -40,9 +40,13 @@ def serve_cmd(
                           log_path=Path("artifacts/tritonserver.log").resolve(),
                           admin_key=None if open_admin else (admin_key or default_admin_key()))
     Path("artifacts").mkdir(exist_ok=True)
+    from ctr_ensemble.serving import liveness
     from ctr_ensemble.serving.supervisor import Supervisor
 
-    sup = Supervisor(server, max_restarts=max_restarts, window_s=restart_window) if supervise else None
+    # the probe (one row through the ensemble every 10 s) also tells a killed stub from an unloaded model's (deploy)
+    sup = Supervisor(server, max_restarts=max_restarts, window_s=restart_window,
+                     probe=lambda: liveness.probe(server.http_url), notify=lambda m: typer.echo(m, err=True)
+                     ) if supervise else None
     sup.start() if sup else server.start()
     typer.echo(f"Triton ready: HTTP {server.http_url}, gRPC {server.grpc_url}, metrics {server.metrics_url} "
                f"(log {server.log_path}); {'supervised, ' if sup else ''}Ctrl-C to stop")

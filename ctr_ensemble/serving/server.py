@@ -4,8 +4,7 @@ A private backend directory is assembled per server: ``python/`` (the wheel's Py
 backend plus the stub built for the running Python) and ``onnxruntime/model.py`` (our
 Python-based ONNX Runtime backend). The server binds to 127.0.0.1 by default, runs with
 ``--model-control-mode=explicit --load-model=ctr_ensemble --strict-readiness``, and ``start()`` waits for readiness,
-showing the end of the server log if it never comes. Ports it picks itself are free when picked; one taken
-by another process before tritonserver binds it makes ``start()`` pick new ones and start again.
+showing the end of the server log if it never comes.
 """
 
 from __future__ import annotations
@@ -28,8 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ctr_ensemble.errors import CtrError
-from ctr_ensemble.export import validate
-from ctr_ensemble.export.repository import TRITON_SRC
+
+# No import of ctr_ensemble.export (onnx, protobuf, tritonclient, torch) at module level: the container's
+# entrypoint (serving/entrypoint.py) imports this module in the NGC image, which has none of them but numpy/torch.
 
 
 def pytriton_root() -> Path:
@@ -105,14 +105,33 @@ def admin_headers(key: str, protocol: str) -> dict[str, str]:
 MAX_REQUEST_BYTES_ENV = "TRITON_MAX_REQUEST_BYTES"
 # 8 MiB: every repository of up to 169 tensor elements a row at max_batch_size 1024 (export.repository.request_limits).
 DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024
-LIMIT_FLAGS = (f"--http-max-input-size=${{{MAX_REQUEST_BYTES_ENV}:-{DEFAULT_MAX_REQUEST_BYTES}}}",)
+MAX_INPUT_FLAG = "--http-max-input-size"
+# As compose writes it (it expands the variable); the entrypoint, which no shell runs, puts in the value itself.
+LIMIT_FLAGS = (f"{MAX_INPUT_FLAG}=${{{MAX_REQUEST_BYTES_ENV}:-{DEFAULT_MAX_REQUEST_BYTES}}}",)
+
+
+def limit_flags(env: dict[str, str] | None = None) -> tuple[str, ...]:
+    """``LIMIT_FLAGS`` as written, or with the value of ``env`` (default when unset) for a command no shell expands."""
+    if env is None:
+        return LIMIT_FLAGS
+    return (f"{MAX_INPUT_FLAG}={int(env.get(MAX_REQUEST_BYTES_ENV) or DEFAULT_MAX_REQUEST_BYTES)}",)
+
+
+# The container's command (docker-compose.yml, deploy/triton/Dockerfile): tritonserver under our supervisor.
+ENTRYPOINT = ("python3", "-m", "ctr_ensemble.serving.entrypoint")
+
+
+def production_args(key: str, check: bool = True, repository: str | Path = PRODUCTION_REPOSITORY,
+                    env: dict[str, str] | None = None) -> list[str]:
+    """tritonserver's arguments in the container: the NGC image's backends, all ports on 0.0.0.0 (defaults
+    8000/8001/8002), the repository at /models, the admin APIs behind ``key``, the request-size bound."""
+    return [f"--model-repository={repository}", *SERVER_FLAGS, *restriction_flags(key, check=check), *limit_flags(env)]
 
 
 def production_command() -> list[str]:
-    """The container's command line (docker-compose.yml): the NGC image's backends, all ports on
-    0.0.0.0 (defaults 8000/8001/8002), the key and the request-size bound taken from the environment by compose."""
-    return ["tritonserver", f"--model-repository={PRODUCTION_REPOSITORY}", *SERVER_FLAGS,
-            *restriction_flags(f"${{{ADMIN_KEY_ENV}:?set {ADMIN_KEY_ENV} (see README)}}", check=False), *LIMIT_FLAGS]
+    """The container's command line (docker-compose.yml): the entrypoint (supervision: a dead stub or server
+    is restarted) running tritonserver with ``production_args``, the key taken from the environment by compose."""
+    return [*ENTRYPOINT, *production_args(f"${{{ADMIN_KEY_ENV}:?set {ADMIN_KEY_ENV} (see README)}}", check=False)]
 
 
 def libpython_dir() -> list[str]:
@@ -124,6 +143,8 @@ def libpython_dir() -> list[str]:
 
 def make_backend_dir(dest: Path) -> Path:
     """Backend directory with the Python backend (stub for this Python) and the Python-based onnxruntime backend."""
+    from ctr_ensemble.export.repository import TRITON_SRC
+
     root = pytriton_root() / "tritonserver"
     py = f"{sys.version_info.major}.{sys.version_info.minor}"
     stub = root / "python_backend_stubs" / py / "triton_python_backend_stub"
@@ -136,6 +157,24 @@ def make_backend_dir(dest: Path) -> Path:
     (dest / "onnxruntime").mkdir(exist_ok=True)
     shutil.copy(TRITON_SRC / "onnxruntime_backend.py", dest / "onnxruntime" / "model.py")
     return dest
+
+
+def local_binary() -> Path:
+    """The tritonserver binary of the nvidia-pytriton wheel."""
+    return pytriton_root() / "tritonserver" / "bin" / "tritonserver"
+
+
+def local_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment the wheel's tritonserver needs here: its bundled libraries (and this Python's libpython)
+    on LD_LIBRARY_PATH, and this Python first on PATH (the Python backend stub imports packages from it)."""
+    env = dict(os.environ if base is None else base)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    libs = [str(pytriton_root().parent / "nvidia_pytriton.libs"), *libpython_dir()]
+    env["LD_LIBRARY_PATH"] = os.pathsep.join([*libs, env.get("LD_LIBRARY_PATH", "")])
+    # A stub importing the fusion's ctr_fusion.py would write __pycache__ into the model folder; Triton then takes
+    # the model for changed and loads it again when `deploy` reloads the ensemble (10 s, a second stub).
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    return env
 
 
 class Endpoints:
@@ -173,98 +212,26 @@ PORT_IN_USE = re.compile(r"failed to start \w+ service: .*already in use")
 PORT_ATTRS = ("http_port", "grpc_port", "metrics_port")
 
 
-@dataclass
-class TritonServer(Endpoints):
-    repository: Path
-    host: str = "127.0.0.1"
-    http_port: int = 0  # 0 = pick a free port
-    grpc_port: int = 0
-    metrics_port: int = 0
-    startup_timeout: float = 180.0
-    log_verbose: int = 0
-    extra_args: list[str] = field(default_factory=list)
-    log_path: Path | None = None
-    # Admin APIs (model repository/config, shared memory, statistics, trace, logging) need this key in the
-    # ``admin-key`` header (see restriction_flags); default $TRITON_ADMIN_KEY or a random key; None opens them.
-    admin_key: str | None = field(default_factory=default_admin_key)
-    validate_repository: bool = True  # run export.validate first: a broken repository fails in ~1 s, not minutes
-    # When set while start() waits for readiness, start() stops what it started and raises (a stop during a restart).
-    cancel: threading.Event | None = field(default=None, repr=False)
-    # Ports picked here (given as 0) are free when picked but may be taken before tritonserver binds them, seconds
-    # later: start() then picks new ones and starts again, at most this many times in all. Ports given (and
-    # those of a restart, which keeps its ports) are never changed.
-    bind_attempts: int = 3
-    killed: bool = field(default=False, init=False)  # the last stop() had to SIGKILL tritonserver (no exit by itself)
-    _proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
-    _workdir: Path | None = field(default=None, init=False, repr=False)
+class ServerProcess(Endpoints):
+    """A tritonserver process group started by this program, as the supervisor sees it: ``start()`` (by the
+    subclass: launch, then ``_wait_ready``), ``is_running``, ``pid``, ``log_tail``, ``stop``. The subclass
+    provides the fields below (TritonServer: the wheel's binary on a repository; entrypoint.CommandServer: a
+    tritonserver command line, the container's)."""
 
-    def command(self, backend_dir: Path) -> list[str]:
-        binary = pytriton_root() / "tritonserver" / "bin" / "tritonserver"
-        return [
-            str(binary),
-            f"--model-repository={self.repository}",
-            f"--backend-directory={backend_dir}",
-            *SERVER_FLAGS,
-            f"--http-address={self.host}", f"--http-port={self.http_port}",
-            f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
-            f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
-            "--allow-gpu-metrics=false",  # no DCGM here; the container keeps GPU metrics on
-            f"--log-verbose={self.log_verbose}",
-            *(restriction_flags(self.admin_key) if self.admin_key else []),
-            *self.extra_args,
-        ]
+    startup_timeout: float
+    log_path: Path | None
+    cancel: threading.Event | None
+    _proc: subprocess.Popen | None
+    _workdir: Path | None
+    killed: bool  # the last stop() had to SIGKILL tritonserver (no exit by itself)
 
-    def start(self) -> TritonServer:
-        # Absolute, but its symlink kept (export flips it to each new version): a restart serves the repository
-        # published last, and the version this server started on may be pruned by a later export.
-        self.repository = Path(os.path.abspath(self.repository))
-        if not (self.repository / "repository.json").is_file() and not any(self.repository.glob("*/config.pbtxt")):
-            raise CtrError(f"{self.repository}: not a model repository (no */config.pbtxt); run `ctr-ensemble export` first")
-        if self.validate_repository:
-            validate.check(self.repository)
-        auto = [a for a in PORT_ATTRS if not getattr(self, a)]
-        own_log = self.log_path is None
-        attempt = 1
-        while True:
-            self._pick_ports()
-            if own_log:
-                self.log_path = None
-            try:
-                self._launch()
-                self._wait_ready()
-                return self
-            except PortInUse:
-                if not auto or attempt >= self.bind_attempts:
-                    raise
-            attempt += 1
-            for attr in auto:  # taken between picking and binding: pick again
-                setattr(self, attr, 0)
+    def start(self) -> ServerProcess:
+        raise NotImplementedError
 
-    def _pick_ports(self) -> None:
-        taken = {getattr(self, a) for a in PORT_ATTRS if getattr(self, a)}
-        spare = iter(p for p in free_ports(6) if p not in taken)
-        for attr in PORT_ATTRS:
-            if not getattr(self, attr):
-                setattr(self, attr, next(spare))
-
-    def _launch(self) -> None:
+    def _launch(self, argv: list[str], env: dict[str, str], stdout) -> None:
+        """Start ``argv`` in a new session (its process group holds the backend stubs too; ``stop`` kills it)."""
         self.killed = False
-        self._workdir = Path(tempfile.mkdtemp(prefix="ctr-triton-"))
-        backend_dir = make_backend_dir(self._workdir / "backends")
-        if self.log_path is None:
-            self.log_path = self._workdir / "tritonserver.log"
-        env = dict(os.environ)
-        # The Python backend stub imports packages from the first python on PATH: ours.
-        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-        libs = [str(pytriton_root().parent / "nvidia_pytriton.libs"), *libpython_dir()]
-        env["LD_LIBRARY_PATH"] = os.pathsep.join([*libs, env.get("LD_LIBRARY_PATH", "")])
-        # A stub importing the fusion's ctr_fusion.py would write __pycache__ into the model folder; Triton then takes
-        # the model for changed and loads it again when `deploy` reloads the ensemble (10 s, a second stub).
-        env["PYTHONDONTWRITEBYTECODE"] = "1"
-        log = open(self.log_path, "wb")
-        self._proc = subprocess.Popen(self.command(backend_dir), stdout=log, stderr=subprocess.STDOUT, env=env,
-                                      start_new_session=True)
-        log.close()
+        self._proc = subprocess.Popen(argv, stdout=stdout, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout
@@ -275,7 +242,7 @@ class TritonServer(Endpoints):
                 raise StartCancelled("tritonserver start cancelled: a stop was asked for while it was starting")
             if self._proc.poll() is not None:
                 tail = self.log_tail()
-                in_use = PORT_IN_USE.search(Path(self.log_path).read_text(errors="replace")) if Path(self.log_path).is_file() else None
+                in_use = any(PORT_IN_USE.search(line) for line in self.log_lines())
                 self._cleanup()
                 raise (PortInUse if in_use else CtrError)(
                     f"tritonserver exited with code {self._proc.returncode} while starting; log:\n{tail}")
@@ -290,11 +257,16 @@ class TritonServer(Endpoints):
         self.stop()
         raise CtrError(f"tritonserver not ready after {self.startup_timeout:.0f}s; log:\n{tail}")
 
+    def log_lines(self) -> list[str]:
+        if self.log_path is None or not Path(self.log_path).is_file():
+            return []
+        return Path(self.log_path).read_text(errors="replace").splitlines()
+
     def log_tail(self, lines: int = 15) -> str:
         """Error lines of the server log (which model failed and why) plus its last lines."""
-        if self.log_path is None or not Path(self.log_path).is_file():
+        text = self.log_lines()
+        if not text:
             return "(no log)"
-        text = Path(self.log_path).read_text(errors="replace").splitlines()
         # Triton's error lines start with E<date>; the model table marks failed models UNAVAILABLE.
         errors = [l for l in text if re.match(r"E\d{4} ", l) or "UNAVAILABLE" in l]
         tail = [l for l in text[-lines:] if l not in errors]
@@ -335,8 +307,89 @@ class TritonServer(Endpoints):
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
 
-    def __enter__(self) -> TritonServer:
+    def __enter__(self) -> ServerProcess:
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+@dataclass
+class TritonServer(ServerProcess):
+    repository: Path
+    host: str = "127.0.0.1"
+    http_port: int = 0  # 0 = pick a free port
+    grpc_port: int = 0
+    metrics_port: int = 0
+    startup_timeout: float = 180.0
+    log_verbose: int = 0
+    extra_args: list[str] = field(default_factory=list)
+    log_path: Path | None = None
+    # Admin APIs (model repository/config, shared memory, statistics, trace, logging) need this key in the
+    # ``admin-key`` header (see restriction_flags); default $TRITON_ADMIN_KEY or a random key; None opens them.
+    admin_key: str | None = field(default_factory=default_admin_key)
+    validate_repository: bool = True  # run export.validate first: a broken repository fails in ~1 s, not minutes
+    # When set while start() waits for readiness, start() stops what it started and raises (a stop during a restart).
+    cancel: threading.Event | None = field(default=None, repr=False)
+    # Ports picked here (given as 0) are free when picked but may be taken before tritonserver binds them, seconds
+    # later: start() then picks new ones and starts again, at most this many times in all. Ports given (and
+    # those of a restart, which keeps its ports) are never changed.
+    bind_attempts: int = 3
+    killed: bool = field(default=False, init=False)
+    _proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
+    _workdir: Path | None = field(default=None, init=False, repr=False)
+
+    def command(self, backend_dir: Path) -> list[str]:
+        return [
+            str(local_binary()),
+            f"--model-repository={self.repository}",
+            f"--backend-directory={backend_dir}",
+            *SERVER_FLAGS,
+            f"--http-address={self.host}", f"--http-port={self.http_port}",
+            f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
+            f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
+            "--allow-gpu-metrics=false",  # no DCGM here; the container keeps GPU metrics on
+            f"--log-verbose={self.log_verbose}",
+            *(restriction_flags(self.admin_key) if self.admin_key else []),
+            *self.extra_args,
+        ]
+
+    def start(self) -> TritonServer:
+        # Absolute, but its symlink kept (export flips it to each new version): a restart serves the repository
+        # published last, and the version this server started on may be pruned by a later export.
+        self.repository = Path(os.path.abspath(self.repository))
+        if not (self.repository / "repository.json").is_file() and not any(self.repository.glob("*/config.pbtxt")):
+            raise CtrError(f"{self.repository}: not a model repository (no */config.pbtxt); run `ctr-ensemble export` first")
+        if self.validate_repository:
+            from ctr_ensemble.export import validate
+
+            validate.check(self.repository)
+        auto = [a for a in PORT_ATTRS if not getattr(self, a)]
+        own_log = self.log_path is None
+        attempt = 1
+        while True:
+            self._pick_ports()
+            if own_log:
+                self.log_path = None
+            try:
+                self._workdir = Path(tempfile.mkdtemp(prefix="ctr-triton-"))
+                backend_dir = make_backend_dir(self._workdir / "backends")
+                if self.log_path is None:
+                    self.log_path = self._workdir / "tritonserver.log"
+                with open(self.log_path, "wb") as log:
+                    self._launch(self.command(backend_dir), local_env(), log)
+                self._wait_ready()
+                return self
+            except PortInUse:
+                if not auto or attempt >= self.bind_attempts:
+                    raise
+            attempt += 1
+            for attr in auto:  # taken between picking and binding: pick again
+                setattr(self, attr, 0)
+
+    def _pick_ports(self) -> None:
+        taken = {getattr(self, a) for a in PORT_ATTRS if getattr(self, a)}
+        spare = iter(p for p in free_ports(6) if p not in taken)
+        for attr in PORT_ATTRS:
+            if not getattr(self, attr):
+                setattr(self, attr, next(spare))

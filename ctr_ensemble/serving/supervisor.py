@@ -21,6 +21,17 @@ reason and the tail of the server log, and a log at a fixed path (``serve``: art
 is rotated to ``<log>.1`` … ``<log>.<keep_logs>`` instead of being truncated by the new server.
 A stop (SIGTERM to ``ctr-ensemble serve``) during a restart aborts the restart at once rather than
 waiting for the new server to become ready.
+
+An optional ``probe`` (the container's entrypoint uses ``serving.liveness``: one row through the ensemble)
+runs every ``probe_interval`` s; ``probe_failures`` failures in a row restart the server too, which covers
+what the process checks cannot see (a stub alive but hung, a model that stopped answering). With a probe, a
+stub that is gone is confirmed by it before the restart (about 1 s: the dead stub's model answers HTTP 500
+at once): a stub whose model was unloaded (``ctr-ensemble deploy`` / ``rollback`` unload the previous
+release) exits too, and then the ensemble still answers, so nothing is restarted. Stubs started after the
+server became ready (a release loaded by ``deploy``) are watched from the check that first sees them.
+
+The server is any ``ServerProcess``: ``TritonServer`` (the wheel's binary, ``serve``) or the entrypoint's
+``CommandServer`` (a tritonserver command line; in the NGC container, ``python3 -m ctr_ensemble.serving.entrypoint``).
 """
 
 from __future__ import annotations
@@ -29,9 +40,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from ctr_ensemble.errors import CtrError
-from ctr_ensemble.serving.server import StartCancelled, TritonServer
+from ctr_ensemble.serving.server import ServerProcess, StartCancelled
 
 STUB_SUFFIX = b"triton_python_backend_stub"
 
@@ -80,7 +92,7 @@ def _alive(pid: int) -> bool:
 
 @dataclass
 class Supervisor:
-    server: TritonServer
+    server: ServerProcess
     interval: float = 1.0
     max_restarts: int = 5  # within window_s
     window_s: float = 600.0  # restarts older than this no longer count toward max_restarts
@@ -89,6 +101,13 @@ class Supervisor:
     keep_logs: int = 5  # rotated logs of a fixed log path: <log>.1 (the latest crash) .. <log>.<keep_logs>
     # {"at": time, "reason": str, "seconds": float, "waited": backoff s, "log_tail": str, "log": rotated path}
     restarts: list[dict] = field(default_factory=list)
+    # () -> None when the server answers, else why not; probe_failures failures in a row restart the server
+    probe: Callable[[], str | None] | None = None
+    probe_interval: float = 10.0
+    probe_failures: int = 3
+    notify: Callable[[str], None] | None = None  # told each failure before its restart (reason, backoff)
+    _probe_failed: int = field(default=0, init=False)
+    _probe_next: float = field(default=0.0, init=False)
     _stubs: dict[int, str] = field(default_factory=dict, init=False)
     _log_path: Path | None = field(default=None, init=False)
     _thread: threading.Thread | None = field(default=None, init=False, repr=False)
@@ -102,7 +121,7 @@ class Supervisor:
         self.server.cancel = self._stop  # stop() during a restart aborts the restart instead of waiting for it
         if not self.server.is_running():
             self.server.start()
-        self._stubs = stub_pids(self.server._proc.pid)
+        self._watch_new_server()
         self._thread = threading.Thread(target=self._watch, name="triton-supervisor", daemon=True)
         self._thread.start()
         return self
@@ -111,10 +130,31 @@ class Supervisor:
         """Why the server needs a restart, or None if it is healthy."""
         if not self.server.is_running():
             return f"tritonserver exited with code {self.server._proc.returncode}"
-        dead = [model for pid, model in self._stubs.items() if not _alive(pid)]
+        dead = {pid: model for pid, model in self._stubs.items() if not _alive(pid)}
+        # stubs started later (a model loaded by `deploy`) are watched from the check that first sees them
+        self._stubs.update((pid, m) for pid, m in stub_pids(self.server.pid).items() if pid not in dead and _alive(pid))
         if dead:
-            return f"backend stub died: {', '.join(sorted(dead))}"
+            models = ", ".join(sorted(dead.values()))
+            why = self.probe() if self.probe is not None else "no probe to ask"
+            if why is None:  # the ensemble still answers: the stub's model was unloaded (deploy/rollback), not killed
+                for pid in dead:
+                    self._stubs.pop(pid, None)
+                if self.notify is not None:
+                    self.notify(f"backend stub exited: {models}, and the liveness check passes (a model unloaded): "
+                                "no restart")
+                return None
+            return f"backend stub died: {models}" + (f" ({why})" if self.probe is not None else "")
+        if self.probe is not None and time.monotonic() >= self._probe_next:
+            self._probe_next = time.monotonic() + self.probe_interval
+            why = self.probe()
+            self._probe_failed = 0 if why is None else self._probe_failed + 1
+            if self._probe_failed >= self.probe_failures:
+                return f"liveness check failed {self._probe_failed} times in a row: {why}"
         return None
+
+    def _watch_new_server(self) -> None:
+        self._stubs = stub_pids(self.server.pid)
+        self._probe_failed, self._probe_next = 0, time.monotonic() + self.probe_interval
 
     def recent(self, now: float | None = None) -> list[dict]:
         """The restarts inside the sliding window (what counts toward ``max_restarts``)."""
@@ -136,6 +176,8 @@ class Supervisor:
                               f"\n{self.server.log_tail()}")
                 return
             waited = self.backoff(k)
+            if self.notify is not None:
+                self.notify(f"{reason}; restarting tritonserver" + (f" in {waited:g} s (backoff)" if waited else ""))
             if self._stop.wait(waited):
                 return
             with self._lock:
@@ -153,10 +195,14 @@ class Supervisor:
                 except (CtrError, OSError) as e:
                     self.error = f"restart after '{reason}' failed: {e}"
                     return
-                self._stubs = stub_pids(self.server._proc.pid)
+                self._watch_new_server()
                 self.restarts.append({"at": time.time(), "reason": reason, "seconds": time.perf_counter() - t0,
                                       "waited": waited, "log_tail": tail,
                                       "log": str(rotated) if rotated is not None else None})
+
+    def request_stop(self) -> None:
+        """Ask the watch (and a restart waiting for readiness) to end, without waiting: a signal handler's part."""
+        self._stop.set()
 
     def stop(self) -> int | None:
         self._stop.set()
