@@ -26,7 +26,8 @@ from ctr_ensemble.serving.entrypoint import (local_command, main, option, parse_
                                              tritonserver_args)
 from ctr_ensemble.serving.server import ENTRYPOINT, SERVER_FLAGS, free_ports, production_args, production_command
 from ctr_ensemble.serving.supervisor import stub_pids
-from tests.test_faults import Load, _live_in_group, _wait
+from tests.test_faults import Load
+from tests.waits import live_in_group as _live_in_group, wait_for as _wait
 from tests.test_rollout import new_export  # noqa: F401  (a fixture: a second release)
 
 ROOT = Path(__file__).resolve().parents[1]
