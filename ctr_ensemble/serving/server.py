@@ -344,7 +344,7 @@ class TritonServer(ServerProcess):
             str(local_binary()),
             f"--model-repository={self.repository}",
             f"--backend-directory={backend_dir}",
-            *SERVER_FLAGS,
+            *self.flags(),
             f"--http-address={self.host}", f"--http-port={self.http_port}",
             f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
             f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
@@ -353,6 +353,12 @@ class TritonServer(ServerProcess):
             *(restriction_flags(self.admin_key) if self.admin_key else []),
             *self.extra_args,
         ]
+
+    def flags(self) -> list[str]:
+        """``SERVER_FLAGS``; a repository without the ensemble (members served alone) loads all its models."""
+        if (Path(self.repository) / "ctr_ensemble").is_dir():
+            return list(SERVER_FLAGS)
+        return ["--load-model=*" if f.startswith("--load-model=") else f for f in SERVER_FLAGS]
 
     def start(self) -> TritonServer:
         # Absolute, but its symlink kept (export flips it to each new version): a restart serves the repository
