@@ -62,6 +62,9 @@ def test_compose_has_the_services_and_triton_runs_the_tested_flags(compose):
 
 
 def test_local_server_runs_the_same_flags(tmp_path):
+    members_only = TritonServer(tmp_path, admin_key="abc").command(tmp_path)
+    assert "--load-model=*" in members_only  # no ensemble to load: every model of the repository
+    (tmp_path / "ctr_ensemble").mkdir()
     cmd = TritonServer(tmp_path, admin_key="abc").command(tmp_path)
     assert all(f in cmd for f in SERVER_FLAGS)
     prod = [c.split(":admin-key=")[0] for c in production_command() if "restricted" in c]
