@@ -29,6 +29,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from ctr_ensemble.errors import CtrError
 from ctr_ensemble.export import validate
 from ctr_ensemble.export.repository import ENSEMBLE_NAME, FUSION_NAME, link_or_copy, read_config, read_manifest
+from ctr_ensemble.export.served import served_models
 from ctr_ensemble.files import check_name, fsync_dir, fsync_tree, write_atomic
 
 KEEP = 2  # releases whose files stay on disk: the current one and the one `rollback` returns to
@@ -63,8 +64,7 @@ def history(repo: Path) -> tuple[int, list[Release]]:
     manifest = read_manifest(repo)
     rel = manifest.get("releases")
     if rel is None:
-        names = [*manifest["members"], FUSION_NAME]
-        first = Release(1, {n: n for n in names}, (repo / ENSEMBLE_NAME / "config.pbtxt").read_text(),
+        first = Release(1, served_models(manifest), (repo / ENSEMBLE_NAME / "config.pbtxt").read_text(),
                         _export_part(manifest), str(repo), manifest.get("created", ""))
         return 1, [first]
     return int(rel["current"]), [Release.from_entry(e) for e in rel["history"]]
@@ -104,7 +104,7 @@ def stage(new_repo: str | Path, repo: str | Path) -> Release:
         for logical, name in models.items():
             dst = repo / name
             if dst.exists():
-                if any(name in r.models.values() for r in kept) or name not in _release_names(repo, rid):
+                if any(name in r.models.values() for r in kept):  # a served model of that name (a member's own)
                     raise CtrError(f"{dst}: already exists and is not a leftover of release {rid}; "
                                    "rename the member (`train --name`) and export again")
                 shutil.rmtree(dst)  # left by a deploy that died before it recorded its release
@@ -132,10 +132,6 @@ def stage(new_repo: str | Path, repo: str | Path) -> Release:
         raise
     return Release(rid, models, text_format.MessageToString(ens), _export_part(new), str(new_repo),
                    time.strftime("%Y-%m-%dT%H:%M:%S"))
-
-
-def _release_names(repo: Path, rid: int) -> set[str]:
-    return {p.name for p in repo.iterdir() if p.name.endswith(f"-r{rid}")}
 
 
 def switch(repo: str | Path, to: Release, releases: list[Release]) -> None:

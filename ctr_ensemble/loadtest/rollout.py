@@ -152,8 +152,7 @@ def _summarize(cfg, work, rows, refs, switches, codes, t0, out: Path, target: Ta
                            "p99_ms": _p99(lat[good]), "p99_switch_ms": _p99(lat[good & in_window]),
                            "requests_in_switch_window": int(in_window.sum()), "errors_by_kind": errors_by_kind,
                            "locust_exit": codes.get(p, (None,))[0]})
-    summary = {"config": asdict(cfg), "switches": [{k: v for k, v in s.items() if k != "models"} | {"models": s["models"]}
-                                                   for s in switches],
+    summary = {"config": asdict(cfg), "switches": [dict(s) for s in switches],
                "requests": sum(r["requests"] for r in proto_rows), "errors": sum(r["errors"] for r in proto_rows),
                "answered": by_release, "p99_ms": _p99(np.concatenate(all_lat)),
                "p99_switch_ms": _p99(np.concatenate(window_lat)), "protocols": proto_rows,
