@@ -278,11 +278,15 @@ def test_a_deploy_restarts_nothing_and_the_new_releases_stub_is_watched(tmp_path
         _wait(lambda: not any(m.endswith("/fusion/1/model.py") for m in stub_pids(triton).values()), 60,
               "the previous release's fusion stub to exit")
         new = [pid for pid, m in stub_pids(triton).items() if "/fusion-r2/" in m]
-        assert len(new) == 1
+        assert new  # (one, or for a moment two while Triton finishes the load)
         time.sleep(3)  # several process checks (every 0.5 s) after the old stubs exited
         assert e.triton_pid() == triton and "restarted tritonserver" not in e.err.read_text(), e.err.read_text()
         assert "backend stub exited" in e.err.read_text() and "no restart" in e.err.read_text()
-        os.kill(new[0], signal.SIGKILL)
+        for pid in new:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:  # the second one was the load's and has gone already
+                pass
         _wait(lambda: "restarted tritonserver after" in e.err.read_text(), 120, "the restart after the kill")
         assert "fusion-r2" in e.err.read_text().split("restarted tritonserver after")[1].splitlines()[0]
         out = TritonScorer(e.http_url).infer("ctr_ensemble", feeds)["prob"]

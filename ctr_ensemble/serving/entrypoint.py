@@ -48,6 +48,7 @@ from ctr_ensemble.serving.server import (ADMIN_KEY_ENV, ENTRYPOINT, ServerProces
 from ctr_ensemble.serving.supervisor import Supervisor
 
 PROG = "python3 -m ctr_ensemble.serving.entrypoint"
+CONFIRM_TIMEOUT = 2.0  # s: the check that tells a killed stub (restart) from an unloaded model's (none)
 TAIL_LINES = 400  # server output kept in memory for the restart records (nothing grows on disk)
 
 
@@ -234,16 +235,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"entrypoint: {redact(msg)}", file=sys.stderr, flush=True)
 
     server = CommandServer(args, binary=a.binary, local=a.local, startup_timeout=a.ready_timeout, redact=redact)
-    probe = None
-    if a.liveness_interval > 0:
-        url = f"http://{server.http_url}"
+    url = f"http://{server.http_url}"
 
-        def probe() -> str | None:
-            return liveness.probe(url, a.liveness_model, a.liveness_timeout)
+    def probe() -> str | None:
+        return liveness.probe(url, a.liveness_model, a.liveness_timeout)
+
+    def confirm() -> str | None:  # a stub is gone: killed (the ensemble fails) or its model unloaded (it answers)
+        return liveness.probe(url, a.liveness_model, min(CONFIRM_TIMEOUT, a.liveness_timeout))
 
     sup = Supervisor(server, interval=a.interval, max_restarts=a.max_restarts, window_s=a.restart_window,
-                     probe=probe, probe_interval=a.liveness_interval, probe_failures=a.liveness_failures,
-                     notify=log)
+                     probe=probe if a.liveness_interval > 0 else None, probe_interval=a.liveness_interval,
+                     probe_failures=a.liveness_failures, confirm=confirm, notify=log)
     stopping = threading.Event()
 
     def on_signal(signum, _frame) -> None:
@@ -266,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"tritonserver did not start: {e}")
         return 1
     log(f"tritonserver ready (pid {server.pid}, HTTP {server.http_url}); supervised: process checks every "
-        f"{a.interval:g} s, liveness " + (f"every {a.liveness_interval:g} s" if probe else "off")
+        f"{a.interval:g} s, liveness " + (f"every {a.liveness_interval:g} s" if a.liveness_interval > 0 else "off")
         + f", at most {a.max_restarts} restarts within {a.restart_window:g} s")
     seen = 0
     while not stopping.wait(0.5) and sup.error is None:

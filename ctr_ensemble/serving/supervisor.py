@@ -25,8 +25,8 @@ waiting for the new server to become ready.
 An optional ``probe`` (the container's entrypoint uses ``serving.liveness``: one row through the ensemble)
 runs every ``probe_interval`` s; ``probe_failures`` failures in a row restart the server too, which covers
 what the process checks cannot see (a stub alive but hung, a model that stopped answering). With a probe, a
-stub that is gone is confirmed by it before the restart (about 1 s: the dead stub's model answers HTTP 500
-at once): a stub whose model was unloaded (``ctr-ensemble deploy`` / ``rollback`` unload the previous
+stub that is gone is confirmed by it (or by ``confirm``) before the restart (an idle server answers HTTP 500
+within 1 s; under load the request may hang, so the entrypoint gives this check a 2 s deadline): a stub whose model was unloaded (``ctr-ensemble deploy`` / ``rollback`` unload the previous
 release) exits too, and then the ensemble still answers, so nothing is restarted. Stubs started after the
 server became ready (a release loaded by ``deploy``) are watched from the check that first sees them.
 
@@ -105,6 +105,8 @@ class Supervisor:
     probe: Callable[[], str | None] | None = None
     probe_interval: float = 10.0
     probe_failures: int = 3
+    # asked when a stub is gone, before restarting (default: probe); the entrypoint's has a shorter deadline
+    confirm: Callable[[], str | None] | None = None
     notify: Callable[[str], None] | None = None  # told each failure before its restart (reason, backoff)
     _probe_failed: int = field(default=0, init=False)
     _probe_next: float = field(default=0.0, init=False)
@@ -135,7 +137,8 @@ class Supervisor:
         self._stubs.update((pid, m) for pid, m in stub_pids(self.server.pid).items() if pid not in dead and _alive(pid))
         if dead:
             models = ", ".join(sorted(dead.values()))
-            why = self.probe() if self.probe is not None else "no probe to ask"
+            ask = self.confirm or self.probe
+            why = ask() if ask is not None else "no probe to ask"
             if why is None:  # the ensemble still answers: the stub's model was unloaded (deploy/rollback), not killed
                 for pid in dead:
                     self._stubs.pop(pid, None)
@@ -143,7 +146,7 @@ class Supervisor:
                     self.notify(f"backend stub exited: {models}, and the liveness check passes (a model unloaded): "
                                 "no restart")
                 return None
-            return f"backend stub died: {models}" + (f" ({why})" if self.probe is not None else "")
+            return f"backend stub died: {models}" + (f" ({why})" if ask is not None else "")
         if self.probe is not None and time.monotonic() >= self._probe_next:
             self._probe_next = time.monotonic() + self.probe_interval
             why = self.probe()
