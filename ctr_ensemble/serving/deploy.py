@@ -94,6 +94,9 @@ def _activate(repo: Path, admin: _Admin, to: rel.Release, releases: list[rel.Rel
         admin.unload_quietly(new_models)
         raise
     t_loaded = time.monotonic()
+    # Loaded before the switch, not by the ensemble's reload: a release that fails to load must leave the old
+    # ensemble serving (a reload whose new models fail marks the ensemble unavailable). The cost: a Python stub
+    # writes __pycache__ into its folder, so the reload below loads that model once more (the old still serving).
     saved = {p: p.read_bytes() for p in (repo / ENSEMBLE_NAME / "config.pbtxt", repo / "repository.json")}
     switch_at = time.time()
     try:

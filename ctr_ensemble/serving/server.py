@@ -171,9 +171,6 @@ def local_env(base: dict[str, str] | None = None) -> dict[str, str]:
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     libs = [str(pytriton_root().parent / "nvidia_pytriton.libs"), *libpython_dir()]
     env["LD_LIBRARY_PATH"] = os.pathsep.join([*libs, env.get("LD_LIBRARY_PATH", "")])
-    # A stub importing the fusion's ctr_fusion.py would write __pycache__ into the model folder; Triton then takes
-    # the model for changed and loads it again when `deploy` reloads the ensemble (10 s, a second stub).
-    env["PYTHONDONTWRITEBYTECODE"] = "1"
     return env
 
 
