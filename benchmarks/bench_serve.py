@@ -1,33 +1,46 @@
-"""What does serving cost? Latency and throughput of the members in-process vs through Triton.
+"""What does serving cost, and where do the milliseconds go? Members in-process vs the three served paths.
 
 For every batch size (default 1, 64, 1024) this measures, one client, sequential requests
 (concurrency 1), after a short warm-up:
 
   (a) each member in ONNX Runtime in-process: one request = one ``sess.run`` on
       ``<repo>/<member>/1/model.onnx`` (CPU provider, same intra-op thread count as the
-      member's Triton config unless ``--ort-threads`` says otherwise);
+      member's Triton config unless ``--ort-threads`` says otherwise), and the all-ONNX graph
+      (members + fusion, ``export.onnx_fusion``) in-process, ``ctr_all_onnx/onnx_inprocess``;
   (b) each member through Triton, over gRPC and HTTP;
-  (c) the ensemble ``ctr_ensemble`` through Triton (members -> fusion), over gRPC and HTTP;
+  (c) the three served paths of one export (``export.variants``), over gRPC and HTTP:
+      ``ctr_ensemble`` (Triton ensemble: members -> fusion Python model, two hops),
+      ``ctr_single_hop`` (one Python model runs the members' sessions and the fusion) and
+      ``ctr_all_onnx`` (one ONNX graph on the onnxruntime backend); a repository exported without
+      the variants is served from a config-only copy that adds them (``--variants`` says which);
   (d) the ensemble with each other fusion rule of ``--fusion-variants`` (default: the rule fitted on
       validation data at export, ``fitted``, and negation entropy with τ = 1, ``tau1``): the same
       repository with only the fusion config rewritten, on a server of its own, target
-      ``ctr_ensemble[<variant>]``. Every fusion rule also scores all data rows once for its served
-      AUC, logloss and calibration (mean predicted / observed CTR).
+      ``ctr_ensemble[<variant>]``.
+
+Every served path also scores all data rows once for its served AUC, logloss and calibration, and its
+largest difference from the reference fusion computed offline (``export.reference``: the members' ONNX
+outputs through the rule), which must stay within ``metrics.PARITY_TOL``.
+
+Where the time goes: Triton's per-model metrics are scraped before and after every Triton cell, and
+their difference split per request into queue, compute input, compute infer and compute output for
+every model the request ran through (``serve_stages.csv``); ``server_ms`` is the target's own
+end-to-end time inside the server, ``client_ms`` = the client's mean latency minus ``server_ms``
+(request building, transport, the client library, response decoding).
 
 Rows are real: the demo's test split, encoded with the repository's own feature spec.
-Per-request latencies are wall-clock on the client (request building, transport,
-scheduling, the Python-backend hop, ONNX Runtime, response decoding); p50/p95/p99 come
-from the raw per-request latencies, rows/s = rows sent / wall time of the measured loop.
+Per-request latencies are wall-clock on the client; p50/p95/p99 come from the raw per-request
+latencies, rows/s = rows sent / wall time of the measured loop.
 
-The ratio (c)/(a) is the price of serving: the ensemble's p50 over Triton divided by the
-sum of the members' in-process ONNX p50 at the same batch size (the floor: running the
-members back to back with no server and no fusion step). Near 1 means the server adds
-little; far above 1 at batch 1 with the gap closing at 1024 means a fixed per-request
-overhead that batching amortises. The rows/s ratio is the same comparison for throughput
-(in-process rows/s of the members back to back = 1 / sum(1 / rows_per_s_member)).
+The ratios compare each served path with the floor: the sum of the members' in-process ONNX p50 at the
+same batch size (running them back to back with no server and no fusion step), and for throughput
+in-process rows/s of the members back to back = 1 / sum(1 / rows_per_s_member). Near 1 means the
+server adds little; far above 1 at batch 1 with the gap closing at 1024 means a fixed per-request
+overhead that batching amortises.
 
-Writes ``<out>/serve.csv``, ``<out>/serve_ratios.csv``, ``<out>/serve_fusion.csv`` and ``<out>/serve.md``. Run ``make demo`` first (or pass
-``--repository``); ``--http-url/--grpc-url`` use a running server instead of starting one.
+Writes ``<out>/serve.csv``, ``serve_ratios.csv``, ``serve_stages.csv``, ``serve_fusion.csv`` and ``serve.md``.
+Run ``make demo`` first (or pass ``--repository``); ``--http-url/--grpc-url`` (and ``--metrics-url``) use a
+running server instead of starting one.
 """
 
 from __future__ import annotations
@@ -57,11 +70,18 @@ from ctr_ensemble.export import onnx_export
 from ctr_ensemble.export.repository import (ENSEMBLE_NAME, RepoOptions, fitted_rule, manifest_rule, read_manifest,
                                             reconfigure_repository, repository_spec)
 from ctr_ensemble.data.encode import encode_file
+from ctr_ensemble.export.served import VARIANT_MODELS
+from ctr_ensemble.loadtest.rows import OfflineReference
 from ctr_ensemble.loadtest.sweep import NE_TAU1, base_options, changes_nothing
+from ctr_ensemble.metrics import PARITY_TOL
+from ctr_ensemble.serving import metrics as triton_metrics
 from ctr_ensemble.serving.client import TritonScorer
 from ctr_ensemble.serving.server import TritonServer
 
-COLUMNS = ["target", "path", "batch", "requests", "rows_per_s", "p50_ms", "p95_ms", "p99_ms"]
+COLUMNS = ["target", "path", "batch", "requests", "rows_per_s", "p50_ms", "p95_ms", "p99_ms", "mean_ms", "server_ms", "client_ms"]
+STAGE_COLUMNS = ["target", "path", "batch", "model", "requests", "avg_batch", "request_ms", "queue_ms", "compute_input_ms",
+                 "compute_infer_ms", "compute_output_ms"]
+PATHS = (ENSEMBLE_NAME, *VARIANT_MODELS.values())  # the served paths of one export
 console = Console(width=None if sys.stdout.isatty() else 140)
 
 
@@ -76,6 +96,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--ort-threads", type=int, default=None, help="in-process intra-op threads (default: the member's Triton config)")
     p.add_argument("--http-url", help="use a running Triton (host:port) instead of starting one")
     p.add_argument("--grpc-url", help="use a running Triton (host:port) instead of starting one")
+    p.add_argument("--metrics-url", help="with --http-url/--grpc-url: its Prometheus metrics (http://host:8002/metrics) for the stages")
+    p.add_argument("--variants", default=",".join(VARIANT_MODELS),
+                   help="deployment variants to serve beside the ensemble (export.variants; '' = the ensemble only)")
     p.add_argument("--fusion-variants", default="fitted,tau1",
                    help="other fusion rules to serve and measure: fitted (the export's --fit-fusion rule), tau1, mean ('' = none)")
     p.add_argument("--out", type=Path, default=Path("artifacts/bench"))
@@ -83,7 +106,7 @@ def parse_args() -> argparse.Namespace:
 
 
 FUSION_VARIANTS = {"fitted": {"fusion_mode": "fitted"}, "tau1": NE_TAU1, "mean": {"fusion_mode": "mean"}}
-FUSION_COLUMNS = ["fusion", "rule", "rows", "auc", "logloss", "calibration"]
+FUSION_COLUMNS = ["target", "fusion", "rule", "rows", "auc", "logloss", "calibration", "max_abs_diff"]
 
 
 def fusion_variants(repo: Path, names: list[str]) -> tuple[str, list[str], list[str]]:
@@ -106,16 +129,32 @@ def fusion_variants(repo: Path, names: list[str]) -> tuple[str, list[str], list[
 
 def variant_repository(repo: Path, name: str, dst: Path) -> Path:
     """``repo`` with only its configs rewritten to the fusion rule ``name`` (model files hard-linked)."""
-    reconfigure_repository(repo, dst, RepoOptions(**{**base_options(repo), **FUSION_VARIANTS[name]}))
+    reconfigure_repository(repo, dst, RepoOptions(**{**base_options(repo), **FUSION_VARIANTS[name], "variants": []}))
     return dst
 
 
-def served_quality(scorer: TritonScorer, feeds: dict[str, np.ndarray], labels: np.ndarray, label: str, repo: Path) -> dict:
-    """AUC, logloss and calibration of what the ensemble serves for the data rows (each once)."""
+def with_variants(repo: Path, names: list[str], dst: Path) -> tuple[Path, str | None]:
+    """``repo`` if it serves the deployment variants ``names``, else a config-only copy at ``dst`` that adds them."""
+    have = list(read_manifest(repo).get("variants", {}))
+    if set(names) <= set(have):
+        return repo, None
+    reconfigure_repository(repo, dst, RepoOptions(**{**base_options(repo), "variants": sorted({*have, *names})}))
+    return dst, f"variants {', '.join(names)} served from a config-only copy of {repo} that adds them"
+
+
+def served_quality(scorer: TritonScorer, target: str, feeds: dict[str, np.ndarray], labels: np.ndarray, label: str,
+                   repo: Path, offline: OfflineReference) -> dict:
+    """AUC, logloss and calibration of what ``target`` serves for the data rows (each once), and its largest
+    difference from the offline reference fusion (``PARITY_TOL`` at most, else the benchmark stops)."""
     n = len(labels)
-    p = scorer.score(ENSEMBLE_NAME, slice_feeds(feeds, 0, n), 1024)
-    return dict(fusion=label, rule=manifest_rule(read_manifest(repo)).describe(), rows=n, auc=metrics.auc(labels, p),
-                logloss=metrics.logloss(labels, p), calibration=metrics.calibration(labels, p))
+    rows = slice_feeds(feeds, 0, n)
+    p = scorer.score(target, rows, 1024)
+    diff = float(np.max(np.abs(p.astype(np.float64) - offline.predict(repo, target, rows))))
+    if not diff <= PARITY_TOL:
+        sys.exit(f"{target} on {repo}: served predictions differ from the reference fusion by {diff:.3g} (> {PARITY_TOL})")
+    return dict(target=target, fusion=label, rule=manifest_rule(read_manifest(repo)).describe(), rows=n,
+                auc=metrics.auc(labels, p), logloss=metrics.logloss(labels, p), calibration=metrics.calibration(labels, p),
+                max_abs_diff=diff)
 
 
 def config_threads(model_dir: Path) -> int:
@@ -124,8 +163,9 @@ def config_threads(model_dir: Path) -> int:
     return int(cfg.parameters["intra_op_thread_count"].string_value or 0) if "intra_op_thread_count" in cfg.parameters else 0
 
 
-def measure(call, feeds: dict[str, np.ndarray], batch: int, n_requests: int, warmup: int, budget_s: float):
-    """Sequential requests of ``batch`` rows (cycling through the data); (requests, rows/s, latencies ms)."""
+def measure(call, feeds: dict[str, np.ndarray], batch: int, n_requests: int, warmup: int, budget_s: float, on_start=None):
+    """Sequential requests of ``batch`` rows (cycling through the data); (requests, rows/s, latencies ms).
+    ``on_start`` is called between the warm-up and the measured requests."""
     n = feed_rows(feeds) - batch  # data is tiled so that every slice is full
 
     def rows(i):
@@ -134,6 +174,8 @@ def measure(call, feeds: dict[str, np.ndarray], batch: int, n_requests: int, war
 
     for i in range(warmup):
         call(rows(i))
+    if on_start is not None:
+        on_start()
     lat = []
     t_start = time.perf_counter()
     for i in range(n_requests):
@@ -164,91 +206,116 @@ def load_rows(args, spec, max_batch: int) -> tuple[dict[str, np.ndarray], np.nda
     return feeds, arr.label.astype(np.int64), f"{source}, {len(arr)} rows"
 
 
-def p50(results, target, path, batch):
-    return next(r for r in results if (r["target"], r["path"], r["batch"]) == (target, path, batch))
+def row_of(results, target, path, batch):
+    return next((r for r in results if (r["target"], r["path"], r["batch"]) == (target, path, batch)), None)
 
 
 def main() -> None:
     args = parse_args()
-    repo = args.repository
-    if not (repo / "repository.json").is_file():
-        sys.exit(f"no model repository at {repo}/ - run `make demo` first (or pass --repository PATH)")
-    members = list(read_manifest(repo)["members"])
+    if not (args.repository / "repository.json").is_file():
+        sys.exit(f"no model repository at {args.repository}/ - run `make demo` first (or pass --repository PATH)")
+    members = list(read_manifest(args.repository)["members"])
     batches = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
-    feeds, labels, data_desc = load_rows(args, repository_spec(repo), max(batches))
-    own_label, other_rules, notes = fusion_variants(repo, [v.strip() for v in args.fusion_variants.split(",") if v.strip()])
-    sessions = {}
-    for m in members:
-        threads = args.ort_threads if args.ort_threads is not None else config_threads(repo / m)
-        sessions[m] = (onnx_export.session(repo / m / "1" / "model.onnx", threads=threads), threads)
-
+    feeds, labels, data_desc = load_rows(args, repository_spec(args.repository), max(batches))
+    own_label, other_rules, notes = fusion_variants(args.repository, [v.strip() for v in args.fusion_variants.split(",") if v.strip()])
+    wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
     external = bool(args.http_url or args.grpc_url)
-    local = None if external else TritonServer(repo)
-    with local or contextlib.nullcontext() as server:
-        urls = {"http": args.http_url, "grpc": args.grpc_url} if external else {"http": server.http_url, "grpc": server.grpc_url}
-        scorers = {proto: TritonScorer(url, proto) for proto, url in urls.items() if url}
-        for s in scorers.values():
-            for model in [*members, ENSEMBLE_NAME]:
-                s.check_ready(model)
-
-        cells = []  # (target, path, call)
+    offline = OfflineReference()
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+        repo, note = (args.repository, None) if external else with_variants(args.repository, wanted, Path(tmp) / "model_repository")
+        notes += [note] if note else []
+        paths = [m for m in PATHS if (repo / m / "config.pbtxt").is_file()
+                 and (m == ENSEMBLE_NAME or m in {VARIANT_MODELS[v] for v in wanted})]
+        sessions = {}
         for m in members:
-            sess = sessions[m][0]
-            cells.append((m, "onnx_inprocess", lambda x, sess=sess: sess.run(["prob"], x)))
-        for proto, s in scorers.items():
-            for model in [*members, ENSEMBLE_NAME]:
-                cells.append((model, f"triton_{proto}", lambda x, s=s, model=model: s.infer(model, x)))
+            threads = args.ort_threads if args.ort_threads is not None else config_threads(repo / m)
+            sessions[m] = (onnx_export.session(repo / m / "1" / "model.onnx", threads=threads), threads)
+        fused_onnx = repo / VARIANT_MODELS["all_onnx"] / "1" / "model.onnx"
+        fused_sess = onnx_export.session(fused_onnx, threads=config_threads(fused_onnx.parents[1])) if fused_onnx.is_file() else None
 
-        results = run_cells(cells, feeds, batches, args)
-        quality = [served_quality(next(iter(scorers.values())), feeds, labels, own_label, repo)]
-        for s in scorers.values():
-            s.close()
-    if external and other_rules:
-        notes.append(f"fusion variants {', '.join(other_rules)} not measured: they need a server started here")
-        other_rules = []
-    for name in other_rules:  # one server per other fusion rule, after the main one: never two at once
-        with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp, TritonServer(
-                variant_repository(repo, name, Path(tmp) / "model_repository")) as server:
-            vrepo = server.repository
-            vscorers = {proto: TritonScorer(url, proto) for proto, url in (("http", server.http_url), ("grpc", server.grpc_url))}
-            for s in vscorers.values():
-                s.check_ready(ENSEMBLE_NAME)
-            cells = [(f"{ENSEMBLE_NAME}[{name}]", f"triton_{proto}", lambda x, s=s: s.infer(ENSEMBLE_NAME, x))
-                     for proto, s in vscorers.items()]
-            results += run_cells(cells, feeds, batches, args)
-            quality.append(served_quality(vscorers["grpc"], feeds, labels, name, vrepo))
-            for s in vscorers.values():
+        local = None if external else TritonServer(repo)
+        with local or contextlib.nullcontext() as server:
+            urls = {"http": args.http_url, "grpc": args.grpc_url} if external else {"http": server.http_url, "grpc": server.grpc_url}
+            metrics_url = args.metrics_url if external else server.metrics_url
+            scorers = {proto: TritonScorer(url, proto) for proto, url in urls.items() if url}
+            for s in scorers.values():
+                for model in [*members, *paths]:
+                    s.check_ready(model)
+
+            cells = []  # (target, path, call)
+            for m in members:
+                sess = sessions[m][0]
+                cells.append((m, "onnx_inprocess", lambda x, sess=sess: sess.run(["prob"], x)))
+            if fused_sess is not None:
+                cells.append((VARIANT_MODELS["all_onnx"], "onnx_inprocess", lambda x: fused_sess.run(["prob"], x)))
+            for proto, s in scorers.items():
+                for model in [*members, *paths]:
+                    cells.append((model, f"triton_{proto}", lambda x, s=s, model=model: s.infer(model, x)))
+
+            results, stages = run_cells(cells, feeds, batches, args, metrics_url)
+            scorer = next(iter(scorers.values()))
+            quality = [served_quality(scorer, m, feeds, labels, own_label, repo, offline) for m in paths]
+            for s in scorers.values():
                 s.close()
+        if external and other_rules:
+            notes.append(f"fusion variants {', '.join(other_rules)} not measured: they need a server started here")
+            other_rules = []
+        for name in other_rules:  # one server per other fusion rule, after the main one: never two at once
+            with TritonServer(variant_repository(repo, name, Path(tmp) / f"model_repository-{name}")) as server:
+                vrepo = server.repository
+                vscorers = {proto: TritonScorer(url, proto) for proto, url in (("http", server.http_url), ("grpc", server.grpc_url))}
+                for s in vscorers.values():
+                    s.check_ready(ENSEMBLE_NAME)
+                cells = [(f"{ENSEMBLE_NAME}[{name}]", f"triton_{proto}", lambda x, s=s: s.infer(ENSEMBLE_NAME, x))
+                         for proto, s in vscorers.items()]
+                r, st = run_cells(cells, feeds, batches, args, server.metrics_url)
+                results, stages = results + r, stages + st
+                quality.append(served_quality(vscorers["grpc"], ENSEMBLE_NAME, feeds, labels, name, vrepo, offline))
+                for s in vscorers.values():
+                    s.close()
 
-    ratios = []  # (c)/(a) per protocol and batch size
+    ratios = []  # each served path against the members in-process, per protocol and batch size
     for batch in batches:
-        inproc = [p50(results, m, "onnx_inprocess", batch) for m in members]
+        inproc = [row_of(results, m, "onnx_inprocess", batch) for m in members]
         floor_p50 = sum(r["p50_ms"] for r in inproc)
         floor_rps = 1.0 / sum(1.0 / r["rows_per_s"] for r in inproc)
-        for proto in scorers:
-            ens = p50(results, ENSEMBLE_NAME, f"triton_{proto}", batch)
-            ratios.append(dict(protocol=proto, batch=batch, ensemble_p50_ms=ens["p50_ms"], onnx_sum_p50_ms=floor_p50,
-                               p50_ratio=ens["p50_ms"] / floor_p50, ensemble_rows_per_s=ens["rows_per_s"],
-                               onnx_rows_per_s=floor_rps, rows_per_s_ratio=ens["rows_per_s"] / floor_rps))
-    report(args, results, ratios, quality, members, sessions, data_desc,
+        for target in paths:
+            for proto in scorers:
+                r = row_of(results, target, f"triton_{proto}", batch)
+                ratios.append(dict(target=target, protocol=proto, batch=batch, p50_ms=r["p50_ms"], onnx_sum_p50_ms=floor_p50,
+                                   p50_ratio=r["p50_ms"] / floor_p50, rows_per_s=r["rows_per_s"], onnx_rows_per_s=floor_rps,
+                                   rows_per_s_ratio=r["rows_per_s"] / floor_rps))
+    report(args, results, ratios, stages, quality, sessions, data_desc,
            "external server" if external else "local tritonserver (started for this run)", own_label, notes)
 
 
-def run_cells(cells, feeds, batches, args) -> list[dict]:
-    """Every (target, path, call) cell at every batch size: requests, rows/s, p50/p95/p99."""
-    results = []
+def run_cells(cells, feeds, batches, args, metrics_url: str | None) -> tuple[list[dict], list[dict]]:
+    """Every (target, path, call) cell at every batch size: requests, rows/s, p50/p95/p99, and for a Triton cell
+    the server's per-model stages over the measured requests (metrics scraped before and after)."""
+    results, stages = [], []
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("benchmark", total=len(cells) * len(batches))
         for batch in batches:
             n_req = args.requests or (200 if batch < 512 else 50)
             for target, path, call in cells:
                 progress.update(task, description=f"{target} {path} batch {batch}")
-                n, rps, lat = measure(call, feeds, batch, n_req, args.warmup, args.seconds)
+                served = bool(path.startswith("triton_") and metrics_url)
+                before = {}
+                n, rps, lat = measure(call, feeds, batch, n_req, args.warmup, args.seconds,
+                                      on_start=(lambda: before.update(triton_metrics.scrape(metrics_url))) if served else None)
                 q = np.percentile(lat, [50, 95, 99])
-                results.append(dict(target=target, path=path, batch=batch, requests=n, rows_per_s=rps,
-                                    p50_ms=q[0], p95_ms=q[1], p99_ms=q[2]))
+                row = dict(target=target, path=path, batch=batch, requests=n, rows_per_s=rps, p50_ms=q[0], p95_ms=q[1],
+                           p99_ms=q[2], mean_ms=float(lat.mean()), server_ms=float("nan"), client_ms=float("nan"))
+                if served:
+                    base = target.split("[")[0]  # ctr_ensemble[tau1] is the model ctr_ensemble
+                    costs = triton_metrics.diff(before, triton_metrics.scrape(metrics_url))
+                    own = next((c for c in costs if c.model == base), None)
+                    if own is not None:
+                        row.update(server_ms=own.request_ms, client_ms=row["mean_ms"] - own.request_ms)
+                    stages += [{"target": target, "path": path, "batch": batch, **c.as_dict()} for c in costs]
+                results.append(row)
                 progress.advance(task)
-    return results
+    return results, stages
 
 
 def fmt(col: str, v) -> str:
@@ -256,6 +323,10 @@ def fmt(col: str, v) -> str:
         return str(v)
     if col in ("auc", "logloss", "calibration"):
         return f"{v:.4f}"
+    if col == "max_abs_diff":
+        return f"{v:.1e}"
+    if v != v:  # NaN: not measured (in-process cells have no server side)
+        return ""
     return f"{v:,.0f}" if col.endswith("rows_per_s") else f"{v:.2f}" if col.endswith("ratio") else f"{v:.3f}"
 
 
@@ -267,20 +338,23 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def report(args, results, ratios, quality, members, sessions, data_desc, server_desc, own_label, notes) -> None:
+def report(args, results, ratios, stages, quality, sessions, data_desc, server_desc, own_label, notes) -> None:
     machine = (f"{cpu_name()} ({platform.machine()}), {os.cpu_count()} CPUs, Python {platform.python_version()}, "
                f"onnxruntime {ort.__version__}, {platform.system()} {platform.release()}")
     threads = ", ".join(f"{m}={t or 'default'}" for m, (_, t) in sessions.items())
     notes = [f"machine: {machine}", f"data: {data_desc}", f"server: {server_desc}",
              f"in-process ONNX Runtime intra-op threads: {threads}",
-             "one client, sequential requests (concurrency 1); latencies in ms measured on the client",
+             "one client, sequential requests (concurrency 1); latencies in ms measured on the client; server_ms: the "
+             "target's mean time inside Triton (its metrics), client_ms = mean_ms - server_ms",
              f"fusion of {ENSEMBLE_NAME}: the repository's own ({own_label}); {ENSEMBLE_NAME}[<variant>]: the same "
              "members with another fusion rule, served from a config-only copy", *notes]
     ratio_cols = list(ratios[0]) if ratios else []
     tables = [("Serving latency and throughput", COLUMNS, results),
-              ("Serving cost: ctr_ensemble over Triton (c) vs sum of members in-process ONNX (a)", ratio_cols, ratios),
-              ("Fusion rules: served quality over the data rows (calibration = mean predicted / observed CTR)",
-               FUSION_COLUMNS, quality)]
+              ("Serving cost: each served path over Triton vs the sum of the members in-process (ONNX Runtime)", ratio_cols, ratios),
+              ("Where the time goes: per model the request ran through, ms per request (Triton metrics)", STAGE_COLUMNS, stages),
+              ("Served quality over the data rows (calibration = mean predicted / observed CTR; max_abs_diff: against the "
+               "reference fusion computed offline)", FUSION_COLUMNS, quality)]
+    files = ("serve.csv", "serve_ratios.csv", "serve_stages.csv", "serve_fusion.csv")
 
     for line in notes:
         console.print(f"[dim]{escape(line)}[/dim]")
@@ -293,8 +367,7 @@ def report(args, results, ratios, quality, members, sessions, data_desc, server_
         console.print(t)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    for name, cols, rows in (("serve.csv", COLUMNS, results), ("serve_ratios.csv", ratio_cols, ratios),
-                             ("serve_fusion.csv", FUSION_COLUMNS, quality)):
+    for name, (_, cols, rows) in zip(files, tables):
         with open(args.out / name, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=cols)
             w.writeheader()
@@ -304,8 +377,7 @@ def report(args, results, ratios, quality, members, sessions, data_desc, server_
         md += [f"## {title}", "", "| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
         md += ["| " + " | ".join(fmt(c, r[c]) for c in cols) + " |" for r in rows] + [""]
     (args.out / "serve.md").write_text("\n".join(md))
-    console.print(f"wrote {args.out / 'serve.csv'}, {args.out / 'serve_ratios.csv'}, {args.out / 'serve_fusion.csv'} "
-                  f"and {args.out / 'serve.md'}")
+    console.print(f"wrote {', '.join(str(args.out / n) for n in files)} and {args.out / 'serve.md'}")
 
 
 if __name__ == "__main__":

@@ -90,7 +90,9 @@ def tiny_repo(tmp_path_factory, tiny_checkpoints, tiny_arrays) -> Path:
     repo = tmp_path_factory.mktemp("repo") / "model_repository"
     val = tiny_arrays["val"]
     # fusion_kind pinned: "auto" would turn KIND_GPU on a CUDA host and the shared server would test another setup
-    write_repository(tiny_checkpoints, repo, RepoOptions(max_batch_size=256, fusion_kind="cpu"), parity_rows=val.feeds())
+    # With both deployment variants, so that every serving test covers the three served paths.
+    write_repository(tiny_checkpoints, repo, RepoOptions(max_batch_size=256, fusion_kind="cpu", variants=["single_hop", "all_onnx"]),
+                     parity_rows=val.feeds())
     return repo
 
 

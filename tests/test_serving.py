@@ -14,7 +14,7 @@ from ctr_ensemble.serving.client import TritonScorer
 
 pytestmark = pytest.mark.integration
 PROTOCOLS = ["http", "grpc"]
-MODELS = ["deepfm", "ctr_ensemble"]
+MODELS = ["deepfm", "ctr_ensemble", "ctr_single_hop", "ctr_all_onnx"]  # a member and the three served paths
 
 
 def _client(server, protocol):
@@ -37,7 +37,7 @@ def _infer(server, protocol, model, inputs):
 
 
 def _onnx_probs(repo, model, cat, num):
-    if model == "ctr_ensemble":
+    if model.startswith("ctr_"):  # the ensemble and its deployment variants: the reference fusion
         members = [onnx_export.run_onnx(onnx_export.session(repo / m / "1" / "model.onnx"), {"cat_ids": cat, "num": num})[0] for m in ("deepfm", "dcnv2")]
         return fuse(torch.from_numpy(np.stack(members, 1)))[0][:, 0].numpy()
     return onnx_export.run_onnx(onnx_export.session(repo / model / "1" / "model.onnx"), {"cat_ids": cat, "num": num})[0]

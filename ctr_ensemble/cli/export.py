@@ -41,6 +41,9 @@ def export_cmd(
     dynamic_batching: bool = typer.Option(True, help="Dynamic batching on the members."),
     production: bool = typer.Option(False, help="Configs for the NGC container (docker-compose.yml): members on KIND_GPU "
                                     "with the CUDA execution provider, fusion on KIND_GPU. Needs a GPU to load."),
+    variants: str = typer.Option("", help="Deployment variants to write beside the ensemble, comma-separated: single_hop "
+                                 "(members + fusion in one Python model), all_onnx (members + fusion as one ONNX graph). "
+                                 "Served as ctr_single_hop / ctr_all_onnx with the ensemble's inputs and outputs."),
     fmt: str = format_option(),
 ) -> None:
     """Export members to ONNX (parity-checked) and write the Triton model repository."""
@@ -52,7 +55,8 @@ def export_cmd(
 
     opt = RepoOptions(max_batch_size=max_batch_size, instances=instances, intra_op_threads=intra_op_threads,
                       dynamic_batching=dynamic_batching, max_queue_delay_us=max_queue_delay_us, fusion_mode=fusion_mode,
-                      tau=tau, fusion_kind=fusion_kind, production=production)
+                      tau=tau, fusion_kind=fusion_kind, production=production,
+                      variants=[v.strip() for v in variants.split(",") if v.strip()])
     if sum((bool(checkpoint_), from_repository is not None, collab is not None)) != 1:
         raise CtrError("give exactly one of: --checkpoint (one per member), --collab (a collaborative checkpoint) "
                        "or --from-repository")
@@ -63,6 +67,7 @@ def export_cmd(
         manifest = reconfigure_repository(from_repository, repository, opt)
         typer.echo(f"{repository}: configs of {from_repository} rewritten ({', '.join(manifest['members'])}; "
                    f"fusion {opt.fusion_mode} on {manifest['fusion']['kind']}{', production' if production else ''})")
+        typer.echo(_variants(repository, manifest))
         typer.echo(_bounds(manifest))
         return
     cc = None
@@ -96,7 +101,14 @@ def export_cmd(
         extra += f"; fitted on {fit_fusion} ({fit['rows']:,} rows), kept: {fit['chosen']}"
     rule_desc = f"{f['mode']} (tau={f['tau']})" if cc is not None else manifest_rule(manifest).describe()
     typer.echo(f"{repository}/ctr_ensemble: fusion {rule_desc} on {f['kind']}{extra}")
+    typer.echo(_variants(repository, manifest))
     typer.echo(_bounds(manifest))
+
+
+def _variants(repository: Path, manifest: dict) -> str:
+    parts = [f"{repository}/{e['model']}" + (f" (parity max|Δ| {e['parity']['prob_max_abs_diff']:.2e})" if "parity" in e else "")
+             for e in manifest.get("variants", {}).values()]
+    return f"variants: {', '.join(parts)}" if parts else "variants: none (--variants single_hop,all_onnx adds them)"
 
 
 def _bounds(manifest: dict) -> str:

@@ -33,7 +33,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +46,7 @@ from ctr_ensemble.errors import CtrError
 from ctr_ensemble import files
 from ctr_ensemble.files import check_name
 from ctr_ensemble.export import onnx_export, reference, validate
+from ctr_ensemble.export import variants as variant_models
 from ctr_ensemble.export.served import FUSION_NAME, served_models
 from ctr_ensemble.layers import fusion as fusion_math
 from ctr_ensemble.layers.fusion import COLLABORATIVE, FITTED, FUSION_MODES, HEAD_FILE, PARAMS, RULES, FusionRule
@@ -82,6 +83,8 @@ class RepoOptions:
     fusion_kind: str = "auto"  # auto | cpu | gpu
     fusion_instances: int = 1
     production: bool = False
+    # Deployment variants written beside the ensemble (export.variants): single_hop, all_onnx.
+    variants: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         if self.fusion_mode not in FUSION_MODES:
@@ -96,6 +99,10 @@ class RepoOptions:
         if self.fusion_mode != COLLABORATIVE:
             fusion_rule(self)
         resolve_fusion_kind(self.fusion_kind)
+        self.variants = variant_models.check(self.variants)
+        if self.variants and self.fusion_mode == COLLABORATIVE:
+            raise CtrError("deployment variants serve a fusion rule over member probabilities; a collaborative "
+                           "ensemble is served as the ensemble only")
 
     def with_rule(self, rule: FusionRule) -> "RepoOptions":
         """These options deploying ``rule`` (its mode and parameters)."""
@@ -381,9 +388,13 @@ def write_repository(
                 differs = "collaborative fusion: ONNX members + head differ from PyTorch"
             fusion_entry["parity"] = reference.parity(ref, served, differs)
         edir = staging / ENSEMBLE_NAME
-        _write_config(ensemble_config(names, spec0, opt, with_repr=collab is not None), edir)
+        ens_cfg = ensemble_config(names, spec0, opt, with_repr=collab is not None)
+        _write_config(ens_cfg, edir)
         (edir / "1").mkdir(parents=True)
         spec0.save(edir / "feature_spec.json")
+        if opt.variants:
+            manifest["variants"] = variant_models.write(staging, opt.variants, {n: staging / n / "1" / "model.onnx" for n in names},
+                                                  spec0, rule, ens_cfg, read_config(staging / names[0]), parity_rows)
         (staging / "repository.json").write_text(json.dumps(manifest, indent=2))
         validate.check(staging)  # what Triton would refuse never replaces a working repository
         publish(staging, repo)
@@ -476,6 +487,11 @@ def reconfigure_repository(src: str | Path, dst: str | Path, opt: RepoOptions) -
         ens = bound_inputs(read_config(staging / ENSEMBLE_NAME), spec)
         ens.max_batch_size = opt.max_batch_size
         _write_config(ens, staging / ENSEMBLE_NAME)
+        member_files = {m: staging / served[m] / "1" / "model.onnx" for m in manifest["members"]}
+        manifest["variants"] = variant_models.write(staging, opt.variants, member_files, spec, rule, ens,
+                                              read_config(staging / served[next(iter(member_files))]))
+        if not manifest["variants"]:
+            del manifest["variants"]
         if rule is not None:  # a parity figure of another rule does not hold for this one
             stale = [p for p in PARAMS if p not in rule.kind.params] + (["parity"] if manifest_rule(manifest) != rule else [])
             for k in stale:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 FUSION_NAME = "fusion"
+# Deployment variants (export.variants) → the model each is served as, beside the ensemble.
+VARIANT_MODELS = {"single_hop": "ctr_single_hop", "all_onnx": "ctr_all_onnx"}
 
 
 def served_models(manifest: dict) -> dict[str, str]:
@@ -20,3 +25,13 @@ def onnx_checksums(manifest: dict) -> dict[str, str]:
     entries = [(e["models"], e["manifest"]) for e in rel["history"]] if rel else [(served_models(manifest), manifest)]
     return {models[m]: info["onnx_sha256"] for models, man in entries
             for m, info in man.get("members", {}).items() if info.get("onnx_sha256") and m in models}
+
+
+def variant_models(repo: str | Path) -> list[str]:
+    """The variant models of ``repo`` (repository.json ``variants``) that a server loads beside the ensemble."""
+    path = Path(repo) / "repository.json"
+    try:
+        entries = json.loads(path.read_text()).get("variants", {}) if path.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        return []  # the validator reports a broken repository.json
+    return [VARIANT_MODELS[v] for v in entries if v in VARIANT_MODELS and (Path(repo) / VARIANT_MODELS[v] / "config.pbtxt").is_file()]

@@ -109,7 +109,14 @@ def _check_python_model(mdir: Path, cfg: mc.ModelConfig, problems: list[str]) ->
 
     if params["fusion_mode"] != COLLABORATIVE:
         try:
-            FusionRule.from_params(params, members=sum(i.name.endswith("_prob") for i in cfg.input))
+            # The fusion model takes one <member>_prob per member; a single-hop variant lists its members.
+            members = json.loads(params["members"]) if "members" in params else [i for i in cfg.input if i.name.endswith("_prob")]
+            if not isinstance(members, list):
+                raise ValueError(f"parameter members must be a JSON list, got {params['members']!r}")
+            FusionRule.from_params(params, members=len(members))
+            for m in members if "members" in params else ():
+                if not (mdir / "1" / f"{m}.onnx").is_file():
+                    problems.append(f"{mdir / '1' / f'{m}.onnx'}: missing (member {m!r} of single-hop model {cfg.name!r})")
         except ValueError as e:
             problems.append(f"{mdir / 'config.pbtxt'}: fusion parameters: {e}")
     else:  # the trained head, checked as the fusion model will check it

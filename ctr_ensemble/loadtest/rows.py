@@ -27,6 +27,7 @@ from ctr_ensemble.data.spec import FeatureSpec
 from ctr_ensemble.errors import CtrError
 from ctr_ensemble.export import reference
 from ctr_ensemble.export.repository import ENSEMBLE_NAME, read_config
+from ctr_ensemble.export.served import VARIANT_MODELS
 
 LABEL = "label"
 
@@ -146,8 +147,16 @@ def _fusion_ensemble(repo: Path, model: str, cfg: mc.ModelConfig, rows, cache: _
     return reference.Fusion.from_config(fcfg, repo / fstep.model_name)(inputs)[0].astype(np.float64)
 
 
+def _variant(repo: Path, model: str, cfg: mc.ModelConfig, rows, cache: _OnnxCache) -> np.ndarray | None:
+    """A deployment variant (``export.variants``) serves what the ensemble beside it serves: the members' ONNX
+    outputs through the fusion rule. Its reference is the ensemble's, never its own graph."""
+    if model not in VARIANT_MODELS.values() or not (repo / ENSEMBLE_NAME / "config.pbtxt").is_file():
+        return None
+    return _fusion_ensemble(repo, ENSEMBLE_NAME, read_config(repo / ENSEMBLE_NAME), rows, cache)
+
+
 # A reference returns None when the model is not of its kind; the first that answers wins.
-REFERENCES: list[Callable] = [_onnx_member, _fusion_ensemble]
+REFERENCES: list[Callable] = [_variant, _onnx_member, _fusion_ensemble]
 
 
 class OfflineReference:

@@ -70,11 +70,15 @@ class ModelCost:
     request_ms: float  # inside the server, end to end
     queue_ms: float
     compute_ms: float  # input + infer + output
+    compute_input_ms: float = float("nan")
+    compute_infer_ms: float = float("nan")
+    compute_output_ms: float = float("nan")
 
     def as_dict(self) -> dict:
         return {"model": self.model, "requests": self.requests, "failures": self.failures,
                 "avg_batch": round(self.avg_batch, 2), "request_ms": round(self.request_ms, 4),
-                "queue_ms": round(self.queue_ms, 4), "compute_ms": round(self.compute_ms, 4)}
+                "queue_ms": round(self.queue_ms, 4), "compute_ms": round(self.compute_ms, 4),
+                **{k: round(getattr(self, k), 4) for k in ("compute_input_ms", "compute_infer_ms", "compute_output_ms")}}
 
 
 def diff(before: dict, after: dict) -> list[ModelCost]:
@@ -92,5 +96,7 @@ def diff(before: dict, after: dict) -> list[ModelCost]:
             model=model, requests=int(n), failures=int(d["failure"]),
             avg_batch=d["inferences"] / d["executions"] if d["executions"] > 0 else float("nan"),
             request_ms=per(d["request_us"]), queue_ms=per(d["queue_us"]), compute_ms=per(compute),
+            compute_input_ms=per(d["compute_input_us"]), compute_infer_ms=per(d["compute_infer_us"]),
+            compute_output_ms=per(d["compute_output_us"]),
         ))
     return out

@@ -90,20 +90,33 @@ class TritonPythonModel:
           One ``pb_utils.InferenceResponse`` per request, in order: ``prob`` (B, 1) and ``weights`` (B, N), or
           an error response for a request that cannot be fused (the others are still answered).
         """
+        if len(requests) > 1 and not self.repr_inputs:
+            # Requests the scheduler hands over together are fused as one (B, N) batch: one call into torch.
+            try:
+                cols = [[self._column(r, n).reshape(-1) for n in self.inputs] for r in requests]
+                sizes = [c[0].shape[0] for c in cols]
+                probs = torch.cat([torch.stack(c, dim=1) for c in cols])  # (ΣB, N)
+                fused, weights = self.fuse(probs, None)
+            except Exception:  # one malformed request: answer each on its own below, so only it fails
+                pass
+            else:
+                return [self._response(f, w) for f, w in zip(torch.split(fused, sizes), torch.split(weights, sizes))]
         responses = []
         for request in requests:
             try:
                 probs = torch.stack([self._column(request, n).reshape(-1) for n in self.inputs], dim=1)  # (B, N)
-                fused, weights = self.fuse(probs, request)
-                out = [
-                    pb_utils.Tensor.from_dlpack("prob", to_dlpack(fused.contiguous())),
-                    pb_utils.Tensor.from_dlpack("weights", to_dlpack(weights.contiguous())),
-                ]
-                responses.append(pb_utils.InferenceResponse(output_tensors=out))
+                responses.append(self._response(*self.fuse(probs, request)))
             except Exception as e:  # one bad request must not fail the others
                 err = pb_utils.TritonError(f"model '{self.name}': fusion failed: {e}")
                 responses.append(pb_utils.InferenceResponse(output_tensors=[], error=err))
         return responses
+
+    @staticmethod
+    def _response(fused, weights):
+        return pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor.from_dlpack("prob", to_dlpack(fused.contiguous())),
+            pb_utils.Tensor.from_dlpack("weights", to_dlpack(weights.contiguous())),
+        ])
 
     def _fail(self, msg):
         raise pb_utils.TritonModelException(f"model '{self.name}': {msg}")

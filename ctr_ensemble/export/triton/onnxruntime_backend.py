@@ -47,6 +47,7 @@ class TritonPythonModel:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = int(params.get("intra_op_thread_count", "0") or 0)
         opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL  # one small graph per call: no inter-op pool
         try:
             self.session = ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types for bad files
@@ -63,23 +64,28 @@ class TritonPythonModel:
             )
 
     def execute(self, requests):
-        # The dynamic batcher hands over several requests: run them as one ONNX batch.
+        # The dynamic batcher hands over several requests: run them as one ONNX batch. Only the outputs some
+        # request asked for leave the session: the ensemble wants ``prob``, and ``repr`` (B, H) would otherwise
+        # be copied into shared memory on every call for nothing.
         feeds = {name: [] for name, _ in self.inputs}
-        sizes = []
+        sizes, wanted = [], set()
         for request in requests:
             for name, dtype in self.inputs:
                 feeds[name].append(_to_numpy(pb_utils.get_input_tensor_by_name(request, name)).astype(dtype, copy=False))
             sizes.append(feeds[self.inputs[0][0]][-1].shape[0])
+            wanted.update(request.requested_output_names() or self.outputs)
+        outputs = [o for o in self.outputs if o in wanted] or self.outputs
         try:
-            merged = {name: np.concatenate(parts) for name, parts in feeds.items()}
-            results = self.session.run(self.outputs, merged)
+            merged = {name: parts[0] if len(parts) == 1 else np.concatenate(parts) for name, parts in feeds.items()}
+            results = self.session.run(outputs, merged)
         except Exception as e:
             err = pb_utils.TritonError(f"model '{self.name}': inference failed: {e}")
             return [pb_utils.InferenceResponse(output_tensors=[], error=err) for _ in requests]
         responses = []
         start = 0
-        for n in sizes:
-            tensors = [_to_triton(name, r[start : start + n]) for name, r in zip(self.outputs, results)]
+        for request, n in zip(requests, sizes):
+            asked = request.requested_output_names() or self.outputs
+            tensors = [_to_triton(name, r[start : start + n]) for name, r in zip(outputs, results) if name in asked]
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
             start += n
         return responses
