@@ -38,7 +38,13 @@ in-process rows/s of the members back to back = 1 / sum(1 / rows_per_s_member). 
 server adds little; far above 1 at batch 1 with the gap closing at 1024 means a fixed per-request
 overhead that batching amortises.
 
-Writes ``<out>/serve.csv``, ``serve_ratios.csv``, ``serve_stages.csv``, ``serve_fusion.csv`` and ``serve.md``.
+The trace pass (``--trace-requests``, default 100) then sends batch-1 requests to every served path over both
+protocols on a second server that traces each one (Triton's trace API, level TIMESTAMPS), and reports the
+median timeline per stage: the frontend reading the request, per model queue / input / infer / output, the
+ensemble's gaps between its steps, the response write (``serving.trace``; ``serve_trace.csv``).
+
+Writes ``<out>/serve.csv``, ``serve_ratios.csv``, ``serve_stages.csv``, ``serve_fusion.csv``, ``serve_trace.csv``
+and ``serve.md``.
 Run ``make demo`` first (or pass ``--repository``); ``--http-url/--grpc-url`` (and ``--metrics-url``) use a
 running server instead of starting one.
 """
@@ -75,12 +81,14 @@ from ctr_ensemble.loadtest.rows import OfflineReference
 from ctr_ensemble.loadtest.sweep import NE_TAU1, base_options, changes_nothing
 from ctr_ensemble.metrics import PARITY_TOL
 from ctr_ensemble.serving import metrics as triton_metrics
-from ctr_ensemble.serving.client import TritonScorer
+from ctr_ensemble.serving import trace as triton_trace
+from ctr_ensemble.serving.client import CALLS, TritonScorer
 from ctr_ensemble.serving.server import TritonServer
 
 COLUMNS = ["target", "path", "batch", "requests", "rows_per_s", "p50_ms", "p95_ms", "p99_ms", "mean_ms", "server_ms", "client_ms"]
 STAGE_COLUMNS = ["target", "path", "batch", "model", "requests", "avg_batch", "request_ms", "queue_ms", "compute_input_ms",
                  "compute_infer_ms", "compute_output_ms"]
+TRACE_COLUMNS = ["target", "protocol", "stage", "requests", "median_us", "p90_us"]
 PATHS = (ENSEMBLE_NAME, *VARIANT_MODELS.values())  # the served paths of one export
 console = Console(width=None if sys.stdout.isatty() else 140)
 
@@ -97,6 +105,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--http-url", help="use a running Triton (host:port) instead of starting one")
     p.add_argument("--grpc-url", help="use a running Triton (host:port) instead of starting one")
     p.add_argument("--metrics-url", help="with --http-url/--grpc-url: its Prometheus metrics (http://host:8002/metrics) for the stages")
+    p.add_argument("--grpc-calls", default=",".join(CALLS),
+                   help="gRPC client calls to compare on the served paths: sync (tritonclient infer), async (async_infer "
+                        "+ callback), stream (one bidirectional stream); '' = sync only")
+    p.add_argument("--trace-requests", type=int, default=100,
+                   help="batch-1 requests per served path and protocol on a second, traced server (Triton trace API, "
+                        "level TIMESTAMPS) for the stage timeline; 0 = no trace pass")
     p.add_argument("--variants", default=",".join(VARIANT_MODELS),
                    help="deployment variants to serve beside the ensemble (export.variants; '' = the ensemble only)")
     p.add_argument("--fusion-variants", default="fitted,tau1",
@@ -219,6 +233,9 @@ def main() -> None:
     feeds, labels, data_desc = load_rows(args, repository_spec(args.repository), max(batches))
     own_label, other_rules, notes = fusion_variants(args.repository, [v.strip() for v in args.fusion_variants.split(",") if v.strip()])
     wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
+    calls = [c.strip() for c in args.grpc_calls.split(",") if c.strip() and c.strip() != "sync"]
+    if set(calls) - set(CALLS):
+        sys.exit(f"--grpc-calls: unknown {sorted(set(calls) - set(CALLS))}; choose from {', '.join(CALLS)}")
     external = bool(args.http_url or args.grpc_url)
     offline = OfflineReference()
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
@@ -251,12 +268,18 @@ def main() -> None:
             for proto, s in scorers.items():
                 for model in [*members, *paths]:
                     cells.append((model, f"triton_{proto}", lambda x, s=s, model=model: s.infer(model, x)))
+            if "grpc" in scorers:  # the other gRPC client calls, each on a client of its own
+                for call in calls:
+                    s = scorers[f"grpc_{call}"] = TritonScorer(urls["grpc"], "grpc")
+                    for model in paths:
+                        cells.append((model, f"triton_grpc_{call}", lambda x, s=s, model=model, call=call: s.infer_with(call, model, x)))
 
             results, stages = run_cells(cells, feeds, batches, args, metrics_url)
             scorer = next(iter(scorers.values()))
             quality = [served_quality(scorer, m, feeds, labels, own_label, repo, offline) for m in paths]
             for s in scorers.values():
                 s.close()
+        traced = [] if external or not args.trace_requests else trace_pass(repo, paths, feeds, args, Path(tmp) / "trace.json")
         if external and other_rules:
             notes.append(f"fusion variants {', '.join(other_rules)} not measured: they need a server started here")
             other_rules = []
@@ -280,13 +303,34 @@ def main() -> None:
         floor_p50 = sum(r["p50_ms"] for r in inproc)
         floor_rps = 1.0 / sum(1.0 / r["rows_per_s"] for r in inproc)
         for target in paths:
-            for proto in scorers:
+            for proto in scorers:  # http, grpc, grpc_async, grpc_stream
                 r = row_of(results, target, f"triton_{proto}", batch)
                 ratios.append(dict(target=target, protocol=proto, batch=batch, p50_ms=r["p50_ms"], onnx_sum_p50_ms=floor_p50,
                                    p50_ratio=r["p50_ms"] / floor_p50, rows_per_s=r["rows_per_s"], onnx_rows_per_s=floor_rps,
                                    rows_per_s_ratio=r["rows_per_s"] / floor_rps))
-    report(args, results, ratios, stages, quality, sessions, data_desc,
+    report(args, results, ratios, stages, traced, quality, sessions, data_desc,
            "external server" if external else "local tritonserver (started for this run)", own_label, notes)
+
+
+def trace_pass(repo: Path, paths: list[str], feeds: dict[str, np.ndarray], args, trace_file: Path) -> list[dict]:
+    """``--trace-requests`` batch-1 requests per path and protocol on a server that traces every request; the
+    median stage timeline per (path, protocol) (``serving.trace``). The warm-up requests are left out."""
+    with TritonServer(repo, extra_args=triton_trace.trace_flags(trace_file)) as server:
+        for proto, url in (("http", server.http_url), ("grpc", server.grpc_url)):
+            s = TritonScorer(url, proto)
+            for model in paths:
+                s.check_ready(model)
+                measure(lambda x: s.infer(model, x), feeds, 1, args.trace_requests, args.warmup, args.seconds)
+            s.close()
+    traces = triton_trace.load(trace_file)
+    seen: dict[tuple, int] = {}
+    kept = []
+    for t in traces:  # in time order: each group's first ``warmup`` requests are its warm-up
+        key = (t.model, t.protocol)
+        seen[key] = seen.get(key, 0) + 1
+        if seen[key] > args.warmup:
+            kept.append(t)
+    return triton_trace.summarize(kept)
 
 
 def run_cells(cells, feeds, batches, args, metrics_url: str | None) -> tuple[list[dict], list[dict]]:
@@ -323,6 +367,8 @@ def fmt(col: str, v) -> str:
         return str(v)
     if col in ("auc", "logloss", "calibration"):
         return f"{v:.4f}"
+    if col.endswith("_us"):
+        return f"{v:,.0f}"
     if col == "max_abs_diff":
         return f"{v:.1e}"
     if v != v:  # NaN: not measured (in-process cells have no server side)
@@ -338,7 +384,7 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def report(args, results, ratios, stages, quality, sessions, data_desc, server_desc, own_label, notes) -> None:
+def report(args, results, ratios, stages, traced, quality, sessions, data_desc, server_desc, own_label, notes) -> None:
     machine = (f"{cpu_name()} ({platform.machine()}), {os.cpu_count()} CPUs, Python {platform.python_version()}, "
                f"onnxruntime {ort.__version__}, {platform.system()} {platform.release()}")
     threads = ", ".join(f"{m}={t or 'default'}" for m, (_, t) in sessions.items())
@@ -353,15 +399,17 @@ def report(args, results, ratios, stages, quality, sessions, data_desc, server_d
               ("Serving cost: each served path over Triton vs the sum of the members in-process (ONNX Runtime)", ratio_cols, ratios),
               ("Where the time goes: per model the request ran through, ms per request (Triton metrics)", STAGE_COLUMNS, stages),
               ("Served quality over the data rows (calibration = mean predicted / observed CTR; max_abs_diff: against the "
-               "reference fusion computed offline)", FUSION_COLUMNS, quality)]
-    files = ("serve.csv", "serve_ratios.csv", "serve_stages.csv", "serve_fusion.csv")
+               "reference fusion computed offline)", FUSION_COLUMNS, quality),
+              ("Timeline of one batch-1 request, median µs per stage (Triton trace API, every request traced)",
+               TRACE_COLUMNS, traced)]
+    files = ("serve.csv", "serve_ratios.csv", "serve_stages.csv", "serve_fusion.csv", "serve_trace.csv")
 
     for line in notes:
         console.print(f"[dim]{escape(line)}[/dim]")
     for title, cols, rows in tables:
         t = Table(title=title)
         for c in cols:
-            t.add_column(c, justify="left" if c in ("target", "path", "protocol") else "right")
+            t.add_column(c, justify="left" if c in ("target", "path", "protocol", "stage", "model") else "right")
         for r in rows:
             t.add_row(*(escape(fmt(c, r[c])) for c in cols))  # ctr_ensemble[tau1] is not rich markup
         console.print(t)

@@ -7,6 +7,7 @@ import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
 from tritonclient.utils import InferenceServerException
 
+from ctr_ensemble.errors import CtrError
 from ctr_ensemble.evaluation.evaluate import EvalTargets, evaluate
 from ctr_ensemble.export import onnx_export
 from ctr_ensemble.layers.fusion import fuse
@@ -141,3 +142,23 @@ def test_scorer_reports_unreachable_server():
     scorer = TritonScorer(f"127.0.0.1:{free_port()}", "http", timeout_s=2)
     with pytest.raises(CtrError, match="not reachable"):
         scorer.check_ready("ctr_ensemble")
+
+
+@pytest.mark.parametrize("model", ["ctr_ensemble", "ctr_all_onnx"])
+def test_grpc_client_calls_and_reused_requests_agree(server, tiny_repo, rows, model):
+    cat, num = rows
+    scorer = TritonScorer(server.grpc_url, "grpc")
+    try:
+        for n in (4, 64, 4):  # the cached request objects are refilled, also after another shape
+            feeds = {"cat_ids": cat[:n], "num": num[:n]}
+            want = _onnx_probs(tiny_repo, model, cat[:n], num[:n])
+            for call in ("sync", "async", "stream"):
+                np.testing.assert_allclose(scorer.infer_with(call, model, feeds)["prob"][:, 0], want, atol=1e-5, rtol=0)
+        with pytest.raises(CtrError, match="failed"):  # an error answer on the stream, and the stream still serves
+            scorer.infer_with("stream", model, {"cat_ids": cat[:4, :-1].copy(), "num": num[:4]})
+        np.testing.assert_allclose(scorer.infer_with("stream", model, {"cat_ids": cat[:4], "num": num[:4]})["prob"][:, 0],
+                                   _onnx_probs(tiny_repo, model, cat[:4], num[:4]), atol=1e-5, rtol=0)
+    finally:
+        scorer.close()
+    with pytest.raises(CtrError, match="needs protocol grpc"):
+        TritonScorer(server.http_url, "http").infer_with("stream", model, {"cat_ids": cat[:4], "num": num[:4]})

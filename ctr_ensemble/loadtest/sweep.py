@@ -36,6 +36,7 @@ from rich.console import Console
 
 from ctr_ensemble.errors import CtrError
 from ctr_ensemble.export.repository import ENSEMBLE_NAME, RepoOptions, fitted_rule, read_manifest, reconfigure_repository
+from ctr_ensemble.export.served import VARIANT_MODELS
 from ctr_ensemble.layers.fusion import FITTED
 from ctr_ensemble.loadtest import perf, stats
 from ctr_ensemble.loadtest.rows import (InputSpec, NoReference, OfflineReference, inputs_from_config, inputs_from_metadata,
@@ -97,7 +98,8 @@ class SweepConfig:
 
 
 # The default sweep of `make loadtest`: each member alone, the fusion rules (τ = 1, fitted, mean), batching off,
-# two member instances, two fusion instances (the last three with τ = 1, whatever the base was exported with).
+# two member instances, two fusion instances, the single-hop and all-ONNX variants (the last five with τ = 1,
+# whatever the base was exported with).
 NE_TAU1 = {"fusion_mode": "negation_entropy", "tau": 1.0}
 DEFAULT_VARIANTS = [
     Variant("deepfm", "deepfm"),
@@ -109,6 +111,9 @@ DEFAULT_VARIANTS = [
     Variant("ensemble_ne_2_instances", ENSEMBLE_NAME, {**NE_TAU1, "instances": 2}),
     # Two fusion instances: under concurrent load the single Python fusion instance is where requests queue.
     Variant("ensemble_ne_2_fusion", ENSEMBLE_NAME, {**NE_TAU1, "fusion_instances": 2}),
+    # The same members and rule along fewer hops (export.variants), both on one server: one Python model, one ONNX graph.
+    Variant("single_hop", VARIANT_MODELS["single_hop"], {**NE_TAU1, "variants": list(VARIANT_MODELS)}),
+    Variant("all_onnx", VARIANT_MODELS["all_onnx"], {**NE_TAU1, "variants": list(VARIANT_MODELS)}),
     # Hook for the collaborative ensemble (issue 4): skipped with the reason while the repository has none.
     Variant("collaborative", "ctr_collaborative"),
 ]

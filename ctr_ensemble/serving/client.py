@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 import time
 from dataclasses import dataclass, field
 
@@ -13,6 +14,7 @@ from ctr_ensemble.data.spec import INPUT_DTYPES, feed_rows, slice_feeds
 from ctr_ensemble.errors import CtrError
 
 PROTOCOLS = ("http", "grpc")
+CALLS = ("sync", "async", "stream")  # gRPC client calls (TritonScorer.infer_with)
 
 
 def _module(protocol: str):
@@ -27,13 +29,15 @@ def _module(protocol: str):
 
 @dataclass
 class TritonScorer:
-    """One client for one protocol; ``score`` sends ``batch_size`` rows per request."""
+    """One client for one protocol; ``score`` sends ``batch_size`` rows per request. Not thread-safe (the request
+    objects are reused): one scorer per thread."""
 
     url: str
     protocol: str = "http"
     timeout_s: float = 60.0
     latencies_ms: list[float] = field(default_factory=list)
     _prepared: dict = field(default_factory=dict, init=False, repr=False)
+    _stream: queue.Queue | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         self._mod = _module(self.protocol)
@@ -99,5 +103,34 @@ class TritonScorer:
                 parts[o].append(out[o])
         return {o: np.concatenate(v) if v else np.zeros((0, 1), np.float32) for o, v in parts.items()}
 
+    def infer_with(self, call: str, model: str, feeds: dict[str, np.ndarray],
+                   outputs: tuple[str, ...] = ("prob",)) -> dict[str, np.ndarray]:
+        """``infer`` by another gRPC client call (``CALLS``): ``sync`` is ``infer``; ``async`` sends with
+        ``async_infer`` and waits for its callback; ``stream`` sends on one bidirectional stream, opened on first use
+        and kept open, and waits for the answer. One request at a time either way: these compare what each call
+        costs the client, they add no concurrency."""
+        if call == "sync":
+            return self.infer(model, feeds, outputs)
+        if self.protocol != "grpc" or call not in CALLS:
+            raise CtrError(f"client call {call!r} needs protocol grpc and one of {CALLS} (got {self.protocol})")
+        inputs, outs = self._request(model, feeds, outputs)
+        if call == "stream":
+            if self._stream is None:
+                self._stream = queue.Queue()
+                self.client.start_stream(callback=lambda result, error: self._stream.put((result, error)))
+            self.client.async_stream_infer(model, inputs, outputs=outs)
+            result, error = self._stream.get(timeout=self.timeout_s)
+        else:
+            done: queue.Queue = queue.Queue(maxsize=1)
+            self.client.async_infer(model, inputs, lambda result, error: done.put((result, error)), outputs=outs,
+                                    client_timeout=self.timeout_s)
+            result, error = done.get(timeout=self.timeout_s)
+        if error is not None:
+            raise CtrError(f"Triton grpc {call} request for {model!r} failed: {error}")
+        return {o: result.as_numpy(o) for o in outputs}
+
     def close(self) -> None:
+        if self._stream is not None:
+            self.client.stop_stream()
+            self._stream = None
         self.client.close()
