@@ -162,3 +162,24 @@ def test_grpc_client_calls_and_reused_requests_agree(server, tiny_repo, rows, mo
         scorer.close()
     with pytest.raises(CtrError, match="needs protocol grpc"):
         TritonScorer(server.http_url, "http").infer_with("stream", model, {"cat_ids": cat[:4], "num": num[:4]})
+
+
+@pytest.mark.parametrize("model", ["ctr_ensemble", "ctr_single_hop", "ctr_all_onnx"])
+def test_concurrent_requests_batched_together_each_get_their_own_answer(server, tiny_repo, tiny_arrays, model):
+    """Dynamic batching merges concurrent requests (members, fusion, variants): every answer must still be its rows'."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    te = tiny_arrays["test"]
+    want = _onnx_probs(tiny_repo, model, te.cat_ids[:400], te.num[:400])
+
+    def user(u):
+        scorer, bad = TritonScorer(server.http_url if u % 2 else server.grpc_url, "http" if u % 2 else "grpc"), 0
+        for i in range(12):
+            s, n = (u * 37 + i * 11) % 300, 1 + (u + i) % 9  # different sizes, so a mix-up cannot go unseen
+            got = scorer.infer(model, {"cat_ids": te.cat_ids[s:s + n], "num": te.num[s:s + n]})["prob"][:, 0]
+            bad += int(not np.allclose(got, want[s:s + n], atol=1e-5, rtol=0))
+        scorer.close()
+        return bad
+
+    with ThreadPoolExecutor(8) as pool:
+        assert sum(pool.map(user, range(8))) == 0

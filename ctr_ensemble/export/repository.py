@@ -212,8 +212,13 @@ def apply_member_deployment(cfg: mc.ModelConfig, opt: RepoOptions) -> mc.ModelCo
 
 
 def apply_fusion_deployment(cfg: mc.ModelConfig, opt: RepoOptions, kind: str) -> mc.ModelConfig:
-    """Instances, device and fusion parameters of the fusion model config."""
+    """Instances, device, batching and fusion parameters of the fusion model config."""
     cfg.max_batch_size = opt.max_batch_size
+    cfg.ClearField("dynamic_batching")
+    if opt.dynamic_batching:
+        # No delay: under concurrent load the requests already queued behind a busy instance are fused together
+        # (one torch call, fusion_model.py), and a lone request never waits for company.
+        cfg.dynamic_batching.CopyFrom(mc.ModelDynamicBatching(max_queue_delay_microseconds=0))
     del cfg.instance_group[:]
     cfg.instance_group.append(mc.ModelInstanceGroup(
         count=opt.fusion_instances,
