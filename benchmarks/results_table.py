@@ -247,6 +247,25 @@ def loadtest(root: Path) -> list[Row]:
                 "make loadtest", stamp, _rel(root, md))]
 
 
+def serve(root: Path) -> list[Row]:
+    """bench-serve, one row: per served path, batch-1 p50 over HTTP / gRPC and batch-64 rows/s vs in-process (gRPC)."""
+    md = root / "docs/serve/serve.md"
+    if not md.is_file():
+        raise FileNotFoundError(md)
+    stamp = _generic_stamp(md)
+    ratios = read_csv(md.with_name("serve_ratios.csv"))
+    parts = []
+    for target in dict.fromkeys(r["target"] for r in ratios):
+        cell = {(r["protocol"], r["batch"]): r for r in ratios if r["target"] == target}
+        if {("http", "1"), ("grpc", "1"), ("grpc", "64")} <= set(cell):
+            parts.append(f"{target} {float(cell['http', '1']['p50_ms']):.2f} / {float(cell['grpc', '1']['p50_ms']):.2f} ms, "
+                         f"{float(cell['grpc', '64']['rows_per_s_ratio']):.2f}×")
+    if not parts:
+        return []
+    return [Row("bench-serve: batch-1 p50 HTTP / gRPC; batch-64 rows/s vs in-process (gRPC)", "; ".join(parts),
+                "make bench-serve", stamp, _rel(root, md))]
+
+
 def soak(root: Path) -> list[Row]:
     md = root / "docs/soak/soak.md"
     if not md.is_file():
@@ -272,7 +291,7 @@ def tune(root: Path) -> list[Row]:
     return rows
 
 
-SOURCES = (quality, ensemble, defaults, regularizer, experiments, tune, loadtest, soak, gpu)
+SOURCES = (quality, ensemble, defaults, regularizer, experiments, tune, serve, loadtest, soak, gpu)
 SKIPPED: list[str] = []
 
 

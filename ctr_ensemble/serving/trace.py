@@ -9,7 +9,8 @@ An ensemble itself has no queue or compute timestamps: its time is its steps' pl
 
 ``breakdown`` turns one top-level request into named stages (µs), in the order they happen:
 
-- ``recv`` / ``send``: the frontend reading the request / writing the response (HTTP or gRPC);
+- ``recv`` / ``send``: the frontend reading the request (HTTP only: gRPC's read timestamps start when its
+  handler begins waiting for a request, idle time included) / writing the response (HTTP or gRPC);
 - per model the request ran through (the model itself, or an ensemble's steps): ``<model>.queue``
   (QUEUE_START → COMPUTE_START), ``<model>.input`` (→ COMPUTE_INPUT_END: inputs gathered, copied to the
   backend), ``<model>.infer`` (→ COMPUTE_OUTPUT_START: the backend's own work; for a Python model the IPC to its
@@ -33,6 +34,9 @@ from pathlib import Path
 from ctr_ensemble.errors import CtrError
 
 RECV = {"http": ("HTTP_RECV_START", "HTTP_RECV_END"), "grpc": ("GRPC_WAITREAD_START", "GRPC_WAITREAD_END")}
+# gRPC's WAITREAD_START is when its handler began waiting for the next request: idle time between sequential
+# requests, not reading. Only HTTP's recv is a stage.
+RECV_STAGE = ("http",)
 SEND = {"http": ("HTTP_SEND_START", "HTTP_SEND_END"), "grpc": ("GRPC_SEND_START", "GRPC_SEND_END")}
 MODEL_STAGES = (("queue", "QUEUE_START", "COMPUTE_START"), ("input", "COMPUTE_START", "COMPUTE_INPUT_END"),
                 ("infer", "COMPUTE_INPUT_END", "COMPUTE_OUTPUT_START"), ("output", "COMPUTE_OUTPUT_START", "COMPUTE_END"))
@@ -89,7 +93,7 @@ def breakdown(t: Trace) -> dict[str, float]:
     """The stages (µs) of top-level request ``t`` (see the module docstring); missing timestamps are left out."""
     out: dict[str, float] = {}
     proto = t.protocol
-    if proto is not None:
+    if proto in RECV_STAGE:
         out["recv"] = t.span(*RECV[proto])
     steps = t.children or [t]
     for s in steps:
