@@ -15,13 +15,17 @@ SOAK_ARGS ?=
 
 PERF_VENV := .venv-perf
 PERF_STAMP := $(PERF_VENV)/.installed
+MA_VENV := .venv-ma
+MA_STAMP := $(MA_VENV)/.installed
+# Model Analyzer's best member settings, fed into `make loadtest` when `make model-analyzer` wrote them.
+MA_SWEEP := artifacts/model_analyzer/sweep.yaml
 # `make loadtest` uses the demo repository when `make demo` made one, else builds a small one.
 LT_DEMO := $(and $(wildcard model_repository/repository.json),$(wildcard artifacts/demo/data/test.tsv))
 LT_REPO := $(if $(LT_DEMO),model_repository,artifacts/loadtest/demo/model_repository)
 LT_DATA := $(if $(LT_DEMO),artifacts/demo/data/test.tsv,artifacts/loadtest/demo/data/test.tsv)
 LT_SMALL := artifacts/loadtest/demo
 
-.PHONY: venv perf-venv demo test bench-serve bench-quality bench-data bench-train bench-reg bench-defaults bench-ensemble loadtest loadtest-demo soak bench-recovery experiments gpu-wheels gpu-check results docs-cli bench-tune rollout clean
+.PHONY: venv perf-venv ma-venv model-analyzer demo test bench-serve bench-quality bench-data bench-train bench-reg bench-defaults bench-ensemble loadtest loadtest-demo soak bench-recovery experiments gpu-wheels gpu-check results docs-cli bench-tune rollout clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +43,19 @@ $(PERF_STAMP): requirements-perf.txt
 
 perf-venv: $(PERF_STAMP)
 
+$(MA_STAMP): requirements-ma.txt
+	test -x $(MA_VENV)/bin/python || $(PYTHON) -m venv $(MA_VENV)
+	$(MA_VENV)/bin/python -m pip install --quiet -r requirements-ma.txt
+	touch $(MA_STAMP)
+
+ma-venv: $(MA_STAMP)
+
+# Triton Model Analyzer over each member's instances / batching delay / preferred batch size (CPU, local launch of
+# the bundled tritonserver); writes artifacts/model_analyzer/sweep.yaml, which `make loadtest` then runs.
+model-analyzer: venv perf-venv ma-venv
+	$(BIN)/python benchmarks/model_analyzer.py --out artifacts/model_analyzer
+	$(BIN)/python benchmarks/publish.py artifacts/model_analyzer docs/model_analyzer model_analyzer.md model_analyzer.csv sweep.yaml
+
 demo: venv
 	$(BIN)/ctr-ensemble demo --members $(MEMBERS) --seq-max-len $(SEQ_MAX_LEN)
 
@@ -46,7 +63,7 @@ test: venv perf-venv
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-bench-serve: venv
+bench-serve: venv perf-venv
 	$(BIN)/python benchmarks/bench_serve.py --out artifacts/bench
 	$(BIN)/python benchmarks/publish.py artifacts/bench docs/serve serve.md serve.csv serve_ratios.csv serve_stages.csv serve_fusion.csv serve_trace.csv
 
@@ -80,7 +97,7 @@ experiments: venv
 
 loadtest: venv perf-venv
 	test -f $(LT_REPO)/repository.json -a -f $(LT_DATA) || $(MAKE) loadtest-demo
-	$(BIN)/ctr-ensemble loadtest --sweep --repository $(LT_REPO) --data $(LT_DATA) --out artifacts/loadtest
+	$(BIN)/ctr-ensemble loadtest --sweep $(if $(wildcard $(MA_SWEEP)),--sweep-config $(MA_SWEEP)) --repository $(LT_REPO) --data $(LT_DATA) --out artifacts/loadtest
 	$(BIN)/python benchmarks/publish.py artifacts/loadtest docs/loadtest latency_vs_auc.md latency_vs_auc.csv latency_vs_auc.png
 
 # Soak: a long Locust load on the ensemble (default 10 minutes), errors must be 0; p99 drift and RSS leak check.

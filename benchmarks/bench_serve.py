@@ -76,8 +76,10 @@ from ctr_ensemble.export import onnx_export
 from ctr_ensemble.export.repository import (ENSEMBLE_NAME, RepoOptions, fitted_rule, manifest_rule, read_manifest,
                                             reconfigure_repository, repository_spec)
 from ctr_ensemble.data.encode import encode_file
+from ctr_ensemble.errors import CtrError
 from ctr_ensemble.export.served import VARIANT_MODELS
-from ctr_ensemble.loadtest.rows import OfflineReference
+from ctr_ensemble.loadtest import perf
+from ctr_ensemble.loadtest.rows import OfflineReference, inputs_from_config
 from ctr_ensemble.loadtest.sweep import NE_TAU1, base_options, changes_nothing
 from ctr_ensemble.metrics import PARITY_TOL
 from ctr_ensemble.serving import metrics as triton_metrics
@@ -108,6 +110,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--grpc-calls", default=",".join(CALLS),
                    help="gRPC client calls to compare on the served paths: sync (tritonclient infer), async (async_infer "
                         "+ callback), stream (one bidirectional stream); '' = sync only")
+    p.add_argument("--perf-analyzer", default="auto",
+                   help="perf_analyzer binary for a C++-client cell per served path, protocol and batch (concurrency 1): "
+                        "auto = make perf-venv's if it runs here, '' = none")
     p.add_argument("--trace-requests", type=int, default=100,
                    help="batch-1 requests per served path and protocol on a second, traced server (Triton trace API, "
                         "level TIMESTAMPS) for the stage timeline; 0 = no trace pass")
@@ -275,6 +280,7 @@ def main() -> None:
                         cells.append((model, f"triton_grpc_{call}", lambda x, s=s, model=model, call=call: s.infer_with(call, model, x)))
 
             results, stages = run_cells(cells, feeds, batches, args, metrics_url)
+            results += perf_cells(args, repo, paths, feeds, batches, urls, Path(tmp) / "perf", notes)
             scorer = next(iter(scorers.values()))
             quality = [served_quality(scorer, m, feeds, labels, own_label, repo, offline) for m in paths]
             for s in scorers.values():
@@ -303,13 +309,49 @@ def main() -> None:
         floor_p50 = sum(r["p50_ms"] for r in inproc)
         floor_rps = 1.0 / sum(1.0 / r["rows_per_s"] for r in inproc)
         for target in paths:
-            for proto in scorers:  # http, grpc, grpc_async, grpc_stream
-                r = row_of(results, target, f"triton_{proto}", batch)
-                ratios.append(dict(target=target, protocol=proto, batch=batch, p50_ms=r["p50_ms"], onnx_sum_p50_ms=floor_p50,
+            for proto in [*(f"triton_{p}" for p in scorers), "perf_analyzer_http", "perf_analyzer_grpc"]:
+                r = row_of(results, target, proto, batch)
+                if r is None:
+                    continue
+                ratios.append(dict(target=target, client=proto, batch=batch, p50_ms=r["p50_ms"], onnx_sum_p50_ms=floor_p50,
                                    p50_ratio=r["p50_ms"] / floor_p50, rows_per_s=r["rows_per_s"], onnx_rows_per_s=floor_rps,
                                    rows_per_s_ratio=r["rows_per_s"] / floor_rps))
     report(args, results, ratios, stages, traced, quality, sessions, data_desc,
            "external server" if external else "local tritonserver (started for this run)", own_label, notes)
+
+
+def perf_cells(args, repo: Path, paths: list[str], feeds: dict[str, np.ndarray], batches: list[int], urls: dict,
+               work: Path, notes: list[str]) -> list[dict]:
+    """perf_analyzer (Triton's C++ client) at concurrency 1 on every served path, protocol and batch size: the
+    same server without the Python client's share. Skipped, with the reason in the notes, where it cannot run."""
+    if not args.perf_analyzer:
+        return []
+    binary = perf.find_binary(None if args.perf_analyzer == "auto" else args.perf_analyzer)
+    reason = perf.why_not_runnable(binary)
+    if reason:
+        notes.append(f"perf_analyzer cells skipped: {reason}")
+        return []
+    inputs = inputs_from_config(repo, ENSEMBLE_NAME)
+    data = perf.write_input_data({i.name: feeds[i.name][:512] for i in inputs}, inputs, work / "input.json")
+    out = []
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("perf_analyzer", total=len(paths) * len(batches) * len(urls))
+        for batch in batches:
+            for model in paths:
+                for proto, url in urls.items():
+                    progress.update(task, description=f"perf_analyzer {model} {proto} batch {batch}")
+                    try:
+                        r = perf.run(binary, model, url, proto, batch, 1, data, work, interval_ms=1000)
+                    except CtrError as e:
+                        notes.append(f"perf_analyzer {model} {proto} batch {batch}: {e}")
+                        continue
+                    finally:
+                        progress.advance(task)
+                    out.append(dict(target=model, path=f"perf_analyzer_{proto}", batch=batch, requests=float("nan"),
+                                    rows_per_s=r.rows_per_s, p50_ms=r.p50_ms, p95_ms=r.p95_ms, p99_ms=r.p99_ms,
+                                    mean_ms=float("nan"), server_ms=r.server_queue_ms + r.server_compute_ms,
+                                    client_ms=float("nan")))
+    return out
 
 
 def trace_pass(repo: Path, paths: list[str], feeds: dict[str, np.ndarray], args, trace_file: Path) -> list[dict]:
@@ -409,7 +451,7 @@ def report(args, results, ratios, stages, traced, quality, sessions, data_desc, 
     for title, cols, rows in tables:
         t = Table(title=title)
         for c in cols:
-            t.add_column(c, justify="left" if c in ("target", "path", "protocol", "stage", "model") else "right")
+            t.add_column(c, justify="left" if c in ("target", "path", "client", "protocol", "stage", "model") else "right")
         for r in rows:
             t.add_row(*(escape(fmt(c, r[c])) for c in cols))  # ctr_ensemble[tau1] is not rich markup
         console.print(t)

@@ -256,10 +256,10 @@ def serve(root: Path) -> list[Row]:
     ratios = read_csv(md.with_name("serve_ratios.csv"))
     parts = []
     for target in dict.fromkeys(r["target"] for r in ratios):
-        cell = {(r["protocol"], r["batch"]): r for r in ratios if r["target"] == target}
-        if {("http", "1"), ("grpc", "1"), ("grpc", "64")} <= set(cell):
-            parts.append(f"{target} {float(cell['http', '1']['p50_ms']):.2f} / {float(cell['grpc', '1']['p50_ms']):.2f} ms, "
-                         f"{float(cell['grpc', '64']['rows_per_s_ratio']):.2f}×")
+        cell = {(r["client"], r["batch"]): r for r in ratios if r["target"] == target}
+        if {("triton_http", "1"), ("triton_grpc", "1"), ("triton_grpc", "64")} <= set(cell):
+            parts.append(f"{target} {float(cell['triton_http', '1']['p50_ms']):.2f} / "
+                         f"{float(cell['triton_grpc', '1']['p50_ms']):.2f} ms, {float(cell['triton_grpc', '64']['rows_per_s_ratio']):.2f}×")
     if not parts:
         return []
     return [Row("bench-serve: batch-1 p50 HTTP / gRPC; batch-64 rows/s vs in-process (gRPC)", "; ".join(parts),

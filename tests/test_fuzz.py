@@ -23,7 +23,7 @@ from ctr_ensemble.layers.fusion import fuse
 
 pytestmark = pytest.mark.integration
 N_CASES = 150  # per protocol
-MODELS = ("deepfm", "ctr_ensemble")
+MODELS = ("deepfm", "ctr_ensemble", "ctr_single_hop", "ctr_all_onnx")  # a member and the three served paths
 DTYPES = {"INT64": np.int64, "INT32": np.int32, "FP32": np.float32, "FP64": np.float64, "BOOL": np.bool_, "UINT8": np.uint8}
 GRPC_ERRORS = {"StatusCode.INVALID_ARGUMENT", "StatusCode.NOT_FOUND", "StatusCode.UNIMPLEMENTED",
                "StatusCode.OUT_OF_RANGE", "StatusCode.RESOURCE_EXHAUSTED"}
@@ -31,7 +31,7 @@ GRPC_ERRORS = {"StatusCode.INVALID_ARGUMENT", "StatusCode.NOT_FOUND", "StatusCod
 
 def _reference(repo, model, cat, num):
     run = lambda m: onnx_export.run_onnx(onnx_export.session(repo / m / "1" / "model.onnx"), {"cat_ids": cat, "num": num})[0]
-    if model == "ctr_ensemble":
+    if model.startswith("ctr_"):  # the ensemble and its deployment variants: the reference fusion
         return fuse(torch.from_numpy(np.stack([run("deepfm"), run("dcnv2")], 1)))[0][:, 0].numpy()
     return run(model)
 
@@ -105,7 +105,7 @@ def test_fuzzed_requests_get_a_clean_error_or_a_correct_answer(server, tiny_repo
     rng = np.random.default_rng(2024 if protocol == "http" else 2025)
     tally = {"answered": 0, "rejected": 0}
     for i in range(N_CASES):
-        model = MODELS[i % 2]
+        model = MODELS[i % len(MODELS)]
         with np.errstate(all="ignore"):  # dtype mutations cast NaN to integers on purpose
             inputs, valid, kind = _mutate(rng, cat, num, tiny_spec.cat_sizes)
         try:

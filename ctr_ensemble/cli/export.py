@@ -37,7 +37,10 @@ def export_cmd(
                                        "400/INVALID_ARGUMENT. Sets the request-size bound in repository.json."),
     instances: int = typer.Option(1, help="Instances per member."),
     intra_op_threads: int = typer.Option(1, help="ONNX Runtime threads per member instance."),
-    max_queue_delay_us: int = typer.Option(200, help="Dynamic batching queue delay per member."),
+    max_queue_delay_us: int = typer.Option(0, help="Dynamic batching queue delay per member (µs): 0 batches only what "
+                                           "queued anyway (docs/serving-speed.md)."),
+    preferred_batch_size: list[int] = typer.Option([], help="Preferred batch size of each member's dynamic batcher; "
+                                                   "repeat for several (make model-analyzer suggests them)."),
     dynamic_batching: bool = typer.Option(True, help="Dynamic batching on the members."),
     production: bool = typer.Option(False, help="Configs for the NGC container (docker-compose.yml): members on KIND_GPU "
                                     "with the CUDA execution provider, fusion on KIND_GPU. Needs a GPU to load."),
@@ -54,7 +57,8 @@ def export_cmd(
     from ctr_ensemble.models import checkpoint
 
     opt = RepoOptions(max_batch_size=max_batch_size, instances=instances, intra_op_threads=intra_op_threads,
-                      dynamic_batching=dynamic_batching, max_queue_delay_us=max_queue_delay_us, fusion_mode=fusion_mode,
+                      dynamic_batching=dynamic_batching, max_queue_delay_us=max_queue_delay_us,
+                      preferred_batch_sizes=list(preferred_batch_size), fusion_mode=fusion_mode,
                       tau=tau, fusion_kind=fusion_kind, production=production,
                       variants=[v.strip() for v in variants.split(",") if v.strip()])
     if sum((bool(checkpoint_), from_repository is not None, collab is not None)) != 1:

@@ -10,7 +10,8 @@ with ``variants`` also writes:
   (``export.onnx_fusion``), served by the ``onnxruntime`` backend: native in the NGC container, where no
   Python runs in the hot path and the whole graph runs on ONNX Runtime's CUDA (or TensorRT) provider.
 
-Each takes the ensemble's inputs and returns its outputs (``prob`` (B, 1), ``weights`` (B, N)); the server loads
+Each takes the ensemble's inputs and returns its outputs (``prob`` (B, 1), ``weights`` (B, N)) and the members'
+deployment settings, with N times their intra-op threads (it does the work of N member instances); the server loads
 them beside the ensemble (``TritonServer.flags``). Their model files are the members' ONNX files (hard links)
 or a graph built from them, so a variant always serves the members of its export. ``all_onnx`` is parity-checked
 against the reference fusion over the members' ONNX outputs (``metrics.PARITY_TOL``) whenever rows are given.
@@ -67,7 +68,9 @@ def write(repo: Path, names: list[str], members: dict[str, Path], spec: FeatureS
         cfg.instance_group.extend(member_cfg.instance_group)
         if member_cfg.HasField("dynamic_batching"):
             cfg.dynamic_batching.CopyFrom(member_cfg.dynamic_batching)
-        cfg.parameters["intra_op_thread_count"].CopyFrom(member_cfg.parameters["intra_op_thread_count"])
+        # One model runs all N members: it gets the cores the ensemble's N member instances use (0 = ORT's default).
+        threads = int(member_cfg.parameters["intra_op_thread_count"].string_value or 0) * len(members)
+        cfg.parameters["intra_op_thread_count"].string_value = str(threads)
         entry = {"model": MODELS[name]}
         if name == SINGLE_HOP:
             cfg.backend = "python"
