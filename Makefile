@@ -65,7 +65,7 @@ test: venv perf-venv
 
 bench-serve: venv perf-venv
 	$(BIN)/python benchmarks/bench_serve.py --out artifacts/bench
-	$(BIN)/python benchmarks/publish.py artifacts/bench docs/serve serve.md serve.csv serve_ratios.csv serve_stages.csv serve_fusion.csv serve_trace.csv
+	$(BIN)/python benchmarks/publish.py artifacts/bench docs/serve serve.md serve_targets.csv serve.csv serve_ratios.csv serve_stages.csv serve_fusion.csv serve_trace.csv
 
 # data prepare at scale: a >= 5 M-row Criteo-layout file (generated once, reused), prepared with 2 workers
 BENCH_ROWS ?= 5000000

@@ -43,7 +43,7 @@ protocols on a second server that traces each one (Triton's trace API, level TIM
 median timeline per stage: the frontend reading the request, per model queue / input / infer / output, the
 ensemble's gaps between its steps, the response write (``serving.trace``; ``serve_trace.csv``).
 
-Writes ``<out>/serve.csv``, ``serve_ratios.csv``, ``serve_stages.csv``, ``serve_fusion.csv``, ``serve_trace.csv``
+Writes ``<out>/serve_targets.csv`` (the issue's targets checked on every path and client), ``serve.csv``, ``serve_ratios.csv``, ``serve_stages.csv``, ``serve_fusion.csv``, ``serve_trace.csv``
 and ``serve.md``.
 Run ``make demo`` first (or pass ``--repository``); ``--http-url/--grpc-url`` (and ``--metrics-url``) use a
 running server instead of starting one.
@@ -90,6 +90,7 @@ from ctr_ensemble.serving.server import TritonServer
 COLUMNS = ["target", "path", "batch", "requests", "rows_per_s", "p50_ms", "p95_ms", "p99_ms", "mean_ms", "server_ms", "client_ms"]
 STAGE_COLUMNS = ["target", "path", "batch", "model", "requests", "avg_batch", "request_ms", "queue_ms", "compute_input_ms",
                  "compute_infer_ms", "compute_output_ms"]
+TARGET_COLUMNS = ["target", "client", "batch1_p50_ms", "batch64_rows_per_s_ratio", "p50_vs_http_ratio", "meets"]
 TRACE_COLUMNS = ["target", "protocol", "stage", "requests", "median_us", "p90_us"]
 PATHS = (ENSEMBLE_NAME, *VARIANT_MODELS.values())  # the served paths of one export
 console = Console(width=None if sys.stdout.isatty() else 140)
@@ -316,8 +317,32 @@ def main() -> None:
                 ratios.append(dict(target=target, client=proto, batch=batch, p50_ms=r["p50_ms"], onnx_sum_p50_ms=floor_p50,
                                    p50_ratio=r["p50_ms"] / floor_p50, rows_per_s=r["rows_per_s"], onnx_rows_per_s=floor_rps,
                                    rows_per_s_ratio=r["rows_per_s"] / floor_rps))
-    report(args, results, ratios, stages, traced, quality, sessions, data_desc,
+    targets = target_checks(ratios, paths)
+    report(args, results, ratios, targets, stages, traced, quality, sessions, data_desc,
            "external server" if external else "local tritonserver (started for this run)", own_label, notes)
+
+
+# Issue targets for the default ensemble (docs/serving-speed.md), checked on every path and client of this run.
+P50_TARGET_MS, ROWS_TARGET = 1.5, 0.8
+
+
+def target_checks(ratios: list[dict], paths: list[str]) -> list[dict]:
+    """Per served path and client: batch-1 p50 against ``P50_TARGET_MS``, batch-64 rows/s share of in-process
+    against ``ROWS_TARGET``, and the batch-1 p50 against HTTP's (gRPC no slower than HTTP)."""
+    out = []
+    for target in paths:
+        cells = {(r["client"], r["batch"]): r for r in ratios if r["target"] == target}
+        for client in dict.fromkeys(c for c, _ in cells):
+            b1, b64, http = cells.get((client, 1)), cells.get((client, 64)), cells.get(("triton_http", 1))
+            row = dict(target=target, client=client, batch1_p50_ms=b1["p50_ms"] if b1 else float("nan"),
+                       batch64_rows_per_s_ratio=b64["rows_per_s_ratio"] if b64 else float("nan"),
+                       p50_vs_http_ratio=b1["p50_ms"] / http["p50_ms"] if b1 and http else float("nan"))
+            row["meets"] = ", ".join(name for name, ok in (
+                (f"p50<={P50_TARGET_MS:g}ms", row["batch1_p50_ms"] <= P50_TARGET_MS),
+                (f"rows>={ROWS_TARGET:g}x", row["batch64_rows_per_s_ratio"] >= ROWS_TARGET),
+                ("<=http", client != "triton_http" and row["p50_vs_http_ratio"] <= 1.0)) if ok) or "-"
+            out.append(row)
+    return out
 
 
 def perf_cells(args, repo: Path, paths: list[str], feeds: dict[str, np.ndarray], batches: list[int], urls: dict,
@@ -426,7 +451,7 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def report(args, results, ratios, stages, traced, quality, sessions, data_desc, server_desc, own_label, notes) -> None:
+def report(args, results, ratios, targets, stages, traced, quality, sessions, data_desc, server_desc, own_label, notes) -> None:
     machine = (f"{cpu_name()} ({platform.machine()}), {os.cpu_count()} CPUs, Python {platform.python_version()}, "
                f"onnxruntime {ort.__version__}, {platform.system()} {platform.release()}")
     threads = ", ".join(f"{m}={t or 'default'}" for m, (_, t) in sessions.items())
@@ -437,14 +462,16 @@ def report(args, results, ratios, stages, traced, quality, sessions, data_desc, 
              f"fusion of {ENSEMBLE_NAME}: the repository's own ({own_label}); {ENSEMBLE_NAME}[<variant>]: the same "
              "members with another fusion rule, served from a config-only copy", *notes]
     ratio_cols = list(ratios[0]) if ratios else []
-    tables = [("Serving latency and throughput", COLUMNS, results),
+    tables = [("Targets: batch-1 p50 <= 1.5 ms, batch-64 rows/s >= 0.8x in-process, gRPC no slower than HTTP "
+               "(batch-1 p50 vs HTTP's), per served path and client", TARGET_COLUMNS, targets),
+              ("Serving latency and throughput", COLUMNS, results),
               ("Serving cost: each served path over Triton vs the sum of the members in-process (ONNX Runtime)", ratio_cols, ratios),
               ("Where the time goes: per model the request ran through, ms per request (Triton metrics)", STAGE_COLUMNS, stages),
               ("Served quality over the data rows (calibration = mean predicted / observed CTR; max_abs_diff: against the "
                "reference fusion computed offline)", FUSION_COLUMNS, quality),
               ("Timeline of one batch-1 request, median µs per stage (Triton trace API, every request traced)",
                TRACE_COLUMNS, traced)]
-    files = ("serve.csv", "serve_ratios.csv", "serve_stages.csv", "serve_fusion.csv", "serve_trace.csv")
+    files = ("serve_targets.csv", "serve.csv", "serve_ratios.csv", "serve_stages.csv", "serve_fusion.csv", "serve_trace.csv")
 
     for line in notes:
         console.print(f"[dim]{escape(line)}[/dim]")

@@ -68,7 +68,7 @@ def main() -> None:
         data = load_rows(args.data, args.repository, member, inputs, args.rows)
         input_json = perf.write_input_data(data, inputs, args.out / f"input-{member}.json")
         work = args.out / "work" / member
-        config = ma.prepare(args.repository, member, input_json.resolve(), work.resolve(), binary, ma._search_configs())
+        config = ma.prepare(args.repository, member, input_json.resolve(), work.resolve(), binary, ma._search_config())
         t0 = time.perf_counter()
         with console.status(f"model-analyzer profile {member}") as status:
             def show(line, member=member, t0=t0):

@@ -57,17 +57,13 @@ def _quote(s: str) -> str:
     return "'" + str(s).replace("'", "'\"'\"'") + "'"
 
 
-def _search_configs() -> list[dict]:
-    """Model Analyzer's ``model_config_parameters`` for ``SEARCH``: one block per preferred-size choice (its
-    brute search takes the product of the lists inside a block)."""
-    out = []
-    for pref in SEARCH["preferred_batch_sizes"]:
-        batching = {"max_queue_delay_microseconds": list(SEARCH["max_queue_delay_us"])}
-        if pref:
-            batching["preferred_batch_size"] = [list(pref)]
-        out.append({"max_batch_size": [1024], "instance_group": [{"kind": "KIND_CPU", "count": list(SEARCH["instances"])}],
-                    "dynamic_batching": batching, "parameters": {"intra_op_thread_count": {"string_value": ["1"]}}})
-    return out
+def _search_config() -> dict:
+    """Model Analyzer's ``model_config_parameters`` for ``SEARCH`` (its brute search takes the product of the
+    lists; an empty preferred size is none)."""
+    return {"max_batch_size": [1024], "instance_group": [{"kind": "KIND_CPU", "count": list(SEARCH["instances"])}],
+            "dynamic_batching": {"max_queue_delay_microseconds": list(SEARCH["max_queue_delay_us"]),
+                                 "preferred_batch_size": [list(p) for p in SEARCH["preferred_batch_sizes"]]},
+            "parameters": {"intra_op_thread_count": {"string_value": ["1"]}}}
 
 
 def prepare(repo: Path, member: str, input_json: Path, work: Path, perf_binary: Path, model_config: dict) -> Path:
@@ -108,7 +104,7 @@ def run(analyzer: Path, config: Path, log: Path, timeout_s: float, on_line=None)
     """``model-analyzer profile -f config``, its output appended to ``log`` (and each line to ``on_line``)."""
     with open(log, "a") as f:
         p = subprocess.Popen([str(analyzer), "profile", "-f", str(config)], cwd=config.parent, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
+                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         try:
             for line in p.stdout:
                 f.write(line)

@@ -38,6 +38,7 @@ class TritonScorer:
     latencies_ms: list[float] = field(default_factory=list)
     _prepared: dict = field(default_factory=dict, init=False, repr=False)
     _stream: queue.Queue | None = field(default=None, init=False, repr=False)
+    _sent: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self):
         self._mod = _module(self.protocol)
@@ -118,16 +119,27 @@ class TritonScorer:
             if self._stream is None:
                 self._stream = queue.Queue()
                 self.client.start_stream(callback=lambda result, error: self._stream.put((result, error)))
-            self.client.async_stream_infer(model, inputs, outputs=outs)
-            result, error = self._stream.get(timeout=self.timeout_s)
+            self._sent += 1
+            rid = str(self._sent)
+            self.client.async_stream_infer(model, inputs, outputs=outs, request_id=rid)
+            while True:  # an answer to an earlier request that timed out arrives late: it is not this one's
+                result, error = self._wait(self._stream, call, model)
+                if error is not None or result.get_response().id == rid:
+                    break
         else:
             done: queue.Queue = queue.Queue(maxsize=1)
             self.client.async_infer(model, inputs, lambda result, error: done.put((result, error)), outputs=outs,
                                     client_timeout=self.timeout_s)
-            result, error = done.get(timeout=self.timeout_s)
+            result, error = self._wait(done, call, model)
         if error is not None:
             raise CtrError(f"Triton grpc {call} request for {model!r} failed: {error}")
         return {o: result.as_numpy(o) for o in outputs}
+
+    def _wait(self, answers: queue.Queue, call: str, model: str):
+        try:
+            return answers.get(timeout=self.timeout_s)
+        except queue.Empty:
+            raise CtrError(f"Triton grpc {call} request for {model!r}: no answer within {self.timeout_s:g}s") from None
 
     def close(self) -> None:
         if self._stream is not None:
