@@ -85,7 +85,7 @@ from ctr_ensemble.metrics import PARITY_TOL
 from ctr_ensemble.serving import metrics as triton_metrics
 from ctr_ensemble.serving import trace as triton_trace
 from ctr_ensemble.serving.client import CALLS, TritonScorer
-from ctr_ensemble.serving.server import TritonServer
+from ctr_ensemble.serving.server import TritonServer, admin_headers
 
 COLUMNS = ["target", "path", "batch", "requests", "rows_per_s", "p50_ms", "p95_ms", "p99_ms", "mean_ms", "server_ms", "client_ms"]
 STAGE_COLUMNS = ["target", "path", "batch", "model", "requests", "avg_batch", "request_ms", "queue_ms", "compute_input_ms",
@@ -281,7 +281,8 @@ def main() -> None:
                         cells.append((model, f"triton_grpc_{call}", lambda x, s=s, model=model, call=call: s.infer_with(call, model, x)))
 
             results, stages = run_cells(cells, feeds, batches, args, metrics_url)
-            results += perf_cells(args, repo, paths, feeds, batches, urls, Path(tmp) / "perf", notes)
+            keys = {} if external or not server.admin_key else {p: admin_headers(server.admin_key, p) for p in urls}
+            results += perf_cells(args, repo, paths, feeds, batches, urls, Path(tmp) / "perf", notes, keys)
             scorer = next(iter(scorers.values()))
             quality = [served_quality(scorer, m, feeds, labels, own_label, repo, offline) for m in paths]
             for s in scorers.values():
@@ -346,9 +347,10 @@ def target_checks(ratios: list[dict], paths: list[str]) -> list[dict]:
 
 
 def perf_cells(args, repo: Path, paths: list[str], feeds: dict[str, np.ndarray], batches: list[int], urls: dict,
-               work: Path, notes: list[str]) -> list[dict]:
+               work: Path, notes: list[str], headers: dict[str, dict]) -> list[dict]:
     """perf_analyzer (Triton's C++ client) at concurrency 1 on every served path, protocol and batch size: the
-    same server without the Python client's share. Skipped, with the reason in the notes, where it cannot run."""
+    same server without the Python client's share. ``headers`` per protocol: the admin key (perf_analyzer reads
+    the model config, an admin API). Skipped, with the reason in the notes, where it cannot run."""
     if not args.perf_analyzer:
         return []
     binary = perf.find_binary(None if args.perf_analyzer == "auto" else args.perf_analyzer)
@@ -366,7 +368,7 @@ def perf_cells(args, repo: Path, paths: list[str], feeds: dict[str, np.ndarray],
                 for proto, url in urls.items():
                     progress.update(task, description=f"perf_analyzer {model} {proto} batch {batch}")
                     try:
-                        r = perf.run(binary, model, url, proto, batch, 1, data, work, interval_ms=1000)
+                        r = perf.run(binary, model, url, proto, batch, 1, data, work, headers.get(proto), interval_ms=1000)
                     except CtrError as e:
                         notes.append(f"perf_analyzer {model} {proto} batch {batch}: {e}")
                         continue

@@ -88,7 +88,7 @@ def why_not_runnable(binary: Path | None) -> str | None:
 
 def input_data(rows: dict[str, np.ndarray], inputs: list[InputSpec], max_entries: int = 2048) -> dict:
     """perf_analyzer ``--input-data`` JSON: one entry per row, tensors as base64 little-endian bytes."""
-    n = min(len(rows["label"]), max_entries)
+    n = min(len(rows[inputs[0].name]), max_entries)
     from tritonclient.utils import triton_to_np_dtype
 
     data = []
