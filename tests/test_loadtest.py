@@ -130,3 +130,18 @@ def test_variant_that_fails_to_load_is_reported_and_the_sweep_goes_on(tmp_path, 
     assert by["collab"]["status"] == "skipped" and "ctr_collaborative" in by["collab"]["note"]
     assert by["ens"]["status"] == "load_failed" and "dcnv2" in by["ens"]["note"]
     assert res.failed
+
+
+def test_sweep_serves_the_deployment_variants_of_a_repository_exported_without_them(tmp_path, tiny_repo, tiny_data):
+    from ctr_ensemble.export.repository import RepoOptions, reconfigure_repository
+
+    plain = tmp_path / "plain"
+    reconfigure_repository(tiny_repo, plain, RepoOptions(max_batch_size=256, fusion_kind="cpu"))  # no variants
+    opts = {"variants": ["single_hop", "all_onnx"]}
+    cfg = SweepConfig(variants=[Variant("single_hop", "ctr_single_hop", opts), Variant("all_onnx", "ctr_all_onnx", opts)],
+                      protocols=["grpc"], users=[2], duration_s=3, warmup_s=0.5, max_rows=1500, perf_analyzer=False)
+    res = run_sweep(cfg, plain, tiny_data / "test.tsv", tmp_path / "out")
+    assert [r["variant"] for r in res.rows] == ["single_hop", "all_onnx"]
+    for r in res.rows:
+        assert r["status"] == "ok" and r["errors"] == 0 and r["requests"] > 0, r
+        assert r["served_auc"] == r["offline_auc"] and r["mismatched_rows"] == 0

@@ -278,8 +278,9 @@ def run_sweep(cfg: SweepConfig, base_repo: Path, data: Path, out: Path, *, targe
         repo = Path(base_repo)
         # Skip before building anything when no variant of the group can run on this repository.
         runnable = []
+        added = {VARIANT_MODELS[n] for n in opts.get("variants", []) if n in VARIANT_MODELS}  # written by the reconfigure
         for v in variants:
-            if not (repo / v.model / "config.pbtxt").is_file():
+            if not (repo / v.model / "config.pbtxt").is_file() and v.model not in added:
                 result.rows.append(_note_row(v, "skipped", f"repository {repo} has no model {v.model!r}"))
                 console.print(f"[yellow]{v.name}: skipped (repository has no model {v.model!r})[/]")
             else:
