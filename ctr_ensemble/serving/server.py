@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ctr_ensemble.errors import CtrError
-from ctr_ensemble.export.served import variant_models
 
 # No import of ctr_ensemble.export (onnx, protobuf, tritonclient, torch) at module level: the container's
 # entrypoint (serving/entrypoint.py) imports this module in the NGC image, which has none of them but numpy/torch.
@@ -355,6 +354,9 @@ class TritonServer(ServerProcess):
     def flags(self) -> list[str]:
         """``SERVER_FLAGS`` plus the repository's deployment variants (``export.variants``); a repository without
         the ensemble (members served alone) loads all its models."""
+        # Imported here: the container's entrypoint imports this module with the standard library only.
+        from ctr_ensemble.export.served import variant_models
+
         if (Path(self.repository) / "ctr_ensemble").is_dir():
             return [*SERVER_FLAGS, *(f"--load-model={m}" for m in variant_models(self.repository))]
         return ["--load-model=*" if f.startswith("--load-model=") else f for f in SERVER_FLAGS]
