@@ -90,17 +90,27 @@ def tiny_repo(tmp_path_factory, tiny_checkpoints, tiny_arrays) -> Path:
     repo = tmp_path_factory.mktemp("repo") / "model_repository"
     val = tiny_arrays["val"]
     # fusion_kind pinned: "auto" would turn KIND_GPU on a CUDA host and the shared server would test another setup
-    # With both deployment variants, so that every serving test covers the three served paths.
-    write_repository(tiny_checkpoints, repo, RepoOptions(max_batch_size=256, fusion_kind="cpu", variants=["single_hop", "all_onnx"]),
-                     parity_rows=val.feeds())
+    write_repository(tiny_checkpoints, repo, RepoOptions(max_batch_size=256, fusion_kind="cpu"), parity_rows=val.feeds())
     return repo
 
 
 @pytest.fixture(scope="session")
-def server(tiny_repo):
+def variants_repo(tmp_path_factory, tiny_checkpoints, tiny_arrays) -> Path:
+    """tiny_repo's members and rule with both deployment variants (ctr_single_hop, ctr_all_onnx). A repository of
+    its own: every server a test starts on tiny_repo would otherwise load two more models (two more stubs)."""
+    repo = tmp_path_factory.mktemp("variants") / "model_repository"
+    write_repository(tiny_checkpoints, repo, RepoOptions(max_batch_size=256, fusion_kind="cpu", variants=["single_hop", "all_onnx"]),
+                     parity_rows=tiny_arrays["val"].feeds())
+    return repo
+
+
+@pytest.fixture(scope="session")
+def server(variants_repo):
+    """The shared server: the ensemble, its members and the three served paths (the members are tiny_repo's:
+    the same checkpoints exported the same way, so tiny_repo's files are their reference)."""
     from ctr_ensemble.serving.server import TritonServer
 
-    with TritonServer(tiny_repo) as s:
+    with TritonServer(variants_repo) as s:
         yield s
 
 

@@ -49,10 +49,10 @@ def test_unreadable_trace_file_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.integration
-def test_a_traced_server_writes_the_timeline_of_every_path(tiny_repo, tiny_arrays, tmp_path):
+def test_a_traced_server_writes_the_timeline_of_every_path(variants_repo, tiny_arrays, tmp_path):
     feeds = tiny_arrays["test"].feeds(slice(0, 1))
     models = ["ctr_ensemble", "ctr_single_hop", "ctr_all_onnx"]
-    with TritonServer(tiny_repo, extra_args=trace.trace_flags(tmp_path / "trace.json")) as server:
+    with TritonServer(variants_repo, extra_args=trace.trace_flags(tmp_path / "trace.json")) as server:
         for proto, url in (("http", server.http_url), ("grpc", server.grpc_url)):
             s = TritonScorer(url, proto)
             for m in models:

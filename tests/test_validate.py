@@ -66,7 +66,7 @@ def test_cli_check_repo(repo):
 
     cli = str(Path(sys.executable).parent / "ctr-ensemble")
     ok = subprocess.run([cli, "check-repo", "--repository", str(repo)], capture_output=True, text=True)
-    assert ok.returncode == 0 and "OK (6 models)" in ok.stdout  # members, fusion, ensemble, two variants
+    assert ok.returncode == 0 and "OK (4 models)" in ok.stdout
     (repo / "dcnv2/1/model.onnx").write_bytes(b"x")
     bad = subprocess.run([cli, "check-repo", "--repository", str(repo)], capture_output=True, text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
