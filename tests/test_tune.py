@@ -224,3 +224,42 @@ def test_a_new_study_starts_from_the_members_defaults(tmp_path, tiny_spec, rows)
     narrow = search_space.load("deepfm", _space(tmp_path, {**space_obj, "train": {"lr": {
         "type": "float", "low": 1e-4, "high": 1e-3, "log": True}}}, "narrow.yaml"))
     assert narrow.stored(dataclasses.asdict(d), dataclasses.asdict(TrainConfig())) is None
+
+
+def test_refit_retrains_best_and_default_on_train_plus_val_for_their_best_epochs(tmp_path, tiny_spec, rows):
+    space = search_space.load("deepfm", _space(tmp_path))
+    opts = tune.TuneOptions(trials=2, seed=5, refit=True)
+    res = tune.run("deepfm", tiny_spec, rows["train"], rows["val"], BASE, tmp_path / "out", space, opts,
+                   test=rows["test"], echo=lambda s: None)
+    refit = res.summary["test"]["refit"]
+    assert refit["rows"] == ROWS["train"] + ROWS["val"]
+    for name in ("best", "default"):
+        kept = checkpoint.load(tmp_path / "out" / f"{name}.pt")
+        again = checkpoint.load(tmp_path / "out" / f"{name}-refit.pt")
+        assert refit[name]["epochs"] == kept.metrics["best_epoch"] == again.metrics["train_config"]["epochs"]
+        assert again.metrics["train_config"]["lr"] == kept.metrics["train_config"]["lr"]
+        # the learning rate of every epoch is replayed, reductions on plateau included
+        assert [r["lr"] for r in again.metrics["history"]] == [r["lr"] for r in kept.metrics["history"][:refit[name]["epochs"]]]
+        assert 0.5 < refit[name]["test_auc"] <= 1
+        # more rows, same seed and settings: other weights than the trial's own
+        assert any((a != b).any() for a, b in zip(kept.state_dict.values(), again.state_dict.values()))
+    assert refit["test_auc_gain"] == pytest.approx(refit["best"]["test_auc"] - refit["default"]["test_auc"])
+
+
+def test_refit_needs_test_rows(tmp_path, files, tiny_spec):
+    spec = tiny_spec.save(tmp_path / "spec.json") or tmp_path / "spec.json"
+    r = CliRunner().invoke(app, ["tune", "--model", "deepfm", "--train", files / "train.tsv", "--val",
+                                 files / "val.tsv", "--spec", spec, "--out", tmp_path / "o", "--refit"])
+    assert r.exit_code != 0 and "--refit needs --test" in r.output
+
+
+def test_an_lr_schedule_is_replayed_and_must_cover_every_epoch(tiny_spec, rows):
+    from ctr_ensemble.training.member import train_member
+
+    cfg = dataclasses.replace(BASE, epochs=3, patience=3)
+    ck = train_member("deepfm", "deepfm", models.make_config("deepfm", TINY_MODEL["deepfm"]), tiny_spec,
+                      rows["train"], rows["val"], cfg, lr_schedule=[2e-3, 5e-4, 1e-4])
+    assert [r["lr"] for r in ck.metrics["history"]] == pytest.approx([2e-3, 5e-4, 1e-4])
+    with pytest.raises(CtrError, match="one lr per epoch"):
+        train_member("deepfm", "deepfm", models.make_config("deepfm", TINY_MODEL["deepfm"]), tiny_spec,
+                     rows["train"], rows["val"], cfg, lr_schedule=[1e-3])

@@ -167,6 +167,8 @@ def tune_cmd(
     prune_startup_trials: int = typer.Option(5, help="Trials that run unpruned before the median pruner starts."),
     prune_from_epoch: int = typer.Option(3, help="The first epoch at which a trial can be pruned."),
     enqueue_default: bool = typer.Option(True, help="A new study's first trial is the member's defaults."),
+    refit: bool = typer.Option(False, help="With --test: also retrain the best and the default config on train + val "
+                                           "for their own best epoch count and test those (summary.json test.refit)."),
     threads: int = typer.Option(0, help=RunOptions.__dataclass_fields__["threads"].metadata["help"]),
     fmt: str = format_option(),
     settings: dict = None, data: dict = None,
@@ -179,9 +181,11 @@ def tune_cmd(
     sp = search_space.load(model, space)
     fs, tr, va = _training_data(train, val, data["spec"], data["skip_bad_rows"], fmt, data["verify_shards"])
     te = tune.open_rows(test, fs, data["skip_bad_rows"], fmt, data["verify_shards"]) if test is not None else None
+    if refit and te is None:
+        raise typer.BadParameter("--refit needs --test (it reports the refitted configs' test metrics)")
     opts = tune.TuneOptions(trials=trials, timeout=timeout, storage=storage, study_name=study_name, seed=settings["seed"],
                             prune_startup_trials=prune_startup_trials, prune_from_epoch=prune_from_epoch,
-                            enqueue_default=enqueue_default)
+                            enqueue_default=enqueue_default, refit=refit)
     res = tune.run(model, fs, tr, va, TrainConfig(**settings), out, sp, opts, test=te)
     if res.best is not None:
         typer.echo(f"best: trial {res.best.number}, val {settings['select']} {res.best.value:.4f}; "

@@ -117,6 +117,16 @@ class Arrays:
         seq = (None, None) if self.seq_ids is None else (self.seq_ids[rows], self.seq_len[rows])
         return Arrays(self.cat_ids[rows], self.num[rows], self.label[rows], self.skipped, *seq)
 
+    @staticmethod
+    def concat(parts: "list[Arrays]") -> "Arrays":
+        """The rows of ``parts`` one after the other (e.g. train + val for a refit); all need the same columns."""
+        if len({p.seq_ids is None for p in parts}) > 1 or len({p.cat_ids.shape[1] for p in parts}) > 1:
+            raise CtrError("cannot concatenate encoded rows of different feature specs")
+        seq = (None, None) if parts[0].seq_ids is None else (
+            np.concatenate([p.seq_ids for p in parts]), np.concatenate([p.seq_len for p in parts]))
+        return Arrays(np.concatenate([p.cat_ids for p in parts]), np.concatenate([p.num for p in parts]),
+                      np.concatenate([p.label for p in parts]), sum(p.skipped for p in parts), *seq)
+
 
 def encode_file(path: str | Path, spec: FeatureSpec, skip_bad_rows: bool = False, fmt: str = "auto") -> Arrays:
     """Read and encode a whole file (any supported format) into memory."""

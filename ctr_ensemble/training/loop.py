@@ -135,10 +135,16 @@ def _lr(optimizers: list[torch.optim.Optimizer]) -> float:
 
 def run(task: Task, n_rows: int, cfg: LoopConfig, state_path: str | Path | None = None, resume: bool = False,
         run_id: dict | None = None, batches=None, dist: Dist | None = None,
-        on_epoch: Callable[[int, dict], None] | None = None) -> LoopResult:
+        on_epoch: Callable[[int, dict], None] | None = None, lr_schedule: list[float] | None = None) -> LoopResult:
     """Train ``task`` over ``n_rows`` rows (or the epochs of ``batches``, a ``loader.Batches``); see the module
     doc. ``run_id`` identifies the run in the resume state. ``on_epoch(epoch, row)`` runs after each epoch's
-    evaluation with that epoch's history row (what it raises propagates: a pruned trial stops the run)."""
+    evaluation with that epoch's history row (what it raises propagates: a pruned trial stops the run).
+    ``lr_schedule``: the first param group's lr of every epoch, e.g. an earlier run's history ``lr`` column
+    (a refit replays the reductions its validation decided); every group keeps its ratio to the first, and
+    reduce-LR-on-plateau is off."""
+    if lr_schedule is not None and (len(lr_schedule) < cfg.epochs or cfg.lr_decay != 1.0):
+        raise CtrError(f"an lr schedule needs one lr per epoch ({len(lr_schedule)} for {cfg.epochs} epochs) and "
+                       f"lr_decay 1 (got {cfg.lr_decay})")
     if n_rows <= 0:
         raise CtrError(f"{task.name}: no training rows")
     if cfg.patience < 1:
@@ -224,6 +230,8 @@ def run(task: Task, n_rows: int, cfg: LoopConfig, state_path: str | Path | None 
             start_pos, totals, seen = 0, {}, 0
             epoch_gen_state = gen.get_state()
         task.module.train()
+        if lr_schedule is not None:
+            _scale_lr(inner, lr_schedule[epoch - 1] / _lr(inner), 0.0)
         t0 = time.perf_counter()
         local_batch = cfg.batch_size // dist.world
         best_desc = f", best {best_score:.4f}@{best_epoch}, wait {bad_epochs}/{cfg.patience}" if best is not None else ""
@@ -281,7 +289,7 @@ def run(task: Task, n_rows: int, cfg: LoopConfig, state_path: str | Path | None 
                     tqdm.write(f"{task.name}: early stop, best score {best_score:.4f} at epoch {best_epoch} "
                                f"(weights of that epoch restored)")
                 stopped = True
-            elif cfg.plateau_factor < 1.0 and _lr(inner) > cfg.min_lr:
+            elif cfg.plateau_factor < 1.0 and _lr(inner) > cfg.min_lr and lr_schedule is None:
                 new_lr = _scale_lr(inner, cfg.plateau_factor, cfg.min_lr)
                 if main:
                     tqdm.write(f"{task.name}: no better score, learning rate reduced to {new_lr:.2g}")

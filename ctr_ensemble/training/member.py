@@ -46,13 +46,15 @@ def train_member(
     resume: bool = False,
     dist: Dist | None = None,
     on_epoch=None,
+    lr_schedule: list[float] | None = None,
 ) -> Checkpoint:
     """Train a member from scratch and return the checkpoint of its best validation epoch.
 
     ``train``/``val`` are in-memory ``Arrays`` or ``shards.Prepared`` folders. Under torchrun pass
     ``dist = distributed.setup()``: each process trains on its own rows, gradients are averaged (DDP),
     every process gets the same validation AUC, and the caller saves the checkpoint on rank 0 only.
-    ``on_epoch(epoch, history row)`` runs after each epoch (``loop.run``), e.g. a tuner's pruning check."""
+    ``on_epoch(epoch, history row)`` runs after each epoch (``loop.run``), e.g. a tuner's pruning check;
+    ``lr_schedule`` fixes each epoch's lr (``loop.run``; a refit replays its validated run's)."""
     dist = dist or Dist(device=distributed.resolve_device(cfg.device))
     check_options(cfg, dist)
     torch.manual_seed(cfg.seed)
@@ -72,7 +74,8 @@ def train_member(
 
     run_id = run_identity("member", spec, train, cfg, dist, name=name, arch=arch, model_config=asdict(model_cfg))
     res = loop.run(loop.Task(name, model, step.opt, loss, evaluate), len(train), cfg.loop(), state_path, resume, run_id,
-                   batches=step.feed.batches, dist=dist, on_epoch=on_epoch)
+                   batches=step.feed.batches, dist=dist, on_epoch=on_epoch,
+                   lr_schedule=lr_schedule)
     if history_csv is not None and dist.is_main:
         write_history(res.history, history_csv, name)
     best_row = res.history[res.best_epoch - 1]

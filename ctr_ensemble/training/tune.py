@@ -62,6 +62,9 @@ class TuneOptions:
     # defaults among them) start slower and overtake later; pruning at epoch 1 on the MovieLens task removed them.
     prune_from_epoch: int = 3
     enqueue_default: bool = True  # a new study's first trial is the member's defaults (when inside the space)
+    # after the search, retrain the best trial's and the default config on train + val for their own best epoch
+    # count and test those too (summary.json test.refit): the period nearest the test is then in training
+    refit: bool = False
 
 
 @dataclass
@@ -232,7 +235,8 @@ def write_outputs(study: optuna.Study, arch: str, space: SearchSpace, base: Trai
                                "best_epoch": best.user_attrs.get("best_epoch"),
                                "epochs": best.user_attrs.get("epochs"), "model": model_over, "train": train_vals}
         if test is not None:
-            res.summary["test"] = test_summary(study, best, arch, space, base, out, spec, train, val, test, echo)
+            res.summary["test"] = test_summary(study, best, arch, space, base, out, spec, train, val, test, echo,
+                                               refit=opts.refit)
     res.paths["summary"] = out / "summary.json"
     res.paths["summary"].write_text(json.dumps(res.summary, indent=2, default=str))
     return res
@@ -302,23 +306,24 @@ def _test_metrics(ck: checkpoint.Checkpoint, test, spec: FeatureSpec, batch_size
 
 
 def _trained(path: Path, tag: dict, arch: str, model_over: dict, cfg: TrainConfig, spec, train, val,
-             echo) -> tuple[checkpoint.Checkpoint, bool]:
+             echo, lr_schedule: list[float] | None = None) -> tuple[checkpoint.Checkpoint, bool]:
     """(checkpoint, kept): the one at ``path`` if its metrics carry ``tag``, else trained now and saved there."""
     if path.is_file():
         ck = checkpoint.load(path)
         if ck.metrics.get("tune") == tag:
             return ck, True
     echo(f"training {path.name} ({_describe(model_over) or 'the registry defaults'})")
-    ck = train_member(arch, arch, models.make_config(arch, model_over), spec, train, val, cfg)
+    ck = train_member(arch, arch, models.make_config(arch, model_over), spec, train, val, cfg, lr_schedule=lr_schedule)
     ck.metrics["tune"] = tag
     checkpoint.save(ck, path)
     return ck, False
 
 
 def test_summary(study, best, arch: str, space: SearchSpace, base: TrainConfig, out: Path, spec, train, val, test,
-                 echo) -> dict:
+                 echo, refit: bool = False) -> dict:
     """Test metrics of the best trial's checkpoint (kept from the trial; retrained only when ``best.pt`` is
-    missing or from another trial) and of the default config (registry defaults + the space's fixed values)."""
+    missing or from another trial) and of the default config (registry defaults + the space's fixed values);
+    with ``refit``, also of both configs retrained on train + val (``refit_summary``)."""
     model_over, train_vals = best_config(best, space, base)
     tag = {"study": study.study_name, "trial": best.number}
     best_ck, kept = _trained(out / "best.pt", tag, arch, model_over, replace(base, **train_vals), spec, train, val, echo)
@@ -333,9 +338,45 @@ def test_summary(study, best, arch: str, space: SearchSpace, base: TrainConfig, 
     echo(f"test AUC / logloss: best trial {b['test_auc']:.4f} / {b['test_logloss']:.4f}, default config "
          f"{d['test_auc']:.4f} / {d['test_logloss']:.4f}" if gain is not None else
          "test AUC undefined (one class in the test rows)")
-    return {"best": {**b, "checkpoint": "best.pt", "source": f"trial {best.number}" if kept else "retrained"},
-            "default": {**d, "checkpoint": "default.pt", "model": fixed_model,
-                        "config": "the registry's defaults with the space's fixed values"}, "test_auc_gain": gain}
+    res = {"best": {**b, "checkpoint": "best.pt", "source": f"trial {best.number}" if kept else "retrained"},
+           "default": {**d, "checkpoint": "default.pt", "model": fixed_model,
+                       "config": "the registry's defaults with the space's fixed values"}, "test_auc_gain": gain}
+    if refit:
+        res["refit"] = refit_summary({"best": (best_ck, model_over, tag), "default": (default_ck, fixed_model, default_tag)},
+                                     arch, base, out, spec, train, val, test, echo)
+    return res
+
+
+def refit_summary(runs: dict, arch: str, base: TrainConfig, out: Path, spec, train, val, test, echo) -> dict:
+    """Retrain each of ``runs`` (name -> (checkpoint, model overrides, tag)) on train + val for exactly its
+    checkpoint's best epoch count, with its own TrainConfig and the learning rate it had in each of those epochs
+    (the reductions on plateau that validation decided are replayed), and score it on test (``<name>-refit.pt``).
+
+    The usual protocol after a search: validation chose the config and the epoch count; the refit then also
+    learns from the validation period, the one nearest the test on a time split. No early stopping can fire
+    (patience = epochs); val rows are still scored each epoch (they are training rows now), so the weights
+    kept are those of the epoch that fits them best, almost always the last."""
+    from ctr_ensemble.data.encode import Arrays
+
+    if not (isinstance(train, Arrays) and isinstance(val, Arrays)):
+        raise CtrError("--refit needs the train and val rows in memory (raw files), not prepared folders")
+    both = Arrays.concat([train, val])
+    res = {"rows": len(both)}
+    for name, (ck, model_over, tag) in runs.items():
+        epochs = int(ck.metrics["best_epoch"])
+        train_vals = {k: v for k, v in ck.metrics["train_config"].items() if k in RESULT_KEYS}
+        cfg = replace(base, **{**train_vals, "epochs": epochs, "patience": epochs})
+        lrs = [row["lr"] for row in ck.metrics["history"][:epochs]]
+        refit_ck, _ = _trained(out / f"{name}-refit.pt", {**tag, "refit": epochs, "lrs": lrs}, arch, model_over, cfg,
+                               spec, both, val, echo, lr_schedule=lrs)
+        res[name] = {**_test_metrics(refit_ck, test, spec, base.eval_batch_size), "epochs": epochs, "lrs": lrs,
+                     "checkpoint": f"{name}-refit.pt"}
+    a, b = res["best"]["test_auc"], res["default"]["test_auc"]
+    res["test_auc_gain"] = a - b if a is not None and b is not None else None
+    if res["test_auc_gain"] is not None:
+        echo(f"refit on train + val ({len(both)} rows): test AUC best trial {a:.4f} ({res['best']['epochs']} epochs), "
+             f"default config {b:.4f} ({res['default']['epochs']} epochs)")
+    return res
 
 
 def open_rows(path: Path, spec: FeatureSpec, skip_bad_rows: bool = False, fmt: str = "auto", verify: str = "size"):
