@@ -10,6 +10,10 @@ the server never dies, and a good request is answered correctly after every case
 
 import http.client
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -27,6 +31,50 @@ MODELS = ("deepfm", "ctr_ensemble", "ctr_single_hop", "ctr_all_onnx")  # a membe
 DTYPES = {"INT64": np.int64, "INT32": np.int32, "FP32": np.float32, "FP64": np.float64, "BOOL": np.bool_, "UINT8": np.uint8}
 GRPC_ERRORS = {"StatusCode.INVALID_ARGUMENT", "StatusCode.NOT_FOUND", "StatusCode.UNIMPLEMENTED",
                "StatusCode.OUT_OF_RANGE", "StatusCode.RESOURCE_EXHAUSTED"}
+
+
+class Serve:
+    """``ctr-ensemble serve`` (supervised, HTTP behind its guard) as a child process on free ports."""
+
+    def __init__(self, repo, workdir):
+        from ctr_ensemble.serving.server import free_ports
+
+        self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
+        self.out = open(workdir / "serve.log", "w+")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ctr_ensemble.cli", "serve", "--repository", str(repo), "--http-port",
+             str(self.http_port), "--grpc-port", str(self.grpc_port), "--metrics-port", str(self.metrics_port)],
+            cwd=workdir, stdout=self.out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 240
+        while "Triton ready" not in self.log():
+            assert self.proc.poll() is None and time.monotonic() < deadline, self.log()
+            time.sleep(0.2)
+
+    http_url = property(lambda self: f"127.0.0.1:{self.http_port}")
+    grpc_url = property(lambda self: f"127.0.0.1:{self.grpc_port}")
+
+    def log(self) -> str:
+        self.out.seek(0)
+        return self.out.read()
+
+    def is_running(self) -> bool:
+        """Alive and never restarted: a crash the supervisor repaired still counts as one."""
+        return self.proc.poll() is None and "restarted tritonserver" not in self.log()
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=120)
+        self.out.close()
+
+
+@pytest.fixture(scope="module")
+def served(variants_repo, tmp_path_factory):
+    """What users run: `ctr-ensemble serve` on the variants repository; the fuzz cases go through it."""
+    s = Serve(variants_repo, tmp_path_factory.mktemp("serve"))
+    yield s
+    crashed = not s.is_running()
+    s.stop()
+    assert not crashed, s.log()[-3000:]
 
 
 def _reference(repo, model, cat, num):
@@ -99,7 +147,8 @@ def _good(server, repo, protocol, cat, num):
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
-def test_fuzzed_requests_get_a_clean_error_or_a_correct_answer(server, tiny_repo, tiny_arrays, tiny_spec, protocol):
+def test_fuzzed_requests_get_a_clean_error_or_a_correct_answer(served, tiny_repo, tiny_arrays, tiny_spec, protocol):
+    server = served
     te = tiny_arrays["test"]
     cat, num = te.cat_ids[:64].copy(), te.num[:64].copy()
     rng = np.random.default_rng(2024 if protocol == "http" else 2025)
@@ -144,9 +193,12 @@ RAW_BODIES = [
 ]
 
 
-def test_http_garbage_bodies_get_json_errors(server, tiny_repo, tiny_arrays):
-    """Triton answers unparsable JSON with 500 (its choice; the body is still a JSON error) and the
-    rest with 400; the server keeps serving."""
+@pytest.mark.parametrize("guarded", [False, True], ids=["triton", "serve"])
+def test_http_garbage_bodies_get_json_errors(server, served, tiny_repo, tiny_arrays, guarded):
+    """Triton itself answers unparsable JSON with 500 (its choice; the body is still a JSON error) and the
+    rest with 400; `serve`'s guard refuses unparsable JSON and impossible shapes with 400 before Triton parses
+    them. Either way the server keeps serving."""
+    server = served if guarded else server
     te = tiny_arrays["test"]
     rng = np.random.default_rng(7)
     bodies = RAW_BODIES + [bytes(rng.integers(0, 256, int(rng.integers(1, 2000)), dtype=np.uint8)) for _ in range(30)]
@@ -167,7 +219,8 @@ def test_http_garbage_bodies_get_json_errors(server, tiny_repo, tiny_arrays):
             statuses[resp.status] = statuses.get(resp.status, 0) + 1
             assert server.is_running()
     _good(server, tiny_repo, "http", te.cat_ids[:64].copy(), te.num[:64].copy())
-    print(f"\nhttp garbage: {len(bodies) * len(MODELS)} bodies, JSON errors by status {dict(sorted(statuses.items()))}")
+    print(f"\nhttp garbage ({'serve' if guarded else 'triton'}): {len(bodies) * len(MODELS)} bodies, JSON errors by "
+          f"status {dict(sorted(statuses.items()))}")
 
 
 HUGE_SHAPE = b'{"inputs": [{"name": "cat_ids", "shape": [1000000000, 26], "datatype": "INT64", "data": [0]}]}'
@@ -190,3 +243,19 @@ def test_known_triton_bug_huge_declared_json_shape_aborts_the_server(tiny_repo):
         conn.close()
         server._proc.wait(timeout=30)
         assert not server.is_running()
+
+
+def test_serve_guard_refuses_the_huge_declared_shape_and_nothing_crashes(served, tiny_repo, tiny_arrays):
+    """The request above, sent to `ctr-ensemble serve`: its HTTP guard refuses it with a JSON 400 naming the input
+    and its shape, so tritonserver never parses it: no crash, no restart (``served`` asserts that at the end)."""
+    host, port = served.http_url.split(":")
+    for body, headers in [(HUGE_SHAPE, {}), (HUGE_SHAPE + b"\0" * 16, {"Inference-Header-Content-Length": str(len(HUGE_SHAPE))})]:
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        conn.request("POST", "/v2/models/deepfm/infer", body=body, headers={"Content-Type": "application/json", **headers})
+        resp = conn.getresponse()
+        err = json.loads(resp.read())["error"]
+        conn.close()
+        assert resp.status == 400 and "'cat_ids'" in err and "[1000000000, 26]" in err, err
+    te = tiny_arrays["test"]
+    _good(served, tiny_repo, "http", te.cat_ids[:64].copy(), te.num[:64].copy())
+    assert served.is_running()

@@ -30,12 +30,20 @@ def serve_cmd(
     max_restarts: int = typer.Option(5, help="Give up after this many restarts within --restart-window."),
     restart_window: float = typer.Option(600.0, help="Seconds of the sliding window that --max-restarts counts in; "
                                                      "the k-th restart in it first waits 2^(k-1) s (at most 30)."),
+    http_guard: bool = typer.Option(True, help="Put the HTTP port behind serving/guard.py, which refuses requests "
+                                               "that crash tritonserver 2.51 (a JSON body declaring a huge shape) "
+                                               "and bodies over --max-input-size; Triton's HTTP then listens on "
+                                               "loopback only."),
+    max_input_size: int = typer.Option(64 * 2**20, help="With --http-guard: the largest HTTP request body, bytes."),
     ports: dict = None,
 ) -> None:
     """Run the local tritonserver (from nvidia-pytriton) until Ctrl-C."""
     from ctr_ensemble.serving.server import TritonServer, default_admin_key
 
-    server = TritonServer(repository, host=host, **ports,
+    public_http = ports["http_port"]
+    if http_guard:  # Triton's HTTP on a free loopback port; the guard takes the public one
+        ports = {**ports, "http_port": 0}
+    server = TritonServer(repository, host=host, **ports, http_host="127.0.0.1" if http_guard else None,
                           startup_timeout=startup_timeout, log_verbose=log_verbose,
                           log_path=Path("artifacts/tritonserver.log").resolve(),
                           admin_key=None if open_admin else (admin_key or default_admin_key()))
@@ -48,7 +56,17 @@ def serve_cmd(
                      probe=lambda: liveness.probe(server.http_url), notify=lambda m: typer.echo(m, err=True)
                      ) if supervise else None
     sup.start() if sup else server.start()
-    typer.echo(f"Triton ready: HTTP {server.http_url}, gRPC {server.grpc_url}, metrics {server.metrics_url} "
+    guard = None
+    if http_guard:
+        from ctr_ensemble.serving.guard import GuardProcess
+
+        try:
+            guard = GuardProcess(f"{host}:{public_http}", server.http_url, max_input_size).start()
+        except CtrError:
+            sup.stop() if sup else server.stop()
+            raise
+    http_url = guard.url if guard else server.http_url
+    typer.echo(f"Triton ready: HTTP {http_url}{' (guarded)' if guard else ''}, gRPC {server.grpc_url}, metrics {server.metrics_url} "
                f"(log {server.log_path}); {'supervised, ' if sup else ''}Ctrl-C to stop")
     stop = {"now": False}
 
@@ -68,6 +86,11 @@ def serve_cmd(
                 typer.echo(f"restarted tritonserver after: {r['reason']} ({r['waited']:.0f}s backoff, "
                            f"{r['seconds']:.1f}s restart){kept}", err=True)
             seen = len(sup.restarts)
+        if guard is not None and not guard.is_running():
+            typer.echo(f"the HTTP guard exited ({guard.exit_reason()}); starting it again", err=True)
+            guard.start()
+    if guard is not None:
+        guard.stop()
     if sup is not None and sup.error is not None:
         sup.stop()
         raise CtrError(f"tritonserver supervision stopped: {sup.error}")

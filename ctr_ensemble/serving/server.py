@@ -332,6 +332,8 @@ class TritonServer(ServerProcess):
     # later: start() then picks new ones and starts again, at most this many times in all. Ports given (and
     # those of a restart, which keeps its ports) are never changed.
     bind_attempts: int = 3
+    # HTTP's own address when not ``host``: ``serve`` binds it to loopback behind its guard (serving/guard.py)
+    http_host: str | None = None
     killed: bool = field(default=False, init=False)
     _proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
     _workdir: Path | None = field(default=None, init=False, repr=False)
@@ -342,7 +344,7 @@ class TritonServer(ServerProcess):
             f"--model-repository={self.repository}",
             f"--backend-directory={backend_dir}",
             *self.flags(),
-            f"--http-address={self.host}", f"--http-port={self.http_port}",
+            f"--http-address={self.http_host or self.host}", f"--http-port={self.http_port}",
             f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
             f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
             "--allow-gpu-metrics=false",  # no DCGM here; the container keeps GPU metrics on
@@ -350,6 +352,10 @@ class TritonServer(ServerProcess):
             *(restriction_flags(self.admin_key) if self.admin_key else []),
             *self.extra_args,
         ]
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.http_host or self.host}:{self.http_port}"
 
     def flags(self) -> list[str]:
         """``SERVER_FLAGS`` plus the repository's deployment variants (``export.variants``); a repository without
