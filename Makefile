@@ -25,7 +25,7 @@ LT_REPO := $(if $(LT_DEMO),model_repository,artifacts/loadtest/demo/model_reposi
 LT_DATA := $(if $(LT_DEMO),artifacts/demo/data/test.tsv,artifacts/loadtest/demo/data/test.tsv)
 LT_SMALL := artifacts/loadtest/demo
 
-.PHONY: venv perf-venv ma-venv model-analyzer demo test bench-serve bench-quality bench-data bench-train bench-reg bench-defaults bench-ensemble loadtest loadtest-demo soak bench-recovery experiments gpu-wheels gpu-check results docs-cli bench-tune rollout clean
+.PHONY: venv perf-venv ma-venv model-analyzer demo test bench-serve bench-quality bench-data bench-train bench-reg bench-defaults bench-ensemble loadtest loadtest-demo soak bench-recovery experiments gpu-wheels gpu-check results docs-cli bench-tune bench-guard rollout clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -169,6 +169,9 @@ gpu-check:
 # tune --model deepfm --trials 20 on the MovieLens task: best trial vs the defaults on test (docs/tune/)
 bench-tune: venv
 	$(BIN)/python benchmarks/bench_tune.py --docs docs/tune
+
+bench-guard: venv
+	$(BIN)/python benchmarks/bench_guard.py --docs docs/serve
 
 results: venv
 	$(BIN)/python benchmarks/results_table.py
