@@ -204,9 +204,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--upstream", type=_hostport, required=True, help="HOST:PORT of tritonserver's HTTP endpoint")
     p.add_argument("--max-input-size", type=int, default=DEFAULT_MAX_INPUT_SIZE, help="largest request body, bytes")
     a = p.parse_args(argv)
+    import socket
+
+    from gevent import socket as gsocket
     from gevent.pywsgi import WSGIServer
 
-    server = WSGIServer(a.listen, Guard(a.upstream, a.max_input_size), log=None, error_log=sys.stderr)
+    listener = gsocket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # accepted sockets inherit it: a response written in two parts must not wait for the client's delayed ACK
+    listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    listener.bind(a.listen)
+    listener.listen(1024)
+    server = WSGIServer(listener, Guard(a.upstream, a.max_input_size), log=None, error_log=sys.stderr)
     print(f"guard: http://{a.listen[0]}:{a.listen[1]} -> http://{a.upstream[0]}:{a.upstream[1]}", flush=True)
     server.serve_forever()
     return 0
