@@ -278,19 +278,37 @@ def soak(root: Path) -> list[Row]:
     return [Row("soak: requests, errors", f"{req.group(1)}, {req.group(2)}", "make soak", stamp, _rel(root, md))]
 
 
+def production(root: Path) -> list[Row]:
+    """One row: rollout under load (requests, errors, p99 near a switch) and recovery after stub kills."""
+    md, rec = root / "docs/rollout/rollout.md", root / "docs/recovery/recovery.md"
+    if not md.is_file() or not rec.is_file():
+        raise FileNotFoundError(md if not md.is_file() else rec)
+    stamp = _generic_stamp(md)
+    r = re.search(r"\*\*([\d,]+) requests, (\d+) errors\*\*.*?([\d.]+) ms within 1 s of a switch", md.read_text(encoding="utf-8"))
+    kills = read_csv(rec.with_name("recovery.csv"))
+    if not r or not kills:
+        return []
+    secs = "/".join(k["first_ok_s"] for k in kills)
+    return [Row("rollout under load: requests, errors, p99 near a switch; stub kills in the container: s to recover",
+                f"{r.group(1)}, {r.group(2)}, {r.group(3)} ms; {secs} s", "make rollout; make bench-recovery", stamp,
+                _rel(root, md))]
+
+
 def tune(root: Path) -> list[Row]:
     """One row: per tuning run, the best trial's test AUC vs the defaults' (the validation AUCs are in tune.md)."""
     md = root / "docs/tune/tune.md"
     stamp = bench_md_stamp(md)
     parts = [f"{r['variant']} {float(r['best_test_auc']):.4f} vs {float(r['default_test_auc']):.4f}"
+             + (f", refit {float(r['refit_best_test_auc']):.4f} vs {float(r['refit_default_test_auc']):.4f}"
+                if r.get("refit_best_test_auc") else "")
              for r in read_csv(md.with_name("tune.csv"))]
     if not parts:
         return []
-    return [Row("bench-tune, MovieLens: test AUC of the best trial vs the defaults", "; ".join(parts),
+    return [Row("bench-tune, MovieLens: test AUC, best trial vs defaults (refit: on train + val)", "; ".join(parts),
                 "make bench-tune", stamp, _rel(root, md))]
 
 
-SOURCES = (quality, ensemble, defaults, regularizer, experiments, tune, serve, loadtest, soak, gpu)
+SOURCES = (quality, ensemble, defaults, regularizer, experiments, tune, serve, loadtest, production, soak, gpu)
 SKIPPED: list[str] = []
 
 
