@@ -256,6 +256,12 @@ def test_serve_guard_refuses_the_huge_declared_shape_and_nothing_crashes(served,
         err = json.loads(resp.read())["error"]
         conn.close()
         assert resp.status == 400 and "'cat_ids'" in err and "[1000000000, 26]" in err, err
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)  # chunked: no Content-Length to go by
+    conn.request("POST", "/v2/models/deepfm/infer", body=iter([HUGE_SHAPE[:20], HUGE_SHAPE[20:]]), encode_chunked=True,
+                 headers={"Content-Type": "application/json", "Transfer-Encoding": "chunked"})
+    resp = conn.getresponse()
+    assert resp.status == 400 and "[1000000000, 26]" in json.loads(resp.read())["error"]
+    conn.close()
     te = tiny_arrays["test"]
     _good(served, tiny_repo, "http", te.cat_ids[:64].copy(), te.num[:64].copy())
     assert served.is_running()
