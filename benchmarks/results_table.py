@@ -56,7 +56,7 @@ def _short_machine(text: str) -> str:
     for p in parts:
         if re.search(r"thread|Python|torch|Linux|load", p):
             break
-        keep.append(p)
+        keep.append(re.sub(r"\(R\)|\(TM\)", "", p).replace(" Processor", ""))
     return ", ".join(keep) or text.strip()
 
 
@@ -298,13 +298,13 @@ def tune(root: Path) -> list[Row]:
     """One row: per tuning run, the best trial's test AUC vs the defaults' (the validation AUCs are in tune.md)."""
     md = root / "docs/tune/tune.md"
     stamp = bench_md_stamp(md)
-    parts = [f"{r['variant']} {float(r['best_test_auc']):.4f} vs {float(r['default_test_auc']):.4f}"
+    parts = [f"{r['variant'].removeprefix('deepfm-')} {float(r['best_test_auc']):.4f} vs {float(r['default_test_auc']):.4f}"
              + (f", refit {float(r['refit_best_test_auc']):.4f} vs {float(r['refit_default_test_auc']):.4f}"
                 if r.get("refit_best_test_auc") else "")
              for r in read_csv(md.with_name("tune.csv"))]
     if not parts:
         return []
-    return [Row("bench-tune, MovieLens: test AUC, best trial vs defaults (refit: on train + val)", "; ".join(parts),
+    return [Row("bench-tune, MovieLens, DeepFM: test AUC, tuned vs defaults (refit: on train + val)", "; ".join(parts),
                 "make bench-tune", stamp, _rel(root, md))]
 
 
