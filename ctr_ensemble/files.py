@@ -41,6 +41,15 @@ def sha256_path(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
+def hardlink_or_copy(src: str | Path, dst: str | Path) -> str:
+    """Hard-link ``src`` at ``dst`` (a model file that is never rewritten in place), or copy it across file systems."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return str(dst)
+
+
 def fsync_dir(path: str | Path) -> None:
     """Flush the folder ``path`` itself (its entries: a rename, a new file) to disk."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))

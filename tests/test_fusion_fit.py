@@ -203,6 +203,10 @@ def test_sweep_fitted_variant_shares_a_fitted_base_and_is_skipped_without_a_fit(
     assert sweep.changes_nothing(sweep.NE_TAU1, ne_base) and not sweep.changes_nothing({"fusion_mode": "fitted"}, ne_base)
     assert sweep.changes_nothing({"fusion_mode": "fitted"}, fitted_base) and not sweep.changes_nothing(sweep.NE_TAU1, fitted_base)
     assert not sweep.changes_nothing({**sweep.NE_TAU1, "instances": 2}, ne_base)
+    # one server per deployment, however the options are written
+    assert sweep.deployment_key({"instances": 2}, ne_base) == sweep.deployment_key({**sweep.NE_TAU1, "instances": 2}, ne_base)
+    assert sweep.deployment_key({"instances": 2}, ne_base) != sweep.deployment_key({"instances": 3}, ne_base)
+    assert sweep.deployment_key(sweep.NE_TAU1, ne_base) == "{}"
     cfg = sweep.SweepConfig(variants=[v for v in sweep.default_sweep().variants if v.name == "ensemble_fitted"], perf_analyzer=False)
     res = sweep.run_sweep(cfg, tiny_repo, tiny_data / "test.tsv", tmp_path / "out")
     assert [(r["variant"], r["status"]) for r in res.rows] == [("ensemble_fitted", "skipped")] and not res.failed

@@ -447,11 +447,7 @@ def link_or_copy(a: str, b: str) -> str:
     """``shutil.copytree``'s copy function: model files inside version folders are hard-linked (never rewritten in
     place), everything else copied, since writing a config through a hard link would change the source too."""
     if Path(a).parent.name.isdigit() and not a.endswith(".py"):
-        try:
-            os.link(a, b)
-            return b
-        except OSError:
-            pass
+        return files.hardlink_or_copy(a, b)
     return shutil.copy2(a, b)
 
 

@@ -27,6 +27,7 @@ import numpy as np
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from ctr_ensemble import files
 from ctr_ensemble.data.spec import FeatureSpec
 from ctr_ensemble.errors import CtrError
 from ctr_ensemble.export import onnx_export, onnx_fusion, reference
@@ -81,7 +82,7 @@ def write(repo: Path, names: list[str], members: dict[str, Path], spec: FeatureS
             shutil.copy(TRITON_SRC / "single_hop_model.py", mdir / "1" / "model.py")
             shutil.copy(Path(reference.__file__).parents[1] / "layers" / "fusion.py", mdir / "1" / "ctr_fusion.py")
             for m, path in members.items():
-                _link(path, mdir / "1" / f"{m}.onnx")
+                files.hardlink_or_copy(path, mdir / "1" / f"{m}.onnx")
         else:
             cfg.backend, cfg.default_model_filename = "onnxruntime", "model.onnx"
             cfg.optimization.CopyFrom(member_cfg.optimization)
@@ -102,8 +103,3 @@ def parity(fused_path: Path, members: dict[str, Path], rule: FusionRule, rows: d
     return reference.parity(ref, served, f"all-ONNX variant ({rule.describe()}) differs from the reference fusion")
 
 
-def _link(src: Path, dst: Path) -> None:
-    try:
-        dst.hardlink_to(src)
-    except OSError:  # another file system
-        shutil.copy2(src, dst)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shlex
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -46,15 +47,11 @@ CONCURRENCY = [1, 2, 4]
 
 def _wrapper(path: Path, env: dict[str, str], command: list[str]) -> Path:
     lines = ["#!/bin/bash", "# written by ctr_ensemble.loadtest.model_analyzer: Model Analyzer runs this instead of the binary"]
-    lines += [f"export {k}={_quote(v)}" for k, v in env.items()]
-    lines.append("exec " + " ".join(_quote(c) for c in command) + ' "$@"')
+    lines += [f"export {k}={shlex.quote(str(v))}" for k, v in env.items()]
+    lines.append("exec " + " ".join(shlex.quote(str(c)) for c in command) + ' "$@"')
     path.write_text("\n".join(lines) + "\n")
     path.chmod(0o755)
     return path
-
-
-def _quote(s: str) -> str:
-    return "'" + str(s).replace("'", "'\"'\"'") + "'"
 
 
 def _search_config() -> dict:

@@ -263,7 +263,7 @@ def run_sweep(cfg: SweepConfig, base_repo: Path, data: Path, out: Path, *, targe
     groups: dict[str, list[Variant]] = {}
     base = base_options(base_repo) if (Path(base_repo) / "repository.json").is_file() else None
     for v in cfg.variants:
-        groups.setdefault("{}" if changes_nothing(v.options, base) else v.key(), []).append(v)
+        groups.setdefault(deployment_key(v.options, base), []).append(v)
     for gi, (key, variants) in enumerate(groups.items()):
         opts = {} if key == "{}" else variants[0].options
         if target is not None and opts:
@@ -318,6 +318,16 @@ def changes_nothing(options: dict, base: dict | None) -> bool:
     if base is None:
         return False
     return RepoOptions(**{**base, **options}) == RepoOptions(**base)
+
+
+def deployment_key(options: dict, base: dict | None) -> str:
+    """One key per deployment: variants whose options give the same RepoOptions (written differently, or one of
+    them spelling out a base value) share a server; ``"{}"`` is the base repository as exported."""
+    if changes_nothing(options, base):
+        return "{}"
+    if base is None:
+        return json.dumps(options, sort_keys=True)
+    return json.dumps(dataclasses.asdict(RepoOptions(**{**base, **options})), sort_keys=True, default=str)
 
 
 def base_options(repo: Path) -> dict:

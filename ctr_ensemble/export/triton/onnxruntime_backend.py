@@ -68,12 +68,13 @@ class TritonPythonModel:
         # request asked for leave the session: the ensemble wants ``prob``, and ``repr`` (B, H) would otherwise
         # be copied into shared memory on every call for nothing.
         feeds = {name: [] for name, _ in self.inputs}
-        sizes, wanted = [], set()
+        sizes, asked, wanted = [], [], set()
         for request in requests:
             for name, dtype in self.inputs:
                 feeds[name].append(_to_numpy(pb_utils.get_input_tensor_by_name(request, name)).astype(dtype, copy=False))
             sizes.append(feeds[self.inputs[0][0]][-1].shape[0])
-            wanted.update(request.requested_output_names() or self.outputs)
+            asked.append(set(request.requested_output_names() or self.outputs))
+            wanted |= asked[-1]
         outputs = [o for o in self.outputs if o in wanted] or self.outputs
         try:
             merged = {name: parts[0] if len(parts) == 1 else np.concatenate(parts) for name, parts in feeds.items()}
@@ -83,9 +84,8 @@ class TritonPythonModel:
             return [pb_utils.InferenceResponse(output_tensors=[], error=err) for _ in requests]
         responses = []
         start = 0
-        for request, n in zip(requests, sizes):
-            asked = request.requested_output_names() or self.outputs
-            tensors = [_to_triton(name, r[start : start + n]) for name, r in zip(outputs, results) if name in asked]
+        for n, names in zip(sizes, asked):
+            tensors = [_to_triton(name, r[start : start + n]) for name, r in zip(outputs, results) if name in names]
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
             start += n
         return responses
