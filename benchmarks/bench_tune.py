@@ -89,7 +89,7 @@ def main() -> int:
           "for this report",
           "- default = the registry's defaults with the same `--select` and `--seed` (trial 0 of every study)",
           "- refit (`tune --refit`): the best trial's config and the default config, each retrained on train + val "
-          "for its own best epoch count (chosen on val), then tested; the protocol for a time split, where the "
+          "for its own best epoch count (chosen on val), each epoch at the learning rate it had there, then tested; the protocol for a time split, where the "
           "validation period is the one nearest the test", "",
           "| variant | trials (complete / pruned) | val AUC best / default | test AUC best / default | Δ test AUC | "
           "test logloss best / default | refit: test AUC best / default (epochs) | refit: Δ test AUC |",
