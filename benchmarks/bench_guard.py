@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,25 +18,21 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, cpu_name, md_table, stamp, write_report  # noqa: E402
-
-
-def cli(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "ctr_ensemble.cli", *args], check=True, cwd=ROOT,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+from common import ROOT, cli, cpu_name, md_table, stamp, write_report  # noqa: E402
 
 
 def small_repository(work: Path) -> tuple[Path, Path]:
     repo, data = work / "model_repository", work / "data"
     if not (repo / "ctr_ensemble").exists():
-        cli("data", "synth", "--out", str(data), "--train-rows", "20000", "--val-rows", "4000", "--test-rows", "4000")
-        cli("data", "fit", "--train", str(data / "train.tsv"), "--out", str(work / "spec.json"))
+        cli("data", "synth", "--out", str(data), "--train-rows", "20000", "--val-rows", "4000", "--test-rows", "4000",
+            quiet=True)
+        cli("data", "fit", "--train", str(data / "train.tsv"), "--out", str(work / "spec.json"), quiet=True)
         cks = []
         for m in ("deepfm", "dcnv2"):
             cli("train", "--model", m, "--train", str(data / "train.tsv"), "--val", str(data / "val.tsv"),
-                "--spec", str(work / "spec.json"), "--out", str(work / f"{m}.pt"), "--epochs", "1")
+                "--spec", str(work / "spec.json"), "--out", str(work / f"{m}.pt"), "--epochs", "1", quiet=True)
             cks += ["--checkpoint", str(work / f"{m}.pt")]
-        cli("export", *cks, "--repository", str(repo))
+        cli("export", *cks, "--repository", str(repo), quiet=True)
     return repo, data / "test.tsv"
 
 

@@ -15,21 +15,14 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, cpu_name, stamp, write_report  # noqa: E402
+from common import ROOT, cli, cpu_name, stamp, write_report  # noqa: E402
 
 COPIED = ("best.yaml", "trials.csv", "summary.json", "history.png", "importance.png")
-
-
-def cli(*args: str) -> None:
-    cmd = [sys.executable, "-m", "ctr_ensemble.cli", *args]
-    print("$ ctr-ensemble " + " ".join(args), flush=True)
-    subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
 def movielens(data_root: Path, work: Path) -> Path:

@@ -7,11 +7,21 @@ import csv
 import os
 import platform
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args: str, quiet: bool = False) -> None:
+    """Run ``ctr-ensemble ARGS`` with this Python from the repository root (echoed, or silent with ``quiet``)."""
+    if not quiet:
+        print("$ ctr-ensemble " + " ".join(args), flush=True)
+    out = subprocess.DEVNULL if quiet else None
+    subprocess.run([sys.executable, "-m", "ctr_ensemble.cli", *args], check=True, cwd=ROOT, stdout=out, stderr=out,
+                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
 def stamp() -> dict:

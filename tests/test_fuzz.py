@@ -13,7 +13,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -24,6 +23,8 @@ from tritonclient.utils import InferenceServerException
 
 from ctr_ensemble.export import onnx_export
 from ctr_ensemble.layers.fusion import fuse
+
+from .waits import wait_for
 
 pytestmark = pytest.mark.integration
 N_CASES = 150  # per protocol
@@ -45,10 +46,11 @@ class Serve:
             [sys.executable, "-m", "ctr_ensemble.cli", "serve", "--repository", str(repo), "--http-port",
              str(self.http_port), "--grpc-port", str(self.grpc_port), "--metrics-port", str(self.metrics_port)],
             cwd=workdir, stdout=self.out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 240
-        while "Triton ready" not in self.log():
-            assert self.proc.poll() is None and time.monotonic() < deadline, self.log()
-            time.sleep(0.2)
+        def ready():
+            assert self.proc.poll() is None, self.log()  # died while starting: its output says why
+            return "Triton ready" in self.log()
+
+        wait_for(ready, 240, "ctr-ensemble serve to print 'Triton ready'")
 
     http_url = property(lambda self: f"127.0.0.1:{self.http_port}")
     grpc_url = property(lambda self: f"127.0.0.1:{self.grpc_port}")

@@ -28,7 +28,15 @@ import argparse
 import json
 import math
 import re
+import socket
+import subprocess
 import sys
+import tempfile
+import time
+from http import HTTPStatus
+
+from ctr_ensemble.errors import CtrError
+from ctr_ensemble.serving.server import free_ports
 
 INFER_PATH = re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/infer/?$")
 DEFAULT_MAX_INPUT_SIZE = 64 * 2**20  # bytes; Triton's --http-max-input-size default from the release that added it
@@ -107,17 +115,20 @@ class Guard:
             resp.release()
         except OSError as e:  # upstream down (e.g. being restarted by the supervisor)
             return _error(start_response, 503, f"tritonserver is not reachable: {e}")
-        start_response(f"{status} {_REASONS.get(status, 'Status')}", out + [("Content-Length", str(len(payload)))])
+        start_response(_status_line(status), out + [("Content-Length", str(len(payload)))])
         return [payload]
 
 
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 413: "Payload Too Large", 500: "Internal Server Error",
-            503: "Service Unavailable"}
+def _status_line(status: int) -> str:
+    try:
+        return f"{status} {HTTPStatus(status).phrase}"
+    except ValueError:  # a code Python does not name: pass it on without a phrase
+        return f"{status} Status"
 
 
 def _error(start_response, status: int, message: str):
     payload = json.dumps({"error": message}).encode()
-    start_response(f"{status} {_REASONS.get(status, 'Error')}",
+    start_response(_status_line(status),
                    [("Content-Type", "application/json"), ("Content-Length", str(len(payload)))])
     return [payload]
 
@@ -137,13 +148,6 @@ class GuardProcess:
         return f"{self.listen[0]}:{self.listen[1]}"
 
     def start(self) -> "GuardProcess":
-        import subprocess
-        import tempfile
-        import time
-
-        from ctr_ensemble.errors import CtrError
-        from ctr_ensemble.serving.server import free_ports
-
         if not self.listen[1]:
             self.listen = (self.listen[0], free_ports(1)[0])
         self._log = tempfile.TemporaryFile()
@@ -170,8 +174,6 @@ class GuardProcess:
         return f"exit code {self._proc.returncode}" + (f": {tail}" if tail else "")
 
     def stop(self) -> None:
-        import subprocess
-
         if self.is_running():
             self._proc.terminate()
             try:
@@ -182,8 +184,6 @@ class GuardProcess:
 
 
 def _accepts(addr: tuple[str, int]) -> bool:
-    import socket
-
     try:
         with socket.create_connection(("127.0.0.1" if addr[0] in ("0.0.0.0", "") else addr[0], addr[1]), timeout=1):
             return True
@@ -204,8 +204,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--upstream", type=_hostport, required=True, help="HOST:PORT of tritonserver's HTTP endpoint")
     p.add_argument("--max-input-size", type=int, default=DEFAULT_MAX_INPUT_SIZE, help="largest request body, bytes")
     a = p.parse_args(argv)
-    import socket
-
     from gevent import socket as gsocket
     from gevent.pywsgi import WSGIServer
 

@@ -87,7 +87,7 @@ def _storage(url: str):
 def _setup(arch: str, space: SearchSpace, spec: FeatureSpec, train, val, base: TrainConfig) -> dict:
     """What a resumed study must share with the run that created it (else its trials are not comparable)."""
     return {"arch": arch, "space": space.describe(), "spec": spec.fingerprint(), "train_rows": len(train),
-            "val_rows": len(val), "train": {k: v for k, v in asdict(base).items() if k in RESULT_KEYS}}
+            "val_rows": len(val), "train": result_settings(asdict(base))}
 
 
 def open_study(arch: str, setup: dict, out: Path, opts: TuneOptions, pruner=None, select: str = "auc") -> optuna.Study:
@@ -205,8 +205,12 @@ def run(arch: str, spec: FeatureSpec, train, val, base: TrainConfig, out: Path, 
 def best_config(trial: optuna.trial.FrozenTrial, space: SearchSpace, base: TrainConfig) -> tuple[dict, dict]:
     """(model overrides, TrainConfig values) of ``trial``: its stored parameters through the space again."""
     model_over, train_over = space.suggest(optuna.trial.FixedTrial(trial.params, trial.number))
-    train = {k: v for k, v in asdict(base).items() if k in RESULT_KEYS}
-    return model_over, {**train, **train_over}
+    return model_over, {**result_settings(asdict(base)), **train_over}
+
+
+def result_settings(train_config: dict) -> dict:
+    """The TrainConfig values (a dict of its fields) that decide the trained model: ``RESULT_KEYS``."""
+    return {k: v for k, v in train_config.items() if k in RESULT_KEYS}
 
 
 def write_outputs(study: optuna.Study, arch: str, space: SearchSpace, base: TrainConfig, out: Path, opts: TuneOptions,
@@ -330,7 +334,7 @@ def test_summary(study, best, arch: str, space: SearchSpace, base: TrainConfig, 
     fixed_model, fixed_train = space.fixed()
     default_cfg = replace(base, **fixed_train)
     default_tag = {"study": study.study_name, "default": True, "model": fixed_model,
-                   "train": {k: v for k, v in asdict(default_cfg).items() if k in RESULT_KEYS}}
+                   "train": result_settings(asdict(default_cfg))}
     default_ck, _ = _trained(out / "default.pt", default_tag, arch, fixed_model, default_cfg, spec, train, val, echo)
     b = _test_metrics(best_ck, test, spec, base.eval_batch_size)
     d = _test_metrics(default_ck, test, spec, base.eval_batch_size)
@@ -364,8 +368,7 @@ def refit_summary(runs: dict, arch: str, base: TrainConfig, out: Path, spec, tra
     res = {"rows": len(both)}
     for name, (ck, model_over, tag) in runs.items():
         epochs = int(ck.metrics["best_epoch"])
-        train_vals = {k: v for k, v in ck.metrics["train_config"].items() if k in RESULT_KEYS}
-        cfg = replace(base, **{**train_vals, "epochs": epochs, "patience": epochs})
+        cfg = replace(base, **{**result_settings(ck.metrics["train_config"]), "epochs": epochs, "patience": epochs})
         lrs = [row["lr"] for row in ck.metrics["history"][:epochs]]
         refit_ck, _ = _trained(out / f"{name}-refit.pt", {**tag, "refit": epochs, "lrs": lrs}, arch, model_over, cfg,
                                spec, both, val, echo, lr_schedule=lrs)
